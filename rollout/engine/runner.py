@@ -1,0 +1,142 @@
+"""ModelRunner: the jitted prefill and multi-step decode over one device mesh.
+
+The runner owns the KV cache and the current parameter leaves. Its jitted functions take the
+parameters as arguments, so swapping in new leaves of identical shapes, dtypes and shardings
+reuses the compiled executables. Shapes are bucketed (prompt length and prefill batch to powers
+of two, attention span to powers of two) so the number of executables stays small and fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from rollout.engine.sampling import SlotSampling, sample
+from rollout.models import qwen
+from rollout.models.bind import ModelDef
+from rollout.sharding import cache_sharding, param_sharding, replicated
+
+Params = dict[str, jax.Array]
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    """>>> pow2_at_least(5), pow2_at_least(1, floor=16), pow2_at_least(64)
+    (8, 16, 64)"""
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_def: ModelDef,
+        mesh: Mesh,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        decode_steps: int,
+        min_prefill_len: int = 16,
+    ):
+        self.model_def = model_def
+        self.mesh = mesh
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.decode_steps = decode_steps
+        self.min_prefill_len = min_prefill_len
+        cfg = model_def.config
+        self.param_shardings = {p: param_sharding(p, mesh, cfg) for p in model_def.paths}
+        self._cache_sharding = cache_sharding(mesh, cfg)
+        self._replicated = replicated(mesh)
+        shape = qwen.cache_shape(cfg, max_batch, max_seq_len)
+        make = jax.jit(
+            lambda: tuple(
+                (jnp.zeros(shape, model_def.dtype), jnp.zeros(shape, model_def.dtype))
+                for _ in range(cfg.num_layers)
+            ),
+            out_shardings=tuple((self._cache_sharding, self._cache_sharding) for _ in range(cfg.num_layers)),
+        )
+        self.cache = make()
+        self.params: Params | None = None
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=("kv_len",))
+
+    # -- compiled functions -------------------------------------------------------------------
+
+    def _prefill_impl(self, params, cache, tokens, lengths, dst_slots, src_rows, sampling: SlotSampling):
+        model = self.model_def.bind(params)
+        logits, cache = qwen.prefill(model, cache, tokens, lengths, dst_slots, src_rows)
+        row_logits = logits[src_rows]  # (M, V): each destination slot samples its own first token
+        new_tokens, logprobs = sample(row_logits, sampling, lengths[src_rows])
+        return new_tokens, logprobs, cache
+
+    def _decode_impl(self, params, cache, tokens, positions, sampling: SlotSampling, *, kv_len: int):
+        model = self.model_def.bind(params)
+
+        def step(carry, _):
+            cache, tok, pos = carry
+            logits, cache = qwen.decode(model, cache, tok, pos, kv_len)
+            nxt, lp = sample(logits, sampling, pos + 1)
+            return (cache, nxt, pos + 1), (nxt, lp)
+
+        (cache, _, _), (toks, lps) = jax.lax.scan(
+            step, (cache, tokens, positions), None, length=self.decode_steps
+        )
+        return toks, lps, cache  # (K, S) each
+
+    # -- host-facing API ----------------------------------------------------------------------
+
+    def set_params(self, params: Params) -> None:
+        self.params = params
+
+    def prefill(
+        self,
+        prompts: list[list[int]],
+        dst_slots: list[int],
+        src_rows: list[int],
+        sampling: SlotSampling,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill `prompts` (one row each) into `dst_slots` (slot m gets prompt src_rows[m]).
+
+        `sampling` has max_batch rows aligned with dst_slots. Returns the first sampled token
+        and its logprob per destination (max_batch,), on the host.
+        """
+        assert self.params is not None, "set_params() before generating"
+        b = pow2_at_least(len(prompts))
+        p = min(pow2_at_least(max(len(x) for x in prompts), self.min_prefill_len), self.max_seq_len)
+        tokens = np.zeros((b, p), np.int32)
+        lengths = np.zeros((b,), np.int32)
+        for i, ids in enumerate(prompts):
+            tokens[i, : len(ids)] = ids
+            lengths[i] = len(ids)
+        dst = np.full((self.max_batch,), self.max_batch, np.int32)  # out of range: dropped
+        src = np.zeros((self.max_batch,), np.int32)
+        dst[: len(dst_slots)] = dst_slots
+        src[: len(src_rows)] = src_rows
+        toks, lps, self.cache = self._prefill(
+            self.params, self.cache, tokens, lengths, dst, src, sampling
+        )
+        return np.asarray(toks), np.asarray(lps)
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling) -> tuple[np.ndarray, np.ndarray]:
+        """Run `decode_steps` steps for every slot. tokens, positions (max_batch,); idle slots
+        carry position >= max_seq_len. Returns tokens and logprobs (K, max_batch) on the host."""
+        assert self.params is not None, "set_params() before generating"
+        active = positions < self.max_seq_len
+        top = int(positions[active].max()) if active.any() else 0
+        kv_len = min(pow2_at_least(top + self.decode_steps + 1, 64), self.max_seq_len)
+        toks, lps, self.cache = self._decode(
+            self.params, self.cache, tokens.astype(np.int32), positions.astype(np.int32), sampling, kv_len=kv_len
+        )
+        return np.asarray(toks), np.asarray(lps)
+
+    def compiled_count(self) -> int:
+        """Executables compiled so far by this runner (grows only with new shape buckets)."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+    def place(self, path: str, array) -> jax.Array:
+        """Copy one host array onto the devices with the engine's sharding (never aliases)."""
+        return jax.device_put(array, self.param_shardings[path], may_alias=False)

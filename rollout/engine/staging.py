@@ -1,0 +1,75 @@
+"""Staging new weights: validate, cast, check finiteness, and place them on devices.
+
+Staged buffers are fresh device arrays: they never alias caller memory (an object-store buffer,
+a trainer's array), so the caller may free or mutate its copy as soon as staging returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params
+
+
+class NonFiniteWeightsError(ValueError):
+    """A parameter update holds NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedWeights:
+    version: int
+    params: dict[str, jax.Array]
+    nbytes: int
+    seconds: float
+
+
+def check_host_leaf(path: str, array: Any, want_dtype: str) -> np.ndarray:
+    """One leaf to a host array in the engine dtype, refusing non-finite values."""
+    host = np.asarray(array)
+    if host.dtype.name != want_dtype:
+        if host.dtype.kind not in "fV" and host.dtype.name != "bfloat16":
+            raise SpecMismatchError(f"{path}: expected a floating dtype ({want_dtype}), got {host.dtype.name}")
+        host = host.astype(_np_dtype(want_dtype))
+    if not np.isfinite(host).all():
+        bad = int(np.size(host) - np.count_nonzero(np.isfinite(host)))
+        raise NonFiniteWeightsError(
+            f"{path}: {bad} non-finite value(s) (NaN or Inf); refusing the update. Check the "
+            "trainer's loss and gradients for this step."
+        )
+    return host
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def stage_params(
+    version: int,
+    params: Any,
+    spec: ParamSpec,
+    place: Callable[[str, np.ndarray], jax.Array],
+) -> StagedWeights:
+    """Validate `params` (any accepted tree) against `spec` and place every leaf.
+
+    Raises SpecMismatchError (tree, shape, dtype kind) or NonFiniteWeightsError before any
+    state of the engine changes; on error, already-placed leaves are simply dropped.
+    """
+    start = time.perf_counter()
+    flat = flatten_params(params)
+    spec.check(ParamSpec.of(flat))
+    want = spec.by_path()
+    placed: dict[str, jax.Array] = {}
+    for path in spec.paths:
+        host = check_host_leaf(path, flat[path], want[path].dtype)
+        placed[path] = place(path, host)
+    jax.block_until_ready(placed)
+    return StagedWeights(version, placed, spec.nbytes, time.perf_counter() - start)

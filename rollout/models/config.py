@@ -1,0 +1,150 @@
+"""Model configuration: one frozen dataclass for the Qwen decoder family, read from an HF config.json.
+
+Only what this code implements is accepted. A checkpoint asking for something else (sliding-window
+attention, an unsupported rope_scaling, an unknown architecture) is refused with an error naming
+the field and its value, rather than silently producing wrong logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class UnsupportedConfigError(ValueError):
+    """The checkpoint's config.json asks for a feature this engine does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of a Qwen-family decoder (Qwen3 dense, Qwen2/2.5)."""
+
+    architecture: str  # HF `architectures[0]`, the registry key
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # < num_heads: GQA; 1: MQA
+    head_dim: int  # may differ from hidden_size // num_heads (Qwen3)
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    qk_norm: bool  # Qwen3: RMSNorm on each q/k head before RoPE
+    qkv_bias: bool  # Qwen2: bias on q/k/v projections
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedConfigError(
+                f"num_attention_heads={self.num_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.qkv_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * d
+        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], eos_token_ids: tuple[int, ...] = ()) -> "ModelConfig":
+        from rollout.models.registry import family_for
+
+        arch = _architecture(hf)
+        family = family_for(arch)
+        _refuse_unsupported(hf)
+        if family.name == "qwen3" and hf.get("attention_bias"):
+            raise UnsupportedConfigError(
+                f"attention_bias={hf['attention_bias']!r} is not implemented for Qwen3; expected false"
+            )
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        eos = eos_token_ids or _as_tuple(hf.get("eos_token_id"))
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            qk_norm=family.qk_norm,
+            qkv_bias=family.qkv_bias,
+            eos_token_ids=eos,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"expected an HF checkpoint directory with config.json, found none in {path}"
+            )
+        hf = json.loads(cfg_file.read_text())
+        eos = _as_tuple(hf.get("eos_token_id"))
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            gen_eos = _as_tuple(json.loads(gen_file.read_text()).get("eos_token_id"))
+            eos = tuple(dict.fromkeys(eos + gen_eos))
+        return cls.from_hf(hf, eos_token_ids=eos)
+
+
+def _as_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise UnsupportedConfigError(
+            "config.json has no `architectures` entry; expected e.g. ['Qwen3ForCausalLM']"
+        )
+    return str(archs[0])
+
+
+def _refuse_unsupported(hf: Mapping[str, Any]) -> None:
+    if hf.get("use_sliding_window"):
+        raise UnsupportedConfigError(
+            f"use_sliding_window={hf['use_sliding_window']!r} (sliding_window={hf.get('sliding_window')!r}) "
+            "is not implemented; only full attention is. Set use_sliding_window=false if the "
+            "checkpoint was trained without it."
+        )
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in (None, "default"):
+            raise UnsupportedConfigError(
+                f"rope_scaling type {kind!r} is not implemented; only default RoPE "
+                "(rope_scaling=null) is supported"
+            )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedConfigError(f"hidden_act={act!r} is not implemented; expected 'silu'")
+    if hf.get("num_experts") or hf.get("num_local_experts"):
+        raise UnsupportedConfigError(
+            "mixture-of-experts configs (num_experts set) are not implemented; use a dense checkpoint"
+        )

@@ -1,0 +1,250 @@
+"""The Qwen decoder family (Qwen3 dense, Qwen2/2.5) in Flax NNX.
+
+One module tree serves both families: Qwen3 normalizes each q/k head before RoPE (`qk_norm`),
+Qwen2 adds biases to the q/k/v projections (`qkv_bias`). Three forwards share the parameters:
+
+- `forward_full`: all-position logits of a padded batch (scoring, training, logprob checks);
+- `prefill`: a batch of right-padded prompts, writing their K/V into cache slots;
+- `decode`: one token for every cache slot, attending over that slot's cached K/V.
+
+The KV cache lives outside the model (see `init_cache`), so the engine owns its lifetime and the
+jitted functions can take parameters and cache as plain arguments. Norms, RoPE and the attention
+softmax run in float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rollout.models.config import ModelConfig
+
+Array = jax.Array
+# (k, v) per layer, each (slots, max_seq_len, kv_heads, head_dim)
+KVCache = tuple[tuple[Array, Array], ...]
+_MASKED = -1e30
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))  # (dim,)
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))  # (in, out)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None  # (out,)
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.kernel[...]
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=False, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.rope_theta = cfg.rope_theta
+
+    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """x (B, T, hidden), positions (B, T) -> q (B, T, H, D), k and v (B, T, KVH, D)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, h, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+
+# attend(layer_index, q, k, v) -> attention output (B, T, H, D); it may record K/V into a cache.
+AttendFn = Callable[[int, Array, Array, Array], Array]
+
+
+class QwenForCausalLM(nnx.Module):
+    """Qwen3 / Qwen2 decoder. Parameter paths mirror HF names (see rollout.weights.hf_names)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = nnx.Param(
+            jax.nn.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype)
+        )  # (vocab, hidden)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def hidden(self, tokens: Array, positions: Array, attend: AttendFn) -> Array:
+        """tokens, positions (B, T) -> final hidden states (B, T, hidden)."""
+        x = self.embed_tokens[...][tokens]
+        for i, layer in enumerate(self.layers):
+            b, t, _ = x.shape
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), positions)
+            o = attend(i, q, k, v).reshape(b, t, -1)
+            x = x + layer.self_attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def logits(self, h: Array) -> Array:
+        """h (..., hidden) -> float32 logits (..., vocab)."""
+        if self.lm_head is None:
+            out = h @ self.embed_tokens[...].T
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, half-split layout (as HF Qwen). x (B, T, N, D), positions (B, T)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # (D/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, D/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention.
+
+    q (B, T, H, D); k, v (B, S, KVH, D); mask (B, T, S) True where a query may attend.
+    Returns (B, T, H, D). Softmax in float32.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def causal_padding_mask(attention_mask: Array) -> Array:
+    """attention_mask (B, T) of 1/0 -> (B, T, T): causal, keys restricted to real tokens."""
+    t = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Positions count real tokens only, so left padding does not shift RoPE."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward_full(model: QwenForCausalLM, tokens: Array, attention_mask: Array) -> Array:
+    """tokens, attention_mask (B, T) -> float32 logits (B, T, vocab) at every position."""
+    mask = causal_padding_mask(attention_mask)
+    positions = positions_from_mask(attention_mask)
+    h = model.hidden(tokens, positions, lambda i, q, k, v: attention(q, k, v, mask))
+    return model.logits(h)
+
+
+def init_cache(cfg: ModelConfig, slots: int, max_seq_len: int, dtype: jnp.dtype) -> KVCache:
+    shape = (slots, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def cache_shape(cfg: ModelConfig, slots: int, max_seq_len: int) -> tuple[int, int, int, int]:
+    return (slots, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+
+
+def prefill(
+    model: QwenForCausalLM,
+    cache: KVCache,
+    tokens: Array,
+    lengths: Array,
+    dst_slots: Array,
+    src_rows: Array,
+) -> tuple[Array, KVCache]:
+    """Run right-padded prompts and write their K/V into cache slots.
+
+    tokens (B, P) right-padded; lengths (B,) real lengths (0 for padding rows).
+    dst_slots, src_rows (M,): cache slot dst_slots[m] receives the K/V of prompt src_rows[m], so
+    the n samples of one prompt share one prefill. Out-of-range dst_slots are dropped (padding).
+    Returns the float32 logits at each prompt's last real token (B, vocab) and the new cache.
+    """
+    b, p = tokens.shape
+    real = jnp.arange(p)[None, :] < lengths[:, None]  # (B, P)
+    mask = causal_padding_mask(real)
+    positions = jnp.broadcast_to(jnp.arange(p)[None, :], (b, p))
+    new_cache = list(cache)
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        kc, vc = new_cache[i]
+        kc = kc.at[dst_slots, :p].set(k[src_rows].astype(kc.dtype), mode="drop")
+        vc = vc.at[dst_slots, :p].set(v[src_rows].astype(vc.dtype), mode="drop")
+        new_cache[i] = (kc, vc)
+        return attention(q, k, v, mask)
+
+    h = model.hidden(tokens, positions, attend)
+    last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, hidden)
+    return model.logits(last), tuple(new_cache)
+
+
+def decode(
+    model: QwenForCausalLM, cache: KVCache, tokens: Array, positions: Array, kv_len: int
+) -> tuple[Array, KVCache]:
+    """One step for every slot.
+
+    tokens, positions (S,): the token each slot feeds and its position. A position >= the cache
+    length marks an idle slot: its write is dropped. Attention covers cache[:, :kv_len] (a static
+    bucket >= every active position + 1) so short sequences do not pay for max_seq_len.
+    Returns float32 logits (S, vocab) and the new cache.
+    """
+    s = tokens.shape[0]
+    slot_ids = jnp.arange(s)
+    mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # (S, 1, kv_len)
+    new_cache = list(cache)
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        kc, vc = new_cache[i]
+        kc = kc.at[slot_ids, positions].set(k[:, 0].astype(kc.dtype), mode="drop")
+        vc = vc.at[slot_ids, positions].set(v[:, 0].astype(vc.dtype), mode="drop")
+        new_cache[i] = (kc, vc)
+        return attention(q, kc[:, :kv_len], vc[:, :kv_len], mask)
+
+    h = model.hidden(tokens[:, None], positions[:, None], attend)
+    return model.logits(h[:, 0]), tuple(new_cache)

@@ -1,0 +1,1 @@
+"""Weights: HF loading, the name table, ParamSpec and validation."""
