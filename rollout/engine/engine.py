@@ -189,6 +189,30 @@ class Engine:
             self._staged = staged  # drops any older staged copy: one staged copy at most
         return staged
 
+    def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights:
+        """Stage the weights of an HF checkpoint (local directory or repo id) as `version`.
+
+        The safetensors are read one tensor at a time straight onto the devices; the
+        checkpoint must describe the same model (config shapes) as the one being served.
+        """
+        import time as _time
+
+        self._check_open()
+        if not isinstance(version, int) or version <= self._committed_version:
+            raise WeightSyncError(
+                f"cannot stage version {version!r}: version {self._committed_version} is already committed"
+            )
+        start = _time.perf_counter()
+        directory = resolve_checkpoint(model)
+        params = load_checkpoint(
+            directory, self.spec, self._place_host, tie_word_embeddings=self.model_config.tie_word_embeddings
+        )
+        jax.block_until_ready(params)
+        staged = StagedWeights(version, params, self.spec.nbytes, _time.perf_counter() - start)
+        with self._lock:
+            self._staged = staged
+        return staged
+
     def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
         """Swap in the staged `version` at the next step boundary allowed by `policy`.
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: simulated devices, tiny HF checkpoints made on the spot, a local Ray.
+
+XLA_FLAGS must be set before jax is first imported, so it is set here at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from rollout.testing import make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(ckpt_root: Path) -> Path:
+    """The default tiny Qwen3: tied embeddings, GQA 4:2, head_dim 32 != hidden/heads."""
+    return make_tiny_checkpoint(ckpt_root / "qwen3", "Qwen3ForCausalLM", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_perturbed(ckpt_root: Path) -> Path:
+    """Same shapes as tiny_qwen3, different weights (another seed)."""
+    return make_tiny_checkpoint(ckpt_root / "qwen3_b", "Qwen3ForCausalLM", seed=2)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (started on first use, shut down at the end)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
