@@ -58,6 +58,7 @@ class _Sample:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
+    text_cut: bool = False  # cut at a stop string: later pieces are not text
     finish_reason: str | None = None
 
 
@@ -514,15 +515,17 @@ class Engine:
         piece = sample.detok.push(token)
         sample.text += piece
         reason = None
-        if token in request.stop_ids:
-            reason = "stop"
-        elif request.sampling.stop and self._cut_stop_string(sample, len(piece)):
+        if request.sampling.stop and self._cut_stop_string(sample, len(piece)):
+            reason = "stop"  # the text is final: cut before the stop string
+        elif token in request.stop_ids:
             reason = "stop"
         elif len(sample.tokens) >= request.sampling.max_tokens:
             reason = "length"
         if reason is None:
             self._tok[sample.slot] = token
             return False
+        if not sample.text_cut:
+            sample.text += sample.detok.flush()  # a trailing incomplete UTF-8 sequence, if any
         self._finish(sample, reason)
         return True
 
@@ -534,6 +537,7 @@ class Engine:
         if not hits:
             return False
         sample.text = sample.text[: min(hits)]
+        sample.text_cut = True
         return True
 
     def _finish(self, sample: _Sample, reason: str) -> None:

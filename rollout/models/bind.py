@@ -49,9 +49,7 @@ class ModelDef:
 
     def bind(self, params: Mapping[str, jax.Array]) -> QwenForCausalLM:
         """Flat `{path: array}` -> the NNX model holding those arrays (no copies)."""
-        state = nnx.State.from_flat_path(
-            {p: var.replace(params[_key(p)]) for p, var in self.templates}
-        )
+        state = nnx.from_flat_state([(p, var.replace(params[_key(p)])) for p, var in self.templates])
         return nnx.merge(self.graphdef, state)
 
     def init_params(self, seed: int = 0) -> dict[str, jax.Array]:
