@@ -118,6 +118,7 @@ class Engine:
         self._pos = np.full(config.max_batch, config.max_seq_len, np.int32)  # its position; idle = max
         self._sampling_rows: list[tuple[float, int, float, int, int]] = [(0.0, 0, 1.0, 0, 0)] * config.max_batch
         self._sampling: SlotSampling | None = None
+        self._sampling_slots: tuple[int, ...] = ()
         self._serving_version = 0
         self._committed_version = 0
         self._staged: StagedWeights | None = None
@@ -493,16 +494,23 @@ class Engine:
         return (float(sp.temperature), int(sp.top_k), float(sp.top_p), sample.request.seed, sample.index)
 
     def _decode(self) -> None:
-        if self._sampling is None:
-            self._sampling = stack_sampling(self._sampling_rows, self.config.max_batch)
-        pos = self._pos.copy()
-        tokens, logprobs = self.runner.decode(self._tok, pos, self._sampling)
-        for slot, sample in enumerate(self._slots):
-            if sample is None:
-                continue
+        active = [slot for slot, s in enumerate(self._slots) if s is not None]
+        rows = self.runner.decode_batch(len(active))
+        slots = np.full(rows, self.config.max_batch, np.int32)  # padding rows: out of range
+        slots[: len(active)] = active
+        if self._sampling is None or self._sampling_slots != tuple(active):
+            self._sampling = stack_sampling([self._sampling_rows[s] for s in active], rows)
+            self._sampling_slots = tuple(active)
+        pos = np.full(rows, self.config.max_seq_len, np.int32)
+        pos[: len(active)] = self._pos[active]
+        toks = np.zeros(rows, np.int32)
+        toks[: len(active)] = self._tok[active]
+        tokens, logprobs = self.runner.decode(slots, toks, pos, self._sampling)
+        for row, slot in enumerate(active):
+            sample = self._slots[slot]
             for k in range(tokens.shape[0]):
-                self._pos[slot] = pos[slot] + k + 1
-                if self._accept(sample, int(tokens[k, slot]), float(logprobs[k, slot])):
+                self._pos[slot] = pos[row] + k + 1
+                if self._accept(sample, int(tokens[k, row]), float(logprobs[k, row])):
                     break
 
     def _accept(self, sample: _Sample, token: int, logprob: float) -> bool:

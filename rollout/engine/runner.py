@@ -73,19 +73,19 @@ class ModelRunner:
         new_tokens, logprobs = sample(row_logits, sampling, lengths[src_rows])
         return new_tokens, logprobs, cache
 
-    def _decode_impl(self, params, cache, tokens, positions, sampling: SlotSampling, *, kv_len: int):
+    def _decode_impl(self, params, cache, slot_ids, tokens, positions, sampling: SlotSampling, *, kv_len: int):
         model = self.model_def.bind(params)
 
         def step(carry, _):
             cache, tok, pos = carry
-            logits, cache = qwen.decode(model, cache, tok, pos, kv_len)
+            logits, cache = qwen.decode(model, cache, slot_ids, tok, pos, kv_len)
             nxt, lp = sample(logits, sampling, pos + 1)
             return (cache, nxt, pos + 1), (nxt, lp)
 
         (cache, _, _), (toks, lps) = jax.lax.scan(
             step, (cache, tokens, positions), None, length=self.decode_steps
         )
-        return toks, lps, cache  # (K, S) each
+        return toks, lps, cache  # (K, B) each
 
     # -- host-facing API ----------------------------------------------------------------------
 
@@ -121,17 +121,32 @@ class ModelRunner:
         )
         return np.asarray(toks), np.asarray(lps)
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling) -> tuple[np.ndarray, np.ndarray]:
-        """Run `decode_steps` steps for every slot. tokens, positions (max_batch,); idle slots
-        carry position >= max_seq_len. Returns tokens and logprobs (K, max_batch) on the host."""
+    def decode(
+        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run `decode_steps` steps for the given slots only.
+
+        slots, tokens, positions (B,) with B a power of two (see `decode_batch`); padding rows
+        carry slot id max_batch. `sampling` has B rows. Returns tokens and logprobs (K, B).
+        """
         assert self.params is not None, "set_params() before generating"
-        active = positions < self.max_seq_len
-        top = int(positions[active].max()) if active.any() else 0
+        real = slots < self.max_batch
+        top = int(positions[real].max()) if real.any() else 0
         kv_len = min(pow2_at_least(top + self.decode_steps + 1, 64), self.max_seq_len)
         toks, lps, self.cache = self._decode(
-            self.params, self.cache, tokens.astype(np.int32), positions.astype(np.int32), sampling, kv_len=kv_len
+            self.params,
+            self.cache,
+            slots.astype(np.int32),
+            tokens.astype(np.int32),
+            positions.astype(np.int32),
+            sampling,
+            kv_len=kv_len,
         )
         return np.asarray(toks), np.asarray(lps)
+
+    def decode_batch(self, active: int) -> int:
+        """Rows a decode call runs for `active` slots: the next power of two, at most max_batch."""
+        return min(pow2_at_least(active), self.max_batch)
 
     def compiled_count(self) -> int:
         """Executables compiled so far by this runner (grows only with new shape buckets)."""

@@ -49,12 +49,15 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     scaled = logits / temp
     logp = jax.nn.log_softmax(scaled, axis=-1)  # the distribution sampled from, untruncated
 
-    needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
-    truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, scaled, params.top_k, params.top_p)
+    def draw(scaled: jax.Array) -> jax.Array:
+        needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
+        truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, scaled, params.top_k, params.top_p)
+        keys = sample_keys(params.seed, params.sample_index, position)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
+        return jnp.argmax(truncated + gumbel, axis=-1)
 
-    keys = sample_keys(params.seed, params.sample_index, position)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
-    drawn = jnp.argmax(truncated + gumbel, axis=-1)
+    # An all-greedy batch skips the noise and the sort entirely.
+    drawn = jax.lax.cond(jnp.any(~greedy), draw, lambda s: jnp.argmax(s, axis=-1), scaled)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen

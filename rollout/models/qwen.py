@@ -5,7 +5,7 @@ Qwen2 adds biases to the q/k/v projections (`qkv_bias`). Three forwards share th
 
 - `forward_full`: all-position logits of a padded batch (scoring, training, logprob checks);
 - `prefill`: a batch of right-padded prompts, writing their K/V into cache slots;
-- `decode`: one token for every cache slot, attending over that slot's cached K/V.
+- `decode`: one token for each of a batch of cache slots, attending over each slot's cached K/V.
 
 The KV cache lives outside the model (see `init_cache`), so the engine owns its lifetime and the
 jitted functions can take parameters and cache as plain arguments. Norms, RoPE and the attention
@@ -225,18 +225,22 @@ def prefill(
 
 
 def decode(
-    model: QwenForCausalLM, cache: KVCache, tokens: Array, positions: Array, kv_len: int
+    model: QwenForCausalLM,
+    cache: KVCache,
+    slot_ids: Array,
+    tokens: Array,
+    positions: Array,
+    kv_len: int,
 ) -> tuple[Array, KVCache]:
-    """One step for every slot.
+    """One step for a batch of cache slots.
 
-    tokens, positions (S,): the token each slot feeds and its position. A position >= the cache
-    length marks an idle slot: its write is dropped. Attention covers cache[:, :kv_len] (a static
-    bucket >= every active position + 1) so short sequences do not pay for max_seq_len.
-    Returns float32 logits (S, vocab) and the new cache.
+    slot_ids, tokens, positions (B,): which cache slot each row decodes, the token it feeds and
+    that token's position. Rows whose slot id is out of range are padding: they read zeros and
+    their writes are dropped. Attention covers cache[slot, :kv_len] (a static bucket >= every
+    position + 1), so short sequences do not pay for max_seq_len and idle slots cost nothing.
+    Returns float32 logits (B, vocab) and the new cache.
     """
-    s = tokens.shape[0]
-    slot_ids = jnp.arange(s)
-    mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # (S, 1, kv_len)
+    mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # (B, 1, kv_len)
     new_cache = list(cache)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
@@ -244,7 +248,9 @@ def decode(
         kc = kc.at[slot_ids, positions].set(k[:, 0].astype(kc.dtype), mode="drop")
         vc = vc.at[slot_ids, positions].set(v[:, 0].astype(vc.dtype), mode="drop")
         new_cache[i] = (kc, vc)
-        return attention(q, kc[:, :kv_len], vc[:, :kv_len], mask)
+        k_rows = kc.at[slot_ids, :kv_len].get(mode="fill", fill_value=0)  # (B, kv_len, KVH, D)
+        v_rows = vc.at[slot_ids, :kv_len].get(mode="fill", fill_value=0)
+        return attention(q, k_rows, v_rows, mask)
 
     h = model.hidden(tokens[:, None], positions[:, None], attend)
     return model.logits(h[:, 0]), tuple(new_cache)
