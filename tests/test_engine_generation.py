@@ -173,3 +173,18 @@ def test_bad_request_raises_before_queueing_and_others_are_unaffected(engine, pr
 def test_invalid_sampling_values_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
         SamplingParams(**kwargs)
+
+
+def test_cancel_ends_a_running_request_with_abort_and_keeps_its_tokens(engine):
+    import time
+
+    future = engine.submit([7, 8, 9], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, n=2))
+    deadline = time.monotonic() + 30
+    while engine.status()["active_slots"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.cancel(future)
+    outs = future.result(30)
+    assert [o.finish_reason for o in outs] == ["abort", "abort"]
+    assert all(len(o.token_ids) < 100 for o in outs)
+    assert engine.status()["active_slots"] == 0
+    assert not engine.cancel(future)

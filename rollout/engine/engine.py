@@ -113,6 +113,7 @@ class Engine:
 
         self._lock = threading.Condition()
         self._waiting: deque[_Request] = deque()
+        self._cancelled: set[int] = set()  # id() of futures to abort at the next boundary
         self._slots: list[_Sample | None] = [None] * config.max_batch
         self._tok = np.zeros(config.max_batch, np.int32)  # pending token per slot (not yet in KV)
         self._pos = np.full(config.max_batch, config.max_seq_len, np.int32)  # its position; idle = max
@@ -350,6 +351,16 @@ class Engine:
         ]
         return [c for f in futures for c in f.result(timeout)]
 
+    def cancel(self, future: "Future[list[Completion]]") -> bool:
+        """Stop a submitted request at the next step boundary. Its samples end with
+        finish_reason "abort" and keep the tokens generated so far. False if already done."""
+        with self._lock:
+            if future.done():
+                return False
+            self._cancelled.add(id(future))
+            self._lock.notify_all()
+            return True
+
     # -- status and lifecycle -----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -407,12 +418,15 @@ class Engine:
             while True:
                 with self._lock:
                     self._lock.wait_for(
-                        lambda: self._closed or self._waiting or self._pending or self._any_active()
+                        lambda: self._closed or self._waiting or self._pending or self._cancelled or self._any_active()
                     )
                     if self._closed:
                         return
+                    cancelled = self._take_cancelled()
                     pending = self._take_swap()
                     admitted = [] if self._pending else self._take_admissible()
+                for sample in cancelled:
+                    self._finish(sample, "abort")
                 if pending is not None:
                     self._swap(*pending)
                 if admitted:
@@ -423,6 +437,18 @@ class Engine:
             log.exception("scheduler crashed")
             self._error = err
             self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
+
+    def _take_cancelled(self) -> list[_Sample]:
+        """Samples of cancelled requests, waiting ones included (they finish with no tokens)."""
+        if not self._cancelled:
+            return []
+        hit = self._cancelled
+        self._cancelled = set()
+        out = [s for s in self._slots if s is not None and id(s.request.future) in hit]
+        for request in [r for r in self._waiting if id(r.future) in hit]:
+            self._waiting.remove(request)
+            out += request.samples
+        return out
 
     def _any_active(self) -> bool:
         return any(s is not None for s in self._slots)
@@ -550,12 +576,14 @@ class Engine:
 
     def _finish(self, sample: _Sample, reason: str) -> None:
         sample.finish_reason = reason
-        with self._lock:
-            self._slots[sample.slot] = None
-            self._lock.notify_all()
-        self._pos[sample.slot] = self.config.max_seq_len
-        self._tok[sample.slot] = 0
-        self._sampling_rows[sample.slot] = (0.0, 0, 1.0, 0, 0)
+        if sample.slot >= 0:
+            with self._lock:
+                self._slots[sample.slot] = None
+                self._lock.notify_all()
+            self._pos[sample.slot] = self.config.max_seq_len
+            self._tok[sample.slot] = 0
+            self._sampling_rows[sample.slot] = (0.0, 0, 1.0, 0, 0)
+            sample.slot = -1
         self._sampling = None
         request = sample.request
         if all(s.finish_reason is not None for s in request.samples):
