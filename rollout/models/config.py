@@ -83,7 +83,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(_rope_parameters(hf)[1].get("rope_theta", 10000.0)),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
@@ -133,14 +133,25 @@ def _refuse_unsupported(hf: Mapping[str, Any]) -> None:
             "is not implemented; only full attention is. Set use_sliding_window=false if the "
             "checkpoint was trained without it."
         )
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in (None, "default"):
-            raise UnsupportedConfigError(
-                f"rope_scaling type {kind!r} is not implemented; only default RoPE "
-                "(rope_scaling=null) is supported"
-            )
+    layer_types = hf.get("layer_types") or []
+    other = sorted({str(t) for t in layer_types} - {"full_attention"})
+    if other:
+        raise UnsupportedConfigError(
+            f"layer_types contains {other} (e.g. {other[0]!r}); only 'full_attention' layers "
+            "are implemented"
+        )
+    field, rope = _rope_parameters(hf)
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind not in (None, "default"):
+        raise UnsupportedConfigError(
+            f"{field} type {kind!r} is not implemented; only default RoPE "
+            f"({field}=null or rope_type 'default') is supported"
+        )
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise UnsupportedConfigError(
+            f"partial_rotary_factor={partial!r} is not implemented; only full rotary embeddings (1.0) are"
+        )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedConfigError(f"hidden_act={act!r} is not implemented; expected 'silu'")
@@ -148,3 +159,18 @@ def _refuse_unsupported(hf: Mapping[str, Any]) -> None:
         raise UnsupportedConfigError(
             "mixture-of-experts configs (num_experts set) are not implemented; use a dense checkpoint"
         )
+
+
+def _rope_parameters(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(field name, RoPE settings) in either config layout, read the way transformers reads them.
+
+    transformers 4 writes `rope_theta` and `rope_scaling` at the top level; transformers 5 writes
+    `rope_parameters: {rope_type, rope_theta, ...}` and no top-level `rope_theta`. A legacy
+    `rope_scaling` wins over `rope_parameters`, and a `rope_theta` inside the dict wins over the
+    top-level one.
+    """
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf.get(field) or {})
+    if "rope_theta" not in rope and "rope_theta" in hf:
+        rope["rope_theta"] = hf["rope_theta"]
+    return field, rope

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from rollout.weights.hf_names import IGNORED, hf_to_path, to_engine_layout
+from rollout.weights.hf_names import IGNORED, hf_to_path, path_to_hf, to_engine_layout
 from rollout.weights.spec import ParamSpec
 
 ALLOW_PATTERNS = (
@@ -142,8 +142,11 @@ def load_checkpoint(
     bar.close()
     unset = [p for p in spec.paths if p not in out]
     if unset:
+        missing = [path_to_hf(p)[0] for p in unset[:5]]
+        more = f" and {len(unset) - 5} more" if len(unset) > 5 else ""
         raise CheckpointError(
-            f"{len(unset)} parameter(s) left unset by the checkpoint, e.g. {unset[:5]}; the "
-            "safetensors files do not cover config.json's model"
+            f"{len(unset)} parameter(s) left unset by the checkpoint: no tensor {missing}{more} "
+            f"(engine paths {unset[:5]}); the safetensors files do not cover config.json's model "
+            "(check num_hidden_layers and tie_word_embeddings in config.json)"
         )
     return {p: out[p] for p in spec.paths}
