@@ -53,7 +53,6 @@ def test_n_samples_of_a_prompt_differ_and_carry_their_indices(engine):
 def test_logprobs_are_those_of_the_sampled_distribution(engine):
     """log_softmax(logits / T) of the untruncated distribution, recomputed by a full forward."""
     import jax
-    import jax.numpy as jnp
 
     from rollout.models import qwen
 

@@ -22,11 +22,10 @@ import dataclasses
 import json
 import logging
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -37,6 +36,7 @@ from rollout.engine.sampling import SamplingParams, SlotSampling, stack_sampling
 from rollout.engine.staging import StagedWeights, stage_params
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.models.bind import ModelDef
+from rollout.prompts import Prompt, PromptValidator
 from rollout.models.config import ModelConfig
 from rollout.sharding import make_mesh
 from rollout.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -44,8 +44,6 @@ from rollout.weights.loader import load_checkpoint, resolve_checkpoint
 from rollout.weights.spec import ParamSpec
 
 log = logging.getLogger("rollout.engine")
-
-Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 
 @dataclasses.dataclass
@@ -89,6 +87,7 @@ class Engine:
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = ModelConfig.from_pretrained(self.checkpoint)
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
+        self.prompts = PromptValidator(self.model_config, self.tokenizer, config)
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
         self.mesh = make_mesh(devices)
@@ -262,45 +261,11 @@ class Engine:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string, chat messages (list of {"role", "content"}), or token ids -> token ids."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, np.ndarray):
-            ids = prompt.tolist()
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        elif isinstance(prompt, Sequence):
-            ids = list(prompt)
-        else:
-            raise TypeError(
-                f"a prompt must be a string, chat messages or a list of token ids; got {type(prompt).__name__}"
-            )
-        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
-        if bad:
-            raise TypeError(f"token ids must be integers; got {type(bad[0]).__name__} ({bad[0]!r})")
-        return [int(t) for t in ids]
+        return self.prompts.encode(prompt)
 
     def validate_request(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a rollout.SamplingParams, got {type(sampling).__name__}")
-        sampling.validate()
-        if not prompt_ids:
-            raise ValueError("empty prompt: a prompt needs at least one token")
-        vocab = self.model_config.vocab_size
-        oov = [t for t in prompt_ids if not 0 <= t < vocab]
-        if oov:
-            raise ValueError(f"token id {oov[0]} is outside the vocabulary [0, {vocab}) ({len(oov)} such id(s))")
-        total = len(prompt_ids) + sampling.max_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens + max_tokens={sampling.max_tokens} = {total} "
-                f"exceeds max_seq_len={self.config.max_seq_len}; shorten the prompt, lower "
-                "max_tokens, or start the engine with a larger max_seq_len"
-            )
-        if sampling.n > self.config.max_batch:
-            raise ValueError(
-                f"n={sampling.n} samples cannot run together in max_batch={self.config.max_batch} "
-                "slots; lower n or raise max_batch"
-            )
+        """Raise ValueError/TypeError for a request this engine cannot serve."""
+        self.prompts.validate(prompt_ids, sampling)
 
     def submit(
         self,
@@ -340,11 +305,7 @@ class Engine:
     ) -> list[Completion]:
         """Generate for every prompt; completions ordered by (prompt_index, sample_index).
         Every prompt is validated before any is queued."""
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-            raise TypeError("prompts must be a list of prompts (strings, chat messages or token-id lists)")
-        encoded = [self.encode_prompt(p) for p in prompts]
-        for ids in encoded:
-            self.validate_request(ids, sampling)
+        encoded = self.prompts.encode_all(prompts, sampling)
         futures = [
             self.submit(ids, sampling, prompt_index=i, return_logprobs=return_logprobs)
             for i, ids in enumerate(encoded)

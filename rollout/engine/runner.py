@@ -8,8 +8,6 @@ of two, attention span to powers of two) so the number of executables stays smal
 
 from __future__ import annotations
 
-import functools
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
