@@ -1,0 +1,164 @@
+"""rollout: a distributed RL rollout service with live weight sync, on Ray and JAX.
+
+    import rollout
+
+    rollout.init("Qwen/Qwen3-0.6B", num_workers=2, devices_per_worker=4)
+    version = rollout.sync_weights(params)     # pytree, {hf_name: array}, or HF dir / repo id
+    outs = rollout.generate(prompts, sampling=rollout.SamplingParams(n=8, max_tokens=256))
+    for c in rollout.generate_async(prompts):  # completions as prompts finish (or `async for`)
+        ...
+    rollout.status()
+    rollout.shutdown()
+
+`rollout.RolloutService(...)` is the same as an object (and a context manager); the module-level
+functions drive a default service made by `init`. Importing this package is cheap: it imports
+neither jax nor torch nor Ray; the service and the engine load them when first used.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Sequence
+
+from rollout.engine.config import EngineConfig
+from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
+from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
+from rollout.fleet import FleetConfig
+from rollout.weights.spec import SpecMismatchError
+
+if TYPE_CHECKING:
+    from rollout.dispatch import GenerationStream
+    from rollout.service import RolloutService
+
+__all__ = [
+    "Completion",
+    "EngineClosedError",
+    "EngineConfig",
+    "FleetConfig",
+    "GenerationStream",
+    "PlacementError",
+    "RolloutService",
+    "SamplingParams",
+    "ServiceClosedError",
+    "SpecMismatchError",
+    "SyncError",
+    "WeightSyncError",
+    "WorkerUnavailableError",
+    "generate",
+    "generate_async",
+    "init",
+    "shutdown",
+    "status",
+    "sync_weights",
+]
+
+_LAZY = {"RolloutService": "rollout.service", "GenerationStream": "rollout.dispatch"}
+_default: "RolloutService | None" = None
+_default_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rollout' has no attribute {name!r}")
+
+
+def init(
+    model: str,
+    num_workers: int = 2,
+    devices_per_worker: int = 4,
+    *,
+    load_format: str = "auto",
+    dtype: str = "float32",
+    max_batch: int = 64,
+    max_seq_len: int = 2048,
+    swap_policy: str = "drain",
+    accelerator: str = "auto",
+    bucket_bytes: int = 256 << 20,
+    sync_timeout_s: float = 600.0,
+    decode_steps: int = 4,
+    **options: Any,
+) -> "RolloutService":
+    """Start the default rollout service (see RolloutService for every option) and return it.
+
+    Starts a local Ray if none is initialized; otherwise joins it (e.g. after
+    `ray.init(address="auto")`). `accelerator`: "cpu" (devices simulated), "tpu", "gpu" or
+    "auto" (TPU if the cluster has TPUs, then GPU, else CPU).
+    """
+    global _default
+    from rollout.service import RolloutService
+
+    with _default_lock:
+        if _default is not None and not _default._closed:
+            raise RuntimeError(
+                "rollout.init was already called and its service is running; call "
+                "rollout.shutdown() first, or create more services with rollout.RolloutService(...)"
+            )
+        _default = RolloutService(
+            model,
+            num_workers=num_workers,
+            devices_per_worker=devices_per_worker,
+            load_format=load_format,
+            dtype=dtype,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            swap_policy=swap_policy,
+            accelerator=accelerator,
+            bucket_bytes=bucket_bytes,
+            sync_timeout_s=sync_timeout_s,
+            decode_steps=decode_steps,
+            **options,
+        )
+        return _default
+
+
+def _service() -> "RolloutService":
+    service = _default
+    if service is None or service._closed:
+        raise ServiceClosedError("no rollout service is running; call rollout.init(model, ...) first")
+    return service
+
+
+def sync_weights(params: Any) -> int:
+    """Push new weights to the fleet; returns the new version. See RolloutService.sync_weights."""
+    return _service().sync_weights(params)
+
+
+def generate(
+    prompts: Sequence[Any],
+    sampling: SamplingParams = SamplingParams(),
+    *,
+    return_logprobs: bool = True,
+    timeout: float | None = None,
+) -> list[Completion]:
+    """Completions in input order (each prompt's n samples). See RolloutService.generate."""
+    return _service().generate(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
+
+
+def generate_async(
+    prompts: Sequence[Any],
+    sampling: SamplingParams = SamplingParams(),
+    *,
+    return_logprobs: bool = True,
+    timeout: float | None = None,
+) -> "GenerationStream":
+    """A stream of completions as prompts finish (`for` or `async for`).
+    See RolloutService.generate_async."""
+    return _service().generate_async(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
+
+
+def status() -> dict[str, Any]:
+    """Workers (version, queue, slots, tokens, restarts) and recent syncs (phase timings)."""
+    return _service().status()
+
+
+def shutdown() -> None:
+    """Stop the default service (a no-op if none is running)."""
+    global _default
+    with _default_lock:
+        service, _default = _default, None
+    if service is not None:
+        service.shutdown()

@@ -1,0 +1,221 @@
+"""The `rollout` command line: demo, generate, bench.
+
+    rollout demo                      GRPO on a toy task against a local Ray fleet (the main job)
+    rollout generate MODEL PROMPT...  load a checkpoint, generate, print one JSON line per sample
+    rollout bench engine|sync [...]   run bench/bench_<name>.py from the source checkout
+
+JAX reads XLA_FLAGS once, at import, so this module imports nothing heavy at the top: each
+command first sets the simulated device count (on CPU), then imports jax and the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="RL demo: GRPO on a tiny Qwen3 with live weight sync (local Ray, CPU, < 5 min)",
+        description=(
+            "Start a local Ray with a rollout fleet, make the built-in tiny Qwen3 checkpoint, and "
+            "train it with GRPO to answer in digits (reward = fraction of digit tokens). Each "
+            "step generates n samples per prompt, checks the rollout's logprobs against the "
+            "trainer's recompute under the same weights, updates, and syncs the new weights. "
+            "Shows a progress bar, then a summary table; writes a reward plot (PNG) and a "
+            "JSON-lines step log to --out-dir."
+        ),
+    )
+    p.add_argument("--model", default=None, help="HF directory or repo id instead of the built-in tiny Qwen3")
+    from trainer_stub.train import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from trainer_stub import train
+
+    train.configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
+    if args.backend == "fleet":
+        _require_fleet()
+    summary = train.run_demo(*train.options_from_args(args))
+    return 0 if summary["versions_ok"] else 1
+
+
+def _require_fleet() -> None:
+    import rollout
+
+    if not hasattr(rollout, "init"):
+        sys.exit(
+            "error: the Ray fleet API (rollout.init / sync_weights / generate) is not available in "
+            "this installation (rollout/service.py missing?). Run the demo on one in-process "
+            "engine instead: rollout demo --backend local"
+        )
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate for prompts from a checkpoint; one JSON line per sample",
+        description=(
+            "Load an HF checkpoint (local directory or repo id), generate for the prompts given "
+            "on the command line (or one per line on stdin when none are given), and print one "
+            "JSON line per sample: prompt_index, sample_index, text, token_ids, finish_reason, "
+            "weight_version (and logprobs with --logprobs)."
+        ),
+    )
+    p.add_argument("model", help="HF checkpoint directory or repo id")
+    p.add_argument("prompts", nargs="*", help="prompts (default: read one per line from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message and apply the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--logprobs", action="store_true", help="include each token's logprob")
+    p.add_argument("--workers", type=int, default=0, help="Ray workers; 0 = one engine in this process (default)")
+    p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--accelerator", default="cpu", help="cpu, tpu or gpu")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from trainer_stub.train import configure_devices
+
+    configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
+    prompts: list = list(args.prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        sys.exit("error: no prompts given (pass them as arguments or one per line on stdin)")
+    if args.chat:
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+
+    from rollout.engine.sampling_params import SamplingParams
+
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        n=args.n,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    if args.workers > 0:
+        _require_fleet()
+        import rollout
+
+        rollout.init(
+            model=args.model,
+            num_workers=args.workers,
+            devices_per_worker=args.devices_per_worker,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            accelerator=args.accelerator,
+        )
+        try:
+            outs = rollout.generate(prompts, sampling=sampling, return_logprobs=args.logprobs)
+        finally:
+            rollout.shutdown()
+    else:
+        import jax
+
+        from rollout.engine import EngineConfig
+        from rollout.engine.engine import Engine
+
+        config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
+        with Engine(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
+            outs = engine.generate(prompts, sampling, return_logprobs=args.logprobs)
+    for o in outs:
+        record = {
+            "prompt_index": o.prompt_index,
+            "sample_index": o.sample_index,
+            "text": o.text,
+            "token_ids": list(o.token_ids),
+            "finish_reason": o.finish_reason,
+            "weight_version": o.weight_version,
+        }
+        if args.logprobs:
+            record["logprobs"] = list(o.logprobs or ())
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 0
+
+
+# -- bench --------------------------------------------------------------------------------------
+
+
+def _benches() -> dict[str, Path]:
+    return {p.stem[len("bench_"):]: p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script from bench/ (engine, sync, ...)",
+        description=(
+            "Run bench/bench_NAME.py of the source checkout with the remaining arguments, e.g. "
+            "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows the "
+            "script's own options."
+        ),
+    )
+    p.add_argument("name", help="benchmark to run: " + (", ".join(_benches()) or "none found"))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    benches = _benches()
+    script = benches.get(args.name)
+    if script is None:
+        where = f"in {BENCH_DIR}" if BENCH_DIR.is_dir() else f"({BENCH_DIR} does not exist: run from a source checkout)"
+        sys.exit(f"error: no benchmark {args.name!r} {where}; available: {sorted(benches) or 'none'}")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rollout",
+        description="RL rollout service with live weight sync, on Ray and JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

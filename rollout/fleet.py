@@ -1,0 +1,191 @@
+"""The fleet: how many workers, on which accelerators, and whether the cluster can host them.
+
+Pure functions of resource dicts (no Ray import), so placement is checked and explained before
+any actor exists:
+
+    cfg = FleetConfig(num_workers=2, devices_per_worker=4, accelerator="tpu")
+    worker_resources(cfg, "tpu")        # {'CPU': 1.0, 'TPU': 4}: what one worker asks Ray for
+    check_placement(cfg, "tpu", nodes)  # PlacementError saying what is missing, or None
+
+On CPU each worker simulates `devices_per_worker` devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=N, set in the actor's runtime_env so it is in
+place before jax is imported in the worker process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+from rollout.errors import PlacementError
+
+ACCELERATORS = ("auto", "cpu", "tpu", "gpu")
+_PASSED_THROUGH = (
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+)
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetConfig:
+    """How the fleet is laid out and how its weight syncs and retries behave."""
+
+    num_workers: int = 2  # engines; each takes whole prompts, so more workers = more throughput
+    devices_per_worker: int = 4  # TPU chips / GPUs / simulated CPU devices per engine (one mesh)
+    accelerator: str = "auto"  # auto: TPU if the cluster has TPU resources, else GPU, else CPU
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (its scheduler and fetch threads)
+    bucket_bytes: int = 256 << 20  # object-store bucket size: fewer objects vs. bigger fetch units
+    max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
+    sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
+    ready_timeout_s: float = 600.0  # workers must build their engines within this at start
+    max_restarts: int = -1  # Ray restarts of a dead worker; -1 = forever, 0 = never
+    max_request_retries: int = 3  # re-sends of a request whose worker died, before giving up
+    sync_history: int = 32  # syncs kept (with phase timings) in status()
+    check_resources: bool = True  # False: skip the pre-check (autoscaling clusters add nodes)
+    # Extra environment of worker processes, e.g. {"JAX_COMPILATION_CACHE_DIR": "/cache"} so a
+    # restarted worker reuses compiled programs instead of compiling again.
+    env_vars: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"accelerator={self.accelerator!r}: expected one of {ACCELERATORS}")
+        for name in ("num_workers", "devices_per_worker", "max_inflight_buckets", "sync_history"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        if not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1 << 10:
+            raise ValueError(f"bucket_bytes={self.bucket_bytes!r}: expected an integer >= 1024")
+        if self.max_restarts < -1 or self.max_request_retries < 0:
+            raise ValueError("max_restarts must be >= -1 and max_request_retries >= 0")
+        if self.cpus_per_worker < 0 or self.sync_timeout_s <= 0 or self.ready_timeout_s <= 0:
+            raise ValueError("cpus_per_worker must be >= 0 and the timeouts > 0 seconds")
+
+
+def resolve_accelerator(accelerator: str, cluster: Mapping[str, float]) -> str:
+    """`auto` -> tpu / gpu / cpu by what the cluster offers; others pass through.
+
+    >>> resolve_accelerator("auto", {"CPU": 8, "TPU": 4})
+    'tpu'
+    >>> resolve_accelerator("auto", {"CPU": 8})
+    'cpu'
+    """
+    if accelerator != "auto":
+        return accelerator
+    if cluster.get("TPU", 0) > 0:
+        return "tpu"
+    if cluster.get("GPU", 0) > 0:
+        return "gpu"
+    return "cpu"
+
+
+def worker_resources(cfg: FleetConfig, accelerator: str) -> dict[str, float]:
+    """The Ray resources one worker asks for.
+
+    >>> worker_resources(FleetConfig(devices_per_worker=4), "tpu")
+    {'CPU': 1.0, 'TPU': 4}
+    >>> worker_resources(FleetConfig(devices_per_worker=4), "cpu")
+    {'CPU': 1.0}
+    """
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if accelerator == "tpu":
+        resources["TPU"] = cfg.devices_per_worker
+    elif accelerator == "gpu":
+        resources["GPU"] = cfg.devices_per_worker
+    return resources
+
+
+def actor_options(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments for `ActorClass.options(...)` of one worker."""
+    res = worker_resources(cfg, accelerator)
+    options: dict[str, Any] = {
+        "num_cpus": res.pop("CPU"),
+        "max_restarts": cfg.max_restarts,
+        "max_task_retries": 0,  # the coordinator re-routes failed requests itself (exactly once)
+        "runtime_env": {"env_vars": worker_env(cfg, accelerator, driver_env)},
+    }
+    if "GPU" in res:
+        options["num_gpus"] = res.pop("GPU")
+    if res:
+        options["resources"] = res
+    return options
+
+
+def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]) -> dict[str, str]:
+    """Environment of a worker process. On CPU: N simulated devices, other XLA flags kept.
+
+    >>> env = worker_env(FleetConfig(devices_per_worker=2), "cpu",
+    ...                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
+    >>> env["XLA_FLAGS"], env["JAX_PLATFORMS"]
+    ('--foo --xla_force_host_platform_device_count=2', 'cpu')
+    """
+    env = {"TOKENIZERS_PARALLELISM": driver_env.get("TOKENIZERS_PARALLELISM", "false")}
+    if accelerator == "cpu":
+        kept = _DEVICE_COUNT_FLAG.sub("", driver_env.get("XLA_FLAGS", "")).split()
+        flags = " ".join([*kept, f"--xla_force_host_platform_device_count={cfg.devices_per_worker}"])
+        env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    for key in _PASSED_THROUGH:  # workers resolve repo ids and cache compiles as the driver does
+        if key in driver_env:
+            env[key] = driver_env[key]
+    env.update(cfg.env_vars)
+    return env
+
+
+def workers_that_fit(per_worker: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many workers of `per_worker` resources fit, filling node by node.
+
+    >>> workers_that_fit({"CPU": 1, "TPU": 4}, [{"CPU": 8, "TPU": 4}, {"CPU": 8, "TPU": 8}])
+    3
+    """
+    total = 0
+    for node in nodes:
+        fits = [node.get(k, 0.0) // v for k, v in per_worker.items() if v > 0]
+        total += int(min(fits)) if fits else 1 << 30
+    return total
+
+
+def check_placement(
+    cfg: FleetConfig,
+    accelerator: str,
+    node_totals: Sequence[Mapping[str, float]],
+    cluster: Mapping[str, float],
+    available: Mapping[str, float],
+) -> None:
+    """Raise PlacementError unless the nodes can host `cfg.num_workers` workers at all."""
+    per_worker = worker_resources(cfg, accelerator)
+    if workers_that_fit(per_worker, node_totals) < cfg.num_workers:
+        raise PlacementError(placement_message(cfg, accelerator, cluster, available, node_totals))
+
+
+def placement_message(
+    cfg: FleetConfig,
+    accelerator: str,
+    cluster: Mapping[str, float],
+    available: Mapping[str, float],
+    node_totals: Sequence[Mapping[str, float]] = (),
+    waited_s: float | None = None,
+) -> str:
+    per_worker = worker_resources(cfg, accelerator)
+    wanted = {k: v * cfg.num_workers for k, v in per_worker.items()}
+    show = lambda d: {k: d[k] for k in sorted(d) if k in ("CPU", "GPU", "TPU", "memory") or k in per_worker}  # noqa: E731
+    head = (
+        f"rollout workers were not ready after {waited_s:.0f}s"
+        if waited_s is not None
+        else "the cluster cannot host the rollout workers"
+    )
+    fit = f"; its nodes can host {workers_that_fit(per_worker, node_totals)} such worker(s)" if node_totals else ""
+    hint = (
+        " On CPU, devices are simulated: use accelerator='cpu'."
+        if accelerator in ("tpu", "gpu")
+        else " Lower num_workers or cpus_per_worker, or start Ray with more CPUs."
+    )
+    return (
+        f"{head}: asked for {cfg.num_workers} worker(s) x {per_worker} ({accelerator}, "
+        f"{cfg.devices_per_worker} device(s) each) = {wanted}; the cluster has {show(cluster)} in "
+        f"total and {show(available)} available{fit}. Check `ray status` for what is missing or "
+        f"busy.{hint}"
+    )

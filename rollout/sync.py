@@ -1,0 +1,266 @@
+"""The coordinator's half of the weight sync: flatten, check, pack, put, stage, publish, commit.
+
+    flatten  the params to {engine path: array} (nnx.State, nested or flat dicts, HF names)
+    check    their spec against the fleet's; a mismatch raises before any byte moves
+    fetch    jax arrays to host numpy (all leaves in one device_get)
+    pack     leaves into buckets of at most bucket_bytes, cast to the fleet dtype, CRC-32 each
+    put      each bucket into the object store once
+    stage    on every live worker in parallel (phase 1); any failure or timeout -> abort on all,
+             raise SyncError naming each failing worker and why; the fleet keeps its version
+    publish  the update to the registry: the commit point (a restarted worker loads it)
+    commit   on every worker (phase 2)
+
+An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
+Each phase is logged as one JSON line on the "rollout.sync" logger, and kept in SyncRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import ray
+
+from rollout.errors import SyncError
+from rollout.weights.buckets import BucketLayout, pack, plan_buckets
+from rollout.weights.hf_names import IGNORED, hf_to_path
+from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
+
+log = logging.getLogger("rollout.sync")
+
+
+@dataclasses.dataclass
+class SyncRecord:
+    """One sync attempt, as status() reports it."""
+
+    version: int
+    source: str  # "pytree" | "checkpoint"
+    ok: bool = False
+    nbytes: int = 0
+    leaves: int = 0
+    buckets: int = 0
+    workers: tuple[int, ...] = ()
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> seconds
+    worker_seconds: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    started_at: float = dataclasses.field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["total_s"] = round(sum(self.seconds.values()), 6)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    """What the sync needs from the service (kept narrow so the sync is easy to follow)."""
+
+    handles: Sequence[Any]  # worker actor handles, by index
+    registry: Any  # UpdateRegistry actor handle
+    spec: ParamSpec  # the engines' parameter spec
+    live_workers: Callable[[], list[int]]  # workers that take part (up)
+    worker_down: Callable[[int, BaseException], None]  # report a worker that failed
+
+
+def is_checkpoint_ref(params: Any) -> bool:
+    return isinstance(params, (str, os.PathLike))
+
+
+class WeightSync:
+    """Runs syncs one at a time (the caller holds the service's sync lock)."""
+
+    def __init__(self, fleet: Fleet, bucket_bytes: int, timeout_s: float, tie_word_embeddings: bool):
+        self.fleet = fleet
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.tie_word_embeddings = tie_word_embeddings
+        self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
+        self._buffers: list[np.ndarray] | None = None  # reused pack buffers (touched memory is fast)
+        self.last_update: dict[str, Any] | None = None  # keeps the committed buckets alive
+        self._died: set[int] = set()  # workers whose process died during the last stage phase
+
+    def sync(self, params: Any, version: int, record: SyncRecord) -> int:
+        """Sync `params` as `version` (= the fleet's version + 1). Raises SpecMismatchError
+        before any transfer, SyncError after an aborted stage phase."""
+        if is_checkpoint_ref(params):
+            update, stage = self._prepare_checkpoint(params, version, record)
+        else:
+            update, stage = self._prepare_pytree(params, version, record)
+        sync_id = uuid.uuid4().hex[:12]
+        workers = self.fleet.live_workers()
+        if not workers:
+            raise SyncError(version, version - 1, {-1: "no live worker to sync (all down or dead)"})
+        record.workers = tuple(workers)
+        with _phase(record, "stage"):
+            failures = self._stage_all(workers, sync_id, stage, record)
+        if failures:
+            with _phase(record, "abort"):  # a worker whose process died holds nothing staged
+                self._abort_all([i for i in workers if i not in self._died], sync_id, version)
+            raise SyncError(version, version - 1, failures)
+        with _phase(record, "publish"):
+            ray.get(self.fleet.registry.publish.remote(update), timeout=60)  # the commit point
+            self.last_update = update
+        with _phase(record, "commit"):
+            self._commit_all(workers, sync_id, version, record)
+        record.ok = True
+        return version
+
+    # -- preparing the update -------------------------------------------------------------------
+
+    def _prepare_pytree(self, params: Any, version: int, record: SyncRecord):
+        record.source = "pytree"
+        record.nbytes = self.layout.nbytes
+        record.leaves = len(self.layout.slots)
+        with _phase(record, "flatten"):
+            flat = flatten_params(params)
+        with _phase(record, "check"):
+            self.fleet.spec.check(ParamSpec.of(flat))  # before any transfer
+            flat = {path: flat[path] for path in self.fleet.spec.paths}
+        with _phase(record, "fetch"):
+            host = to_host(flat)
+        with _phase(record, "pack"):
+            packed = pack(host, self.layout, version, self._buffers)
+            self._buffers = packed.buffers
+        del host, flat
+        with _phase(record, "put"):
+            refs = [ray.put(buffer) for buffer in packed.buffers]
+        record.buckets = len(refs)
+        manifest = packed.manifest.to_bytes()
+        update = {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}
+        # refs travel inside a list so Ray hands them over unresolved; workers fetch them
+        return update, lambda handle, sync_id: handle.stage.remote(sync_id, manifest, list(refs))
+
+    def _prepare_checkpoint(self, params: Any, version: int, record: SyncRecord):
+        record.source = "checkpoint"
+        path = str(params)
+        with _phase(record, "check"):
+            if Path(path).expanduser().is_dir():
+                self.fleet.spec.check(checkpoint_spec(Path(path).expanduser(), self.tie_word_embeddings))
+                path = str(Path(path).expanduser().resolve())
+        record.nbytes = self.fleet.spec.nbytes
+        record.leaves = len(self.fleet.spec.leaves)
+        update = {"version": version, "kind": "checkpoint", "path": path}
+        return update, lambda handle, sync_id: handle.stage_checkpoint.remote(sync_id, version, path)
+
+    # -- the two phases -------------------------------------------------------------------------
+
+    def _stage_all(self, workers: list[int], sync_id: str, stage, record: SyncRecord) -> dict[int, str]:
+        calls = {stage(self.fleet.handles[i], sync_id): i for i in workers}
+        done, pending = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
+        failures: dict[int, str] = {}
+        self._died = set()
+        for ref in done:
+            index = calls[ref]
+            try:
+                record.worker_seconds[index] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - every failure is reported by worker
+                failures[index] = "stage failed: " + describe_error(err)
+                if isinstance(err, ray.exceptions.RayActorError):
+                    self._died.add(index)
+                    self.fleet.worker_down(index, err)
+        for ref in pending:
+            failures[calls[ref]] = f"stage did not finish within sync_timeout_s={self.timeout_s:g}s"
+        return failures
+
+    def _abort_all(self, workers: list[int], sync_id: str, version: int) -> None:
+        calls = [self.fleet.handles[i].abort.remote(sync_id, version) for i in workers]
+        ray.wait(calls, num_returns=len(calls), timeout=30)
+
+    def _commit_all(self, workers: list[int], sync_id: str, version: int, record: SyncRecord) -> None:
+        calls = {self.fleet.handles[i].commit.remote(sync_id, version): i for i in workers}
+        done, pending = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001
+                # The update is published: this worker catches up when it is back (or restarts).
+                log.warning(json.dumps({"event": "commit_failed", "version": version, "worker": calls[ref],
+                                        "error": describe_error(err)}))
+                self.fleet.worker_down(calls[ref], err)
+        for ref in pending:
+            log.warning(json.dumps({"event": "commit_timeout", "version": version, "worker": calls[ref]}))
+            self.fleet.worker_down(calls[ref], TimeoutError("commit timed out"))
+
+
+def to_host(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Leaves as host numpy arrays; jax arrays are fetched together (transfers overlap)."""
+    on_device = [p for p, a in flat.items() if type(a).__module__.startswith(("jax", "jaxlib"))]
+    out = {p: a for p, a in flat.items()}
+    if on_device:
+        import jax
+
+        for path, array in zip(on_device, jax.device_get([flat[p] for p in on_device])):
+            out[path] = array
+    return {p: np.asarray(a) for p, a in out.items()}
+
+
+def checkpoint_spec(directory: Path, tie_word_embeddings: bool) -> ParamSpec:
+    """The engine-path spec of an HF checkpoint directory, from safetensors headers alone."""
+    from safetensors import safe_open
+
+    from rollout.weights.loader import safetensors_files
+
+    leaves = []
+    for file in safetensors_files(directory):
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                target = hf_to_path(name)
+                if target is None:
+                    if IGNORED.search(name):
+                        continue
+                    raise SpecMismatchError(f"checkpoint tensor {name!r} maps to no parameter of this model")
+                path, transpose = target
+                if path == "lm_head.kernel" and tie_word_embeddings:
+                    continue
+                piece = f.get_slice(name)
+                shape = tuple(piece.get_shape())
+                leaves.append((path, shape[::-1] if transpose else shape, _safetensors_dtype(piece.get_dtype())))
+    return spec_of_leaves(leaves)
+
+
+def _safetensors_dtype(name: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(name, name.lower())
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: the root cause of a Ray error (the worker's own exception when there is one)."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        if cause is not err:
+            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+    if isinstance(err, ray.exceptions.ActorUnavailableError):
+        return "the worker is unavailable (it died and is restarting)"
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "the worker died (" + _first_line(str(err)) + ")"
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text
+
+
+class _phase:
+    """Time one phase into `record.seconds` and log it as one JSON line."""
+
+    def __init__(self, record: SyncRecord, name: str):
+        self.record, self.name = record, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        seconds = time.perf_counter() - self.start
+        self.record.seconds[self.name] = round(seconds, 6)
+        line = {"event": "sync_phase", "version": self.record.version, "phase": self.name,
+                "seconds": round(seconds, 6), "bytes": self.record.nbytes, "ok": exc is None}
+        if exc is not None:
+            line["error"] = _first_line(str(exc))
+        log.info(json.dumps(line))

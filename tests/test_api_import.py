@@ -1,0 +1,64 @@
+"""The public API: `import rollout` is light (no jax, no torch, no Ray) and exposes the names the
+design promises; the service module loads lazily and stays jax-free on the driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HEAVY = ("jax", "jaxlib", "flax", "torch", "transformers")
+
+
+def run_fresh(code: str) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_import_rollout_imports_neither_jax_nor_torch_nor_ray():
+    result = run_fresh(
+        """
+        import json, sys
+        import rollout
+        print(json.dumps(sorted(m for m in ("jax", "jaxlib", "flax", "torch", "transformers", "ray") if m in sys.modules)))
+        """
+    )
+    assert result == []
+
+
+def test_the_service_modules_keep_the_driver_free_of_jax_and_torch():
+    result = run_fresh(
+        """
+        import json, sys
+        import rollout
+        rollout.RolloutService, rollout.GenerationStream
+        import rollout.service, rollout.sync, rollout.dispatch, rollout.worker, rollout.weights.buckets
+        print(json.dumps(sorted(m for m in %r if m in sys.modules)))
+        """
+        % (HEAVY,)
+    )
+    assert result == []
+
+
+def test_public_names_are_exported():
+    import rollout
+
+    for name in ("init", "sync_weights", "generate", "generate_async", "status", "shutdown", "RolloutService",
+                 "SamplingParams", "Completion", "EngineConfig", "FleetConfig", "SyncError", "SpecMismatchError",
+                 "PlacementError", "GenerationStream"):
+        assert hasattr(rollout, name), name
+    assert set(rollout.__all__) <= set(dir(rollout)) | {"RolloutService", "GenerationStream"}
+
+
+def test_module_functions_without_init_say_to_call_init():
+    import rollout
+
+    with pytest.raises(rollout.ServiceClosedError, match=r"rollout.init"):
+        rollout.generate([[1, 2, 3]])
+    rollout.shutdown()  # a no-op without a service

@@ -1,0 +1,151 @@
+"""Buckets and the msgpack manifest: layout, round trips, casts, checksums, untrusted input."""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+
+from rollout.weights.buckets import (
+    ALIGN,
+    BucketChecksumError,
+    Manifest,
+    ManifestError,
+    pack,
+    plan_buckets,
+    unpack,
+    verify,
+)
+from rollout.weights.spec import spec_of_leaves
+
+SPEC = spec_of_leaves(
+    [
+        ("embed_tokens", (64, 16), "float32"),
+        ("layers.0.self_attn.q_proj.kernel", (16, 32), "float32"),
+        ("layers.0.input_layernorm.weight", (16,), "float32"),
+        ("layers.0.mlp.up_proj.kernel", (16, 48), "bfloat16"),
+        ("scale", (), "float32"),
+        ("empty", (0, 4), "float32"),
+        ("norm.weight", (3,), "float32"),
+    ]
+)
+
+
+def random_flat(spec, seed=0):
+    rng = np.random.default_rng(seed)
+    return {leaf.path: rng.standard_normal(leaf.shape).astype(np.float32) for leaf in spec.leaves}
+
+
+def test_buckets_never_exceed_bucket_bytes_except_for_a_single_large_leaf():
+    layout = plan_buckets(SPEC, bucket_bytes=2048)
+    for index, size in enumerate(layout.bucket_nbytes):
+        leaves = layout.leaves_of(index)
+        assert size <= 2048 or len(leaves) == 1, (index, size, leaves)
+    big = [s for s in layout.slots if s.path == "embed_tokens"][0]  # 4096 bytes > 2048
+    assert layout.leaves_of(big.bucket) == [big]
+
+
+def test_leaves_keep_spec_order_and_aligned_offsets():
+    layout = plan_buckets(SPEC, bucket_bytes=1 << 20)
+    assert [s.path for s in layout.slots] == list(SPEC.paths)
+    assert len(layout.bucket_nbytes) == 1
+    assert all(s.offset % ALIGN == 0 for s in layout.slots)
+    ends = [(s.offset, s.offset + s.nbytes) for s in layout.slots]
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:])), "leaves overlap"
+
+
+def test_pack_then_unpack_round_trips_every_leaf_exactly():
+    flat = random_flat(SPEC)
+    layout = plan_buckets(SPEC, bucket_bytes=1024)
+    packed = pack(flat, layout, version=3)
+    assert all(b.dtype == np.uint8 and b.ndim == 1 and b.flags.c_contiguous for b in packed.buffers)
+    out = unpack(packed.manifest, packed.buffers)
+    assert list(out) == list(SPEC.paths)
+    for leaf in SPEC.leaves:
+        assert out[leaf.path].shape == leaf.shape
+        assert out[leaf.path].dtype.name == leaf.dtype
+        want = flat[leaf.path].astype(ml_dtypes.bfloat16) if leaf.dtype == "bfloat16" else flat[leaf.path]
+        np.testing.assert_array_equal(out[leaf.path], want)
+
+
+def test_unpacked_leaves_are_views_into_the_buckets_not_copies():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1 << 20), version=1)
+    out = unpack(packed.manifest, packed.buffers)
+    assert np.shares_memory(out["layers.0.self_attn.q_proj.kernel"], packed.buffers[0])
+
+
+def test_strided_sources_such_as_transposed_hf_weights_pack_correctly():
+    spec = spec_of_leaves([("k", (300, 40), "float32")])
+    hf = np.random.default_rng(1).standard_normal((40, 300)).astype(np.float32)
+    packed = pack({"k": hf.T}, plan_buckets(spec, 1 << 20), version=1)
+    np.testing.assert_array_equal(unpack(packed.manifest, packed.buffers)["k"], hf.T)
+
+
+def test_checksum_is_the_crc32_of_each_whole_bucket():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=1)
+    assert packed.manifest.checksums == tuple(zlib.crc32(b) for b in packed.buffers)
+
+
+def test_reused_buffers_are_overwritten_and_give_the_same_checksums():
+    layout = plan_buckets(SPEC, 1024)
+    first = pack(random_flat(SPEC, seed=0), layout, version=1)
+    again = pack(random_flat(SPEC, seed=1), layout, version=2, buffers=first.buffers)
+    fresh = pack(random_flat(SPEC, seed=1), layout, version=2)
+    assert again.manifest.checksums == fresh.manifest.checksums
+
+
+def test_manifest_round_trips_through_msgpack_bytes():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=7)
+    data = packed.manifest.to_bytes()
+    assert isinstance(data, bytes)
+    back = Manifest.from_bytes(data)
+    assert back == packed.manifest
+    assert back.spec == SPEC
+    raw = msgpack.unpackb(data)
+    assert raw["version"] == 7 and raw["paths"] == list(SPEC.paths) and raw["checksum"] == "crc32"
+
+
+def test_a_corrupted_bucket_is_refused_naming_the_bucket():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=2)
+    bad = [b.copy() for b in packed.buffers]
+    bad[1][5] ^= 0xFF
+    with pytest.raises(BucketChecksumError, match="bucket 1 of version 2"):
+        verify(packed.manifest, bad)
+    with pytest.raises(BucketChecksumError, match="expected"):
+        verify(packed.manifest, packed.buffers[:-1])
+    verify(packed.manifest, packed.buffers)  # the intact ones pass
+
+
+def test_pickle_or_garbage_is_not_a_manifest():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=1)
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(pickle.dumps(packed.manifest))
+    with pytest.raises(ManifestError, match="format"):
+        Manifest.from_bytes(msgpack.packb({"format": "something-else"}))
+
+
+def test_a_manifest_whose_slots_overflow_their_bucket_is_refused():
+    raw = msgpack.unpackb(pack(random_flat(SPEC), plan_buckets(SPEC, 1 << 20), version=1).manifest.to_bytes())
+    raw["slots"][0][2] += 4  # claims more bytes than its shape holds
+    with pytest.raises(ManifestError, match="embed_tokens"):
+        Manifest.from_bytes(msgpack.packb(raw))
+    raw = msgpack.unpackb(pack(random_flat(SPEC), plan_buckets(SPEC, 1 << 20), version=1).manifest.to_bytes())
+    raw["slots"][-1][1] = raw["buckets"][0]  # starts at the end of its bucket
+    with pytest.raises(ManifestError, match="overflow"):
+        Manifest.from_bytes(msgpack.packb(raw))
+
+
+def test_a_leaf_of_the_wrong_shape_is_refused_while_packing():
+    flat = random_flat(SPEC)
+    flat["norm.weight"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"norm.weight: expected shape \(3,\)"):
+        pack(flat, plan_buckets(SPEC, 1024), version=1)
+
+
+def test_bucket_bytes_below_the_alignment_is_refused():
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets(SPEC, bucket_bytes=8)

@@ -1,0 +1,172 @@
+"""The GRPO-style policy-gradient step.
+
+For each prompt the rollout returns a group of n samples. Each sample's advantage is its reward
+normalized within its group, (r - mean) / (std + eps), so only the ranking inside a group
+matters and no value network is needed. The loss is
+
+    loss = - sum_{b,t} A_b * log pi(x_{b,t} | x_{b,<t}) * m_{b,t} / sum_{b,t} m_{b,t}
+
+with m the mask of completion tokens: the mean over all completion tokens of the batch of
+advantage times logprob, under a full-sequence forward of prompt + completion (right-padded).
+The same forward returns the per-token logprobs under the pre-update parameters, which the loop
+compares with the rollout's logprobs (same parameters, so they must agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rollout.models import qwen
+from rollout.models.bind import ModelDef
+
+Params = dict[str, jax.Array]
+
+
+def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """(r - mean of its group) / (std of its group + eps); a group of equal rewards gets zeros.
+
+    >>> group_advantages(np.array([1.0, 0.0, 0.5, 0.5]), np.array([0, 0, 1, 1])).round(3).tolist()
+    [1.0, -1.0, 0.0, 0.0]
+    """
+    rewards = np.asarray(rewards, np.float64)
+    out = np.zeros_like(rewards)
+    for g in np.unique(group_ids):
+        idx = group_ids == g
+        r = rewards[idx]
+        out[idx] = (r - r.mean()) / (r.std() + eps)
+    return out.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Host arrays for one update. B = prompts x group size, L = padded sequence length."""
+
+    tokens: np.ndarray  # (B, L) int32, prompt + completion, right-padded with 0
+    attention_mask: np.ndarray  # (B, L) int32, 1 on real tokens
+    target_mask: np.ndarray  # (B, L-1) float32, 1 where tokens[:, 1:] is a completion token
+    advantages: np.ndarray  # (B,) float32
+    rollout_logprobs: np.ndarray  # (B, L-1) float32, the rollout's logprobs at the target positions
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.target_mask.sum())
+
+
+def make_batch(completions: Sequence[Any], advantages: np.ndarray, pad_to: int) -> Batch:
+    """Right-pad prompt + completion of each Completion to `pad_to` tokens.
+
+    A fixed `pad_to` keeps the jitted step at one compiled shape for the whole run.
+    """
+    b = len(completions)
+    tokens = np.zeros((b, pad_to), np.int32)
+    attention_mask = np.zeros((b, pad_to), np.int32)
+    target_mask = np.zeros((b, pad_to - 1), np.float32)
+    rollout_logprobs = np.zeros((b, pad_to - 1), np.float32)
+    for i, c in enumerate(completions):
+        prompt, completion = list(c.prompt_token_ids), list(c.token_ids)
+        n, m = len(prompt), len(completion)
+        if n + m > pad_to:
+            raise ValueError(f"sample {i} has {n} + {m} tokens, more than pad_to={pad_to}; raise pad_to")
+        tokens[i, : n + m] = prompt + completion
+        attention_mask[i, : n + m] = 1
+        # Target position t predicts tokens[t + 1]; completion token j sits at n + j.
+        target_mask[i, n - 1 : n - 1 + m] = 1.0
+        if c.logprobs is not None:
+            rollout_logprobs[i, n - 1 : n - 1 + m] = c.logprobs
+    return Batch(tokens, attention_mask, target_mask, np.asarray(advantages, np.float32), rollout_logprobs)
+
+
+def token_logprobs(
+    model_def: ModelDef, params: Params, tokens: jax.Array, attention_mask: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """Logprob of each next token under log_softmax(logits / temperature): (B, L-1).
+
+    The rollout reports logprobs of the distribution it sampled from, log_softmax(logits / T),
+    so the recompute divides by the same temperature.
+    """
+    logits = qwen.forward_full(model_def.bind(params), tokens, attention_mask)  # (B, L, V) f32
+    logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def pg_loss(
+    model_def: ModelDef, params: Params, batch: dict[str, jax.Array], temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, per-token logprobs (B, L-1)) of one batch; see the module docstring."""
+    logp = token_logprobs(model_def, params, batch["tokens"], batch["attention_mask"], temperature)
+    mask = batch["target_mask"]
+    weighted = batch["advantages"][:, None] * logp * mask
+    loss = -weighted.sum() / jnp.maximum(mask.sum(), 1.0)
+    return loss, logp
+
+
+TrainStep = Callable[[Params, Any, dict[str, np.ndarray]], tuple[Params, Any, dict[str, jax.Array]]]
+
+
+def make_optimizer(learning_rate: float, max_grad_norm: float = 1.0) -> optax.GradientTransformation:
+    """Adam with global-norm clipping (the clip keeps an unlucky batch from wrecking a tiny model)."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+
+
+def make_train_step(
+    model_def: ModelDef, optimizer: optax.GradientTransformation, temperature: float = 1.0
+) -> TrainStep:
+    """A jitted `step(params, opt_state, batch) -> (new_params, opt_state, metrics)`.
+
+    `batch` is `batch_arrays(Batch)`. metrics["logprobs"] (B, L-1) are the token logprobs under
+    the params passed in (before the update), i.e. the weights that should have generated them.
+    """
+
+    def step(params: Params, opt_state: Any, batch: dict[str, jax.Array]):
+        (loss, logp), grads = jax.value_and_grad(
+            lambda p: pg_loss(model_def, p, batch, temperature), has_aux=True
+        )(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "logprobs": logp}
+        return params, opt_state, metrics
+
+    return jax.jit(step)
+
+
+def train_step_for(
+    model_def: ModelDef, learning_rate: float, temperature: float = 1.0, max_grad_norm: float = 1.0
+) -> tuple[optax.GradientTransformation, TrainStep]:
+    """(optimizer, jitted step) for a model and hyperparameters, built once per process.
+
+    jax caches executables per function object, so a fresh `make_train_step` compiles again;
+    keyed by the (hashable) model config, repeated loops in one process (tests, sweeps) share one.
+    """
+    return _train_step_for(model_def.config, str(model_def.dtype), learning_rate, temperature, max_grad_norm)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step_for(config: Any, dtype: str, learning_rate: float, temperature: float, max_grad_norm: float):
+    optimizer = make_optimizer(learning_rate, max_grad_norm)
+    return optimizer, make_train_step(ModelDef.create(config, dtype), optimizer, temperature)
+
+
+def batch_arrays(batch: Batch) -> dict[str, np.ndarray]:
+    """The arrays of `batch` the jitted step reads."""
+    return {
+        "tokens": batch.tokens,
+        "attention_mask": batch.attention_mask,
+        "target_mask": batch.target_mask,
+        "advantages": batch.advantages,
+    }
+
+
+def logprob_diff(batch: Batch, trainer_logprobs: np.ndarray) -> tuple[float, float]:
+    """(mean, max) absolute difference between trainer and rollout logprobs over completion tokens."""
+    mask = batch.target_mask > 0
+    diff = np.abs(np.asarray(trainer_logprobs, np.float64) - batch.rollout_logprobs)[mask]
+    if diff.size == 0:
+        return 0.0, 0.0
+    return float(diff.mean()), float(diff.max())
