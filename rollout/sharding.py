@@ -66,7 +66,18 @@ def param_axes(path: str) -> tuple[str | None, ...]:
 
 
 def to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None]) -> PartitionSpec:
-    return PartitionSpec(*(rules.get(a) if a else None for a in axes))
+    """Logical axes -> PartitionSpec, in canonical form (no trailing None).
+
+    jit returns shardings in canonical form; an input spec with trailing Nones would compare
+    unequal to it and make the next call with the returned cache compile again.
+
+    >>> to_spec((None, None, "kv_heads", None), {"kv_heads": "tp"})
+    PartitionSpec(None, None, 'tp')
+    """
+    parts = [rules.get(a) if a else None for a in axes]
+    while parts and parts[-1] is None:
+        parts.pop()
+    return PartitionSpec(*parts)
 
 
 def param_sharding(path: str, mesh: Mesh, cfg: ModelConfig) -> NamedSharding:

@@ -202,9 +202,7 @@ def test_swap_compiles_nothing(engine, tiny_qwen3, tiny_qwen3_perturbed):
     prompts = [PROMPT, [1, 2, 3]]
     sp = SamplingParams(max_tokens=20, temperature=0.7, seed=1, n=2)
     _sync(engine, hf_flat(tiny_qwen3))
-    engine.generate(prompts, sp)  # warm every shape bucket this test uses
-    _sync(engine, hf_flat(tiny_qwen3_perturbed))
-    engine.generate(prompts, sp)
+    engine.generate(prompts, sp)  # one warm-up compiles every shape bucket this test uses
     executables = engine.status()["compiled"]
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

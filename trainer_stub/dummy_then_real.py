@@ -48,13 +48,9 @@ def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int 
     with Engine(model, config, jax.devices()[:devices]) as engine:
         before = leaf_layout(engine.current_params())
         # Warm up under dummy weights with the very request served later, run to full length
-        # (ignore_eos), so every shape bucket the real generate can hit is compiled now. Twice:
-        # the engine's fresh KV cache carries a sharding spec spelled differently from the one
-        # its jitted steps return (P(None, None, 'tp', None) vs P(None, None, 'tp')), so the
-        # second request compiles prefill once more whatever the weights.
+        # (ignore_eos), so every shape bucket the real generate can hit is compiled now.
         warmup = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        for _ in range(2):
-            engine.generate([CHAT_PROMPT], warmup)
+        engine.generate([CHAT_PROMPT], warmup)
         compiled_before = engine.status()["compiled"]
         emit(
             {

@@ -16,7 +16,7 @@ digits), so the reward works for any tokenizer, not only the tiny test one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 DIGIT_PROMPTS: tuple[str, ...] = (
     "Write a number:",
@@ -38,7 +38,7 @@ class DigitsTask:
     prompts: tuple[str, ...] = DIGIT_PROMPTS
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, prompts: Sequence[str] = DIGIT_PROMPTS) -> "DigitsTask":
+    def for_tokenizer(cls, tokenizer, prompts: Sequence[str] = DIGIT_PROMPTS) -> DigitsTask:
         """`tokenizer`: a rollout.tokenizer.Tokenizer (or anything with vocab_size and decode)."""
         digit_ids = frozenset(
             i for i in range(tokenizer.vocab_size) if _is_digits(tokenizer.decode([i], skip_special_tokens=True))

@@ -27,8 +27,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 DEMO_STEPS = 40
 
@@ -480,10 +481,10 @@ def plot_rewards(records: Sequence[StepRecord], path: Path) -> Path:
 
 
 class _NoBar:
-    def __enter__(self) -> "_NoBar":
+    def __enter__(self) -> "_NoBar":  # noqa: PYI034, UP037
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         pass
 
     def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
@@ -534,9 +535,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--sync-every", type=int, default=d.sync_every, help="sync after every k-th update (1 = on-policy)")
-    p.add_argument("--skip-sync-at", type=int, nargs="*", default=[], metavar="STEP", help="skip the sync after these steps (to see the logprob check fail)")
-    p.add_argument("--backend", choices=("fleet", "local"), default="fleet", help="Ray fleet, or one engine in this process")
-    p.add_argument("--init", choices=("checkpoint", "fresh"), default="checkpoint", help="trainer starts from the checkpoint's weights or a random init")
+    p.add_argument(
+        "--skip-sync-at", type=int, nargs="*", default=[], metavar="STEP",
+        help="skip the sync after these steps (to see the logprob check fail)",
+    )
+    p.add_argument(
+        "--backend", choices=("fleet", "local"), default="fleet", help="Ray fleet, or one engine in this process"
+    )
+    p.add_argument(
+        "--init", choices=("checkpoint", "fresh"), default="checkpoint",
+        help="the trainer starts from the checkpoint's weights or from a random init",
+    )
     p.add_argument("--dtype", default=f.dtype, choices=("float32", "bfloat16"))
     p.add_argument("--max-batch", type=int, default=f.max_batch, help="decode slots per worker")
     p.add_argument("--accelerator", default=f.accelerator, help="cpu, tpu or gpu (passed to rollout.init)")
