@@ -82,7 +82,7 @@ def init(
     decode_steps: int = 4,
     **options: Any,
 ) -> "RolloutService":
-    """Start the default rollout service (see RolloutService for every option) and return it.
+    """Start the default rollout service and return it; the arguments are RolloutService's.
 
     Starts a local Ray if none is initialized; otherwise joins it (e.g. after
     `ray.init(address="auto")`). `accelerator`: "cpu" (devices simulated), "tpu", "gpu" or

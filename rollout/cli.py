@@ -15,8 +15,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 

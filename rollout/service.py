@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Sequence
 
 import ray
@@ -32,7 +33,14 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.errors import PlacementError, ServiceClosedError
-from rollout.fleet import FleetConfig, actor_options, check_placement, placement_message, resolve_accelerator
+from rollout.fleet import (
+    FleetConfig,
+    actor_options,
+    check_placement,
+    placement_message,
+    resolve_accelerator,
+)
+from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.registry import UpdateRegistry
@@ -52,20 +60,44 @@ _PROBE_INTERVAL_S = 0.25
 class RolloutService:
     """A fleet of `num_workers` engines, each on `devices_per_worker` devices.
 
-    Keyword arguments are the fields of FleetConfig (layout, sync and retry behaviour) and of
-    EngineConfig (max_batch, max_seq_len, dtype, decode_steps, swap_policy, load_format, ...).
-    Ray is started locally if it is not initialized; otherwise the service joins the running
-    Ray (e.g. after `ray.init(address="auto")`). `ray_init_kwargs` go to that `ray.init`.
+    `model` is an HF directory or repo id (the driver reads its config and tokenizer to validate
+    prompts; each worker loads the weights, or only shapes with load_format="dummy"). Further
+    keyword options are the other fields of FleetConfig (cpus_per_worker, max_restarts,
+    checksum, env_vars, ...) and EngineConfig (max_prefill_batch, seed). `accelerator`: "cpu"
+    (devices simulated), "tpu", "gpu" or "auto" (TPU if the cluster has TPUs, then GPU, else
+    CPU). Ray is started locally if it is not initialized; otherwise the service joins the
+    running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
     """
 
-    def __init__(self, model: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None, **options: Any):
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        num_workers: int = 2,
+        devices_per_worker: int = 4,
+        *,
+        load_format: str = "auto",
+        dtype: str = "float32",
+        max_batch: int = 64,
+        max_seq_len: int = 2048,
+        swap_policy: str = "drain",
+        accelerator: str = "auto",
+        bucket_bytes: int = 256 << 20,
+        sync_timeout_s: float = 600.0,
+        decode_steps: int = 4,
+        ray_init_kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ):
+        options.update(
+            num_workers=num_workers, devices_per_worker=devices_per_worker, load_format=load_format, dtype=dtype,
+            max_batch=max_batch, max_seq_len=max_seq_len, swap_policy=swap_policy, accelerator=accelerator,
+            bucket_bytes=bucket_bytes, sync_timeout_s=sync_timeout_s, decode_steps=decode_steps,
+        )
         unknown = sorted(set(options) - _FLEET_FIELDS - _ENGINE_FIELDS)
         if unknown:
             raise TypeError(
                 f"unknown option(s) {unknown}; expected fields of FleetConfig "
                 f"{sorted(_FLEET_FIELDS)} or EngineConfig {sorted(_ENGINE_FIELDS)}"
             )
-        options.setdefault("accelerator", "auto")
         self.fleet_config = FleetConfig(**{k: v for k, v in options.items() if k in _FLEET_FIELDS})
         self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
         self.checkpoint = resolve_checkpoint(model)
@@ -77,7 +109,7 @@ class RolloutService:
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(**(ray_init_kwargs or {}))
+            start_local_ray(**(ray_init_kwargs or {}))
         self.accelerator = resolve_accelerator(self.fleet_config.accelerator, ray.cluster_resources())
         self._closed = False
         self._handles: list[Any] = []
@@ -98,10 +130,19 @@ class RolloutService:
             self.fleet_config.bucket_bytes,
             self.fleet_config.sync_timeout_s,
             self.model_config.tie_word_embeddings,
+            self.fleet_config.checksum,
+            self.fleet_config.pipelined_sync,
         )
         self._probes: dict[int, tuple[Any, str, float]] = {}  # worker -> (ref, kind, down since)
         self._stop = threading.Event()
-        self._health = threading.Thread(target=self._health_loop, name="rollout-health", daemon=True)
+        # A service dropped without shutdown() still releases its actors (and its own Ray); the
+        # health thread holds it only weakly so that it can be collected.
+        self._release = weakref.finalize(
+            self, _release, self._stop, self._router, list(self._handles), self._registry, self._owns_ray
+        )
+        self._health = threading.Thread(
+            target=_health_loop, args=(weakref.ref(self), self._stop), name="rollout-health", daemon=True
+        )
         self._health.start()
 
     # -- startup ----------------------------------------------------------------------------------
@@ -119,7 +160,7 @@ class RolloutService:
         self._handles = [
             worker_cls.options(**options).remote(
                 i, self._model_ref, self.engine_config, cfg.devices_per_worker, registry_name, namespace,
-                cfg.max_inflight_buckets,
+                cfg.max_inflight_buckets, cfg.sync_timeout_s,
             )
             for i in range(cfg.num_workers)
         ]
@@ -178,6 +219,9 @@ class RolloutService:
                                         "seconds": record.seconds}))
                 raise
             self._version = version
+            for index in self._live_workers():
+                if index not in record.workers:  # came back mid-sync: re-check its version first
+                    self._router.mark(index, DOWN)
             log.info(json.dumps({"event": "sync_done", "version": version, "bytes": record.nbytes,
                                  "seconds": record.seconds, "workers": list(record.workers)}))
             return version
@@ -260,13 +304,6 @@ class RolloutService:
         if self._router.mark(index, DOWN, epoch):
             log.warning(json.dumps({"event": "worker_down", "worker": index, "error": describe_error(err)}))
 
-    def _health_loop(self) -> None:
-        while not self._stop.wait(_PROBE_INTERVAL_S):
-            try:
-                self._probe_down_workers()
-            except Exception:  # noqa: BLE001 - keep probing; a failed probe is retried
-                log.exception("health probe failed")
-
     def _probe_down_workers(self) -> None:
         for index in self._router.workers_in(DOWN):
             probe = self._probes.get(index)
@@ -343,26 +380,20 @@ class RolloutService:
         }
 
     def shutdown(self) -> None:
-        """Stop the workers and the registry (and Ray, if this service started it). Idempotent."""
+        """Stop the workers and the registry (and Ray, if this service started it). Idempotent.
+        Requests still running end with WorkerUnavailableError."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         self._router.close()
         self._health.join(timeout=5)
-        calls = [h.shutdown.remote() for h in self._handles]
+        calls = [h.shutdown.remote() for h in self._handles]  # engines fail their queued requests
         ray.wait(calls, num_returns=len(calls), timeout=30)
-        self._kill_actors()
-        if self._owns_ray:
-            ray.shutdown()
+        self._release()
 
     def _kill_actors(self) -> None:
-        for handle in [*self._handles, self._registry]:
-            if handle is not None:
-                try:
-                    ray.kill(handle, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+        _kill([*self._handles, self._registry])
 
     def _check_open(self) -> None:
         if self._closed:
@@ -378,3 +409,35 @@ class RolloutService:
         cfg = self.fleet_config
         return (f"RolloutService({self.checkpoint.name!r}, {cfg.num_workers} workers x {cfg.devices_per_worker} "
                 f"{self.accelerator} devices, version {self._version})")
+
+
+def _health_loop(service_ref: "weakref.ref[RolloutService]", stop: threading.Event) -> None:
+    """Probe down workers every _PROBE_INTERVAL_S until stopped or the service is collected."""
+    while not stop.wait(_PROBE_INTERVAL_S):
+        service = service_ref()
+        if service is None:
+            return
+        try:
+            service._probe_down_workers()
+        except Exception:  # noqa: BLE001 - keep probing; a failed probe is retried
+            log.exception("health probe failed")
+        del service
+
+
+def _release(stop: threading.Event, router: Router, handles: list[Any], registry: Any, owns_ray: bool) -> None:
+    """End a service's fleet: stop probing, refuse new routes, kill its actors (once)."""
+    stop.set()
+    router.close()
+    if ray.is_initialized():
+        _kill([*handles, registry])
+        if owns_ray:
+            ray.shutdown()
+
+
+def _kill(handles: list[Any]) -> None:
+    for handle in handles:
+        if handle is not None:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass

@@ -3,10 +3,13 @@
     flatten  the params to {engine path: array} (nnx.State, nested or flat dicts, HF names)
     check    their spec against the fleet's; a mismatch raises before any byte moves
     fetch    jax arrays to host numpy (all leaves in one device_get)
-    pack     leaves into buckets of at most bucket_bytes, cast to the fleet dtype, CRC-32 each
-    put      each bucket into the object store once
-    stage    on every live worker in parallel (phase 1); any failure or timeout -> abort on all,
-             raise SyncError naming each failing worker and why; the fleet keeps its version
+    pack+put leaves into buckets of at most bucket_bytes, cast to the fleet dtype, checksum
+             each, and put each bucket into the object store once. Every live worker is already
+             staging (phase 1) and gets each bucket's ref and checksum as soon as it is in, so
+             workers verify and place bucket k while bucket k+1 is packed and put
+             (pipelined_sync=False: pack all, put all, then stage: phases pack, put)
+    stage    wait for every worker's stage; any failure or timeout -> abort on all, raise
+             SyncError naming each failing worker and why; the fleet keeps its version
     publish  the update to the registry: the commit point (a restarted worker loads it)
     commit   on every worker (phase 2)
 
@@ -22,6 +25,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,7 +33,7 @@ import numpy as np
 import ray
 
 from rollout.errors import SyncError
-from rollout.weights.buckets import BucketLayout, pack, plan_buckets
+from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.hf_names import IGNORED, hf_to_path
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
 
@@ -76,9 +80,19 @@ def is_checkpoint_ref(params: Any) -> bool:
 class WeightSync:
     """Runs syncs one at a time (the caller holds the service's sync lock)."""
 
-    def __init__(self, fleet: Fleet, bucket_bytes: int, timeout_s: float, tie_word_embeddings: bool):
+    def __init__(
+        self,
+        fleet: Fleet,
+        bucket_bytes: int,
+        timeout_s: float,
+        tie_word_embeddings: bool,
+        checksum: str = "sum64",
+        pipelined: bool = True,
+    ):
         self.fleet = fleet
+        self.pipelined = pipelined
         self.bucket_bytes = bucket_bytes
+        self.checksum = checksum
         self.timeout_s = timeout_s
         self.tie_word_embeddings = tie_word_embeddings
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
@@ -89,17 +103,17 @@ class WeightSync:
     def sync(self, params: Any, version: int, record: SyncRecord) -> int:
         """Sync `params` as `version` (= the fleet's version + 1). Raises SpecMismatchError
         before any transfer, SyncError after an aborted stage phase."""
-        if is_checkpoint_ref(params):
-            update, stage = self._prepare_checkpoint(params, version, record)
-        else:
-            update, stage = self._prepare_pytree(params, version, record)
-        sync_id = uuid.uuid4().hex[:12]
         workers = self.fleet.live_workers()
         if not workers:
             raise SyncError(version, version - 1, {-1: "no live worker to sync (all down or dead)"})
         record.workers = tuple(workers)
+        sync_id = uuid.uuid4().hex[:12]
+        if is_checkpoint_ref(params):
+            update, calls = self._stage_checkpoint(params, version, record, workers, sync_id)
+        else:
+            update, calls = self._stage_pytree(params, version, record, workers, sync_id)
         with _phase(record, "stage"):
-            failures = self._stage_all(workers, sync_id, stage, record)
+            failures = self._wait_staged(calls, record)
         if failures:
             with _phase(record, "abort"):  # a worker whose process died holds nothing staged
                 self._abort_all([i for i in workers if i not in self._died], sync_id, version)
@@ -112,9 +126,9 @@ class WeightSync:
         record.ok = True
         return version
 
-    # -- preparing the update -------------------------------------------------------------------
+    # -- phase 1 ----------------------------------------------------------------------------------
 
-    def _prepare_pytree(self, params: Any, version: int, record: SyncRecord):
+    def _stage_pytree(self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str):
         record.source = "pytree"
         record.nbytes = self.layout.nbytes
         record.leaves = len(self.layout.slots)
@@ -125,34 +139,64 @@ class WeightSync:
             flat = {path: flat[path] for path in self.fleet.spec.paths}
         with _phase(record, "fetch"):
             host = to_host(flat)
-        with _phase(record, "pack"):
-            packed = pack(host, self.layout, version, self._buffers)
-            self._buffers = packed.buffers
-        del host, flat
-        with _phase(record, "put"):
-            refs = [ray.put(buffer) for buffer in packed.buffers]
-        record.buckets = len(refs)
-        manifest = packed.manifest.to_bytes()
-        update = {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}
-        # refs travel inside a list so Ray hands them over unresolved; workers fetch them
-        return update, lambda handle, sync_id: handle.stage.remote(sync_id, manifest, list(refs))
+        handles = [self.fleet.handles[i] for i in workers]
+        packer = Packer(host, self.layout, self._buffers, checksum_algo=self.checksum,
+                        threads=min(4, os.cpu_count() or 1))
+        self._buffers = packer.buffers
+        refs: list[Any] = []
+        buckets = range(len(self.layout.bucket_nbytes))
+        with packer:
+            if self.pipelined:
+                # Workers start staging now on a manifest without checksums; each bucket is put
+                # as soon as it is packed and sent with its checksum, so workers verify and
+                # place bucket k while bucket k+1 is packed and put.
+                streaming = Manifest(version, self.layout, (None,) * len(buckets), self.checksum).to_bytes()
+                calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
+                sums: list[int] = []
 
-    def _prepare_checkpoint(self, params: Any, version: int, record: SyncRecord):
+                def put_and_feed(index: int) -> None:
+                    refs.append(ray.put(packer.buffers[index]))
+                    for handle in handles:  # the ref inside a list: Ray passes it unresolved
+                        handle.feed.remote(sync_id, index, [refs[-1]], sums[index])
+
+                try:
+                    with _phase(record, "pack+put"), ThreadPoolExecutor(1, thread_name_prefix="rollout-put") as putter:
+                        sent = None  # bucket k is put while bucket k+1 is packed
+                        for index in buckets:
+                            sums.append(packer.pack_bucket(index))
+                            if sent is not None:
+                                sent.result()
+                            sent = putter.submit(put_and_feed, index)
+                        if sent is not None:
+                            sent.result()
+                except BaseException:
+                    self._abort_all(workers, sync_id, version)  # they wait for buckets that never come
+                    raise
+                manifest = Manifest(version, self.layout, tuple(sums), self.checksum).to_bytes()
+            else:
+                with _phase(record, "pack"):
+                    sums = [packer.pack_bucket(index) for index in buckets]
+                manifest = Manifest(version, self.layout, tuple(sums), self.checksum).to_bytes()
+                with _phase(record, "put"):
+                    refs = [ray.put(packer.buffers[index]) for index in buckets]
+                calls = {h.stage.remote(sync_id, manifest, list(refs)): i for h, i in zip(handles, workers)}
+        del host, flat
+        record.buckets = len(refs)
+        return {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}, calls
+
+    def _stage_checkpoint(self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str):
         record.source = "checkpoint"
+        record.nbytes = self.fleet.spec.nbytes
+        record.leaves = len(self.fleet.spec.leaves)
         path = str(params)
         with _phase(record, "check"):
             if Path(path).expanduser().is_dir():
                 self.fleet.spec.check(checkpoint_spec(Path(path).expanduser(), self.tie_word_embeddings))
                 path = str(Path(path).expanduser().resolve())
-        record.nbytes = self.fleet.spec.nbytes
-        record.leaves = len(self.fleet.spec.leaves)
-        update = {"version": version, "kind": "checkpoint", "path": path}
-        return update, lambda handle, sync_id: handle.stage_checkpoint.remote(sync_id, version, path)
+        calls = {self.fleet.handles[i].stage_checkpoint.remote(sync_id, version, path): i for i in workers}
+        return {"version": version, "kind": "checkpoint", "path": path}, calls
 
-    # -- the two phases -------------------------------------------------------------------------
-
-    def _stage_all(self, workers: list[int], sync_id: str, stage, record: SyncRecord) -> dict[int, str]:
-        calls = {stage(self.fleet.handles[i], sync_id): i for i in workers}
+    def _wait_staged(self, calls: dict[Any, int], record: SyncRecord) -> dict[int, str]:
         done, pending = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
         failures: dict[int, str] = {}
         self._died = set()

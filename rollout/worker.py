@@ -6,10 +6,12 @@ Ray actor around it. Generation awaits engine futures on the actor's event loop,
 requests are in flight at once; weight work (staging, catching up) runs in a one-thread
 executor, so serving goes on while an update is staged.
 
-Receiving an update: fetch the buckets from the object store (at most `max_inflight_buckets` at
-a time, zero-copy), check every bucket's CRC-32 before anything is staged, cut the buckets into
-leaf views with the manifest and `engine.stage` them (which validates, checks finiteness and
-copies onto the devices: nothing aliases object-store memory). Commit swaps them in.
+Receiving an update: `stage(sync_id, manifest)` starts `engine.stage` on a BucketInbox tree at
+once; buckets arrive by `feed(sync_id, index, [ref])` calls while the coordinator is still
+putting later ones. Each bucket is fetched from the object store (zero-copy, at most
+`max_inflight_buckets` at a time) and its checksum verified before any of its bytes is read;
+the engine validates, checks finiteness and copies each leaf onto the devices (nothing aliases
+object-store memory), so staging overlaps the transfer. Commit swaps the staged leaves in.
 
 A (re)started worker first loads the last committed update from the registry, so it never
 serves an older version than the fleet's.
@@ -18,6 +20,7 @@ serves an older version than the fleet's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import threading
@@ -32,6 +35,7 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
+from rollout.weights.inbox import BucketInbox
 from rollout.weights.spec import ParamSpec
 
 log = logging.getLogger("rollout.worker")
@@ -115,14 +119,14 @@ class EngineHost:
         self.faults = FaultInjector()
         self._lock = threading.Lock()
         self._staged_sync: str | None = None
-        self._aborted: set[str] = set()
+        self._aborted: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent aborts
 
-    def stage_buffers(self, sync_id: str, manifest: Manifest, buffers: Sequence[np.ndarray]) -> None:
-        """Stage an update whose buckets were already verified."""
+    def stage_inbox(self, sync_id: str, inbox: BucketInbox) -> None:
+        """Stage an update whose verified buckets arrive in `inbox` (possibly still arriving)."""
         self.faults.hit("stage")
         self._check_not_aborted(sync_id)
-        self.engine.stage(manifest.version, unpack(manifest, buffers))
-        self._mark_staged(sync_id, manifest.version)
+        self.engine.stage(inbox.manifest.version, inbox.tree())
+        self._mark_staged(sync_id, inbox.manifest.version)
 
     def stage_checkpoint(self, sync_id: str, version: int, path: str) -> None:
         self.faults.hit("stage")
@@ -133,7 +137,6 @@ class EngineHost:
     def commit(self, sync_id: str, version: int) -> bool:
         """Commit what `sync_id` staged. False if this worker does not hold it (it restarted
         after staging): the caller then catches up from the registry."""
-        self.faults.hit("commit")
         with self._lock:
             if self._staged_sync == sync_id and self.engine.staged_version == version:
                 self.engine.commit(version)
@@ -143,7 +146,9 @@ class EngineHost:
 
     def abort(self, sync_id: str, version: int) -> bool:
         with self._lock:
-            self._aborted.add(sync_id)
+            self._aborted[sync_id] = None
+            while len(self._aborted) > 256:  # an attempt's calls arrive within seconds of its abort
+                self._aborted.popitem(last=False)
             if self._staged_sync == sync_id:
                 self._staged_sync = None
                 return self.engine.abort(version)
@@ -193,23 +198,49 @@ class RolloutWorker:
         registry_name: str,
         namespace: str,
         max_inflight_buckets: int = 4,
+        sync_timeout_s: float = 600.0,
     ):
         logging.basicConfig(level=logging.INFO)
         self.index = index
         self._registry = ray.get_actor(registry_name, namespace=namespace)
-        self.starts = ray.get(self._registry.worker_started.remote(index))
+        self.starts = 0  # set by _start: how many times this worker has been started
         self.host = EngineHost(model, engine_config, devices_per_worker)
-        self._max_inflight = max_inflight_buckets
+        self._fetch_limit = asyncio.Semaphore(max_inflight_buckets)
+        self._sync_timeout_s = sync_timeout_s
+        self._inboxes: dict[str, BucketInbox] = {}
+        # Ray does not order an async actor's calls: a bucket's feed may run before its stage.
+        # Such buckets wait here (by sync id) until the stage call picks them up.
+        self._early: collections.OrderedDict[str, list[tuple[int, ray.ObjectRef, int | None]]] = (
+            collections.OrderedDict()
+        )
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()  # staged or aborted
         self._weights_pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-weights")
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rollout-verify")
-        self._catch_up_blocking()  # a restarted worker serves the fleet's version from its first request
+        self._started: asyncio.Future[None] | None = None
+
+    async def _start(self) -> None:
+        """Before the first call is served: count this start and load the fleet's committed
+        version, so a restarted worker never serves an older one. (Not in __init__: a blocking
+        ray.get there would stall the actor's event loop.)"""
+        failed = self._started is not None and self._started.done() and (
+            self._started.cancelled() or self._started.exception() is not None
+        )
+        if self._started is None or failed:  # first call, or retry a start that failed
+            self._started = asyncio.ensure_future(self._register_and_catch_up())
+        await asyncio.shield(self._started)
+
+    async def _register_and_catch_up(self) -> None:
+        self.starts = await self._registry.worker_started.remote(self.index)
+        await self.catch_up()
 
     # -- serving ------------------------------------------------------------------------------
 
     async def ready(self) -> dict[str, Any]:
+        await self._start()
         status = self.host.engine.status()
-        if not status["alive"]:
-            raise EngineClosedError(f"worker {self.index}: the engine's scheduler is not running")
+        if not status["alive"]:  # the scheduler crashed: restart this process
+            asyncio.get_running_loop().call_later(0.5, os._exit, 70)
+            raise EngineClosedError(f"worker {self.index}: the engine's scheduler is not running; restarting")
         return {
             "index": self.index,
             "version": self.host.engine.version,
@@ -225,6 +256,7 @@ class RolloutWorker:
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
     ) -> list[Completion]:
+        await self._start()
         await self.host.faults.hit_async("generate")
         engine = self.host.engine
         future = engine.submit(prompt_ids, sampling, prompt_index=prompt_index, return_logprobs=return_logprobs)
@@ -242,18 +274,76 @@ class RolloutWorker:
 
     # -- weight sync --------------------------------------------------------------------------
 
-    async def stage(self, sync_id: str, manifest_bytes: bytes, bucket_refs: list[ray.ObjectRef]) -> dict[str, Any]:
-        """Phase 1: fetch and verify every bucket, then stage (serving goes on meanwhile)."""
+    async def stage(self, sync_id: str, manifest_bytes: bytes, bucket_refs: list[ray.ObjectRef] | None = None) -> dict[str, Any]:
+        """Phase 1: stage the update of `manifest_bytes`; serving goes on meanwhile.
+
+        Its buckets come in `bucket_refs` (a list, so Ray passes the refs unresolved) or by
+        `feed` calls that may still be arriving. Returns timings.
+        """
+        await self._start()
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
+        if sync_id in self._finished:
+            raise SyncAbortedError(f"sync {sync_id} was aborted before this worker staged it")
         manifest = Manifest.from_bytes(manifest_bytes)
-        buffers = await self._fetch_verified(manifest, bucket_refs)
-        fetched = time.perf_counter()
-        await loop.run_in_executor(self._weights_pool, self.host.stage_buffers, sync_id, manifest, buffers)
-        del buffers  # release the object-store pins; the staged copies live on the devices
-        return {"fetch_verify_s": fetched - start, "stage_s": time.perf_counter() - fetched}
+        inbox = BucketInbox(manifest, self._sync_timeout_s)
+        self._inboxes[sync_id] = inbox  # before any await: feeds that run after this find it
+        arrivals = [(i, ref, None) for i, ref in enumerate(bucket_refs or [])]
+        arrivals += self._early.pop(sync_id, [])  # feeds that ran before this call
+        receiving = [asyncio.ensure_future(self._receive(inbox, *arrival)) for arrival in arrivals]
+        try:
+            await loop.run_in_executor(self._weights_pool, self.host.stage_inbox, sync_id, inbox)
+        except BaseException as err:
+            inbox.fail(err)
+            raise
+        finally:
+            self._inboxes.pop(sync_id, None)
+            self._remember_finished(sync_id)
+            inbox.release()  # the staged copies live on the devices; unpin the object store
+            for task in receiving:  # after a failure some buckets may never come
+                task.cancel()
+        return {"stage_s": time.perf_counter() - start, "waited_for_buckets_s": inbox.wait_s}
+
+    async def feed(
+        self, sync_id: str, index: int, bucket_ref: list[ray.ObjectRef], checksum: int | None = None
+    ) -> str | None:
+        """Deliver bucket `index` of a sync being staged (the ref inside a list, unresolved) with
+        its checksum when the manifest has none. Returns None, or why the bucket was refused
+        (the stage call raises the same)."""
+        inbox = self._inboxes.get(sync_id)
+        if inbox is not None:
+            return await self._receive(inbox, index, bucket_ref[0], checksum)
+        if sync_id in self._finished:
+            return f"sync {sync_id} is no longer being staged here (aborted or finished)"
+        self._early.setdefault(sync_id, []).append((index, bucket_ref[0], checksum))
+        while len(self._early) > 4:  # a stage call that never came (its coordinator went away)
+            self._early.popitem(last=False)
+        return None
+
+    def _remember_finished(self, sync_id: str) -> None:
+        self._early.pop(sync_id, None)
+        self._finished[sync_id] = None
+        while len(self._finished) > 256:  # an attempt's late calls arrive within seconds
+            self._finished.popitem(last=False)
+
+    async def _receive(
+        self, inbox: BucketInbox, index: int, ref: ray.ObjectRef, checksum: int | None = None
+    ) -> str | None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._fetch_limit:
+                buffer = await ref
+                await loop.run_in_executor(
+                    self._verify_pool, verify_bucket, inbox.manifest, index, buffer, checksum
+                )
+            inbox.deliver(index, buffer)
+            return None
+        except Exception as err:  # noqa: BLE001 - the stage call reports it
+            inbox.fail(err)
+            return f"{type(err).__name__}: {err}"
 
     async def stage_checkpoint(self, sync_id: str, version: int, path: str) -> dict[str, Any]:
+        await self._start()
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._weights_pool, self.host.stage_checkpoint, sync_id, version, path)
@@ -261,42 +351,32 @@ class RolloutWorker:
 
     async def commit(self, sync_id: str, version: int) -> int:
         """Phase 2. A worker that lost its staged copy (restarted) catches up from the registry."""
+        await self._start()
+        await self.host.faults.hit_async("commit")
         if not self.host.commit(sync_id, version):
             await self.catch_up()
         return self.host.engine.version
 
     async def abort(self, sync_id: str, version: int) -> bool:
+        self._remember_finished(sync_id)
+        inbox = self._inboxes.get(sync_id)
+        if inbox is not None:  # wake a staging thread that waits for buckets
+            inbox.fail(SyncAbortedError(f"sync {sync_id} was aborted by the coordinator"))
         return self.host.abort(sync_id, version)
 
     async def catch_up(self) -> int:
         """Load the registry's last committed update if it is newer than what this worker serves."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._weights_pool, self._catch_up_blocking)
-
-    def _catch_up_blocking(self) -> int:
-        update = ray.get(self._registry.latest.remote())
+        update = await self._registry.latest.remote()
         if update is None or update["version"] <= self.host.engine.version:
             return self.host.engine.version
-        buffers = ray.get(list(update["refs"])) if update["kind"] == "buckets" else None
-        return self.host.apply(update, buffers)
-
-    async def _fetch_verified(self, manifest: Manifest, refs: Sequence[ray.ObjectRef]) -> list[np.ndarray]:
-        if len(refs) != len(manifest.layout.bucket_nbytes):
-            raise ValueError(f"expected {len(manifest.layout.bucket_nbytes)} bucket refs, got {len(refs)}")
+        buffers = list(await asyncio.gather(*update["refs"])) if update["kind"] == "buckets" else None
         loop = asyncio.get_running_loop()
-        limit = asyncio.Semaphore(self._max_inflight)
-
-        async def fetch(index: int, ref: ray.ObjectRef) -> np.ndarray:
-            async with limit:
-                buffer = await ref
-                await loop.run_in_executor(self._verify_pool, verify_bucket, manifest, index, buffer)
-                return buffer
-
-        return list(await asyncio.gather(*(fetch(i, r) for i, r in enumerate(refs))))
+        return await loop.run_in_executor(self._weights_pool, self.host.apply, update, buffers)
 
     # -- status, tests, lifecycle ---------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
+        await self._start()
         status = self.host.engine.status()
         status.update(index=self.index, starts=self.starts, restarts=self.starts - 1, pid=os.getpid())
         return status

@@ -62,3 +62,16 @@ def test_module_functions_without_init_say_to_call_init():
     with pytest.raises(rollout.ServiceClosedError, match=r"rollout.init"):
         rollout.generate([[1, 2, 3]])
     rollout.shutdown()  # a no-op without a service
+
+
+def test_init_and_the_service_share_their_defaults():
+    import inspect
+
+    import rollout
+    from rollout.service import RolloutService
+
+    init = inspect.signature(rollout.init).parameters
+    service = inspect.signature(RolloutService.__init__).parameters
+    shared = [name for name in init if name in service and init[name].default is not inspect.Parameter.empty]
+    assert len(shared) == 11  # num_workers ... decode_steps
+    assert {n: init[n].default for n in shared} == {n: service[n].default for n in shared}

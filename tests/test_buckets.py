@@ -12,9 +12,11 @@ import pytest
 
 from rollout.weights.buckets import (
     ALIGN,
+    CHECKSUMS,
     BucketChecksumError,
     Manifest,
     ManifestError,
+    checksum,
     pack,
     plan_buckets,
     unpack,
@@ -85,9 +87,25 @@ def test_strided_sources_such_as_transposed_hf_weights_pack_correctly():
     np.testing.assert_array_equal(unpack(packed.manifest, packed.buffers)["k"], hf.T)
 
 
-def test_checksum_is_the_crc32_of_each_whole_bucket():
-    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=1)
+def test_crc32_checksums_are_zlibs_crc32_of_each_whole_bucket():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=1, checksum_algo="crc32")
     assert packed.manifest.checksums == tuple(zlib.crc32(b) for b in packed.buffers)
+    assert Manifest.from_bytes(packed.manifest.to_bytes()).checksum == "crc32"
+
+
+@pytest.mark.parametrize("algo", CHECKSUMS)
+def test_checksums_catch_a_flipped_bit_a_moved_block_a_truncation_and_another_object(algo):
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)  # 6 sum64 blocks
+    base = checksum(data, algo)
+    flipped = data.copy()
+    flipped[1_234_567] ^= 0x10
+    swapped = data.copy()
+    block = 512 << 10
+    swapped[:block], swapped[block : 2 * block] = data[block : 2 * block], data[:block]
+    other = np.random.default_rng(1).integers(0, 256, data.size, dtype=np.uint8)
+    for changed in (flipped, swapped, data[:-1], other, np.zeros_like(data)):
+        assert checksum(changed, algo) != base
+    assert checksum(data.copy(), algo) == base
 
 
 def test_reused_buffers_are_overwritten_and_give_the_same_checksums():
@@ -106,11 +124,12 @@ def test_manifest_round_trips_through_msgpack_bytes():
     assert back == packed.manifest
     assert back.spec == SPEC
     raw = msgpack.unpackb(data)
-    assert raw["version"] == 7 and raw["paths"] == list(SPEC.paths) and raw["checksum"] == "crc32"
+    assert raw["version"] == 7 and raw["paths"] == list(SPEC.paths) and raw["checksum"] == "sum64"
 
 
-def test_a_corrupted_bucket_is_refused_naming_the_bucket():
-    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=2)
+@pytest.mark.parametrize("algo", CHECKSUMS)
+def test_a_corrupted_bucket_is_refused_naming_the_bucket(algo):
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=2, checksum_algo=algo)
     bad = [b.copy() for b in packed.buffers]
     bad[1][5] ^= 0xFF
     with pytest.raises(BucketChecksumError, match="bucket 1 of version 2"):
@@ -149,3 +168,42 @@ def test_a_leaf_of_the_wrong_shape_is_refused_while_packing():
 def test_bucket_bytes_below_the_alignment_is_refused():
     with pytest.raises(ValueError, match="bucket_bytes"):
         plan_buckets(SPEC, bucket_bytes=8)
+
+
+# -- the inbox: buckets that arrive while the engine already reads the tree ---------------------
+
+
+def test_an_inbox_tree_has_shapes_at_once_and_data_when_its_bucket_arrives():
+    import threading
+
+    from rollout.weights.inbox import BucketInbox
+
+    flat = random_flat(SPEC)
+    packed = pack(flat, plan_buckets(SPEC, 1024), version=4)
+    inbox = BucketInbox(packed.manifest, timeout_s=10)
+    tree = inbox.tree()
+    assert {p: (leaf.shape, leaf.dtype.name) for p, leaf in tree.items()} == {
+        leaf.path: (leaf.shape, leaf.dtype) for leaf in SPEC.leaves
+    }
+    last = SPEC.leaves[-1].path
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(value=np.asarray(tree[last])))
+    reader.start()
+    reader.join(timeout=0.2)
+    assert reader.is_alive(), "the read must wait for its bucket"
+    for index, buffer in enumerate(packed.buffers):
+        inbox.deliver(index, buffer)
+    reader.join(timeout=5)
+    np.testing.assert_array_equal(got["value"], flat[last])
+
+
+def test_a_failed_inbox_makes_pending_reads_raise_and_a_silent_one_times_out():
+    from rollout.weights.inbox import BucketInbox
+
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=4)
+    inbox = BucketInbox(packed.manifest, timeout_s=0.1)
+    with pytest.raises(TimeoutError, match="did not arrive within 0.1s"):
+        np.asarray(inbox.tree()["norm.weight"])
+    inbox.fail(BucketChecksumError("bucket 2 is bad"))
+    with pytest.raises(BucketChecksumError, match="bucket 2 is bad"):
+        np.asarray(inbox.tree()["embed_tokens"])

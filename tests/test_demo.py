@@ -21,7 +21,7 @@ STEP_KEYS = {"step", "mean_reward", "weight_version", "sync_ms", "logprob_diff",
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.run(
-        [sys.executable, "-m", "rollout.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "rollout.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -83,7 +83,61 @@ def routed(svc) -> int:
     return sum(w["routed_requests"] for w in svc._router.snapshot())
 
 
-# -- placement ---------------------------------------------------------------------------------
+# -- routing and placement as plain Python ---------------------------------------------------
+
+
+def test_the_router_picks_the_live_worker_with_the_least_outstanding_tokens():
+    from rollout.routing import DOWN, Router
+
+    router = Router(3)
+    assert [router.acquire(cost) for cost in (100, 50, 10)] == [0, 1, 2]
+    assert router.acquire(30) == 2  # 10 + 30 < 50 < 100
+    router.release(0, 100)
+    assert router.acquire(1) == 0
+    router.mark(0, DOWN)
+    assert router.acquire(1, avoid=frozenset([1])) == 2
+    assert router.acquire(1, avoid=frozenset([1, 2])) in (1, 2)  # avoid is a preference
+
+
+def test_a_pinned_request_waits_for_its_worker_and_a_dead_one_is_refused():
+    from rollout.routing import DEAD, DOWN, UP, Router
+
+    router = Router(2)
+    router.mark(1, DOWN)
+    with pytest.raises(TimeoutError):
+        router.acquire(5, worker=1, timeout=0.05)
+    threading.Timer(0.1, router.mark, (1, UP)).start()
+    assert router.acquire(5, worker=1, timeout=5) == 1
+    router.mark(1, DEAD)
+    with pytest.raises(LookupError, match="dead"):
+        router.acquire(5, worker=1)
+
+
+def test_a_stale_failure_does_not_take_a_worker_down_again():
+    from rollout.routing import DOWN, UP, Router
+
+    router = Router(1)
+    epoch = router.epoch(0)  # two requests sent to the first incarnation
+    assert router.mark(0, DOWN, epoch)  # the first failure takes it down
+    assert router.mark(0, UP)  # it came back
+    assert not router.mark(0, DOWN, epoch)  # the second, older failure is stale
+    assert router.state(0) == UP
+
+
+def test_placement_is_checked_per_node_and_explained():
+    from rollout.fleet import FleetConfig, check_placement
+
+    nodes = [{"CPU": 8.0, "TPU": 4.0}, {"CPU": 8.0, "TPU": 4.0}]
+    check_placement(FleetConfig(num_workers=2, devices_per_worker=4), "tpu", nodes, {}, {})
+    with pytest.raises(rollout.PlacementError) as info:  # 8 chips in all, but 4 per node
+        check_placement(FleetConfig(num_workers=1, devices_per_worker=8), "tpu", nodes,
+                        {"CPU": 16.0, "TPU": 8.0}, {"CPU": 10.0, "TPU": 8.0})
+    message = str(info.value)
+    assert "1 worker(s) x {'CPU': 1.0, 'TPU': 8}" in message
+    assert "{'CPU': 16.0, 'TPU': 8.0} in total" in message and "can host 0 such worker(s)" in message
+
+
+# -- placement on Ray ------------------------------------------------------------------------
 
 
 def test_placement_that_cannot_be_satisfied_says_what_was_asked_and_what_the_cluster_has(ray_local, tiny_qwen3):
@@ -228,7 +282,7 @@ def test_status_reports_workers_and_the_phases_of_recent_syncs(service, tiny_qwe
         version = service.sync_weights(hf_flat(tiny_qwen3))
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "rollout.sync"]
     phases = [line["phase"] for line in lines if line["event"] == "sync_phase" and line["version"] == version]
-    assert phases == ["flatten", "check", "fetch", "pack", "put", "stage", "publish", "commit"]
+    assert phases == ["flatten", "check", "fetch", "pack+put", "stage", "publish", "commit"]
     status = service.status()
     assert status["version"] == version
     for worker in status["workers"]:
@@ -237,7 +291,7 @@ def test_status_reports_workers_and_the_phases_of_recent_syncs(service, tiny_qwe
             assert key in worker
     last = status["syncs"][-1]
     assert last["ok"] and last["version"] == version and last["nbytes"] > 0
-    assert set(last["seconds"]) >= {"flatten", "pack", "put", "stage", "commit"}
+    assert set(last["seconds"]) >= {"flatten", "pack+put", "stage", "commit"}
     assert [s["ok"] for s in status["syncs"]].count(False) >= 1  # the aborted sync is on record
 
 

@@ -75,12 +75,13 @@ class FleetClient:
         import ray
 
         import rollout
+        from rollout.local_ray import start_local_ray
 
         self._rollout = rollout
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
-            ray.init(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
+            start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
         rollout.init(
             model=str(model),
             num_workers=options.num_workers,
