@@ -22,7 +22,7 @@ import ray
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError
-from rollout.errors import WorkerUnavailableError
+from rollout.errors import ServiceClosedError, WorkerUnavailableError
 from rollout.routing import Router, request_cost
 from rollout.sync import describe_error
 
@@ -135,6 +135,11 @@ class Dispatch:
         try:
             worker = self._router.acquire(request.cost, worker=self._worker, avoid=avoid, timeout=self._remaining())
         except LookupError as err:
+            if self._router.closed:
+                raise ServiceClosedError(
+                    f"prompt {request.index}: the rollout service was shut down while it ran; "
+                    "create a new one (rollout.init) and resubmit"
+                ) from err
             raise WorkerUnavailableError(f"prompt {request.index}: {err}; check `ray status`") from err
         handle = self._handles[worker]
         ref = handle.generate.remote(request.ids, self._sampling, request.index, self._return_logprobs)

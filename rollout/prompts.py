@@ -46,10 +46,14 @@ class PromptValidator:
             raise TypeError(f"token ids must be integers; got {type(bad[0]).__name__} ({bad[0]!r})")
         return [int(t) for t in ids]
 
-    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    @staticmethod
+    def check_sampling(sampling: SamplingParams) -> None:
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a rollout.SamplingParams, got {type(sampling).__name__}")
         sampling.validate()
+
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self.check_sampling(sampling)
         if not prompt_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
         vocab = self.model_config.vocab_size
@@ -74,6 +78,7 @@ class PromptValidator:
         """Encode and validate every prompt; the first bad one raises, naming its index."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of prompts (strings, chat messages or token-id lists)")
+        self.check_sampling(sampling)  # also for an empty list of prompts
         out = []
         for index, prompt in enumerate(prompts):
             try:

@@ -123,6 +123,10 @@ class Router:
         with self._cond:
             return self._cond.wait_for(lambda: predicate(list(self._state)), timeout)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

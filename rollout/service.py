@@ -381,7 +381,7 @@ class RolloutService:
 
     def shutdown(self) -> None:
         """Stop the workers and the registry (and Ray, if this service started it). Idempotent.
-        Requests still running end with WorkerUnavailableError."""
+        Requests still running end with ServiceClosedError."""
         if self._closed:
             return
         self._closed = True

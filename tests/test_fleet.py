@@ -174,6 +174,7 @@ def test_generate_returns_each_prompts_samples_in_input_order(service):
         ([[1, 2], [1, 99999]], GREEDY, r"token id 99999 is outside the vocabulary \[0, 512\)"),
         ([[1, 2], [1.5]], GREEDY, "token ids must be integers"),
         ([[1, 2]], {"max_tokens": 3}, "sampling must be a rollout.SamplingParams"),
+        ([], {"max_tokens": 3}, "sampling must be a rollout.SamplingParams"),
         ([[1, 2]], rollout.SamplingParams(n=9, max_tokens=4), "n=9 samples cannot run together in max_batch=8"),
         ("just a string", GREEDY, "prompts must be a list"),
     ],

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+import rollout
+
 from .cases import (
     SYNC_TIMEOUT_S,
     collect_while_generating,
@@ -72,6 +74,7 @@ def test_shutting_down_the_service_ends_running_requests_with_a_clear_error_and_
     assert not out.details["hung"], "the requests hung after shutdown"
     assert out.clear, f"expected an error saying the service was shut down, got {out.error_type}: {out.message}"
     assert out.details["released"], "worker processes or the registry actor outlived the shutdown"
+    assert out.error_type is rollout.ServiceClosedError, out.error_type
 
 
 def test_a_garbage_collected_service_ends_its_requests_and_releases_its_actors(make_small_service):
