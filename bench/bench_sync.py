@@ -7,7 +7,7 @@ against a floor and a per-tensor pattern measured in the same run on the same Ra
                 Measured twice: dropping the previous copy first (memory is reused warm) and
                 keeping it resident while placing (as serving weights are during a live sync);
                 ratios use the faster of the two.
-    ours        rollout's sync_weights: flatten, spec check, pack + CRC-32, put, stage on both
+    ours        rollout's sync_weights: flatten, spec check, pack + checksum (--checksum), put, stage on both
                 workers (fetch, verify, engine.stage: checks, cast, finiteness, placement),
                 publish, commit.
     per-tensor  one actor call per leaf per worker (each leaf shipped as the call's argument,

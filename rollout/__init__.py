@@ -66,27 +66,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")
 
 
-def init(
-    model: str,
-    num_workers: int = 2,
-    devices_per_worker: int = 4,
-    *,
-    load_format: str = "auto",
-    dtype: str = "float32",
-    max_batch: int = 64,
-    max_seq_len: int = 2048,
-    swap_policy: str = "drain",
-    accelerator: str = "auto",
-    bucket_bytes: int = 256 << 20,
-    sync_timeout_s: float = 600.0,
-    decode_steps: int = 4,
-    **options: Any,
-) -> "RolloutService":
-    """Start the default rollout service and return it; the arguments are RolloutService's.
+def init(model: str, num_workers: int = 2, devices_per_worker: int = 4, **options: Any) -> "RolloutService":
+    """Start the default rollout service and return it.
 
-    Starts a local Ray if none is initialized; otherwise joins it (e.g. after
-    `ray.init(address="auto")`). `accelerator`: "cpu" (devices simulated), "tpu", "gpu" or
-    "auto" (TPU if the cluster has TPUs, then GPU, else CPU).
+    The arguments are RolloutService's (load_format, dtype, max_batch, max_seq_len,
+    swap_policy, accelerator, bucket_bytes, sync_timeout_s, decode_steps, ...; see its
+    docstring). Starts a local Ray, listening on loopback only, if none is initialized;
+    otherwise joins it (e.g. after `ray.init(address="auto")`).
     """
     global _default
     from rollout.service import RolloutService
@@ -97,21 +83,7 @@ def init(
                 "rollout.init was already called and its service is running; call "
                 "rollout.shutdown() first, or create more services with rollout.RolloutService(...)"
             )
-        _default = RolloutService(
-            model,
-            num_workers=num_workers,
-            devices_per_worker=devices_per_worker,
-            load_format=load_format,
-            dtype=dtype,
-            max_batch=max_batch,
-            max_seq_len=max_seq_len,
-            swap_policy=swap_policy,
-            accelerator=accelerator,
-            bucket_bytes=bucket_bytes,
-            sync_timeout_s=sync_timeout_s,
-            decode_steps=decode_steps,
-            **options,
-        )
+        _default = RolloutService(model, num_workers, devices_per_worker, **options)
         return _default
 
 

@@ -65,7 +65,7 @@ class RolloutService:
     keyword options are the other fields of FleetConfig (cpus_per_worker, max_restarts,
     checksum, env_vars, ...) and EngineConfig (max_prefill_batch, seed). `accelerator`: "cpu"
     (devices simulated), "tpu", "gpu" or "auto" (TPU if the cluster has TPUs, then GPU, else
-    CPU). Ray is started locally if it is not initialized; otherwise the service joins the
+    CPU). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
     running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
     """
 
