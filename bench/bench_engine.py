@@ -63,12 +63,11 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import jax
     import numpy as np
     import torch
     import transformers
     from tqdm.auto import tqdm
-
-    import jax
 
     from rollout.engine import EngineConfig, SamplingParams
     from rollout.engine.engine import Engine

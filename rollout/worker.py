@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
+from rollout.engine.backend import EngineBackend
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
@@ -115,7 +116,7 @@ class EngineHost:
                 f"on TPU/GPU lower devices_per_worker to the chips per host (XLA_FLAGS here: "
                 f"{os.environ.get('XLA_FLAGS')!r})"
             )
-        self.engine = Engine(model, engine_config, devices[:devices_per_worker])
+        self.engine: EngineBackend = Engine(model, engine_config, devices[:devices_per_worker])
         self.faults = FaultInjector()
         self._lock = threading.Lock()
         self._staged_sync: str | None = None
@@ -286,6 +287,12 @@ class RolloutWorker:
         if sync_id in self._finished:
             raise SyncAbortedError(f"sync {sync_id} was aborted before this worker staged it")
         manifest = Manifest.from_bytes(manifest_bytes)
+        buckets = len(manifest.layout.bucket_nbytes)
+        if bucket_refs and len(bucket_refs) != buckets:
+            raise ValueError(
+                f"the manifest of version {manifest.version} lists {buckets} buckets; expected as many "
+                f"bucket refs, got {len(bucket_refs)} (pass all of them, or none and feed them)"
+            )
         inbox = BucketInbox(manifest, self._sync_timeout_s)
         self._inboxes[sync_id] = inbox  # before any await: feeds that run after this find it
         arrivals = [(i, ref, None) for i, ref in enumerate(bucket_refs or [])]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams, WeightSyncError
+from rollout.engine.backend import EngineBackend
 from rollout.engine.engine import Engine
 from rollout.engine.staging import NonFiniteWeightsError
 from rollout.weights.loader import iter_tensors
@@ -35,6 +36,10 @@ def _sync(engine: Engine, params, policy: str | None = None) -> int:
     engine.stage(version, params)
     engine.commit(version, policy, wait=True)
     return version
+
+
+def test_the_native_engine_provides_the_backend_interface_the_worker_uses(engine):
+    assert isinstance(engine, EngineBackend)
 
 
 def test_committed_perturbed_weights_match_transformers_on_those_weights(engine, tiny_qwen3_perturbed):

@@ -19,7 +19,13 @@ from rollout.engine.runner import ModelRunner
 from rollout.models import qwen
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
-from rollout.sharding import TP, cache_sharding, logical_rules, make_mesh, param_sharding
+from rollout.sharding import (
+    TP,
+    cache_sharding,
+    logical_rules,
+    make_mesh,
+    param_sharding,
+)
 from rollout.testing import make_tiny_checkpoint
 from rollout.weights.loader import load_checkpoint
 

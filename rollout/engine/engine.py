@@ -36,8 +36,8 @@ from rollout.engine.sampling import SamplingParams, SlotSampling, stack_sampling
 from rollout.engine.staging import StagedWeights, stage_params
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.models.bind import ModelDef
-from rollout.prompts import Prompt, PromptValidator
 from rollout.models.config import ModelConfig
+from rollout.prompts import Prompt, PromptValidator
 from rollout.sharding import make_mesh
 from rollout.tokenizer import IncrementalDetokenizer, Tokenizer
 from rollout.weights.loader import load_checkpoint, resolve_checkpoint

@@ -8,7 +8,6 @@ of two, attention span to powers of two) so the number of executables stays smal
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

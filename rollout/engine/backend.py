@@ -1,0 +1,62 @@
+"""The engine boundary: what a worker needs from an inference engine, and nothing more.
+
+`rollout.engine.Engine` (the native JAX engine) is the one implementation today. Another
+backend (an sglang-jax adapter on TPU, say) plugs in by providing these members; the worker,
+the sync protocol and the tests of the weight state machine then apply to it unchanged.
+
+Weight state machine (every backend): `stage(v, params)` validates and places a full update
+beside the serving weights (raises and keeps nothing on any mismatch); `commit(v)` swaps it in at
+a step boundary under the in-flight policy; `abort(v)` drops it. Versions only go forward.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.types import Completion
+from rollout.prompts import Prompt
+from rollout.weights.spec import ParamSpec
+
+
+@runtime_checkable
+class EngineBackend(Protocol):
+    @property
+    def spec(self) -> ParamSpec:
+        """Paths, shapes and dtypes of the parameters an update must match."""
+
+    @property
+    def version(self) -> int:
+        """The committed weight version (new requests run on it)."""
+
+    @property
+    def staged_version(self) -> int | None:
+        """The version staged and not yet committed or aborted, if any."""
+
+    def submit(
+        self, prompt: Prompt, sampling: SamplingParams = ..., *, prompt_index: int = 0, return_logprobs: bool = True
+    ) -> Future[list[Completion]]:
+        """Queue one prompt; the future yields its n completions. Bad requests raise here."""
+
+    def cancel(self, future: Future[list[Completion]]) -> bool:
+        """Finish a submitted request early with finish_reason "abort"."""
+
+    def stage(self, version: int, params: Any) -> Any:
+        """Validate and place a full update beside the serving weights."""
+
+    def stage_checkpoint(self, version: int, model: str | Path) -> Any:
+        """Stage the weights of an HF checkpoint directory or repo id."""
+
+    def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
+        """Swap the staged `version` in at the next step boundary."""
+
+    def abort(self, version: int | None = None) -> bool:
+        """Drop the staged update; False if there was none."""
+
+    def status(self) -> dict[str, Any]:
+        """Health and counters: alive, version, queue depth, active slots, tokens generated, ..."""
+
+    def shutdown(self) -> None:
+        """Stop serving; queued and running requests fail with EngineClosedError."""
