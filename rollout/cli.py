@@ -210,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse gives `generate`'s prompts nothing once an option follows the model
+    # (`rollout generate MODEL --chat "hi"`), so words left over after the options are prompts.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(word.startswith("-") for word in extra):
+        args.prompts = [*args.prompts, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -76,6 +76,17 @@ def test_generate_prints_one_json_line_per_sample(tiny_qwen3):
     assert all(1 <= len(o["token_ids"]) == len(o["logprobs"]) <= 5 for o in outs)
 
 
+def test_generate_takes_prompts_after_the_options_too(tiny_qwen3):
+    proc = run_cli("generate", str(tiny_qwen3), "--max-tokens", "2", "Hello", "--chat", "你是谁")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["prompt_index"] for line in proc.stdout.splitlines()] == [0, 1]
+
+
+def test_generate_refuses_an_unknown_option(tiny_qwen3):
+    proc = run_cli("generate", str(tiny_qwen3), "Hello", "--bogus", timeout=60)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
 @pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["bench"]])
 def test_every_command_has_help(command):
     proc = run_cli(*command, "--help", timeout=60)
