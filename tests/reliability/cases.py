@@ -634,19 +634,27 @@ def _consume(stream: Any, sink: dict[str, Any]) -> None:
     sink["completions"] = completions
 
 
-def shutdown_while_generating(make_service: Callable[[], rollout.RolloutService]) -> Outcome:
-    """Shut a service down while a stream of requests runs: the stream ends with a clear error
-    (it does not hang) and the actors are released."""
-    out = Outcome("shutdown_mid_generate", "fault")
+def _streaming_on_a_new_service(make_service: Callable[[], rollout.RolloutService], sampling: Any):
+    """A new service with a stream of 8 requests running, consumed by a thread into `sink`.
+    Returns the service and (start time, its registry's name, worker pids, sink, thread); the
+    caller holds the only reference to the service."""
     before = _registries()
     svc = make_service()
     start = time.perf_counter()
     registry = next(iter(_registries() - before), None)
     pids = [w["pid"] for w in svc.status()["workers"]]
     sink: dict[str, Any] = {}
-    consumer = threading.Thread(target=_consume, args=(svc.generate_async([[9, 10, 11]] * 8, LONG, timeout=120), sink))
+    consumer = threading.Thread(target=_consume, args=(svc.generate_async([[9, 10, 11]] * 8, sampling, timeout=120), sink))
     consumer.start()
     wait_for_active_slots(svc, 0)
+    return svc, (start, registry, pids, sink, consumer)
+
+
+def shutdown_while_generating(make_service: Callable[[], rollout.RolloutService]) -> Outcome:
+    """Shut a service down while a stream of requests runs: the stream ends with a clear error
+    (it does not hang) and the actors are released."""
+    out = Outcome("shutdown_mid_generate", "fault")
+    svc, (start, registry, pids, sink, consumer) = _streaming_on_a_new_service(make_service, LONG)
     svc.shutdown()
     consumer.join(timeout=60)
     out.details["hung"] = consumer.is_alive()
@@ -664,15 +672,7 @@ def collect_while_generating(make_service: Callable[[], rollout.RolloutService])
     requests runs: the stream ends (answered, or a clear error; never a hang), and once the
     stream is gone too, the service is collected and its actors are released."""
     out = Outcome("garbage_collected_mid_generate", "fault")
-    before = _registries()
-    svc = make_service()
-    start = time.perf_counter()
-    registry = next(iter(_registries() - before), None)
-    pids = [w["pid"] for w in svc.status()["workers"]]
-    sink: dict[str, Any] = {}
-    consumer = threading.Thread(target=_consume, args=(svc.generate_async([[9, 10, 11]] * 8, MEDIUM, timeout=120), sink))
-    consumer.start()
-    wait_for_active_slots(svc, 0)
+    svc, (start, registry, pids, sink, consumer) = _streaming_on_a_new_service(make_service, MEDIUM)
     alive = weakref.ref(svc)
     del svc
     gc.collect()
