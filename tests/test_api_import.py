@@ -75,3 +75,15 @@ def test_init_takes_every_service_option_with_the_same_defaults():
     explicit = [name for name in init if init[name].default is not inspect.Parameter.empty]
     assert explicit and {n: init[n].default for n in explicit} == {n: service[n].default for n in explicit}
     assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in init.values())  # the rest go through as-is
+
+
+def test_the_readme_documents_every_service_option():
+    import dataclasses
+    from pathlib import Path
+
+    from rollout.engine.config import EngineConfig
+    from rollout.fleet import FleetConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    fields = {f.name for cls in (FleetConfig, EngineConfig) for f in dataclasses.fields(cls)}
+    assert sorted(name for name in fields if f"`{name}`" not in readme) == []
