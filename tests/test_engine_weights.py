@@ -254,3 +254,15 @@ def test_fifty_stage_commit_cycles_keep_at_most_one_staged_copy(tmp_path):
     assert rss1 - rss0 < copy_bytes + 32 * 2**20, (
         f"RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB over 50 cycles; one copy is {copy_bytes / 2**20:.1f} MiB"
     )
+
+
+def test_non_finite_values_are_counted_across_chunk_boundaries():
+    import ml_dtypes
+
+    from rollout.engine.staging import _FINITE_CHUNK, count_non_finite
+
+    values = np.zeros(3 * _FINITE_CHUNK + 6, np.float32)
+    values[[0, _FINITE_CHUNK - 1, _FINITE_CHUNK, 3 * _FINITE_CHUNK + 5]] = [np.nan, np.inf, -np.inf, np.nan]
+    assert count_non_finite(values) == 4
+    assert count_non_finite(values.reshape(-1, 6).astype(ml_dtypes.bfloat16)) == 4
+    assert count_non_finite(np.ones((7, 3), np.float32)) == 0
