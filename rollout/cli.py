@@ -100,7 +100,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from trainer_stub.train import configure_devices
+    from trainer_stub.clients import configure_devices
 
     configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
     prompts: list = list(args.prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_stub import grpo, model_io, train
+from trainer_stub import clients, grpo, model_io, train
 from trainer_stub.tasks import DigitsTask
 
 # Measured on the built-in model (lr 5e-3, group 8, 16 tokens) for sampling seeds 0-3: the mean
@@ -37,7 +37,7 @@ def task(demo_model: Path) -> DigitsTask:
 
 @pytest.fixture(scope="module")
 def client(demo_model: Path):
-    c = train.LocalEngineClient(demo_model, train.FleetOptions(devices_per_worker=2))
+    c = clients.LocalEngineClient(demo_model, clients.FleetOptions(devices_per_worker=2))
     yield c
     c.shutdown()
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens to generate at most")
     p.add_argument("--max-seq-len", type=int, default=256)
     args = p.parse_args(argv)
-    from trainer_stub.train import configure_devices
+    from trainer_stub.clients import configure_devices
 
     configure_devices(args.devices)
     return run(args.model, devices=args.devices, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)

@@ -13,10 +13,9 @@ take effect, shows at once as a large difference; the loop reports it every step
 that every completion carries the version the trainer last synced. `skip_sync_at` and
 `sync_every` skip syncs on purpose, to see the check fail.
 
-The loop talks to the rollout through a small client: `FleetClient` (the Ray fleet, through the
-module-level `rollout.init / sync_weights / generate`) or `LocalEngineClient` (one in-process
-engine, no Ray). `run_demo` adds a progress bar, JSON-lines logs, a summary table and a plot;
-`rollout demo` and `python -m trainer_stub.train` run it.
+The loop talks to the rollout through a small client (trainer_stub/clients.py): the Ray fleet
+or one in-process engine. `run_demo` adds a progress bar, JSON-lines logs, a summary table and a
+plot (trainer_stub/report.py); `rollout demo` and `python -m trainer_stub.train` run it.
 """
 
 from __future__ import annotations
@@ -24,142 +23,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from trainer_stub.clients import FleetOptions, RolloutClient, configure_devices, make_client
+from trainer_stub.report import plot_rewards, printer, progress_bar, status_line, summarize, summary_table
 
 DEMO_STEPS = 40
-
-
-# -- clients ------------------------------------------------------------------------------------
-
-
-class RolloutClient(Protocol):
-    """The four calls the loop makes; the fleet and a local engine both provide them."""
-
-    def sync_weights(self, params: Any) -> int: ...
-
-    def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-    def shutdown(self) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class FleetOptions:
-    """How to start the rollout (fleet or local engine). Per-worker sizes."""
-
-    num_workers: int = 2
-    devices_per_worker: int = 2
-    max_batch: int = 64  # decode slots per worker; >= prompts x group size avoids queueing
-    max_seq_len: int = 128  # prompt + completion tokens per sample
-    dtype: str = "float32"  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
-    load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
-    accelerator: str = "cpu"
-    worker_logs: bool = False  # stream the workers' logs to this console (noisy under a progress bar)
-
-
-class FleetClient:
-    """The Ray fleet through the public module-level API.
-
-    If no Ray is running, it starts a local one first (no dashboard; worker logs off unless
-    `worker_logs`; on CPU at least one Ray CPU per worker, so `--workers 4` also runs on a
-    2-core machine), which `rollout.init` then joins, and stops it at shutdown.
-    """
-
-    def __init__(self, model: str | os.PathLike[str], options: FleetOptions = FleetOptions()):
-        import ray
-
-        import rollout
-        from rollout.local_ray import start_local_ray
-
-        self._rollout = rollout
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
-            start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
-        rollout.init(
-            model=str(model),
-            num_workers=options.num_workers,
-            devices_per_worker=options.devices_per_worker,
-            load_format=options.load_format,
-            dtype=options.dtype,
-            max_batch=options.max_batch,
-            max_seq_len=options.max_seq_len,
-            swap_policy="drain",
-            accelerator=options.accelerator,
-        )
-
-    def sync_weights(self, params: Any) -> int:
-        return self._rollout.sync_weights(params)
-
-    def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list:
-        return self._rollout.generate(prompts, sampling=sampling, return_logprobs=return_logprobs)
-
-    def status(self) -> dict[str, Any]:
-        return self._rollout.status()
-
-    def shutdown(self) -> None:
-        self._rollout.shutdown()
-        if self._owns_ray:
-            import ray
-
-            ray.shutdown()
-
-
-class LocalEngineClient:
-    """One in-process Engine on the first `devices_per_worker` local devices (no Ray).
-
-    sync_weights = stage(next version) + commit(wait=True), the protocol the fleet runs per worker.
-    """
-
-    def __init__(self, model: str | os.PathLike[str], options: FleetOptions = FleetOptions()):
-        import jax
-
-        from rollout.engine import EngineConfig
-        from rollout.engine.engine import Engine
-
-        devices = jax.devices()[: options.devices_per_worker]
-        if len(devices) < options.devices_per_worker:
-            raise RuntimeError(
-                f"devices_per_worker={options.devices_per_worker} but this process has "
-                f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
-                f"--xla_force_host_platform_device_count={options.devices_per_worker} before jax is imported"
-            )
-        config = EngineConfig(
-            max_batch=options.max_batch,
-            max_seq_len=options.max_seq_len,
-            dtype=options.dtype,
-            load_format=options.load_format,
-        )
-        self.engine = Engine(model, config, devices)
-
-    def sync_weights(self, params: Any) -> int:
-        version = self.engine.version + 1
-        self.engine.stage(version, params)
-        return self.engine.commit(version, wait=True)
-
-    def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list:
-        return self.engine.generate(prompts, sampling, return_logprobs=return_logprobs)
-
-    def status(self) -> dict[str, Any]:
-        return self.engine.status()
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
-
-
-def make_client(backend: str, model: str | os.PathLike[str], options: FleetOptions) -> RolloutClient:
-    """backend "fleet" (Ray workers) or "local" (one engine in this process)."""
-    if backend == "fleet":
-        return FleetClient(model, options)
-    if backend == "local":
-        return LocalEngineClient(model, options)
-    raise ValueError(f"backend={backend!r}: expected 'fleet' or 'local'")
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -345,7 +218,7 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
     log_path = Path(demo.log_file) if demo.log_file else out_dir / "steps.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model = demo.model or builtin_checkpoint(out_dir / "tiny-qwen3")
-    say = _printer(demo.progress)
+    say = printer(demo.progress)
     say(f"model: {model}")
     say(
         f"rollout: {fleet.num_workers} worker(s) x {fleet.devices_per_worker} device(s)"
@@ -369,7 +242,7 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
         task = DigitsTask.for_tokenizer(Tokenizer.from_pretrained(directory))
         say(f"task: make the completion digits ({len(task.prompts)} prompts x {loop.group_size} samples, "
             f"{loop.max_tokens} tokens, reward = digit fraction)")
-        with open(log_path, "w", encoding="utf-8") as log, _progress(loop.steps, demo.progress) as bar:
+        with open(log_path, "w", encoding="utf-8") as log, progress_bar(loop.steps, demo.progress) as bar:
 
             def on_step(r: StepRecord) -> None:
                 log.write(r.to_json() + "\n")
@@ -395,128 +268,6 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
     say(f"plot: {plot_path}")
     say(f"step log (JSON lines): {log_path}")
     return summary
-
-
-def summarize(result: LoopResult, loop: LoopConfig, *, wall_s: float, startup_s: float) -> dict[str, Any]:
-    import numpy as np
-
-    recs = result.records
-    k = min(5, len(recs))
-    on_policy = [r.logprob_diff for r in recs if r.version_ok and r.step not in _unsynced_steps(loop, len(recs))]
-    syncs = [r.sync_ms for r in recs if r.synced]
-    return {
-        "steps": len(recs),
-        "first5_reward": float(np.mean([r.mean_reward for r in recs[:k]])) if recs else float("nan"),
-        "last5_reward": float(np.mean([r.mean_reward for r in recs[-k:]])) if recs else float("nan"),
-        "max_logprob_diff_on_policy": max(on_policy) if on_policy else float("nan"),
-        "max_logprob_diff": max((r.logprob_diff for r in recs), default=float("nan")),
-        "versions_ok": all(r.version_ok for r in recs),
-        "final_version": recs[-1].new_version if recs else 0,
-        "median_sync_ms": float(np.median(syncs)) if syncs else float("nan"),
-        "initial_sync_ms": result.initial_sync_ms,
-        "mean_tokens_per_s": float(np.mean([r.tokens_per_s for r in recs])) if recs else float("nan"),
-        "startup_s": startup_s,
-        "wall_s": wall_s,
-    }
-
-
-def _unsynced_steps(loop: LoopConfig, steps: int) -> set[int]:
-    """Steps whose samples came from weights older than the trainer's (a sync was skipped before)."""
-    return {s + 1 for s in range(steps) if not loop.syncs_after(s)}
-
-
-def summary_table(records: Sequence[StepRecord], summary: dict[str, Any], rows: int = 10) -> str:
-    """A fixed-width table of about `rows` evenly spaced steps, then the totals."""
-    if not records:
-        return "no steps were run"
-    picks = sorted({round(i * (len(records) - 1) / max(rows - 1, 1)) for i in range(rows)})
-    lines = [
-        f"{'step':>5} {'reward':>7} {'version':>8} {'sync ms':>8} {'logprob diff':>13} {'tok/s':>8}  example",
-        "-" * 78,
-    ]
-    for i in picks:
-        r = records[i]
-        example = r.example.replace("\n", " ")[:22]
-        lines.append(
-            f"{r.step:>5} {r.mean_reward:>7.3f} {r.weight_version:>8} {r.sync_ms:>8.1f} "
-            f"{r.logprob_diff:>13.2e} {r.tokens_per_s:>8.0f}  {example!r}"
-        )
-    lines.append("-" * 78)
-    lines += [
-        f"mean reward, first 5 steps      {summary['first5_reward']:.3f}",
-        f"mean reward, last 5 steps       {summary['last5_reward']:.3f}",
-        f"max logprob diff (on-policy)    {summary['max_logprob_diff_on_policy']:.2e}",
-        f"every sample from synced weights {summary['versions_ok']}",
-        f"weight version at the end       {summary['final_version']}",
-        f"median sync                     {summary['median_sync_ms']:.1f} ms",
-        f"startup (rollout)               {summary['startup_s']:.1f} s",
-        f"wall time                       {summary['wall_s']:.1f} s",
-    ]
-    return "\n".join(lines)
-
-
-def plot_rewards(records: Sequence[StepRecord], path: Path) -> Path:
-    """Mean reward (min-max band) and the logprob difference per step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r.step for r in records]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    top.fill_between(steps, [r.min_reward for r in records], [r.max_reward for r in records], alpha=0.2, label="min-max")
-    top.plot(steps, [r.mean_reward for r in records], marker=".", label="mean reward")
-    top.set_ylabel("reward (digit fraction)")
-    top.set_ylim(-0.02, 1.02)
-    top.legend(loc="lower right")
-    top.set_title("rollout demo: GRPO on a tiny Qwen3")
-    bottom.semilogy(steps, [max(r.logprob_diff, 1e-12) for r in records], marker=".", color="tab:red")
-    bottom.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="on-policy bound 1e-4")
-    bottom.legend(loc="upper right")
-    bottom.set_ylabel("|logprob diff|")
-    bottom.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-class _NoBar:
-    def __enter__(self) -> "_NoBar":  # noqa: PYI034, UP037
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="RL steps", unit="step", dynamic_ncols=True)
-
-
-def _printer(enabled: bool) -> Callable[[str], None]:
-    return (lambda text: print(text, flush=True)) if enabled else (lambda text: None)
-
-
-def status_line(status: dict[str, Any]) -> str:
-    """One line per engine of `status()` (the fleet's or a local engine's): the essentials."""
-    keys = ("version", "swaps", "compiled", "tokens_generated", "restarts")
-    engines = status.get("workers", [status])
-    parts = []
-    for i, w in enumerate(engines):
-        fields = " ".join(f"{k}={w[k]}" for k in keys if k in w)
-        parts.append(f"worker {w.get('index', i)}: {fields}" + ("" if w.get("alive", True) else " (down)"))
-    head = f"fleet version {status['version']}, {len(status.get('syncs', []))} recent syncs; " if "workers" in status else ""
-    return head + "; ".join(parts)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -582,18 +333,6 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         progress=not args.quiet,
     )
     return loop, fleet, demo
-
-
-def configure_devices(devices: int, platform: str | None = None) -> None:
-    """Let this process simulate `devices` CPU devices (harmless on TPU/GPU hosts) and, if given,
-    pin the JAX platform. Must run before jax is imported; later it does nothing."""
-    if "jax" in sys.modules:
-        return  # too late to change; LocalEngineClient will say so if there are too few
-    if platform:
-        os.environ.setdefault("JAX_PLATFORMS", platform)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:

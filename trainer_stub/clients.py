@@ -1,0 +1,151 @@
+"""How the RL loop reaches the rollout: the Ray fleet or one in-process engine.
+
+`RolloutClient` is the four calls the loop makes. `FleetClient` drives the fleet through the
+module-level `rollout.init / sync_weights / generate`; `LocalEngineClient` drives one Engine in
+this process (no Ray), with the same stage + commit per sync that each fleet worker runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class RolloutClient(Protocol):
+    """The four calls the loop makes; the fleet and a local engine both provide them."""
+
+    def sync_weights(self, params: Any) -> int: ...
+
+    def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetOptions:
+    """How to start the rollout (fleet or local engine). Per-worker sizes."""
+
+    num_workers: int = 2
+    devices_per_worker: int = 2
+    max_batch: int = 64  # decode slots per worker; >= prompts x group size avoids queueing
+    max_seq_len: int = 128  # prompt + completion tokens per sample
+    dtype: str = "float32"  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
+    load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
+    accelerator: str = "cpu"
+    worker_logs: bool = False  # stream the workers' logs to this console (noisy under a progress bar)
+
+
+class FleetClient:
+    """The Ray fleet through the public module-level API.
+
+    If no Ray is running, it starts a local one first (no dashboard; worker logs off unless
+    `worker_logs`; on CPU at least one Ray CPU per worker, so `--workers 4` also runs on a
+    2-core machine), which `rollout.init` then joins, and stops it at shutdown.
+    """
+
+    def __init__(self, model: str | os.PathLike[str], options: FleetOptions = FleetOptions()):
+        import ray
+
+        import rollout
+        from rollout.local_ray import start_local_ray
+
+        self._rollout = rollout
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
+            start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
+        rollout.init(
+            model=str(model),
+            num_workers=options.num_workers,
+            devices_per_worker=options.devices_per_worker,
+            load_format=options.load_format,
+            dtype=options.dtype,
+            max_batch=options.max_batch,
+            max_seq_len=options.max_seq_len,
+            swap_policy="drain",
+            accelerator=options.accelerator,
+        )
+
+    def sync_weights(self, params: Any) -> int:
+        return self._rollout.sync_weights(params)
+
+    def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list:
+        return self._rollout.generate(prompts, sampling=sampling, return_logprobs=return_logprobs)
+
+    def status(self) -> dict[str, Any]:
+        return self._rollout.status()
+
+    def shutdown(self) -> None:
+        self._rollout.shutdown()
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
+class LocalEngineClient:
+    """One in-process Engine on the first `devices_per_worker` local devices (no Ray).
+
+    sync_weights = stage(next version) + commit(wait=True), the protocol the fleet runs per worker.
+    """
+
+    def __init__(self, model: str | os.PathLike[str], options: FleetOptions = FleetOptions()):
+        import jax
+
+        from rollout.engine import EngineConfig
+        from rollout.engine.engine import Engine
+
+        devices = jax.devices()[: options.devices_per_worker]
+        if len(devices) < options.devices_per_worker:
+            raise RuntimeError(
+                f"devices_per_worker={options.devices_per_worker} but this process has "
+                f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={options.devices_per_worker} before jax is imported"
+            )
+        config = EngineConfig(
+            max_batch=options.max_batch,
+            max_seq_len=options.max_seq_len,
+            dtype=options.dtype,
+            load_format=options.load_format,
+        )
+        self.engine = Engine(model, config, devices)
+
+    def sync_weights(self, params: Any) -> int:
+        version = self.engine.version + 1
+        self.engine.stage(version, params)
+        return self.engine.commit(version, wait=True)
+
+    def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list:
+        return self.engine.generate(prompts, sampling, return_logprobs=return_logprobs)
+
+    def status(self) -> dict[str, Any]:
+        return self.engine.status()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def make_client(backend: str, model: str | os.PathLike[str], options: FleetOptions) -> RolloutClient:
+    """backend "fleet" (Ray workers) or "local" (one engine in this process)."""
+    if backend == "fleet":
+        return FleetClient(model, options)
+    if backend == "local":
+        return LocalEngineClient(model, options)
+    raise ValueError(f"backend={backend!r}: expected 'fleet' or 'local'")
+
+
+def configure_devices(devices: int, platform: str | None = None) -> None:
+    """Let this process simulate `devices` CPU devices (harmless on TPU/GPU hosts) and, if given,
+    pin the JAX platform. Must run before jax is imported; later it does nothing."""
+    if "jax" in sys.modules:
+        return  # too late to change; LocalEngineClient will say so if there are too few
+    if platform:
+        os.environ.setdefault("JAX_PLATFORMS", platform)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
