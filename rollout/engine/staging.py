@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from rollout.weights.buckets import numpy_dtype
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params
 
 
@@ -34,7 +35,7 @@ def check_host_leaf(path: str, array: Any, want_dtype: str) -> np.ndarray:
     if host.dtype.name != want_dtype:
         if host.dtype.kind not in "fV" and host.dtype.name != "bfloat16":
             raise SpecMismatchError(f"{path}: expected a floating dtype ({want_dtype}), got {host.dtype.name}")
-        host = host.astype(_np_dtype(want_dtype))
+        host = host.astype(numpy_dtype(want_dtype))
     bad = count_non_finite(host)
     if bad:
         raise NonFiniteWeightsError(
@@ -62,14 +63,6 @@ def count_non_finite(array: np.ndarray) -> int:
         if not finite.all():
             bad += chunk.size - int(np.count_nonzero(finite))
     return bad
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def stage_params(
