@@ -53,6 +53,24 @@ class SyncAbortedError(WeightSyncError):
     """The sync attempt was aborted by the coordinator before this worker finished staging."""
 
 
+class RecentIds:
+    """The last `limit` ids added: enough to recognise the late calls of an attempt that ended
+    (they arrive within seconds), without growing over a long run."""
+
+    def __init__(self, limit: int = 256):
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._limit = limit
+
+    def add(self, sync_id: str) -> None:
+        self._ids[sync_id] = None
+        self._ids.move_to_end(sync_id)
+        while len(self._ids) > self._limit:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, sync_id: object) -> bool:
+        return sync_id in self._ids
+
+
 class FaultInjector:
     """Test-only failures at named points: raise `message` and/or sleep `delay_s`, `times` times."""
 
@@ -120,7 +138,7 @@ class EngineHost:
         self.faults = FaultInjector()
         self._lock = threading.Lock()
         self._staged_sync: str | None = None
-        self._aborted: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent aborts
+        self._aborted = RecentIds()
 
     def stage_inbox(self, sync_id: str, inbox: BucketInbox) -> None:
         """Stage an update whose verified buckets arrive in `inbox` (possibly still arriving)."""
@@ -147,9 +165,7 @@ class EngineHost:
 
     def abort(self, sync_id: str, version: int) -> bool:
         with self._lock:
-            self._aborted[sync_id] = None
-            while len(self._aborted) > 256:  # an attempt's calls arrive within seconds of its abort
-                self._aborted.popitem(last=False)
+            self._aborted.add(sync_id)
             if self._staged_sync == sync_id:
                 self._staged_sync = None
                 return self.engine.abort(version)
@@ -214,7 +230,7 @@ class RolloutWorker:
         self._early: collections.OrderedDict[str, list[tuple[int, ray.ObjectRef, int | None]]] = (
             collections.OrderedDict()
         )
-        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()  # staged or aborted
+        self._finished = RecentIds()  # syncs staged or aborted here
         self._weights_pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-weights")
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rollout-verify")
         self._started: asyncio.Future[None] | None = None
@@ -329,9 +345,7 @@ class RolloutWorker:
 
     def _remember_finished(self, sync_id: str) -> None:
         self._early.pop(sync_id, None)
-        self._finished[sync_id] = None
-        while len(self._finished) > 256:  # an attempt's late calls arrive within seconds
-            self._finished.popitem(last=False)
+        self._finished.add(sync_id)
 
     async def _receive(
         self, inbox: BucketInbox, index: int, ref: ray.ObjectRef, checksum: int | None = None
