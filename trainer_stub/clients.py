@@ -37,6 +37,7 @@ class FleetOptions:
     dtype: str = "float32"  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
     load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
     accelerator: str = "cpu"
+    # Every field above is a rollout.init option of the same name; this one is the client's own.
     worker_logs: bool = False  # stream the workers' logs to this console (noisy under a progress bar)
 
 
@@ -59,17 +60,8 @@ class FleetClient:
         if self._owns_ray:
             cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
             start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
-        rollout.init(
-            model=str(model),
-            num_workers=options.num_workers,
-            devices_per_worker=options.devices_per_worker,
-            load_format=options.load_format,
-            dtype=options.dtype,
-            max_batch=options.max_batch,
-            max_seq_len=options.max_seq_len,
-            swap_policy="drain",
-            accelerator=options.accelerator,
-        )
+        service_options = {k: v for k, v in dataclasses.asdict(options).items() if k != "worker_logs"}
+        rollout.init(model=str(model), swap_policy="drain", **service_options)
 
     def sync_weights(self, params: Any) -> int:
         return self._rollout.sync_weights(params)
