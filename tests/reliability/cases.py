@@ -164,6 +164,16 @@ def fleet_versions(svc: rollout.RolloutService) -> frozenset[int]:
     return frozenset(w["version"] for w in svc.status()["workers"] if "version" in w)
 
 
+def staged_versions(svc: rollout.RolloutService) -> list[int | None]:
+    """Each worker's staged (not yet committed) version, None where nothing is staged."""
+    return [w.get("staged_version") for w in svc.status()["workers"]]
+
+
+def record_versions(out: Outcome, svc: rollout.RolloutService) -> None:
+    """What the fleet serves once a case is over: every worker's version and the fleet's."""
+    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+
+
 def total_restarts(svc: rollout.RolloutService) -> int:
     return sum(w["restarts"] for w in svc.status()["workers"])
 
@@ -371,8 +381,8 @@ def try_bad_update(svc: rollout.RolloutService, case: BadUpdate, params: dict[st
     out.clear = out.error_is(case.error, case.fragment)
     if isinstance(out.error_type, type) and issubclass(out.error_type, rollout.SyncError):
         out.details["sync_failures"] = svc.status()["syncs"][-1]["error"]
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
-    out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
+    record_versions(out, svc)
+    out.details["staged"] = staged_versions(svc)
     out.fingerprint = fingerprint(svc)
     return out
 
@@ -466,7 +476,7 @@ def try_bad_request(svc: rollout.RolloutService, case: BadRequest) -> Outcome:
         tally(out, expected_keys(1, 1), completions)
         out.details["good_tokens"] = [c.token_ids for c in completions]
     out.clear = out.error_is(case.error, case.fragment)
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    record_versions(out, svc)
     return out
 
 
@@ -488,7 +498,7 @@ def kill_worker_mid_generate(svc: rollout.RolloutService, worker: int = 0) -> Ou
         ray.kill(svc.workers[worker], no_restart=False)
         background.collect(out)
         out.details["whole_again"] = svc.wait_for_workers(timeout=180)
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    record_versions(out, svc)
     out.clear = out.lost == 0 and out.duplicates == 0
     return out
 
@@ -531,7 +541,7 @@ def kill_worker_mid_sync(svc: rollout.RolloutService, params: Any, worker: int =
         # A worker that died before its first request after the sync is found by the health probe
         # only once something fails on it: wait until every worker reports the fleet's version.
         wait_until(lambda: fleet_versions(svc) == {svc.version}, 120, interval=0.5)
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    record_versions(out, svc)
     if point == "stage":
         out.clear = out.error_is(rollout.SyncError, f"worker {worker}: stage failed: the worker")
     else:
@@ -563,9 +573,9 @@ def feed_before_stage(svc: rollout.RolloutService, params: dict[str, np.ndarray]
             ray.get([h.stage.remote(sync_id, streaming) for h in svc.workers], timeout=svc.fleet_config.sync_timeout_s + 30)
         except Exception as err:  # noqa: BLE001
             out.raised(err)
-        out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
+        out.details["staged"] = staged_versions(svc)
         ray.get([h.abort.remote(sync_id, version) for h in svc.workers], timeout=60)
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    record_versions(out, svc)
     out.clear = out.error_type is None and out.details["staged"] == [version] * len(svc.workers)
     return out
 
@@ -587,10 +597,10 @@ def hang_in_stage(svc: rollout.RolloutService, params: Any, worker: int = 1) -> 
         out.details["sync_seconds"] = time.monotonic() - start
         if isinstance(out.error_type, type) and issubclass(out.error_type, rollout.SyncError):
             out.details["failed_workers"] = sorted(_last_sync_failures(svc))
-        out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
+        out.details["staged"] = staged_versions(svc)
         background.collect(out)
         time.sleep(max(0.0, start + hang + 0.5 - time.monotonic()))  # let the hung stage return
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    record_versions(out, svc)
     out.clear = out.error_is(rollout.SyncError, f"worker {worker}: stage did not finish within sync_timeout_s={timeout:g}s")
     return out
 
@@ -722,8 +732,8 @@ def stage_pickle_as_manifest(svc: rollout.RolloutService, marker: Path) -> Outco
         except Exception as err:  # noqa: BLE001
             out.raised(err)
     out.details["executed"] = marker.exists()
-    out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    out.details["staged"] = staged_versions(svc)
+    record_versions(out, svc)
     out.clear = out.error_is(ManifestError, "expected msgpack manifest bytes") and not out.details["executed"]
     return out
 
@@ -742,8 +752,8 @@ def stage_pickle_as_bucket(svc: rollout.RolloutService, params: dict[str, np.nda
         except Exception as err:  # noqa: BLE001
             out.raised(err)
     out.details["executed"] = marker.exists()
-    out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    out.details["staged"] = staged_versions(svc)
+    record_versions(out, svc)
     out.clear = out.error_is(BucketChecksumError, "the bytes were corrupted") and not out.details["executed"]
     return out
 
@@ -761,8 +771,8 @@ def stage_bit_flipped_bucket(svc: rollout.RolloutService, params: dict[str, np.n
             stage_on_every_worker(svc, packed.manifest.to_bytes(), [bucket, *packed.buffers[1:]], version)
         except Exception as err:  # noqa: BLE001
             out.raised(err)
-    out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    out.details["staged"] = staged_versions(svc)
+    record_versions(out, svc)
     out.fingerprint = fingerprint(svc)
     out.clear = out.error_is(BucketChecksumError, "the bytes were corrupted") and out.details["staged"] == [None] * len(svc.workers)
     return out
@@ -780,8 +790,8 @@ def stage_without_checksums(svc: rollout.RolloutService, params: dict[str, np.nd
             stage_on_every_worker(svc, manifest.to_bytes(), packed.buffers, version)
         except Exception as err:  # noqa: BLE001
             out.raised(err)
-    out.details["staged"] = [w.get("staged_version") for w in svc.status()["workers"]]
-    out.worker_versions, out.fleet_version = fleet_versions(svc), svc.version
+    out.details["staged"] = staged_versions(svc)
+    record_versions(out, svc)
     out.clear = out.error_is(BucketChecksumError, "came without a checksum") and out.details["staged"] == [None] * len(svc.workers)
     return out
 
