@@ -7,7 +7,7 @@ axis `tp`. A logical axis is sharded only when its size divides evenly by the nu
     q/k/v/gate/up kernels: column-parallel    (embed, heads|mlp)
     o/down kernels:        row-parallel       (heads|mlp, embed)
     embedding and lm head: vocab-parallel
-    KV cache:              by KV heads        (slots, seq, kv_heads, head_dim)
+    KV cache:              by KV heads        (slots, kv_heads, seq, head_dim)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("down_proj", "kernel"): ("mlp", "embed"),
     ("lm_head", "kernel"): ("embed", "vocab"),
 }
-CACHE_AXES: tuple[str | None, ...] = (None, None, "kv_heads", None)
+CACHE_AXES: tuple[str | None, ...] = (None, "kv_heads", None, None)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -162,9 +162,12 @@ def test_full_sequence_logits_match_transformers_on_a_padded_batch(case):
     assert err <= RTOL, f"max|diff| / max|ref| = {err:.2e} > {RTOL}"
 
 
-def test_cached_prefill_and_decode_logits_match_the_full_sequence_forward(case):
-    """Prefill the prompts into permuted cache slots, then feed the reference continuation one
-    token per decode step; each step's logits are the full forward's at that position."""
+@pytest.mark.parametrize("in_place", [False, True], ids=["permuted-slots", "in-place"])
+def test_cached_prefill_and_decode_logits_match_the_full_sequence_forward(case, in_place):
+    """Prefill the prompts into cache slots (permuted: each decode row gathers its slot's keys
+    and values; in place: row i is slot i and attention reads the cache directly), then feed
+    the reference continuation one token per decode step; each step's logits are the full
+    forward's at that position."""
     ref = reference(case.path)
     engine = case.engine
     cfg, model_def = engine.model_config, engine.model_def
@@ -179,10 +182,13 @@ def test_cached_prefill_and_decode_logits_match_the_full_sequence_forward(case):
     for row, prompt in enumerate(PROMPTS):
         tokens[row, : len(prompt)] = prompt
     lengths = np.array([len(p) for p in PROMPTS], np.int32)
-    slots = np.array([2, 0, 3, 1], np.int32)  # prompt row r lives in cache slot slots[r]
+    # prompt row r lives in cache slot slots[r]
+    slots = np.arange(b, dtype=np.int32) if in_place else np.array([2, 0, 3, 1], np.int32)
 
     prefill = jax.jit(lambda p, c, t, n, d, s: qwen.prefill(model_def.bind(p), c, t, n, d, s))
-    decode = jax.jit(lambda p, c, s, t, pos: qwen.decode(model_def.bind(p), c, s, t, pos, CACHE_LEN))
+    decode = jax.jit(
+        lambda p, c, s, t, pos: qwen.decode(model_def.bind(p), c, s, t, pos, CACHE_LEN, in_place=in_place)
+    )
     first, cache = prefill(params, cache, tokens, lengths, slots, np.arange(b, dtype=np.int32))
     steps = [np.asarray(first)]  # steps[k][r]: logits predicting token k of row r's continuation
     for k in range(NEW_TOKENS - 1):

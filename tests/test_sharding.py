@@ -153,8 +153,8 @@ def test_params_are_split_column_row_and_vocab_parallel_on_4_devices(checkpoints
 def test_kv_cache_is_split_by_kv_heads_when_they_divide(checkpoints):
     runner = runner_on(checkpoints["qwen3-mha-untied"], 4)
     k, v = runner.cache[0]
-    assert padded(k.sharding.spec, k.ndim) == (None, None, TP, None)
-    assert shard_shape(k) == (2, 16, 1, 32) and shard_shape(v) == (2, 16, 1, 32)
+    assert padded(k.sharding.spec, k.ndim) == (None, TP, None, None)  # (slots, kv_heads, seq, head_dim)
+    assert shard_shape(k) == (2, 1, 16, 32) and shard_shape(v) == (2, 1, 16, 32)
 
 
 def test_kv_head_params_and_cache_are_replicated_when_devices_outnumber_kv_heads(checkpoints):
@@ -181,7 +181,7 @@ def test_kv_heads_split_on_a_mesh_they_divide():
     cfg = _config(num_kv_heads=2)
     mesh = make_mesh(jax.devices()[:2])
     assert param_sharding("layers.0.self_attn.k_proj.kernel", mesh, cfg).spec == P(None, TP)
-    assert padded(cache_sharding(mesh, cfg).spec, 4) == (None, None, TP, None)
+    assert padded(cache_sharding(mesh, cfg).spec, 4) == (None, TP, None, None)
 
 
 def test_axes_that_do_not_divide_the_device_count_are_replicated():

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -184,7 +185,7 @@ class Engine:
                 f"cannot stage version {version!r}: versions only go forward and version "
                 f"{self._committed_version} is already committed; stage a larger version"
             )
-        staged = stage_params(version, params, self.spec, self.runner.place)
+        staged = self._derive(stage_params(version, params, self.spec, self.runner.place))
         with self._lock:
             if version <= self._committed_version:
                 raise WeightSyncError(f"version {version} was overtaken by commit of {self._committed_version}")
@@ -197,23 +198,27 @@ class Engine:
         The safetensors are read one tensor at a time straight onto the devices; the
         checkpoint must describe the same model (config shapes) as the one being served.
         """
-        import time as _time
-
         self._check_open()
         if not isinstance(version, int) or version <= self._committed_version:
             raise WeightSyncError(
                 f"cannot stage version {version!r}: version {self._committed_version} is already committed"
             )
-        start = _time.perf_counter()
+        start = time.perf_counter()
         directory = resolve_checkpoint(model)
         params = load_checkpoint(
             directory, self.spec, self._place_host, tie_word_embeddings=self.model_config.tie_word_embeddings
         )
         jax.block_until_ready(params)
-        staged = StagedWeights(version, params, self.spec.nbytes, _time.perf_counter() - start)
+        staged = self._derive(StagedWeights(version, params, self.spec.nbytes, time.perf_counter() - start))
         with self._lock:
             self._staged = staged
         return staged
+
+    def _derive(self, staged: StagedWeights) -> StagedWeights:
+        """`staged` with the runner's serving-only leaves made now, off the swap's critical path."""
+        start = time.perf_counter()
+        derived = jax.block_until_ready(self.runner.derive(staged.params))
+        return dataclasses.replace(staged, derived=derived, seconds=staged.seconds + time.perf_counter() - start)
 
     def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
         """Swap in the staged `version` at the next step boundary allowed by `policy`.
@@ -391,7 +396,10 @@ class Engine:
                 if pending is not None:
                     self._swap(*pending)
                 if admitted:
+                    idle = not self._any_active()
                     self._prefill(admitted)
+                    if idle:
+                        self._fill_idle_slots()
                 if self._any_active():
                     self._decode()
         except BaseException as err:  # surface scheduler crashes to every caller
@@ -424,7 +432,7 @@ class Engine:
         return staged, policy
 
     def _swap(self, staged: StagedWeights, policy: str) -> None:
-        self.runner.set_params(staged.params)  # the old leaves are released here
+        self.runner.set_params(staged.params, staged.derived)  # the old leaves are released here
         with self._lock:
             self._serving_version = staged.version
             self.swaps += 1
@@ -435,6 +443,20 @@ class Engine:
             for start in range(0, len(running), self.config.max_prefill_batch):
                 chunk = running[start : start + self.config.max_prefill_batch]
                 self._run_prefill([s.request.prompt_ids + s.tokens for s in chunk], [[s] for s in chunk])
+
+    def _fill_idle_slots(self) -> None:
+        """Nothing was decoding before this prefill: admit more prefill chunks into the free
+        slots before the first decode step, so a burst of requests decodes as one batch instead
+        of one chunk running ahead of the next (max_prefill_batch bounds the prefill latency
+        seen by *running* sequences; here none are waiting on it)."""
+        while True:
+            with self._lock:
+                if self._closed or self._pending or self._cancelled:
+                    return
+                more = self._take_admissible()
+            if not more:
+                return
+            self._prefill(more)
 
     def _take_admissible(self) -> list[_Request]:
         free = sum(s is None for s in self._slots)
@@ -481,20 +503,26 @@ class Engine:
         return (float(sp.temperature), int(sp.top_k), float(sp.top_p), sample.request.seed, sample.index)
 
     def _decode(self) -> None:
+        max_batch = self.config.max_batch
         active = [slot for slot, s in enumerate(self._slots) if s is not None]
         rows = self.runner.decode_batch(len(active))
-        slots = np.full(rows, self.config.max_batch, np.int32)  # padding rows: out of range
-        slots[: len(active)] = active
-        if self._sampling is None or self._sampling_slots != tuple(active):
-            self._sampling = stack_sampling([self._sampling_rows[s] for s in active], rows)
-            self._sampling_slots = tuple(active)
-        pos = np.full(rows, self.config.max_seq_len, np.int32)
-        pos[: len(active)] = self._pos[active]
-        toks = np.zeros(rows, np.int32)
-        toks[: len(active)] = self._tok[active]
+        if rows == max_batch:
+            order = list(range(max_batch))  # every slot decodes in place; idle ones are padding
+        else:
+            order = active + [max_batch] * (rows - len(active))  # padding rows: out of range
+        slots = np.asarray(order, np.int32)
+        if self._sampling is None or self._sampling_slots != tuple(order):
+            # idle slots hold the default (greedy) row: see _finish
+            self._sampling = stack_sampling([self._sampling_rows[s] for s in order if s < max_batch], rows)
+            self._sampling_slots = tuple(order)
+        padded_pos = np.append(self._pos, self.config.max_seq_len)  # index max_batch: padding
+        padded_tok = np.append(self._tok, 0)
+        pos, toks = padded_pos[slots], padded_tok[slots]
         tokens, logprobs = self.runner.decode(slots, toks, pos, self._sampling)
-        for row, slot in enumerate(active):
-            sample = self._slots[slot]
+        for row, slot in enumerate(order):
+            sample = self._slots[slot] if slot < max_batch else None
+            if sample is None:
+                continue
             for k in range(tokens.shape[0]):
                 self._pos[slot] = pos[row] + k + 1
                 if self._accept(sample, int(tokens[k, row]), float(logprobs[k, row])):

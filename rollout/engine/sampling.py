@@ -47,20 +47,33 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     greedy = params.temperature <= 0.0
     temp = jnp.where(greedy, 1.0, params.temperature)[:, None]
     scaled = logits / temp
-    logp = jax.nn.log_softmax(scaled, axis=-1)  # the distribution sampled from, untruncated
 
     def draw(scaled: jax.Array) -> jax.Array:
         needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
         truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, scaled, params.top_k, params.top_p)
         keys = sample_keys(params.seed, params.sample_index, position)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
-        return jnp.argmax(truncated + gumbel, axis=-1)
+        # Truncation keeps each row's maximum, so greedy rows (no noise) still take their argmax.
+        return first_argmax(truncated + jnp.where(greedy[:, None], 0.0, gumbel))
 
     # An all-greedy batch skips the noise and the sort entirely.
-    drawn = jax.lax.cond(jnp.any(~greedy), draw, lambda s: jnp.argmax(s, axis=-1), scaled)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
+    # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
+    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
     return tokens, chosen
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first index of the maximum) as int32.
+
+    Two plain reductions instead of XLA's variadic (value, index) reduce, which XLA:CPU does not
+    vectorize: ~5x faster on a (16, 32000) row block, a tenth of a decode step at batch 16.
+    A row holding NaN gets the last index (jnp.argmax would point at the NaN).
+    """
+    vocab = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(index, vocab - 1)
 
 
 def _truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ class StagedWeights:
     params: dict[str, jax.Array]
     nbytes: int
     seconds: float
+    derived: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # see ModelRunner.derive
 
 
 def check_host_leaf(path: str, array: Any, want_dtype: str) -> np.ndarray:

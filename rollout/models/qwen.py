@@ -23,7 +23,8 @@ from flax import nnx
 from rollout.models.config import ModelConfig
 
 Array = jax.Array
-# (k, v) per layer, each (slots, max_seq_len, kv_heads, head_dim)
+# (k, v) per layer, each (slots, kv_heads, max_seq_len, head_dim): head-major, so attention over
+# the cache reads each head's keys contiguously with no transpose
 KVCache = tuple[tuple[Array, Array], ...]
 _MASKED = -1e30
 
@@ -123,9 +124,16 @@ class QwenForCausalLM(nnx.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def logits(self, h: Array) -> Array:
-        """h (..., hidden) -> float32 logits (..., vocab)."""
-        if self.lm_head is None:
+    def logits(self, h: Array, head_t: Array | None = None) -> Array:
+        """h (..., hidden) -> float32 logits (..., vocab).
+
+        `head_t` (hidden, vocab), if given, is a transposed copy of the tied embedding to use as
+        the output projection: on CPU, XLA's dot is much faster against a (hidden, vocab) matrix
+        than against the transpose of a (vocab, hidden) one at decode batch sizes.
+        """
+        if head_t is not None:
+            out = h @ head_t
+        elif self.lm_head is None:
             out = h @ self.embed_tokens[...].T
         else:
             out = self.lm_head(h)
@@ -148,18 +156,40 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """Grouped-query attention.
 
-    q (B, T, H, D); k, v (B, S, KVH, D); mask (B, T, S) True where a query may attend.
-    Returns (B, T, H, D). Softmax in float32.
+    q (B, T, H, D); k, v (B, KVH, S, D) head-major, as the KV cache holds them; mask (B, T, S)
+    True where a query may attend. Returns (B, T, H, D). Softmax in float32.
     """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def decode_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """`attention` for one query per row (T == 1), as multiply-reduce loops.
+
+    q (B, 1, H, D); k, v (B, KVH, S, D); mask (B, 1, S). Same math as `attention`; at decode
+    shapes (a (G, D) x (D, S) product per row and KV head) XLA:CPU runs the fused loops ~2x
+    faster than the batched dots (bench/bench_engine.py). Float32 softmax.
+    """
+    b, _, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
+    scores = jnp.sum(qg[:, :, :, None, :] * k[:, :, None, :, :].astype(jnp.float32), axis=-1)  # (B, KVH, G, S)
+    scores = jnp.where(mask[:, None], scores * (d**-0.5), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # (B, KVH, G, D)
+    return out.reshape(b, 1, h, d)
+
+
+def head_major(x: Array) -> Array:
+    """(B, T, KVH, D) projections -> (B, KVH, T, D), the layout of `attention`'s keys and values."""
+    return x.transpose(0, 2, 1, 3)
 
 
 def causal_padding_mask(attention_mask: Array) -> Array:
@@ -178,17 +208,17 @@ def forward_full(model: QwenForCausalLM, tokens: Array, attention_mask: Array) -
     """tokens, attention_mask (B, T) -> float32 logits (B, T, vocab) at every position."""
     mask = causal_padding_mask(attention_mask)
     positions = positions_from_mask(attention_mask)
-    h = model.hidden(tokens, positions, lambda i, q, k, v: attention(q, k, v, mask))
+    h = model.hidden(tokens, positions, lambda i, q, k, v: attention(q, head_major(k), head_major(v), mask))
     return model.logits(h)
 
 
 def init_cache(cfg: ModelConfig, slots: int, max_seq_len: int, dtype: jnp.dtype) -> KVCache:
-    shape = (slots, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = cache_shape(cfg, slots, max_seq_len)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
 def cache_shape(cfg: ModelConfig, slots: int, max_seq_len: int) -> tuple[int, int, int, int]:
-    return (slots, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+    return (slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
 
 
 def prefill(
@@ -198,6 +228,7 @@ def prefill(
     lengths: Array,
     dst_slots: Array,
     src_rows: Array,
+    head_t: Array | None = None,
 ) -> tuple[Array, KVCache]:
     """Run right-padded prompts and write their K/V into cache slots.
 
@@ -205,6 +236,7 @@ def prefill(
     dst_slots, src_rows (M,): cache slot dst_slots[m] receives the K/V of prompt src_rows[m], so
     the n samples of one prompt share one prefill. Out-of-range dst_slots are dropped (padding).
     Returns the float32 logits at each prompt's last real token (B, vocab) and the new cache.
+    `head_t`: see `QwenForCausalLM.logits`.
     """
     b, p = tokens.shape
     real = jnp.arange(p)[None, :] < lengths[:, None]  # (B, P)
@@ -213,15 +245,16 @@ def prefill(
     new_cache = list(cache)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        k, v = head_major(k), head_major(v)
         kc, vc = new_cache[i]
-        kc = kc.at[dst_slots, :p].set(k[src_rows].astype(kc.dtype), mode="drop")
-        vc = vc.at[dst_slots, :p].set(v[src_rows].astype(vc.dtype), mode="drop")
+        kc = kc.at[dst_slots, :, :p].set(k[src_rows].astype(kc.dtype), mode="drop")
+        vc = vc.at[dst_slots, :, :p].set(v[src_rows].astype(vc.dtype), mode="drop")
         new_cache[i] = (kc, vc)
         return attention(q, k, v, mask)
 
     h = model.hidden(tokens, positions, attend)
     last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, hidden)
-    return model.logits(last), tuple(new_cache)
+    return model.logits(last, head_t), tuple(new_cache)
 
 
 def decode(
@@ -231,26 +264,36 @@ def decode(
     tokens: Array,
     positions: Array,
     kv_len: int,
+    head_t: Array | None = None,
+    in_place: bool = False,
 ) -> tuple[Array, KVCache]:
     """One step for a batch of cache slots.
 
     slot_ids, tokens, positions (B,): which cache slot each row decodes, the token it feeds and
-    that token's position. Rows whose slot id is out of range are padding: they read zeros and
-    their writes are dropped. Attention covers cache[slot, :kv_len] (a static bucket >= every
-    position + 1), so short sequences do not pay for max_seq_len and idle slots cost nothing.
-    Returns float32 logits (B, vocab) and the new cache.
+    that token's position. Rows whose slot id or position is out of range are padding: their
+    writes are dropped and their outputs are meaningless. Attention covers cache[slot, :, :kv_len]
+    (a static bucket >= every position + 1), so short sequences do not pay for max_seq_len.
+
+    `in_place` (static) promises B == cache slots and row i == slot i: every slot decodes in
+    place (idle slots as padding, with position max_seq_len) and attention reads the cache
+    directly, with no gather of each row's keys and values.
+    Returns float32 logits (B, vocab) and the new cache. `head_t`: see `QwenForCausalLM.logits`.
     """
     mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # (B, 1, kv_len)
     new_cache = list(cache)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
         kc, vc = new_cache[i]
-        kc = kc.at[slot_ids, positions].set(k[:, 0].astype(kc.dtype), mode="drop")
-        vc = vc.at[slot_ids, positions].set(v[:, 0].astype(vc.dtype), mode="drop")
+        # (slot, :, position) takes a (B, KVH, D) block: advanced indices first, as in numpy.
+        kc = kc.at[slot_ids, :, positions].set(k[:, 0].astype(kc.dtype), mode="drop")
+        vc = vc.at[slot_ids, :, positions].set(v[:, 0].astype(vc.dtype), mode="drop")
         new_cache[i] = (kc, vc)
-        k_rows = kc.at[slot_ids, :kv_len].get(mode="fill", fill_value=0)  # (B, kv_len, KVH, D)
-        v_rows = vc.at[slot_ids, :kv_len].get(mode="fill", fill_value=0)
-        return attention(q, k_rows, v_rows, mask)
+        if in_place:
+            k_rows, v_rows = kc[:, :, :kv_len], vc[:, :, :kv_len]
+        else:
+            k_rows = kc.at[slot_ids, :, :kv_len].get(mode="clip")  # (B, KVH, kv_len, D); padding rows: any slot
+            v_rows = vc.at[slot_ids, :, :kv_len].get(mode="clip")
+        return decode_attention(q, k_rows, v_rows, mask)
 
     h = model.hidden(tokens[:, None], positions[:, None], attend)
-    return model.logits(h[:, 0]), tuple(new_cache)
+    return model.logits(h[:, 0], head_t), tuple(new_cache)
