@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pipeline", action="store_true", help="pipelined_sync=False: pack all, put all, then stage")
     p.add_argument("--checksum", default="sum64", choices=["sum64", "crc32"], help="bucket checksum")
     p.add_argument("--skip-per-tensor", action="store_true", help="skip the (slow) per-tensor pattern")
+    p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment of every worker process, ours and the floor's (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.fleet import FleetConfig, worker_env
     from rollout.weights.buckets import pack, plan_buckets
 
+    extra_env = dict(item.split("=", 1) for item in args.worker_env)
     size = args.size_gib * 2**30
     dims = model_dims(size, args.layers)
     ckpt = make_config_only_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-sync-")) / "model", dims)
@@ -204,16 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     svc = rollout.RolloutService(
         ckpt, num_workers=args.workers, devices_per_worker=args.devices_per_worker, accelerator="cpu",
         load_format="dummy", max_batch=2, max_seq_len=64, bucket_bytes=args.bucket_mib << 20,
-        pipelined_sync=not args.no_pipeline, checksum=args.checksum,
+        pipelined_sync=not args.no_pipeline, checksum=args.checksum, env_vars=extra_env,
     )
     spec = svc.spec
     print(f"model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
           f"{args.workers} workers x {args.devices_per_worker} CPU devices; bucket {args.bucket_mib} MiB; "
           f"checksum {args.checksum}; {'not ' if args.no_pipeline else ''}pipelined; "
-          f"{os.cpu_count()} host cores", flush=True)
+          f"{os.cpu_count()} host cores; extra worker env {extra_env or 'none'} (CPU malloc defaults: rollout.fleet.CPU_WORKER_MALLOC)", flush=True)
     params = [random_params(spec, 0), random_params(spec, 1)]
 
-    env = worker_env(FleetConfig(devices_per_worker=args.devices_per_worker), "cpu", os.environ)
+    env = worker_env(FleetConfig(devices_per_worker=args.devices_per_worker, env_vars=extra_env), "cpu", os.environ)
     receiver_cls = ray.remote(Receiver).options(num_cpus=0, runtime_env={"env_vars": env})
     receivers = [receiver_cls.remote(str(ckpt), args.devices_per_worker, list(spec.paths)) for _ in range(args.workers)]
     packed = pack(params[0], plan_buckets(spec, args.bucket_mib << 20), version=1)

@@ -119,8 +119,22 @@ def actor_options(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, s
     return options
 
 
+# glibc malloc settings of a CPU worker, whose device buffers are host memory. With the defaults,
+# each stage's fresh gigabyte of buffers comes from new mmap()s (page faults and kernel zeroing on
+# every sync) and the buffers freed at the swap go back to the OS, or sit in another thread's
+# arena; one arena that keeps freed memory lets the next sync reuse it warm. Measured with
+# bench/bench_sync.py (1 GiB, 2 workers): sync_weights 0.84 s -> 0.34 s. RSS stays at its peak
+# (serving + staged copy) between syncs instead of dropping to one copy.
+CPU_WORKER_MALLOC = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+}
+
+
 def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]) -> dict[str, str]:
-    """Environment of a worker process. On CPU: N simulated devices, other XLA flags kept.
+    """Environment of a worker process. On CPU: N simulated devices, other XLA flags kept, and
+    malloc settings that reuse freed device buffers (CPU_WORKER_MALLOC; env_vars override them).
 
     >>> env = worker_env(FleetConfig(devices_per_worker=2), "cpu",
     ...                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
@@ -132,6 +146,7 @@ def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]
         kept = _DEVICE_COUNT_FLAG.sub("", driver_env.get("XLA_FLAGS", "")).split()
         flags = " ".join([*kept, f"--xla_force_host_platform_device_count={cfg.devices_per_worker}"])
         env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+        env.update({k: driver_env.get(k, v) for k, v in CPU_WORKER_MALLOC.items()})
     for key in _PASSED_THROUGH:  # workers resolve repo ids and cache compiles as the driver does
         if key in driver_env:
             env[key] = driver_env[key]
