@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
           f"{args.workers} workers x {args.devices_per_worker} CPU devices; bucket {args.bucket_mib} MiB; "
           f"checksum {args.checksum}; {'not ' if args.no_pipeline else ''}pipelined; "
-          f"{os.cpu_count()} host cores; extra worker env {extra_env or 'none'} (CPU malloc defaults: rollout.fleet.CPU_WORKER_MALLOC)", flush=True)
+          f"{os.cpu_count()} host cores; extra worker env {extra_env or 'none'} "
+          "(CPU malloc defaults: rollout.fleet.CPU_WORKER_MALLOC)", flush=True)
     params = [random_params(spec, 0), random_params(spec, 1)]
 
     env = worker_env(FleetConfig(devices_per_worker=args.devices_per_worker, env_vars=extra_env), "cpu", os.environ)

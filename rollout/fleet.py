@@ -123,7 +123,7 @@ def actor_options(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, s
 # each stage's fresh gigabyte of buffers comes from new mmap()s (page faults and kernel zeroing on
 # every sync) and the buffers freed at the swap go back to the OS, or sit in another thread's
 # arena; one arena that keeps freed memory lets the next sync reuse it warm. Measured with
-# bench/bench_sync.py (1 GiB, 2 workers): sync_weights 0.84 s -> 0.34 s. RSS stays at its peak
+# bench/bench_sync.py (1 GiB, 2 workers): sync_weights 0.84 s -> 0.34-0.42 s. RSS stays at its peak
 # (serving + staged copy) between syncs instead of dropping to one copy.
 CPU_WORKER_MALLOC = {
     "MALLOC_ARENA_MAX": "1",

@@ -174,8 +174,10 @@ def decode_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """`attention` for one query per row (T == 1), as multiply-reduce loops.
 
     q (B, 1, H, D); k, v (B, KVH, S, D); mask (B, 1, S). Same math as `attention`; at decode
-    shapes (a (G, D) x (D, S) product per row and KV head) XLA:CPU runs the fused loops ~2x
-    faster than the batched dots (bench/bench_engine.py). Float32 softmax.
+    shapes (a (G, D) x (D, S) product per row and KV head) XLA:CPU fuses these loops with the
+    cache read, where the batched dots first copy each row's keys (measured on the 75M bench
+    model: 8 decode steps at batch 16 took 115 ms this way, 130 ms with `attention`). Float32
+    softmax.
     """
     b, _, h, d = q.shape
     kvh = k.shape[1]
