@@ -25,6 +25,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
 from rollout.fleet import FleetConfig
+from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.spec import SpecMismatchError
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
     "EngineConfig",
     "FleetConfig",
     "GenerationStream",
+    "NonFiniteWeightsError",
     "PlacementError",
     "RolloutService",
     "SamplingParams",

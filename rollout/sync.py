@@ -3,8 +3,9 @@
     flatten  the params to {engine path: array} (nnx.State, nested or flat dicts, HF names)
     check    their spec against the fleet's; a mismatch raises before any byte moves
     fetch    jax arrays to host numpy (all leaves in one device_get)
-    pack+put leaves into buckets of at most bucket_bytes, cast to the fleet dtype, checksum
-             each, and put each bucket into the object store once. Every live worker is already
+    pack+put leaves into buckets of at most bucket_bytes, cast to the fleet dtype, count
+             NaN/Inf (NonFiniteWeightsError: the update is refused, workers abort) and
+             checksum each, and put each bucket into the object store once. Every live worker is already
              staging (phase 1) and gets each bucket's ref and checksum as soon as it is in, so
              workers verify and place bucket k while bucket k+1 is packed and put
              (pipelined_sync=False: pack all, put all, then stage: phases pack, put)
@@ -150,7 +151,7 @@ class WeightSync:
                 # Workers start staging now on a manifest without checksums; each bucket is put
                 # as soon as it is packed and sent with its checksum, so workers verify and
                 # place bucket k while bucket k+1 is packed and put.
-                streaming = Manifest(version, self.layout, (None,) * len(buckets), self.checksum).to_bytes()
+                streaming = Manifest(version, self.layout, (None,) * len(buckets), self.checksum, finite=True).to_bytes()
                 calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
                 sums: list[int] = []
 
@@ -172,11 +173,11 @@ class WeightSync:
                 except BaseException:
                     self._abort_all(workers, sync_id, version)  # they wait for buckets that never come
                     raise
-                manifest = Manifest(version, self.layout, tuple(sums), self.checksum).to_bytes()
+                manifest = Manifest(version, self.layout, tuple(sums), self.checksum, finite=True).to_bytes()
             else:
                 with _phase(record, "pack"):
                     sums = [packer.pack_bucket(index) for index in buckets]
-                manifest = Manifest(version, self.layout, tuple(sums), self.checksum).to_bytes()
+                manifest = Manifest(version, self.layout, tuple(sums), self.checksum, finite=True).to_bytes()
                 with _phase(record, "put"):
                     refs = [ray.put(packer.buffers[index]) for index in buckets]
                 calls = {h.stage.remote(sync_id, manifest, list(refs)): i for h, i in zip(handles, workers)}

@@ -10,8 +10,10 @@ Receiving an update: `stage(sync_id, manifest)` starts `engine.stage` on a Bucke
 once; buckets arrive by `feed(sync_id, index, [ref])` calls while the coordinator is still
 putting later ones. Each bucket is fetched from the object store (zero-copy, at most
 `max_inflight_buckets` at a time) and its checksum verified before any of its bytes is read;
-the engine validates, checks finiteness and copies each leaf onto the devices (nothing aliases
-object-store memory), so staging overlaps the transfer. Commit swaps the staged leaves in.
+the engine validates and copies each leaf onto the devices (nothing aliases object-store
+memory), so staging overlaps the transfer. Finiteness was counted by the coordinator's packer
+(the manifest says so and the checksums prove these are its bytes), so no worker rereads the
+values for it; a checkpoint staged from disk is checked here. Commit swaps the staged leaves in.
 
 A (re)started worker first loads the last committed update from the registry, so it never
 serves an older version than the fleet's.
@@ -144,7 +146,7 @@ class EngineHost:
         """Stage an update whose verified buckets arrive in `inbox` (possibly still arriving)."""
         self.faults.hit("stage")
         self._check_not_aborted(sync_id)
-        self.engine.stage(inbox.manifest.version, inbox.tree())
+        self.engine.stage(inbox.manifest.version, inbox.tree(), finite_checked=inbox.manifest.finite)
         self._mark_staged(sync_id, inbox.manifest.version)
 
     def stage_checkpoint(self, sync_id: str, version: int, path: str) -> None:
@@ -179,7 +181,7 @@ class EngineHost:
         if update["kind"] == "buckets":
             manifest = Manifest.from_bytes(update["manifest"])
             verify(manifest, buffers or [])
-            self.engine.stage(version, unpack(manifest, buffers or []))
+            self.engine.stage(version, unpack(manifest, buffers or []), finite_checked=manifest.finite)
         else:
             self.engine.stage_checkpoint(version, update["path"])
         with self._lock:

@@ -50,7 +50,7 @@ def test_public_names_are_exported():
     import rollout
 
     for name in ("init", "sync_weights", "generate", "generate_async", "status", "shutdown", "RolloutService",
-                 "SamplingParams", "Completion", "EngineConfig", "FleetConfig", "SyncError", "SpecMismatchError",
+                 "SamplingParams", "Completion", "EngineConfig", "FleetConfig", "SyncError", "SpecMismatchError", "NonFiniteWeightsError",
                  "PlacementError", "GenerationStream"):
         assert hasattr(rollout, name), name
     assert set(rollout.__all__) <= set(dir(rollout)) | {"RolloutService", "GenerationStream"}

@@ -13,6 +13,7 @@ import pytest
 from rollout.weights.buckets import (
     ALIGN,
     CHECKSUMS,
+    WINDOW,
     BucketChecksumError,
     Manifest,
     ManifestError,
@@ -22,6 +23,7 @@ from rollout.weights.buckets import (
     unpack,
     verify,
 )
+from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.spec import spec_of_leaves
 
 SPEC = spec_of_leaves(
@@ -207,3 +209,58 @@ def test_a_failed_inbox_makes_pending_reads_raise_and_a_silent_one_times_out():
     inbox.fail(BucketChecksumError("bucket 2 is bad"))
     with pytest.raises(BucketChecksumError, match="bucket 2 is bad"):
         np.asarray(inbox.tree()["embed_tokens"])
+
+
+# leaves that straddle pack windows: ~11 MiB in one bucket, 3 windows
+WIDE_SPEC = spec_of_leaves(
+    [
+        ("a", (3 * WINDOW // 16 + 3,), "float32"),
+        ("b", (WINDOW // 4 + 5, 2), "bfloat16"),
+        ("c", (1000, 700), "float32"),
+        ("d", (WINDOW // 4 + 1,), "float32"),
+        ("e", (7,), "float32"),
+    ]
+)
+
+
+def _wide_flat(seed=0):
+    flat = random_flat(WIDE_SPEC, seed)
+    flat["c"] = np.ascontiguousarray(flat["c"].T).T  # strided: a transposed view
+    return flat
+
+
+@pytest.mark.parametrize("algo", CHECKSUMS)
+def test_a_bucket_wider_than_a_pack_window_gets_the_checksum_of_its_whole_bytes(algo):
+    flat = _wide_flat()
+    layout = plan_buckets(WIDE_SPEC, bucket_bytes=64 << 20)
+    assert layout.bucket_nbytes[0] > 2 * WINDOW and len(layout.bucket_nbytes) == 1
+    packed = pack(flat, layout, version=1, checksum_algo=algo)
+    assert packed.manifest.checksums[0] == checksum(packed.buffers[0], algo)
+    for path, leaf in unpack(packed.manifest, packed.buffers).items():
+        np.testing.assert_array_equal(leaf, flat[path].astype(leaf.dtype), err_msg=path)
+
+
+def test_packing_refuses_nan_or_inf_naming_the_first_leaf_and_its_count_across_windows():
+    flat = _wide_flat()
+    flat["a"][[0, -1]] = np.nan  # the first and the second window
+    flat["d"][5] = np.inf
+    layout = plan_buckets(WIDE_SPEC, bucket_bytes=64 << 20)
+    with pytest.raises(NonFiniteWeightsError, match=r"^a: 2 non-finite value\(s\)"):
+        pack(flat, layout, version=1)
+    flat["a"][[0, -1]] = 0.0
+    with pytest.raises(NonFiniteWeightsError, match=r"^d: 1 non-finite"):
+        pack(flat, layout, version=1)
+
+
+def test_a_cast_that_overflows_to_inf_is_refused_while_packing():
+    flat = random_flat(SPEC)
+    flat["layers.0.mlp.up_proj.kernel"][0, 0] = np.finfo(np.float32).max  # Inf in bfloat16
+    with pytest.raises(NonFiniteWeightsError, match="up_proj"):
+        pack(flat, plan_buckets(SPEC, bucket_bytes=1 << 20), version=1)
+
+
+def test_a_packed_manifest_says_its_values_were_counted_finite_and_a_hand_made_one_does_not():
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, bucket_bytes=1 << 20), version=1)
+    assert Manifest.from_bytes(packed.manifest.to_bytes()).finite is True
+    hand_made = Manifest(1, packed.manifest.layout, packed.manifest.checksums)
+    assert Manifest.from_bytes(hand_made.to_bytes()).finite is False

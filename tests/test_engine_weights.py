@@ -11,7 +11,7 @@ import pytest
 from rollout.engine import EngineConfig, SamplingParams, WeightSyncError
 from rollout.engine.backend import EngineBackend
 from rollout.engine.engine import Engine
-from rollout.engine.staging import NonFiniteWeightsError
+from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.loader import iter_tensors
 from rollout.weights.spec import SpecMismatchError
 
@@ -259,10 +259,21 @@ def test_fifty_stage_commit_cycles_keep_at_most_one_staged_copy(tmp_path):
 def test_non_finite_values_are_counted_across_chunk_boundaries():
     import ml_dtypes
 
-    from rollout.engine.staging import _FINITE_CHUNK, count_non_finite
+    from rollout.weights.finite import _FINITE_CHUNK, count_non_finite
 
     values = np.zeros(3 * _FINITE_CHUNK + 6, np.float32)
     values[[0, _FINITE_CHUNK - 1, _FINITE_CHUNK, 3 * _FINITE_CHUNK + 5]] = [np.nan, np.inf, -np.inf, np.nan]
     assert count_non_finite(values) == 4
     assert count_non_finite(values.reshape(-1, 6).astype(ml_dtypes.bfloat16)) == 4
     assert count_non_finite(np.ones((7, 3), np.float32)) == 0
+
+
+def test_finite_checked_still_checks_a_leaf_that_must_be_cast(engine, tiny_qwen3_perturbed):
+    # float64 1e300 overflows to Inf in the engine's float32: the caller's promise was about
+    # the values it sent, not about the cast
+    flat = hf_flat(tiny_qwen3_perturbed)
+    name = "model.norm.weight"
+    flat[name] = np.full(flat[name].shape, 1e300, np.float64)
+    with pytest.raises(NonFiniteWeightsError, match="norm.weight"):
+        engine.stage(engine.version + 1, flat, finite_checked=True)
+    assert engine.staged_version is None

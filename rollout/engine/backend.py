@@ -43,8 +43,9 @@ class EngineBackend(Protocol):
     def cancel(self, future: Future[list[Completion]]) -> bool:
         """Finish a submitted request early with finish_reason "abort"."""
 
-    def stage(self, version: int, params: Any) -> Any:
-        """Validate and place a full update beside the serving weights."""
+    def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> Any:
+        """Validate and place a full update beside the serving weights (`finite_checked`: its
+        values were already counted finite, so the backend may skip that pass)."""
 
     def stage_checkpoint(self, version: int, model: str | Path) -> Any:
         """Stage the weights of an HF checkpoint directory or repo id."""

@@ -173,11 +173,13 @@ class Engine:
         """The serving parameters (device arrays; do not mutate)."""
         return dict(self.runner.params)
 
-    def stage(self, version: int, params: Any) -> StagedWeights:
+    def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> StagedWeights:
         """Validate and place `params` as `version` beside the serving weights.
 
         Raises SpecMismatchError / NonFiniteWeightsError / WeightSyncError; on any error the
         engine's weights, version and outputs are unchanged. A newer stage replaces an older one.
+        `finite_checked=True` skips the finiteness pass: only for values already counted finite
+        (a worker staging checksum-verified buckets of a packer that counted them).
         """
         self._check_open()
         if not isinstance(version, int) or version <= self._committed_version:
@@ -185,7 +187,9 @@ class Engine:
                 f"cannot stage version {version!r}: versions only go forward and version "
                 f"{self._committed_version} is already committed; stage a larger version"
             )
-        staged = self._derive(stage_params(version, params, self.spec, self.runner.place))
+        staged = self._derive(
+            stage_params(version, params, self.spec, self.runner.place, finite_checked=finite_checked)
+        )
         with self._lock:
             if version <= self._committed_version:
                 raise WeightSyncError(f"version {version} was overtaken by commit of {self._committed_version}")

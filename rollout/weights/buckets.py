@@ -37,12 +37,15 @@ from typing import Any, Iterator, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from rollout.weights.finite import count_non_finite, is_floating, non_finite_error
 from rollout.weights.spec import LeafSpec, ParamSpec
 
 MANIFEST_FORMAT = "rollout.buckets/1"
 ALIGN = 64  # leaf offsets are multiples of this, so every view is aligned for any dtype
 CHECKSUMS = ("sum64", "crc32")
 _BLOCK_WORDS = 1 << 16  # sum64 block: 512 KiB
+WINDOW = 4 << 20  # bytes a pack task copies, checks and sums at a time (whole sum64 blocks)
+_NO_SUMS = np.empty(0, np.uint64)
 _CRC_CHUNK = 256 << 20  # zlib.crc32 takes at most 4 GiB per call; chunks also keep the GIL free
 _MASK64 = (1 << 64) - 1
 
@@ -91,6 +94,9 @@ class Manifest:
     # One per bucket; None while streaming: that bucket's checksum travels with the bucket.
     checksums: tuple[int | None, ...]
     checksum: str = "sum64"  # the algorithm, one of CHECKSUMS
+    # True when the packer counted every floating value finite: a reader whose checksums
+    # match may skip its own finiteness pass.
+    finite: bool = False
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(
@@ -104,6 +110,7 @@ class Manifest:
                 "buckets": list(self.layout.bucket_nbytes),
                 "checksum": self.checksum,
                 "checksums": list(self.checksums),
+                "finite": self.finite,
             },
             use_bin_type=True,
         )
@@ -130,7 +137,7 @@ class Manifest:
         layout = BucketLayout(slots, tuple(int(b) for b in raw["buckets"]))
         _check_layout(layout)
         sums = tuple(None if c is None else int(c) for c in raw["checksums"])
-        return cls(int(raw["version"]), layout, sums, raw["checksum"])
+        return cls(int(raw["version"]), layout, sums, raw["checksum"], raw.get("finite") is True)
 
     @property
     def spec(self) -> ParamSpec:
@@ -178,9 +185,13 @@ class Packer:
     buckets, casting to each slot's dtype, one bucket at a time, so a caller can hand bucket k
     on while packing bucket k+1.
 
+    A bucket is packed in windows of WINDOW bytes, spread over `threads` threads (numpy
+    releases the GIL): each window's stretch of every leaf is copied, then counted finite and
+    summed for the checksum while it is still in cache, so packing reads each source byte from
+    memory once. A leaf with NaN or Inf fails the bucket with NonFiniteWeightsError.
+
     `buffers` may pass preallocated buckets of the right sizes to reuse (fresh host memory is
-    slow to touch the first time); their previous content is overwritten. Each bucket is copied
-    by `threads` threads (numpy releases the GIL while copying), in row ranges of large leaves.
+    slow to touch the first time); their previous content is overwritten.
     """
 
     def __init__(
@@ -210,19 +221,62 @@ class Packer:
             self._padding.setdefault(bucket, []).append((start, stop))
 
     def pack_bucket(self, index: int) -> int:
-        """Fill bucket `index`; returns its checksum."""
+        """Fill bucket `index`; returns its checksum. Raises NonFiniteWeightsError."""
         buffer = self.buffers[index]
-        for start, stop in self._padding.get(index, []):
-            buffer[start:stop] = 0  # alignment gaps: zeroed so checksums are reproducible
-        tasks = [(slot, rows) for slot in self.layout.leaves_of(index) for rows in _row_ranges(slot)]
-        list(self._pool.map(self._copy, tasks))
+        slots = self.layout.leaves_of(index)
+        # a window copies an element range of each C-contiguous source; a strided one (e.g. a
+        # transposed HF weight) is copied whole into its slot first (copyto reads it in place)
+        # and its windows only check and sum it
+        sources: list[np.ndarray | None] = []
+        strided: list[tuple[LeafSlot, np.ndarray]] = []
+        for slot in slots:
+            source = np.asarray(self.flat[slot.path])
+            sources.append(source.reshape(-1) if source.flags.c_contiguous else None)
+            if sources[-1] is None:
+                strided.append((slot, source))
+        list(self._pool.map(lambda job: np.copyto(leaf_view(buffer, job[0]), job[1], casting="unsafe"), strided))
+        windows = list(self._pool.map(
+            lambda lo: self._pack_window(buffer, lo, slots, sources, self._padding.get(index, [])),
+            range(0, max(buffer.nbytes, 1), WINDOW),
+        ))
+        bad: dict[str, int] = {}
+        for _, window_bad in windows:
+            for path, count in window_bad:
+                bad[path] = bad.get(path, 0) + count
+        if bad:
+            path = next(slot.path for slot in slots if slot.path in bad)  # the first in spec order
+            raise non_finite_error(path, bad[path])
+        if self.checksum_algo == "sum64":
+            return _combine_sum64(np.concatenate([sums for sums, _ in windows]), buffer.nbytes)
         return checksum(buffer, self.checksum_algo)
 
-    def _copy(self, task: tuple[LeafSlot, slice]) -> None:
-        slot, rows = task
-        dst = leaf_view(self.buffers[slot.bucket], slot)
-        # copyto reads strided sources (e.g. transposed HF weights) without an extra copy
-        np.copyto(dst[rows], np.asarray(self.flat[slot.path])[rows], casting="unsafe")
+    def _pack_window(
+        self, buffer: np.ndarray, lo: int, slots: list[LeafSlot], sources: list[np.ndarray | None],
+        padding: list[tuple[int, int]],
+    ) -> tuple[np.ndarray, list[tuple[str, int]]]:
+        """Copy, count and sum bytes [lo, lo + WINDOW) of `buffer`: (block sums, [(path, non-finite)])."""
+        hi = min(lo + WINDOW, buffer.nbytes)
+        for start, stop in padding:  # alignment gaps: zeroed so checksums are reproducible
+            if start < hi and stop > lo:
+                buffer[max(start, lo) : min(stop, hi)] = 0
+        bad: list[tuple[str, int]] = []
+        for slot, source in zip(slots, sources):
+            begin, end = max(lo, slot.offset), min(hi, slot.offset + slot.nbytes)
+            if begin >= end:
+                continue
+            dtype = numpy_dtype(slot.dtype)
+            # offsets are ALIGN-aligned and windows WINDOW-aligned: both multiples of the itemsize
+            dst = buffer[begin:end].view(dtype)
+            if source is not None:
+                first = (begin - slot.offset) // dtype.itemsize
+                with np.errstate(over="ignore"):  # an overflow to Inf is counted below
+                    np.copyto(dst, source[first : first + dst.size], casting="unsafe")
+            if is_floating(dtype):
+                count = count_non_finite(dst)
+                if count:
+                    bad.append((slot.path, count))
+        sums = _sum64_blocks(buffer[lo:hi], last=hi == buffer.nbytes) if self.checksum_algo == "sum64" else _NO_SUMS
+        return sums, bad
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -246,7 +300,7 @@ def pack(
     """Pack every bucket (see Packer) and return them with their manifest."""
     with Packer(flat, layout, buffers, checksum_algo=checksum_algo, threads=threads) as packer:
         sums = [packer.pack_bucket(i) for i in range(len(layout.bucket_nbytes))]
-    return PackedUpdate(Manifest(version, layout, tuple(sums), checksum_algo), packer.buffers)
+    return PackedUpdate(Manifest(version, layout, tuple(sums), checksum_algo, finite=True), packer.buffers)
 
 
 def checksum(buffer: np.ndarray, algo: str = "sum64") -> int:
@@ -262,17 +316,32 @@ def checksum(buffer: np.ndarray, algo: str = "sum64") -> int:
         return crc
     if algo != "sum64":
         raise ValueError(f"unknown checksum {algo!r}: expected one of {CHECKSUMS}")
-    n8 = buffer.nbytes // 8 * 8
-    words = buffer[:n8].view(np.uint64)
+    return _combine_sum64(_sum64_blocks(buffer, last=True), buffer.nbytes)
+
+
+def _sum64_blocks(data: np.ndarray, last: bool) -> np.ndarray:
+    """sum64's block sums of `data`, a stretch of a bucket that starts on a block boundary:
+    one per whole 512 KiB block; if `last` (the stretch ends the bucket), then also the sum of
+    the words of the final partial block and the trailing < 8 bytes as one number. A stretch
+    that is not `last` must be whole blocks."""
+    n8 = data.nbytes // 8 * 8
+    words = data[:n8].view(np.uint64)
     full = words.size // _BLOCK_WORDS * _BLOCK_WORDS
-    sums = np.empty(full // _BLOCK_WORDS + 2, np.uint64)
-    sums[:-2] = words[:full].reshape(-1, _BLOCK_WORDS).sum(axis=1, dtype=np.uint64)
-    sums[-2] = words[full:].sum(dtype=np.uint64)
-    sums[-1] = int.from_bytes(buffer[n8:].tobytes(), "little")  # the last < 8 bytes
+    if not last and (full != words.size or n8 != data.nbytes):
+        raise ValueError(f"a stretch of {data.nbytes} bytes is not whole {_BLOCK_WORDS * 8}-byte blocks")
+    sums = np.empty(full // _BLOCK_WORDS + (2 if last else 0), np.uint64)
+    sums[: full // _BLOCK_WORDS] = words[:full].reshape(-1, _BLOCK_WORDS).sum(axis=1, dtype=np.uint64)
+    if last:
+        sums[-2] = words[full:].sum(dtype=np.uint64)
+        sums[-1] = int.from_bytes(data[n8:].tobytes(), "little")  # the last < 8 bytes
+    return sums
+
+
+def _combine_sum64(sums: np.ndarray, nbytes: int) -> int:
     weights = np.arange(1, 2 * sums.size, 2, dtype=np.uint64)  # odd: a changed block always shows
     with np.errstate(over="ignore"):
         total = int((sums * weights).sum(dtype=np.uint64))
-    return (total + buffer.nbytes * 0x9E3779B97F4A7C15) & _MASK64
+    return (total + nbytes * 0x9E3779B97F4A7C15) & _MASK64
 
 
 def verify_bucket(manifest: Manifest, index: int, buffer: np.ndarray, expected: int | None = None) -> None:
@@ -318,14 +387,6 @@ def iter_leaves(manifest: Manifest, buffers: Sequence[np.ndarray]) -> Iterator[t
 def leaf_view(bucket: np.ndarray, slot: LeafSlot) -> np.ndarray:
     """The leaf of `slot` as an array viewing its bucket's bytes (no copy)."""
     return bucket[slot.offset : slot.offset + slot.nbytes].view(numpy_dtype(slot.dtype)).reshape(slot.shape)
-
-
-def _row_ranges(slot: LeafSlot, rows_bytes: int = 16 << 20) -> list[Any]:
-    """Slices of about `rows_bytes` along the first axis (the whole leaf if small or a scalar)."""
-    if len(slot.shape) == 0 or slot.nbytes <= rows_bytes:
-        return [Ellipsis]
-    step = max(1, slot.shape[0] * rows_bytes // slot.nbytes)
-    return [slice(lo, lo + step) for lo in range(0, slot.shape[0], step)]
 
 
 def _padding(layout: BucketLayout) -> Iterator[tuple[int, int, int]]:

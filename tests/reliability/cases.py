@@ -352,9 +352,10 @@ BAD_UPDATES: list[BadUpdate] = [
     BadUpdate("integer_dtype", SpecMismatchError, "layers.0.mlp.down_proj.kernel: expected dtype float32, got int32",
               lambda svc, p: svc.sync_weights(_replaced(p, "layers.0.mlp.down_proj.kernel",
                                                         p["layers.0.mlp.down_proj.kernel"].astype(np.int32)))),
-    BadUpdate("nan", rollout.SyncError, "NonFiniteWeightsError: layers.0.self_attn.q_proj.kernel: 1 non-finite value(s)",
+    # NaN/Inf are counted while packing, so the coordinator refuses them itself
+    BadUpdate("nan", rollout.NonFiniteWeightsError, "layers.0.self_attn.q_proj.kernel: 1 non-finite value(s)",
               lambda svc, p: svc.sync_weights(_with_value(p, "layers.0.self_attn.q_proj.kernel", np.nan))),
-    BadUpdate("inf", rollout.SyncError, "NonFiniteWeightsError: embed_tokens: 1 non-finite value(s)",
+    BadUpdate("inf", rollout.NonFiniteWeightsError, "embed_tokens: 1 non-finite value(s)",
               lambda svc, p: svc.sync_weights(_with_value(p, "embed_tokens", -np.inf))),
     BadUpdate("corrupted_bucket", rollout.SyncError, "stage failed: BucketChecksumError: bucket 0 of version",
               _sync_corrupted),
