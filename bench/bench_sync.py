@@ -3,7 +3,8 @@ against a floor and a per-tensor pattern measured in the same run on the same Ra
 
     floor       the same bucket bytes: ray.put once each, ray.get in 2 actors in parallel
                 (zero-copy), and every leaf placed on the actor's devices with the engine's
-                shardings. No packing, checksums, validation, finiteness checks or commit.
+                shardings and placement (rollout.engine.placement: one copy, never aliasing
+                the object store). No packing, checksums, validation, finiteness checks or commit.
                 Measured twice: dropping the previous copy first (memory is reused warm) and
                 keeping it resident while placing (as serving weights are during a live sync);
                 ratios use the faster of the two.
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-per-tensor", action="store_true", help="skip the (slow) per-tensor pattern")
     p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment of every worker process, ours and the floor's (repeatable)")
+    p.add_argument("--no-preallocate", action="store_true",
+                   help="do not populate the object store's memory when Ray starts (Ray's default; "
+                        "puts then fault in fresh shared-memory pages now and then)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -116,6 +120,7 @@ class Receiver:
         import jax
         import ray
 
+        from rollout.engine.placement import place
         from rollout.weights.buckets import Manifest, iter_leaves
 
         if not keep_previous:
@@ -123,16 +128,16 @@ class Receiver:
         start = time.perf_counter()
         manifest = Manifest.from_bytes(manifest_bytes)
         buffers = ray.get(refs)
-        placed = {p: jax.device_put(v, self.shardings[p], may_alias=False) for p, v in iter_leaves(manifest, buffers)}
+        placed = {p: place(v, self.shardings[p]) for p, v in iter_leaves(manifest, buffers)}
         jax.block_until_ready(placed)
         self.held = placed
         return time.perf_counter() - start
 
     def receive_leaf(self, path: str, array: np.ndarray) -> None:
         """Per-tensor: one call per leaf."""
-        import jax
+        from rollout.engine.placement import place
 
-        self.held[path] = jax.device_put(array, self.shardings[path], may_alias=False).block_until_ready()
+        self.held[path] = place(array, self.shardings[path]).block_until_ready()
 
     def reset(self) -> None:
         self.held = {}
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     dims = model_dims(size, args.layers)
     ckpt = make_config_only_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-sync-")) / "model", dims)
     store = int(max(2 * 2**30, 5 * size))
-    ray.init(num_cpus=max(4, args.workers * 2), object_store_memory=store, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(4, args.workers * 2), object_store_memory=store, include_dashboard=False, log_to_driver=False,
+             _system_config={"preallocate_plasma_memory": not args.no_preallocate})
     svc = rollout.RolloutService(
         ckpt, num_workers=args.workers, devices_per_worker=args.devices_per_worker, accelerator="cpu",
         load_format="dummy", max_batch=2, max_seq_len=64, bucket_bytes=args.bucket_mib << 20,
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
           f"{args.workers} workers x {args.devices_per_worker} CPU devices; bucket {args.bucket_mib} MiB; "
           f"checksum {args.checksum}; {'not ' if args.no_pipeline else ''}pipelined; "
-          f"{os.cpu_count()} host cores; extra worker env {extra_env or 'none'} "
+          f"{os.cpu_count()} host cores; object store {store / 2**30:.1f} GiB, "
+          f"{'not ' if args.no_preallocate else ''}preallocated; extra worker env {extra_env or 'none'} "
           "(CPU malloc defaults: rollout.fleet.CPU_WORKER_MALLOC)", flush=True)
     params = [random_params(spec, 0), random_params(spec, 1)]
 

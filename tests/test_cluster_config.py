@@ -232,6 +232,12 @@ def test_start_commands_start_the_head_and_join_workers_to_it(cluster):
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
 
 
+def test_every_node_starts_ray_with_its_object_store_memory_populated(cluster):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cluster[key] if "ray start" in c]
+        assert start and all("RAY_preallocate_plasma_memory=1 ray start" in c for c in start), key
+
+
 def test_config_contains_exactly_the_known_placeholders(cluster_text):
     assert set(re.findall(r"<YOUR_[A-Z_]+>", cluster_text)) == set(PLACEHOLDERS)
 

@@ -277,3 +277,24 @@ def test_finite_checked_still_checks_a_leaf_that_must_be_cast(engine, tiny_qwen3
     with pytest.raises(NonFiniteWeightsError, match="norm.weight"):
         engine.stage(engine.version + 1, flat, finite_checked=True)
     assert engine.staged_version is None
+
+
+def test_staged_weights_do_not_alias_the_aligned_buckets_they_came_from(engine, tiny_qwen3_perturbed):
+    # object-store buckets start on 64-byte boundaries, where jax's CPU client would adopt them
+    from rollout.engine.placement import owned_copy
+    from rollout.weights.buckets import pack, plan_buckets, unpack
+    from rollout.weights.spec import flatten_params
+
+    flat = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    layout = plan_buckets(engine.spec, bucket_bytes=1 << 20)
+    buffers = [owned_copy(np.empty(n, np.uint8)) for n in layout.bucket_nbytes]
+    packed = pack(flat, layout, version=1, buffers=buffers)
+    staged = engine.stage(engine.version + 1, unpack(packed.manifest, packed.buffers))
+    try:
+        expected = {path: np.asarray(array).copy() for path, array in staged.params.items()}
+        for buffer in packed.buffers:
+            buffer[:] = 0
+        for path, array in staged.params.items():
+            np.testing.assert_array_equal(np.asarray(array), expected[path], err_msg=path)
+    finally:
+        engine.abort()

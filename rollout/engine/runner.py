@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rollout.engine import placement
 from rollout.engine.sampling import SlotSampling, sample
 from rollout.models import qwen
 from rollout.models.bind import ModelDef
@@ -181,4 +182,4 @@ class ModelRunner:
 
     def place(self, path: str, array) -> jax.Array:
         """Copy one host array onto the devices with the engine's sharding (never aliases)."""
-        return jax.device_put(array, self.param_shardings[path], may_alias=False)
+        return placement.place(array, self.param_shardings[path])
