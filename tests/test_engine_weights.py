@@ -265,6 +265,9 @@ def test_non_finite_values_are_counted_across_chunk_boundaries():
     values[[0, _FINITE_CHUNK - 1, _FINITE_CHUNK, 3 * _FINITE_CHUNK + 5]] = [np.nan, np.inf, -np.inf, np.nan]
     assert count_non_finite(values) == 4
     assert count_non_finite(values.reshape(-1, 6).astype(ml_dtypes.bfloat16)) == 4
+    assert count_non_finite(values.astype(np.float16)) == 4
+    assert count_non_finite(np.array([65504, -65504, 1e-8], np.float16)) == 0  # largest and subnormal
+    assert count_non_finite(np.array([3.38e38, -3.38e38, 1e-40], ml_dtypes.bfloat16)) == 0
     assert count_non_finite(np.ones((7, 3), np.float32)) == 0
 
 

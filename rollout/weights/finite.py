@@ -27,6 +27,10 @@ def is_floating(dtype: np.dtype) -> bool:
 
 
 _FINITE_CHUNK = 1 << 18  # elements checked at a time: the mask stays in cache, no leaf-sized temporary
+# 16-bit floats: NaN/Inf are the values whose exponent bits are all ones. numpy's isfinite on
+# ml_dtypes' bfloat16 goes through a per-element cast (~2.7 GB/s here); masking the bits of the
+# uint16 view runs at memory speed (6-8x faster, measured on a 128 MiB leaf).
+_EXPONENT_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}
 
 
 def count_non_finite(array: np.ndarray) -> int:
@@ -36,11 +40,19 @@ def count_non_finite(array: np.ndarray) -> int:
     chunk by chunk into one small mask is ~30% faster on a 1 GiB update.
     """
     flat = array.reshape(-1)
+    exponent = _EXPONENT_BITS.get(flat.dtype.name)
+    if exponent is not None:
+        flat = flat.view(np.uint16)
+        bits = np.empty(min(flat.size, _FINITE_CHUNK), np.uint16)
     mask = np.empty(min(flat.size, _FINITE_CHUNK), dtype=bool)
     bad = 0
     for lo in range(0, flat.size, _FINITE_CHUNK):
         chunk = flat[lo : lo + _FINITE_CHUNK]
-        finite = np.isfinite(chunk, out=mask[: chunk.size])
-        if not finite.all():
-            bad += chunk.size - int(np.count_nonzero(finite))
+        if exponent is None:
+            broken = np.logical_not(np.isfinite(chunk, out=mask[: chunk.size]), out=mask[: chunk.size])
+        else:
+            np.bitwise_and(chunk, exponent, out=bits[: chunk.size])
+            broken = np.equal(bits[: chunk.size], exponent, out=mask[: chunk.size])
+        if broken.any():
+            bad += int(np.count_nonzero(broken))
     return bad
