@@ -384,6 +384,11 @@ class Engine:
     # -- the scheduler ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # A burst: requests prefilled while nothing decoded. Its later chunks are prefilled before
+        # the first decode step, so the burst decodes as one batch instead of one chunk running
+        # ahead of the next (max_prefill_batch bounds the prefill latency seen by *running*
+        # sequences; during a burst none are waiting on it).
+        burst = False
         try:
             while True:
                 with self._lock:
@@ -400,10 +405,11 @@ class Engine:
                 if pending is not None:
                     self._swap(*pending)
                 if admitted:
-                    idle = not self._any_active()
+                    burst = burst or not self._any_active()
                     self._prefill(admitted)
-                    if idle:
-                        self._fill_idle_slots()
+                    if burst and self._admissible():
+                        continue
+                burst = False
                 if self._any_active():
                     self._decode()
         except BaseException as err:  # surface scheduler crashes to every caller
@@ -448,19 +454,10 @@ class Engine:
                 chunk = running[start : start + self.config.max_prefill_batch]
                 self._run_prefill([s.request.prompt_ids + s.tokens for s in chunk], [[s] for s in chunk])
 
-    def _fill_idle_slots(self) -> None:
-        """Nothing was decoding before this prefill: admit more prefill chunks into the free
-        slots before the first decode step, so a burst of requests decodes as one batch instead
-        of one chunk running ahead of the next (max_prefill_batch bounds the prefill latency
-        seen by *running* sequences; here none are waiting on it)."""
-        while True:
-            with self._lock:
-                if self._closed or self._pending or self._cancelled:
-                    return
-                more = self._take_admissible()
-            if not more:
-                return
-            self._prefill(more)
+    def _admissible(self) -> bool:
+        """Whether the first waiting request fits in the free slots now."""
+        with self._lock:
+            return bool(self._waiting) and self._waiting[0].sampling.n <= sum(s is None for s in self._slots)
 
     def _take_admissible(self) -> list[_Request]:
         free = sum(s is None for s in self._slots)
