@@ -15,14 +15,16 @@ Leaves are packed in the spec's order, each at an offset aligned to ALIGN bytes,
 bucket is closed when the next leaf would overflow `bucket_bytes`; a leaf larger than
 `bucket_bytes` gets a bucket of its own. Values are cast to the spec's dtype while packing, so
 the buckets hold exactly what the engines serve (a float32 trainer feeding a bfloat16 fleet
-sends half the bytes).
+sends half the bytes). The packer also counts NaN/Inf (NonFiniteWeightsError: nothing is
+returned) on each stretch it has just copied, and says so in the manifest (`finite`): a reader
+whose checksums match holds those very bytes and need not count again.
 
 Each bucket carries a checksum that every reader checks before staging. Two algorithms:
 
     sum64  (default) 64-bit word sums of 512 KiB blocks, combined with odd per-block weights and
            the length: catches any changed word, truncation, moved blocks and wrong objects; it
-           runs at memory speed (~25 GB/s here), so it costs ~5% of a sync. Not cryptographic,
-           and blind to words reordered inside one block.
+           runs at memory speed (~35 GB/s here; the packer sums each window from cache). Not
+           cryptographic, and blind to words reordered inside one block.
     crc32  zlib's CRC-32 (~3 GB/s here): catches every burst error up to 32 bits and reorderings,
            at ~0.3 s per GiB on the coordinator and again on every worker.
 """
