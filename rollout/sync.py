@@ -5,9 +5,10 @@
     fetch    jax arrays to host numpy (all leaves in one device_get)
     pack+put leaves into buckets of at most bucket_bytes, cast to the fleet dtype, count
              NaN/Inf (NonFiniteWeightsError: the update is refused, workers abort) and
-             checksum each, and put each bucket into the object store once. Every live worker is already
-             staging (phase 1) and gets each bucket's ref and checksum as soon as it is in, so
-             workers verify and place bucket k while bucket k+1 is packed and put
+             checksum each, and put each bucket into the object store once. Every live
+             worker is already staging (phase 1) and gets each bucket's ref and checksum as
+             soon as it is in, so workers verify and place bucket k while bucket k+1 is
+             packed and put
              (pipelined_sync=False: pack all, put all, then stage: phases pack, put)
     stage    wait for every worker's stage; any failure or timeout -> abort on all, raise
              SyncError naming each failing worker and why; the fleet keeps its version
@@ -151,7 +152,9 @@ class WeightSync:
                 # Workers start staging now on a manifest without checksums; each bucket is put
                 # as soon as it is packed and sent with its checksum, so workers verify and
                 # place bucket k while bucket k+1 is packed and put.
-                streaming = Manifest(version, self.layout, (None,) * len(buckets), self.checksum, finite=True).to_bytes()
+                streaming = Manifest(
+                    version, self.layout, (None,) * len(buckets), self.checksum, finite=True
+                ).to_bytes()
                 calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
                 sums: list[int] = []
 

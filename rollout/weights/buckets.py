@@ -236,7 +236,7 @@ class Packer:
             sources.append(source.reshape(-1) if source.flags.c_contiguous else None)
             if sources[-1] is None:
                 strided.append((slot, source))
-        list(self._pool.map(lambda job: np.copyto(leaf_view(buffer, job[0]), job[1], casting="unsafe"), strided))
+        list(self._pool.map(lambda job: _cast_into(leaf_view(buffer, job[0]), job[1]), strided))
         windows = list(self._pool.map(
             lambda lo: self._pack_window(buffer, lo, slots, sources, self._padding.get(index, [])),
             range(0, max(buffer.nbytes, 1), WINDOW),
@@ -271,8 +271,7 @@ class Packer:
             dst = buffer[begin:end].view(dtype)
             if source is not None:
                 first = (begin - slot.offset) // dtype.itemsize
-                with np.errstate(over="ignore"):  # an overflow to Inf is counted below
-                    np.copyto(dst, source[first : first + dst.size], casting="unsafe")
+                _cast_into(dst, source[first : first + dst.size])
             if is_floating(dtype):
                 count = count_non_finite(dst)
                 if count:
@@ -389,6 +388,12 @@ def iter_leaves(manifest: Manifest, buffers: Sequence[np.ndarray]) -> Iterator[t
 def leaf_view(bucket: np.ndarray, slot: LeafSlot) -> np.ndarray:
     """The leaf of `slot` as an array viewing its bucket's bytes (no copy)."""
     return bucket[slot.offset : slot.offset + slot.nbytes].view(numpy_dtype(slot.dtype)).reshape(slot.shape)
+
+
+def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy `src` into `dst`, casting to its dtype (an overflow to Inf is counted afterwards)."""
+    with np.errstate(over="ignore"):
+        np.copyto(dst, src, casting="unsafe")
 
 
 def _padding(layout: BucketLayout) -> Iterator[tuple[int, int, int]]:
