@@ -98,7 +98,7 @@ class WeightSync:
         self.timeout_s = timeout_s
         self.tie_word_embeddings = tie_word_embeddings
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
-        self._buffers: list[np.ndarray] | None = None  # reused pack buffers (touched memory is fast)
+        self._buffers: list[np.ndarray] | None = None  # see pack_buffers
         self.last_update: dict[str, Any] | None = None  # keeps the committed buckets alive
         self._died: set[int] = set()  # workers whose process died during the last stage phase
 
@@ -142,9 +142,8 @@ class WeightSync:
         with _phase(record, "fetch"):
             host = to_host(flat)
         handles = [self.fleet.handles[i] for i in workers]
-        packer = Packer(host, self.layout, self._buffers, checksum_algo=self.checksum,
+        packer = Packer(host, self.layout, self.pack_buffers(), checksum_algo=self.checksum,
                         threads=min(4, os.cpu_count() or 1))
-        self._buffers = packer.buffers
         refs: list[Any] = []
         buckets = range(len(self.layout.bucket_nbytes))
         with packer:
@@ -165,7 +164,9 @@ class WeightSync:
 
                 try:
                     with _phase(record, "pack+put"), ThreadPoolExecutor(1, thread_name_prefix="rollout-put") as putter:
-                        sent = None  # bucket k is put while bucket k+1 is packed
+                        # bucket k is put while bucket k+1 is packed; bucket k+2 reuses bucket k's
+                        # buffer (pack_buffers), so its put must be over first
+                        sent = None
                         for index in buckets:
                             sums.append(packer.pack_bucket(index))
                             if sent is not None:
@@ -187,6 +188,20 @@ class WeightSync:
         del host, flat
         record.buckets = len(refs)
         return {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}, calls
+
+    def pack_buffers(self) -> list[np.ndarray]:
+        """A uint8 buffer per bucket to pack it into, kept from sync to sync (memory touched once
+        is fast to write again). Pipelined, bucket k+2 is packed only after bucket k was put, so
+        the buckets take turns in two buffers of the largest bucket's size: the coordinator
+        holds 2 x bucket_bytes, not a copy of the model. Otherwise every bucket has its own."""
+        if self._buffers is None:
+            sizes = self.layout.bucket_nbytes
+            if self.pipelined:
+                ring = [np.empty(max(sizes, default=0), np.uint8) for _ in range(min(2, len(sizes)))]
+                self._buffers = [ring[k % len(ring)][:n] for k, n in enumerate(sizes)]
+            else:
+                self._buffers = [np.empty(n, np.uint8) for n in sizes]
+        return self._buffers
 
     def _stage_checkpoint(self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str):
         record.source = "checkpoint"

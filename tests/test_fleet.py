@@ -22,7 +22,10 @@ from rollout.weights.spec import hf_flat_to_engine
 
 pytestmark = pytest.mark.ray
 
-CONFIG = dict(num_workers=2, devices_per_worker=2, accelerator="cpu", max_batch=8, max_seq_len=128, decode_steps=4)
+# small buckets: a sync of the tiny model takes ~10, so the pipelined path (and the coordinator's
+# two pack buffers taking turns) is what every sync here runs through
+CONFIG = dict(num_workers=2, devices_per_worker=2, accelerator="cpu", max_batch=8, max_seq_len=128, decode_steps=4,
+              bucket_bytes=64 << 10)
 GREEDY = rollout.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[7, 8, 9, 10], "The quick brown fox", [1, 2, 3, 4, 5, 6]]
 
@@ -213,6 +216,7 @@ def test_synced_hf_params_make_every_worker_match_a_single_process_engine(servic
     params = hf_flat(tiny_qwen3_perturbed)
     version = service.sync_weights(params)
     assert version == service.version
+    assert service.status()["syncs"][-1]["buckets"] >= 3  # pack buffers were reused within the sync
     want = reference_tokens(reference, params)
     for worker in range(2):
         tokens, versions = worker_outputs(service, worker)
