@@ -151,9 +151,7 @@ class WeightSync:
                 # Workers start staging now on a manifest without checksums; each bucket is put
                 # as soon as it is packed and sent with its checksum, so workers verify and
                 # place bucket k while bucket k+1 is packed and put.
-                streaming = Manifest(
-                    version, self.layout, (None,) * len(buckets), self.checksum, finite=True
-                ).to_bytes()
+                streaming = self._manifest(version, (None,) * len(buckets))
                 calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
                 sums: list[int] = []
 
@@ -177,17 +175,21 @@ class WeightSync:
                 except BaseException:
                     self._abort_all(workers, sync_id, version)  # they wait for buckets that never come
                     raise
-                manifest = Manifest(version, self.layout, tuple(sums), self.checksum, finite=True).to_bytes()
+                manifest = self._manifest(version, tuple(sums))
             else:
                 with _phase(record, "pack"):
                     sums = [packer.pack_bucket(index) for index in buckets]
-                manifest = Manifest(version, self.layout, tuple(sums), self.checksum, finite=True).to_bytes()
+                manifest = self._manifest(version, tuple(sums))
                 with _phase(record, "put"):
                     refs = [ray.put(packer.buffers[index]) for index in buckets]
                 calls = {h.stage.remote(sync_id, manifest, list(refs)): i for h, i in zip(handles, workers)}
         del host, flat
         record.buckets = len(refs)
         return {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}, calls
+
+    def _manifest(self, version: int, sums: tuple[int | None, ...]) -> bytes:
+        """The manifest of a packed update (`finite`: the packer counted every value)."""
+        return Manifest(version, self.layout, sums, self.checksum, finite=True).to_bytes()
 
     def pack_buffers(self) -> list[np.ndarray]:
         """A uint8 buffer per bucket to pack it into, kept from sync to sync (memory touched once

@@ -407,8 +407,8 @@ class Engine:
                 if admitted:
                     burst = burst or not self._any_active()
                     self._prefill(admitted)
-                    if burst and self._admissible():
-                        continue
+                    if burst:
+                        continue  # the next pass admits more of it, or decodes when none fits
                 burst = False
                 if self._any_active():
                     self._decode()
@@ -453,11 +453,6 @@ class Engine:
             for start in range(0, len(running), self.config.max_prefill_batch):
                 chunk = running[start : start + self.config.max_prefill_batch]
                 self._run_prefill([s.request.prompt_ids + s.tokens for s in chunk], [[s] for s in chunk])
-
-    def _admissible(self) -> bool:
-        """Whether the first waiting request fits in the free slots now."""
-        with self._lock:
-            return bool(self._waiting) and self._waiting[0].sampling.n <= sum(s is None for s in self._slots)
 
     def _take_admissible(self) -> list[_Request]:
         free = sum(s is None for s in self._slots)
