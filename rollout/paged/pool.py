@@ -189,6 +189,11 @@ class PagePool:
         self.preemptions += 1
         return released
 
+    def count_preemption(self) -> None:
+        """Count a preemption of a sequence whose pages were freed already (a recompute swap
+        that could not re-admit it)."""
+        self.preemptions += 1
+
     def victims(self, youngest_first: Iterable[SeqId], pages_needed: int) -> list[SeqId] | None:
         """The shortest prefix of `youngest_first` whose preemption frees `pages_needed` more
         pages, counting a shared page only once all its holders are in the prefix. None if
