@@ -70,3 +70,9 @@ def test_a_fraction_leaving_no_page_is_refused(cfg):
     page = memory.page_bytes(cfg, 16, "float32")
     with pytest.raises(ValueError, match="raise the fraction"):
         memory.pages_from_device_memory(cfg, 16, "float32", [ReportingDevice(10 * page, 9 * page)], 0.5)
+
+
+def test_reserved_bytes_come_off_every_device(cfg):
+    page = memory.page_bytes(cfg, 16, "bfloat16")
+    device = ReportingDevice(1000 * page, 100 * page)
+    assert memory.pages_from_device_memory(cfg, 16, "bfloat16", [device], 0.5, reserved_bytes=150 * page) == 250

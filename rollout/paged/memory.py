@@ -46,9 +46,10 @@ def pages_in_budget(cfg: ModelConfig, page_size: int, dtype: str, budget_bytes: 
 
 
 def pages_from_device_memory(
-    cfg: ModelConfig, page_size: int, dtype: str, devices: Sequence, fraction: float
+    cfg: ModelConfig, page_size: int, dtype: str, devices: Sequence, fraction: float, reserved_bytes: int = 0
 ) -> int:
-    """Pages for `fraction` of device memory, less what is in use now (the weights etc.).
+    """Pages for `fraction` of device memory, less what is in use now and `reserved_bytes` per
+    device (e.g. weights not loaded yet).
 
     Needs devices that report memory (TPU, GPU); the least free device decides.
     """
@@ -62,7 +63,7 @@ def pages_from_device_memory(
                 f"device {device} does not report its memory, so the KV pool cannot be sized as a "
                 f"fraction of it; give the pool size in pages (kv_pages) instead"
             )
-        budgets.append(int(stats["bytes_limit"] * fraction) - int(stats.get("bytes_in_use", 0)))
+        budgets.append(int(stats["bytes_limit"] * fraction) - int(stats.get("bytes_in_use", 0)) - reserved_bytes)
     budget = min(budgets)
     pages = pages_in_budget(cfg, page_size, dtype, max(budget, 0), len(devices))
     if pages < 1:

@@ -76,6 +76,9 @@ class PagePool:
         self._tables: dict[SeqId, list[int]] = {}
         self._lengths: dict[SeqId, int] = {}  # positions each sequence's pages cover
         self.preemptions = 0
+        # Kept as references change, so stats() costs nothing whatever the pool size.
+        self._entries = 0  # page-table entries over all sequences (sum of reference counts)
+        self._shared = 0  # pages with more than one holder
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -107,18 +110,35 @@ class PagePool:
         return self._refs[page]
 
     def stats(self) -> PoolStats:
-        held = [r for r in self._refs if r > 0]
+        used = self.num_pages - len(self._free)
         return PoolStats(
             num_pages=self.num_pages,
             page_size=self.page_size,
-            used_pages=len(held),
+            used_pages=used,
             free_pages=len(self._free),
-            shared_pages=sum(r > 1 for r in held),
+            shared_pages=self._shared,
             sequences=len(self._tables),
-            tokens=sum(len(t) for t in self._tables.values()) * self.page_size,
+            tokens=self._entries * self.page_size,
             preemptions=self.preemptions,
-            pages_saved_by_sharing=sum(r - 1 for r in held),
+            pages_saved_by_sharing=self._entries - used,
         )
+
+    def _hold(self, page: int, holders: int) -> None:
+        """A fresh page taken by `holders` tables."""
+        self._refs[page] = holders
+        self._entries += holders
+        self._shared += holders > 1
+
+    def _release(self, page: int) -> bool:
+        """One holder lets go of `page`; True if it became free."""
+        self._shared -= self._refs[page] == 2
+        self._refs[page] -= 1
+        self._entries -= 1
+        assert self._refs[page] >= 0, f"page {page} released more often than taken"
+        if self._refs[page] == 0:
+            self._free.append(page)
+            return True
+        return False
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -142,11 +162,11 @@ class PagePool:
         full, tail = divmod(prompt_len, self.page_size)
         shared = self._take(full)
         for page in shared:
-            self._refs[page] = len(seqs)
+            self._hold(page, len(seqs))
         for seq in seqs:
             own = self._take(1) if tail else []
             for page in own:
-                self._refs[page] = 1
+                self._hold(page, 1)
             self._tables[seq] = shared + own
             self._lengths[seq] = prompt_len
         return True
@@ -163,7 +183,7 @@ class PagePool:
             assert self._refs[table[-1]] == 1, f"{seq!r} would write into shared page {table[-1]}"
         if extra > 0:
             for page in self._take(extra):
-                self._refs[page] = 1
+                self._hold(page, 1)
                 table.append(page)
         self._lengths[seq] = max(self._lengths[seq], length)
         return True
@@ -174,14 +194,7 @@ class PagePool:
         a double free is a bug the pool must not hide."""
         table = self._tables.pop(seq)
         del self._lengths[seq]
-        released = 0
-        for page in table:
-            self._refs[page] -= 1
-            assert self._refs[page] >= 0, f"page {page} released more often than taken"
-            if self._refs[page] == 0:
-                self._free.append(page)
-                released += 1
-        return released
+        return sum(self._release(page) for page in table)
 
     def preempt(self, seq: SeqId) -> int:
         """`free` for a sequence that will be recomputed later; counted in `preemptions`."""
@@ -232,6 +245,7 @@ class PagePool:
             if self._lengths[seq] % self.page_size:  # a partly written page is written next
                 assert self._refs[table[-1]] == 1, f"{seq!r}'s partial last page is shared"
         assert counts == self._refs, "reference counts differ from the page tables"
+        assert self._entries == sum(counts) and self._shared == sum(c > 1 for c in counts), "stale counters"
         free = set(self._free)
         assert len(free) == len(self._free), "a page is on the free list twice"
         assert free == {p for p in range(self.num_pages) if counts[p] == 0}, "free list != unreferenced pages"
