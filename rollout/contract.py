@@ -18,7 +18,8 @@ No jax, no Ray import: the driver loads this module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from rollout.engine.backend import EngineStatus
 from rollout.engine.sampling_params import SamplingParams

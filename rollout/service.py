@@ -24,7 +24,8 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 
@@ -180,7 +181,7 @@ class RolloutService:
         for ref in done:
             try:
                 ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - say which worker and why
+            except Exception as err:
                 raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
         if pending:
             raise PlacementError(
@@ -403,10 +404,10 @@ class RolloutService:
         if self._closed:
             raise ServiceClosedError("the rollout service is shut down; create a new one (rollout.init)")
 
-    def __enter__(self) -> "RolloutService":
+    def __enter__(self) -> RolloutService:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     def __repr__(self) -> str:
@@ -415,7 +416,7 @@ class RolloutService:
                 f"{self.accelerator} devices, version {self._version})")
 
 
-def _health_loop(service_ref: "weakref.ref[RolloutService]", stop: threading.Event) -> None:
+def _health_loop(service_ref: weakref.ref[RolloutService], stop: threading.Event) -> None:
     """Probe down workers every _PROBE_INTERVAL_S until stopped or the service is collected."""
     while not stop.wait(_PROBE_INTERVAL_S):
         service = service_ref()
@@ -423,7 +424,7 @@ def _health_loop(service_ref: "weakref.ref[RolloutService]", stop: threading.Eve
             return
         try:
             service._probe_down_workers()
-        except Exception:  # noqa: BLE001 - keep probing; a failed probe is retried
+        except Exception:
             log.exception("health probe failed")
         del service
 

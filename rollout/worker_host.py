@@ -33,8 +33,9 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,7 +13,6 @@ import inspect
 
 import numpy as np
 import pytest
-from fake_engine import FakeEngine
 
 from rollout.contract import BucketUpdate, CheckpointUpdate, StageReport, WorkerCalls
 from rollout.engine.backend import EngineBackend, engine_factory
@@ -23,6 +22,8 @@ from rollout.registry import UpdateRegistry
 from rollout.weights.buckets import BucketChecksumError, PackedUpdate, pack, plan_buckets
 from rollout.weights.spec import spec_of_leaves
 from rollout.worker_host import EARLY_SYNCS, SyncAbortedError, WorkerHost
+
+from fake_engine import FakeEngine
 
 SPEC = spec_of_leaves([(f"layers.{i}.w", (64,), "float32") for i in range(6)])  # 256 B each
 BUCKET_BYTES = 512  # 3 buckets of 2 leaves

@@ -14,9 +14,10 @@ a step boundary under the in-flight policy; `abort(v)` drops it. Versions only g
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
