@@ -1,10 +1,10 @@
 """The reliability report: every case of tests/reliability against a live fleet, as tables.
 
-Starts a local Ray and a fleet of 2 workers x 2 simulated CPU devices on tiny checkpoints made
-on the spot, then runs the cases defined once in tests/reliability/ (one module per category,
-the same helpers the tests assert on): bad weight updates, bad generate requests, faults (hang,
-kills, shutdown, garbage collection), security probes and a soak. Prints one row per case and
-a summary:
+Starts a local Ray (on loopback) and a fleet of 2 workers x 2 simulated CPU devices on tiny
+checkpoints made on the spot, then runs the cases defined once in tests/reliability/ (one
+module per category, the same helpers the tests assert on): bad weight updates, bad generate
+requests, faults (hang, kills, shutdown, garbage collection), security probes and a soak.
+Prints one row per case and a summary:
 
     cases tried | clear errors | requests lost | versions mixed | memory drift | restarts
 
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     from reliability import bad_requests, bad_updates, faults, harness, security, soak
 
     import rollout
+    from rollout.local_ray import start_local_ray
     from rollout.testing import make_tiny_checkpoint
 
     requests = args.requests or (400 if args.quick else 2000)
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     ckpt = make_tiny_checkpoint(tmp / "qwen3", "Qwen3ForCausalLM", seed=1)
     other_ckpt = make_tiny_checkpoint(tmp / "qwen3_b", "Qwen3ForCausalLM", seed=2)
     params, other = harness.engine_params(ckpt), harness.engine_params(other_ckpt)
-    ray.init(num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     try:
         svc = rollout.RolloutService(ckpt, **harness.FLEET)
         try:

@@ -24,8 +24,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 
@@ -34,7 +33,7 @@ from rollout.dispatch import Dispatch, GenerationStream
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
-from rollout.errors import PlacementError, ServiceClosedError
+from rollout.errors import PlacementError, ServiceClosedError, describe_error
 from rollout.fleet import (
     FleetConfig,
     actor_options,
@@ -47,7 +46,7 @@ from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.registry import UpdateRegistry
 from rollout.routing import DEAD, DOWN, UP, Router
-from rollout.sync import Fleet, SyncRecord, WeightSync, describe_error
+from rollout.sync import Fleet, SyncRecord, WeightSync
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
@@ -181,7 +180,7 @@ class RolloutService:
         for ref in done:
             try:
                 ray.get(ref)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - say which worker and why
                 raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
         if pending:
             raise PlacementError(
@@ -424,7 +423,7 @@ def _health_loop(service_ref: weakref.ref[RolloutService], stop: threading.Event
             return
         try:
             service._probe_down_workers()
-        except Exception:
+        except Exception:  # noqa: BLE001 - keep probing; a failed probe is retried
             log.exception("health probe failed")
         del service
 

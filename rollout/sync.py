@@ -28,16 +28,15 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import ray
 
 from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, StageReport
-from rollout.errors import SyncError
+from rollout.errors import SyncError, describe_error, first_line
 from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.hf_names import IGNORED, hf_to_path
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
@@ -287,24 +286,6 @@ def _safetensors_dtype(name: str) -> str:
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(name, name.lower())
 
 
-def describe_error(err: BaseException) -> str:
-    """One line: the root cause of a Ray error (the worker's own exception when there is one)."""
-    if isinstance(err, ray.exceptions.RayTaskError):
-        cause = err.cause if getattr(err, "cause", None) is not None else err
-        if cause is not err:
-            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
-    if isinstance(err, ray.exceptions.ActorUnavailableError):
-        return "the worker is unavailable (it died and is restarting)"
-    if isinstance(err, ray.exceptions.RayActorError):
-        return "the worker died (" + _first_line(str(err)) + ")"
-    return f"{type(err).__name__}: {_first_line(str(err))}"
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else text
-
-
 class _phase:
     """Time one phase into `record.seconds` and log it as one JSON line."""
 
@@ -320,5 +301,5 @@ class _phase:
         line = {"event": "sync_phase", "version": self.record.version, "phase": self.name,
                 "seconds": round(seconds, 6), "bytes": self.record.nbytes, "ok": exc is None}
         if exc is not None:
-            line["error"] = _first_line(str(exc))
+            line["error"] = first_line(str(exc))
         log.info(json.dumps(line))
