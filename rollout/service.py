@@ -110,6 +110,8 @@ class RolloutService:
                 f"unknown option(s) {unknown}; expected fields of FleetConfig "
                 f"{sorted(_FLEET_FIELDS)} or EngineConfig {sorted(_ENGINE_FIELDS)}"
             )
+        if not (isinstance(worker_class, type) and issubclass(worker_class, RolloutWorker)):
+            raise TypeError(f"worker_class={worker_class!r}: expected rollout.worker.RolloutWorker or a subclass")
         self.fleet_config = FleetConfig(**{k: v for k, v in options.items() if k in _FLEET_FIELDS})
         self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
         self.checkpoint = resolve_checkpoint(model)
@@ -167,8 +169,6 @@ class RolloutService:
         registry_name = f"rollout-registry-{uuid.uuid4().hex[:10]}"
         self._registry = ray.remote(UpdateRegistry).options(name=registry_name, num_cpus=0).remote()
         options = actor_options(cfg, self.accelerator, os.environ)
-        if not (isinstance(worker_class, type) and issubclass(worker_class, RolloutWorker)):
-            raise TypeError(f"worker_class={worker_class!r}: expected rollout.worker.RolloutWorker or a subclass")
         worker_cls = ray.remote(worker_class)
         self._handles = [
             worker_cls.options(**options).remote(i, self._model_ref, self.engine_config, cfg, registry_name, namespace)

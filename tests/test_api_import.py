@@ -101,3 +101,10 @@ def test_an_unregistered_engine_is_refused_with_the_registered_ones():
 
     with pytest.raises(ValueError, match=r"engine='sglang-jax': expected a registered backend, one of \['native'\]"):
         rollout.FleetConfig(engine="sglang-jax")
+
+
+def test_a_worker_class_that_is_not_a_rollout_worker_is_refused_before_anything_starts():
+    from rollout.service import RolloutService
+
+    with pytest.raises(TypeError, match="worker_class=<class 'object'>: expected rollout.worker.RolloutWorker"):
+        RolloutService("/nonexistent/checkpoint", worker_class=object)
