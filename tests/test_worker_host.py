@@ -302,7 +302,7 @@ def test_the_worker_actor_answers_every_call_of_the_contract_with_its_signature(
         return [p for p in inspect.signature(fn).parameters if not p.startswith("_ray")]
 
     calls = [name for name, _ in inspect.getmembers(WorkerCalls, inspect.isfunction) if not name.startswith("_")]
-    assert len(calls) == 11
+    assert {"ready", "generate", "stage", "feed", "commit", "abort", "catch_up", "status"} <= set(calls)
     for name in calls:
         ours, contract = getattr(RolloutWorker, name), getattr(WorkerCalls, name)
         assert inspect.iscoroutinefunction(ours), name
