@@ -44,7 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices-per-worker", type=int, default=2, help="simulated CPU devices per worker")
     p.add_argument("--bucket-mib", type=int, default=256, help="bucket_bytes of the sync, in MiB")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method (median kept)")
-    p.add_argument("--no-pipeline", action="store_true", help="pipelined_sync=False: pack all, put all, then stage")
     p.add_argument("--checksum", default="sum64", choices=["sum64", "crc32"], help="bucket checksum")
     p.add_argument("--skip-per-tensor", action="store_true", help="skip the (slow) per-tensor pattern")
     p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
@@ -213,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     svc = rollout.RolloutService(
         ckpt, num_workers=args.workers, devices_per_worker=args.devices_per_worker, accelerator="cpu",
         load_format="dummy", max_batch=2, max_seq_len=64, bucket_bytes=args.bucket_mib << 20,
-        pipelined_sync=not args.no_pipeline, checksum=args.checksum, env_vars=extra_env,
+        checksum=args.checksum, env_vars=extra_env,
     )
     spec = svc.spec
     print(f"model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
           f"{args.workers} workers x {args.devices_per_worker} CPU devices; bucket {args.bucket_mib} MiB; "
-          f"checksum {args.checksum}; {'not ' if args.no_pipeline else ''}pipelined; "
+          f"checksum {args.checksum}; "
           f"{os.cpu_count()} host cores; object store {store / 2**30:.1f} GiB, "
           f"{'not ' if args.no_preallocate else ''}preallocated; extra worker env {extra_env or 'none'} "
           "(CPU malloc defaults: rollout.fleet.CPU_WORKER_MALLOC)", flush=True)

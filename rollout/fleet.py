@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from rollout.errors import PlacementError
 
@@ -42,7 +42,6 @@ class FleetConfig:
     bucket_bytes: int = 256 << 20  # object-store bucket size: fewer objects vs. bigger fetch units
     max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
     checksum: str = "sum64"  # bucket checksum: sum64 (memory speed) or crc32 (~0.3 s/GiB per reader)
-    pipelined_sync: bool = True  # workers stage bucket k while bucket k+1 is put (False: put all first)
     sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
     ready_timeout_s: float = 600.0  # workers must build their engines within this at start
     max_restarts: int = -1  # Ray restarts of a dead worker; -1 = forever, 0 = never
@@ -52,8 +51,14 @@ class FleetConfig:
     # Extra environment of worker processes, e.g. {"JAX_COMPILATION_CACHE_DIR": "/cache"} so a
     # restarted worker reuses compiled programs instead of compiling again.
     env_vars: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The engine backend of every worker: a name in rollout.engine.backend.BACKENDS, or a
+    # factory (model, EngineConfig, devices) -> EngineBackend (picklable; built in the worker).
+    engine: str | Callable[..., Any] = "native"
 
     def __post_init__(self) -> None:
+        from rollout.engine.backend import check_engine  # not at import: `import rollout` stays light
+
+        check_engine(self.engine)
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator={self.accelerator!r}: expected one of {ACCELERATORS}")
         for name in ("num_workers", "devices_per_worker", "max_inflight_buckets", "sync_history"):

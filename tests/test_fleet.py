@@ -20,6 +20,8 @@ import rollout
 from rollout.weights.loader import iter_tensors
 from rollout.weights.spec import hf_flat_to_engine
 
+from reliability.fault_worker import FaultyWorker
+
 pytestmark = pytest.mark.ray
 
 # small buckets: a sync of the tiny model takes ~10, so the pipelined path (and the coordinator's
@@ -54,7 +56,8 @@ def service(ray_local, tiny_qwen3, tmp_path_factory):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
-    with rollout.RolloutService(tiny_qwen3, env_vars=cache, **CONFIG) as svc:
+    # FaultyWorker: the product's worker with faults the tests arm (tests/reliability/fault_worker.py)
+    with rollout.RolloutService(tiny_qwen3, env_vars=cache, worker_class=FaultyWorker, **CONFIG) as svc:
         yield svc
 
 
@@ -124,7 +127,7 @@ def test_a_stale_failure_does_not_take_a_worker_down_again():
     assert router.mark(0, DOWN, epoch)  # the first failure takes it down
     assert router.mark(0, UP)  # it came back
     assert not router.mark(0, DOWN, epoch)  # the second, older failure is stale
-    assert router.state(0) == UP
+    assert router.snapshot()[0]["state"] == UP
 
 
 def test_placement_is_checked_per_node_and_explained():
@@ -267,9 +270,11 @@ def test_a_spec_mismatch_is_refused_before_any_transfer(service, tiny_qwen3, mon
 
 
 def test_one_worker_failing_to_stage_aborts_the_sync_everywhere(service, tiny_qwen3, tiny_qwen3_perturbed):
+    import ray
+
     before = service.version
     outputs = [worker_outputs(service, w) for w in range(2)]
-    service.inject_fault(1, "stage", message="disk on fire")
+    ray.get(service.workers[1].inject_fault.remote("stage", message="disk on fire"))
     with pytest.raises(rollout.SyncError) as info:
         service.sync_weights(hf_flat(tiny_qwen3))
     assert info.value.failures.keys() == {1}
@@ -358,7 +363,7 @@ def test_a_worker_killed_during_a_sync_leaves_the_fleet_on_one_version(service, 
 
     assert service.wait_for_workers(timeout=120)
     before = service.version
-    service.inject_fault(1, "stage", delay_s=3.0)
+    ray.get(service.workers[1].inject_fault.remote("stage", delay_s=3.0))
     result: dict = {}
 
     def sync():
