@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 import ray
@@ -36,6 +37,7 @@ import ray
 from rollout.engine.backend import EngineBackend
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.streaming import TokenDelta, stream_request
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
 from rollout.weights.inbox import BucketInbox
@@ -287,6 +289,27 @@ class RolloutWorker:
             raise
         except EngineClosedError:
             if not engine.status()["alive"]:  # the scheduler crashed: restart this process
+                log.error("worker %d: engine scheduler died; exiting so Ray restarts the worker", self.index)
+                asyncio.get_running_loop().call_later(0.5, os._exit, 70)
+            raise
+
+    async def generate_stream(
+        self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
+    ) -> AsyncIterator[list[TokenDelta]]:
+        """Streaming generator (call with `.options(num_returns="streaming")`): the request's
+        TokenDeltas as the engine accepts them. Cancelling the stream (`ray.cancel`) stops the
+        request at the engine's next step boundary; see rollout.engine.streaming."""
+        await self._start()
+        await self.host.faults.hit_async("generate")
+        try:
+            stream = stream_request(
+                self.host.engine, prompt_ids, sampling, prompt_index=prompt_index, return_logprobs=return_logprobs
+            )
+            async with contextlib.aclosing(stream):  # closing it cancels the request
+                async for deltas in stream:
+                    yield deltas
+        except EngineClosedError:
+            if not self.host.engine.status()["alive"]:  # the scheduler crashed: restart this process
                 log.error("worker %d: engine scheduler died; exiting so Ray restarts the worker", self.index)
                 asyncio.get_running_loop().call_later(0.5, os._exit, 70)
             raise
