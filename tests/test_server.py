@@ -7,6 +7,8 @@ shares the same fleet. The test that shuts the fleet down runs last.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import threading
@@ -14,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import ray
 
 import rollout
 from rollout.tokenizer import Tokenizer
@@ -44,8 +47,14 @@ def checkpoint(tiny_qwen3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, checkpoint):
-    srv = rollout.serve(checkpoint, port=0, served_model_name=MODEL, **CONFIG)
+def server(ray_local, checkpoint, tmp_path_factory):
+    # a persistent compilation cache lets the workers killed below restart without recompiling
+    cache = {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    srv = rollout.serve(checkpoint, port=0, served_model_name=MODEL, env_vars=cache, **CONFIG)
     yield srv
     srv.shutdown()
 
@@ -371,6 +380,60 @@ def test_metrics_are_prometheus_text_with_the_fleet_numbers(server):
     assert metric(server, "rollout_requests_total", 'status="400"') >= 1
     assert metric(server, "rollout_time_to_first_token_seconds_count") >= 1
     assert metric(server, "rollout_sync_phase_seconds", 'phase="commit"') > 0
+
+
+def test_worker_death_before_the_first_token_resends_the_request(server):
+    svc = server.service
+    sampling = rollout.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ref = svc.generate([[9, 8, 7]], sampling)[0]
+    for worker in range(2):  # whichever gets the request stalls before generating
+        svc.inject_fault(worker, "generate", delay_s=2.0)
+
+    async def run():
+        stream = svc.generate_stream([9, 8, 7], sampling)
+        task = asyncio.ensure_future(_drain(stream))
+        while stream.worker is None:
+            await asyncio.sleep(0.01)
+        first = stream.worker
+        ray.kill(svc.workers[first], no_restart=False)
+        await task
+        return stream, first
+
+    try:
+        stream, first = asyncio.run(run())
+    finally:
+        for worker in range(2):
+            with contextlib.suppress(Exception):
+                ray.get(svc.workers[worker].clear_faults.remote(), timeout=30)
+    assert stream.worker != first  # re-sent to the other worker
+    out = stream.completions()[0]
+    assert out.token_ids == ref.token_ids and out.text == ref.text and out.finish_reason == "length"
+    assert svc.wait_for_workers(180)
+
+
+def test_worker_death_mid_stream_ends_the_stream_with_an_error_event(server):
+    svc = server.service
+    assert svc.wait_for_workers(180)
+    body = {"model": MODEL, "prompt": [4, 5, 6], "max_tokens": 900, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        lines = (line[len("data: "):] for line in r.iter_lines() if line.startswith("data: "))
+        first = json.loads(next(lines))
+        busy = [w["index"] for w in svc.status()["workers"] if w["inflight_requests"]]
+        ray.kill(svc.workers[busy[0]], no_restart=False)
+        rest = list(lines)
+    assert rest[-1] == "[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert error["code"] == "service_unavailable" and "partial output stands" in error["message"]
+    sent = first["choices"][0]["token_ids"] + [t for e in rest[:-2] for t in json.loads(e)["choices"][0]["token_ids"]]
+    ref = svc.generate([[4, 5, 6]], rollout.SamplingParams(max_tokens=len(sent), temperature=0.0, ignore_eos=True))
+    assert sent == list(ref[0].token_ids)  # what was sent is a true prefix, nothing repeated
+    assert svc.wait_for_workers(180)
+
+
+async def _drain(stream):
+    async for _ in stream:
+        pass
 
 
 def test_after_fleet_shutdown_requests_get_503(server, client):

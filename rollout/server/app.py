@@ -239,6 +239,7 @@ class _Job:
         tokens = 0
         first_token_s: float | None = None
         status = 200
+        metrics.running.inc()
         try:
             async for p, deltas in merge_streams(streams):
                 choices = []
@@ -311,7 +312,6 @@ async def _generate(state: ServerState, request: Request, model: type[BaseModel]
                        for ids in job.prompts]
         except Exception as err:  # noqa: BLE001 - e.g. the service closed meanwhile
             return from_exception(err).response()
-        state.metrics.running.inc()
         return SSEResponse(job.events(streams))
     state.metrics.running.inc()
     status, groups = 200, []
