@@ -10,6 +10,8 @@
     rollout.status()
     rollout.shutdown()
 
+    server = rollout.serve(model_or_service, port=8000)   # OpenAI-compatible HTTP ([serve] extra)
+
 `rollout.RolloutService(...)` is the same as an object (and a context manager); the module-level
 functions drive a default service made by `init`. Importing this package is cheap: it imports
 neither jax nor torch nor Ray; the service and the engine load them when first used.

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import ray
 
@@ -114,7 +115,7 @@ class FleetRequest:
             except asyncio.CancelledError:
                 ray.cancel(ref)  # the worker cancels the engine request
                 raise
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if not is_worker_failure(err):
                     raise
                 self._failed(worker, epoch, err)
@@ -147,10 +148,10 @@ class TokenStream:
         if self._iter is not None:
             await self._iter.aclose()  # type: ignore[attr-defined]
 
-    async def __aenter__(self) -> "TokenStream":
+    async def __aenter__(self) -> TokenStream:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def _run(self) -> AsyncIterator[list[TokenDelta]]:
@@ -172,7 +173,7 @@ class TokenStream:
                     yield deltas
                 finished = True
                 return
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if not is_worker_failure(err):
                     finished = True
                     raise

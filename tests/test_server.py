@@ -380,6 +380,8 @@ def test_metrics_are_prometheus_text_with_the_fleet_numbers(server):
     assert metric(server, "rollout_requests_total", 'status="400"') >= 1
     assert metric(server, "rollout_time_to_first_token_seconds_count") >= 1
     assert metric(server, "rollout_sync_phase_seconds", 'phase="commit"') > 0
+    mirrored = [m for m in vars(server.metrics).values() if hasattr(m, "ray")]
+    assert len(mirrored) == 13 and all(m.ray is not None for m in mirrored)  # fed to Ray's metrics too
 
 
 def test_worker_death_before_the_first_token_resends_the_request(server):

@@ -6,14 +6,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from rollout.engine.config import EngineConfig  # noqa: E402
-from rollout.models.config import ModelConfig  # noqa: E402
-from rollout.prompts import PromptValidator  # noqa: E402
-from rollout.server import translate  # noqa: E402
-from rollout.server.auth import check_bind, check_key, is_loopback  # noqa: E402
-from rollout.server.errors import APIError  # noqa: E402
-from rollout.server.schema import ChatCompletionRequest, CompletionRequest  # noqa: E402
-from rollout.tokenizer import Tokenizer  # noqa: E402
+from rollout.engine.config import EngineConfig
+from rollout.models.config import ModelConfig
+from rollout.prompts import PromptValidator
+from rollout.server import translate
+from rollout.server.auth import check_bind, check_key, is_loopback
+from rollout.server.errors import APIError
+from rollout.server.schema import ChatCompletionRequest, CompletionRequest
+from rollout.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

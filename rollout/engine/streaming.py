@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from rollout.engine.sampling_params import SamplingParams
 

@@ -18,7 +18,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -131,11 +132,12 @@ def build_app(state: ServerState) -> FastAPI:
                               "source")
         try:
             version = await asyncio.to_thread(state.service.sync_weights, source)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             state.metrics.syncs.inc(status="error")
             return from_exception(err).response()
         state.metrics.syncs.inc(status="ok")
-        record = next((s for s in reversed(state.service.status()["syncs"]) if s["version"] == version), None)
+        syncs = (await asyncio.to_thread(state.service.status))["syncs"]
+        record = next((s for s in reversed(syncs) if s["version"] == version), None)
         await _refresh_fleet(state)
         return JSONResponse({"version": version, "sync": record})
 
@@ -301,7 +303,7 @@ async def _generate(state: ServerState, request: Request, model: type[BaseModel]
             raise bad_request(f"not supported by this server: {', '.join(unsupported)}; remove them from the "
                               "request", unsupported[0].split(" ")[0])
         job = _Job(state, req, endpoint)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         api_error = from_exception(err)
         state.metrics.requests.inc(endpoint=endpoint, status=str(api_error.status))
         return api_error.response()
@@ -311,7 +313,9 @@ async def _generate(state: ServerState, request: Request, model: type[BaseModel]
             streams = [service.generate_stream(ids, job.sampling, return_logprobs=job.want_logprobs)
                        for ids in job.prompts]
         except Exception as err:  # noqa: BLE001 - e.g. the service closed meanwhile
-            return from_exception(err).response()
+            api_error = from_exception(err)
+            state.metrics.requests.inc(endpoint=endpoint, status=str(api_error.status))
+            return api_error.response()
         return SSEResponse(job.events(streams))
     state.metrics.running.inc()
     status, groups = 200, []
@@ -323,7 +327,7 @@ async def _generate(state: ServerState, request: Request, model: type[BaseModel]
         status = 499
         state.metrics.cancelled.inc(endpoint=endpoint)
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         api_error = from_exception(err)
         status = api_error.status
         return api_error.response()
@@ -379,7 +383,7 @@ async def _refresh_fleet(state: ServerState) -> None:
         return
     try:
         state.metrics.update_fleet(await asyncio.to_thread(state.service.status, 5.0))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         log.warning("metrics: fleet status unavailable (%s: %s)", type(err).__name__, err)
 
 

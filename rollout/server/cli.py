@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 
@@ -56,13 +58,14 @@ def run(args: argparse.Namespace) -> int:
         from trainer_stub.clients import configure_devices
 
         configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
-    try:
+    try:  # fail before starting a fleet, with the install hint
+        import fastapi
+        import prometheus_client
         import uvicorn
-
-        from rollout.server.app import ServerState, build_app
     except ImportError as err:
         sys.exit(f"error: `rollout serve` needs the server libraries ({err.name} is missing): "
                  'pip install "rollout[serve]"')
+    from rollout.server.handle import Server
     from rollout.service import RolloutService
 
     service = RolloutService(
@@ -71,11 +74,20 @@ def run(args: argparse.Namespace) -> int:
         load_format=args.load_format, swap_policy=args.swap_policy,
     )
     try:
-        state = ServerState(service, args.served_model_name or args.model, args.api_key or None)
-        print(json.dumps({"event": "serving", "url": f"http://{args.host}:{args.port}", "model": state.model_name,
-                          "workers": args.workers, "api_key": bool(state.api_key)}), flush=True)
-        uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
-    finally:
+        server = Server(service, owns_service=True, host=args.host, port=args.port, api_key=args.api_key or None,
+                        model_name=args.served_model_name or args.model, log_level=args.log_level)
+    except BaseException:
         service.shutdown()
+        raise
+    print(json.dumps({"event": "serving", "url": server.url, "model": server.state.model_name,
+                      "workers": args.workers, "api_key": bool(server.state.api_key)}), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print(json.dumps({"event": "stopping", "url": server.url}), flush=True)
+        server.shutdown()  # the HTTP server, then the fleet
     return 0

@@ -75,10 +75,10 @@ class Server:
         if self._owns_service:
             self.service.shutdown()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     def __repr__(self) -> str:

@@ -8,7 +8,8 @@ last token) and, with `return_token_ids`, `prompt_token_ids`, `token_ids` and `t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
