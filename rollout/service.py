@@ -308,6 +308,7 @@ class RolloutService:
         return FleetRequest(
             handles=self._handles, router=self._router, worker_down=self._worker_down, prompt_ids=ids,
             sampling=sampling, return_logprobs=return_logprobs, max_retries=self.fleet_config.max_request_retries,
+            tokenizer=self.tokenizer,
         )
 
     # -- workers: liveness and catching up --------------------------------------------------------

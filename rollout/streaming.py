@@ -12,9 +12,13 @@ the prompt to the least-loaded live worker, and cancel the request on its worker
 engine step when the caller stops early (closes the stream or cancels the task).
 
 Worker death: a request whose worker dies before anything of it reached the caller is sent
-again to another live worker (like `generate`), so nothing is lost or repeated. Once deltas
-were delivered, sending it again would repeat or contradict them, so the stream raises
-WorkerUnavailableError instead; what was delivered stands.
+again to another live worker (like `generate`). Once deltas were delivered, each unfinished
+sample is continued instead: its prompt plus the tokens already delivered go to another worker
+as a new prompt, for the tokens still allowed. The driver detokenizes the continued samples
+itself and checks their stop strings across the seam, so the caller gets exactly one copy of
+every token and text that reads as if one worker had made it all. (A continued sample draws
+its randomness afresh, and its later tokens may come from a newer weight version; each
+token's version is in `token_versions`.)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rollout.engine.types import Completion
 from rollout.errors import ServiceClosedError, WorkerUnavailableError
 from rollout.routing import Router, request_cost
 from rollout.sync import describe_error
+from rollout.tokenizer import IncrementalDetokenizer
 
 _MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worker to be up)
 
@@ -60,6 +65,7 @@ class FleetRequest:
         return_logprobs: bool,
         max_retries: int,
         prompt_index: int = 0,
+        tokenizer: Any = None,
     ):
         self._handles = handles
         self._router = router
@@ -68,6 +74,7 @@ class FleetRequest:
         self.sampling = sampling
         self.return_logprobs = return_logprobs
         self.prompt_index = prompt_index
+        self.tokenizer = tokenizer  # to continue samples whose worker died mid-stream
         self._max_retries = max_retries
         self._cost = request_cost(len(prompt_ids), sampling.max_tokens, sampling.n)
         self._failures: list[str] = []
@@ -123,6 +130,16 @@ class FleetRequest:
             finally:
                 self._router.release(worker, self._cost)
 
+    def continuation(self, token_ids: list[int]) -> FleetRequest:
+        """One sample continued after `token_ids`: n=1, the tokens left, the retries left."""
+        return FleetRequest(
+            handles=self._handles, router=self._router, worker_down=self._worker_down,
+            prompt_ids=self.prompt_ids + token_ids,
+            sampling=dataclasses.replace(self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids)),
+            return_logprobs=self.return_logprobs, max_retries=max(0, self._max_retries - self._attempts),
+            prompt_index=self.prompt_index, tokenizer=self.tokenizer,
+        )
+
 
 class TokenStream:
     """The deltas of one prompt's samples as the fleet generates them (`async for`).
@@ -157,7 +174,8 @@ class TokenStream:
     async def _run(self) -> AsyncIterator[list[TokenDelta]]:
         request = self._request
         avoid: frozenset[int] = frozenset()
-        while True:
+        died_mid_stream = False
+        while not died_mid_stream:
             worker = await request._acquire(avoid)
             self.worker = worker
             epoch = request._router.epoch(worker)
@@ -177,16 +195,14 @@ class TokenStream:
                 if not is_worker_failure(err):
                     finished = True
                     raise
-                if self._delivered:
-                    request._worker_down(worker, err, epoch)
-                    finished = True
-                    raise WorkerUnavailableError(
-                        f"worker {worker} died after part of this request was streamed "
-                        f"({sum(len(s.token_ids) for s in self._samples)} tokens); the partial output stands, "
-                        f"send the request again for a complete one ({describe_error(err)})"
-                    ) from err
-                request._failed(worker, epoch, err)
+                request._failed(worker, epoch, err)  # raises once the retries are used up
                 avoid = frozenset([worker])
+                died_mid_stream = finished = self._delivered
+                if died_mid_stream and request.tokenizer is None:
+                    raise WorkerUnavailableError(
+                        f"worker {worker} died after part of this request was streamed; the partial output "
+                        f"stands, send the request again for a complete one ({describe_error(err)})"
+                    ) from err
             finally:
                 request._router.release(worker, request._cost)
                 if not finished:  # the caller stopped early: stop the request on its worker
@@ -194,6 +210,28 @@ class TokenStream:
                         ray.cancel(gen)
                     except Exception:  # noqa: BLE001 - already finished or its worker is gone
                         pass
+        async for deltas in self._continue():
+            yield deltas
+
+    async def _continue(self) -> AsyncIterator[list[TokenDelta]]:
+        """Continue every unfinished sample on other workers (see the module docstring)."""
+        request = self._request
+        seams, streams = [], []
+        for index, state in enumerate(self._samples):
+            if state.finish_reason is None and len(state.token_ids) < request.sampling.max_tokens:
+                seams.append(_Seam(index, state, request.tokenizer, request.sampling))
+                streams.append(TokenStream(request.continuation(state.token_ids)))
+        merged = StreamMerge(streams)
+        try:
+            async for i, deltas in merged:
+                out = [d for d in (seams[i].feed(delta) for delta in deltas) if d is not None]
+                if seams[i].done:
+                    merged.stop(i)  # e.g. a stop string across the seam: its worker can stop
+                if out:
+                    self._absorb(out)
+                    yield out
+        finally:
+            await merged.aclose()
 
     def _absorb(self, deltas: list[TokenDelta]) -> None:
         for d in deltas:
@@ -222,3 +260,102 @@ class TokenStream:
             )
             for i, s in enumerate(self._samples)
         ]
+
+
+class _Seam:
+    """The text side of one sample continued on another worker.
+
+    The continuing worker sees the delivered tokens as prompt, so its text starts at the seam
+    and its stop strings cannot look across it. Here the sample's tokens are detokenized as
+    one sequence and stop strings checked as the engine does (and text that may begin one held
+    back), so the caller's text is what an uninterrupted sample would have had.
+    """
+
+    def __init__(self, index: int, state: _SampleState, tokenizer: Any, sampling: SamplingParams):
+        self.index = index
+        self.stops = sampling.stop
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text = "".join(self.detok.push(t) for t in state.token_ids)
+        self.sent = len(state.text)  # a prefix of self.text: the rest was held back
+        self.done = False
+
+    def feed(self, delta: TokenDelta) -> TokenDelta | None:
+        """The caller's delta for what the continuation's worker sent (None once finished)."""
+        if self.done:
+            return None
+        taken, reason, cut = len(delta.token_ids), delta.finish_reason, False
+        for k, token in enumerate(delta.token_ids):
+            piece = self.detok.push(token)
+            self.text += piece
+            if self.stops and self._cut_stop(len(piece)):
+                taken, reason, cut = k + 1, "stop", True
+                break
+        if reason is not None:
+            if not cut:
+                self.text += self.detok.flush()
+            self.done = True
+        visible = len(self.text) if self.done else max(0, len(self.text) - self.holdback)
+        text = self.text[self.sent:visible] if visible > self.sent else ""
+        self.sent = max(self.sent, visible)
+        return TokenDelta(
+            sample_index=self.index,
+            token_ids=delta.token_ids[:taken],
+            logprobs=None if delta.logprobs is None else delta.logprobs[:taken],
+            token_versions=delta.token_versions[:taken],
+            text=text,
+            finish_reason=reason,
+        )
+
+    def _cut_stop(self, new_chars: int) -> bool:
+        longest = max(len(s) for s in self.stops)
+        start = max(0, len(self.text) - new_chars - longest + 1)
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+
+class StreamMerge:
+    """(index, deltas) from several TokenStreams as they come (`async for`); `stop(i)` stops
+    stream i (its request is cancelled on its worker); `aclose()` stops all of them."""
+
+    def __init__(self, streams: Sequence[TokenStream]):
+        self._streams = list(streams)
+        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._active = set(range(len(self._streams)))
+        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(self._streams)]
+
+    async def _pump(self, i: int, stream: TokenStream) -> None:
+        try:
+            async for deltas in stream:
+                await self._queue.put((i, deltas))
+        except Exception as err:  # noqa: BLE001 - handed to the reader
+            await self._queue.put((i, err))
+            return
+        await self._queue.put((i, None))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, list[TokenDelta]]]:
+        while self._active:
+            i, item = await self._queue.get()
+            if i not in self._active:
+                continue  # stopped meanwhile
+            if item is None:
+                self._active.discard(i)
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+
+    def stop(self, i: int) -> None:
+        self._active.discard(i)
+        self._tasks[i].cancel()
+
+    async def aclose(self) -> None:
+        self._active.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stream in self._streams:
+            await stream.aclose()

@@ -95,3 +95,25 @@ def test_completion_prompt_forms(validator):
     many = translate.completion_prompts(CompletionRequest(model="m", prompt=[[1, 2], [3]]), validator)
     texts = translate.completion_prompts(CompletionRequest(model="m", prompt=["a", "b"]), validator)
     assert one == [[1, 2, 3]] and many == [[1, 2], [3]] and len(texts) == 2
+
+
+def test_a_continued_sample_finds_a_stop_string_across_the_seam(validator):
+    from rollout.engine.sampling_params import SamplingParams
+    from rollout.engine.streaming import TokenDelta
+    from rollout.streaming import _SampleState, _Seam
+
+    tokenizer = validator.tokenizer
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer.encode(text)
+    stop = "fox jumps"
+    seam = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("fox"))
+    delivered = tokenizer.decode(ids[:seam])
+    sent = delivered[: len(delivered) - (len(stop) - 1)]  # what the engine streamed: the rest held back
+    state = _SampleState(token_ids=ids[:seam], text=sent, finish_reason=None)
+    cont = _Seam(0, state, tokenizer, SamplingParams(stop=(stop,)))
+    rest = ids[seam:]
+    out = cont.feed(TokenDelta(0, tuple(rest), None, tuple([1] * len(rest)), "ignored: the worker's text"))
+    assert sent + out.text == text[: text.find(stop)] and out.finish_reason == "stop" and cont.done
+    finished = len(tokenizer.decode(ids[: seam + len(out.token_ids)])) >= text.find(stop) + len(stop)
+    assert finished and len(out.token_ids) < len(rest)  # tokens after the stop are dropped
+    assert cont.feed(TokenDelta(0, (5,), None, (1,), "x")) is None

@@ -285,6 +285,9 @@ class _Job:
             status = api_error.status
             yield event(api_error.body())
         finally:
+            for stream in streams:  # stops requests still running (a client that went away)
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
             metrics.running.inc(-1)
             metrics.request_done(self.endpoint, status, prompt_tokens=sum(len(p) for p in self.prompts),
                                  completion_tokens=tokens, latency_s=time.perf_counter() - self.start,

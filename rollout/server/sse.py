@@ -7,7 +7,6 @@ instead of when the next chunk fails to send, and closed, so the request stops o
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rollout.engine.streaming import TokenDelta
+from rollout.streaming import StreamMerge, TokenStream
 
 DONE = "data: [DONE]\n\n"
 
@@ -46,36 +46,15 @@ class SSEResponse(StreamingResponse):
             await close()
 
 
-async def merge_streams(streams: Sequence[Any]) -> AsyncIterator[tuple[int, list[TokenDelta]]]:
+async def merge_streams(streams: Sequence[TokenStream]) -> AsyncIterator[tuple[int, list[TokenDelta]]]:
     """(stream index, deltas) from several TokenStreams, as they come. Closing this closes all."""
     if len(streams) == 1:  # the common case: no tasks, no queue
         async for deltas in streams[0]:
             yield 0, deltas
         return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, stream: Any) -> None:
-        try:
-            async for deltas in stream:
-                await queue.put((i, deltas))
-            await queue.put((i, None))
-        except Exception as err:  # noqa: BLE001 - handed to the reader
-            await queue.put((i, err))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    merged = StreamMerge(streams)
     try:
-        left = len(streams)
-        while left:
-            i, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
+        async for item in merged:
+            yield item
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
+        await merged.aclose()
