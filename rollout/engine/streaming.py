@@ -51,7 +51,12 @@ class TokenSink:
         self._wake_scheduled = False
 
     def update(self, sample: Any) -> None:
-        """Record what `sample` (the engine's per-sample state) gained; called by the scheduler."""
+        """Record what `sample` gained; called by the engine's scheduler thread.
+
+        `sample` is the engine's per-sample state; read here: `index`, `tokens`, `logprobs`,
+        `versions` (lists that only grow), `text` (only grows, except that a stop string cuts
+        it, which sets `text_cut`) and `finish_reason` (None until it finished).
+        """
         i = sample.index
         finished = sample.finish_reason is not None
         start = self._sent_tokens[i]
