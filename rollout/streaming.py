@@ -40,6 +40,7 @@ from rollout.sync import describe_error
 from rollout.tokenizer import IncrementalDetokenizer
 
 _MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worker to be up)
+_POLL_S = 0.05  # while no worker is up
 
 
 @dataclasses.dataclass
@@ -83,10 +84,13 @@ class FleetRequest:
 
     async def _acquire(self, avoid: frozenset[int]) -> int:
         try:
-            try:
-                return self._router.acquire(self._cost, avoid=avoid, timeout=0)
-            except TimeoutError:  # no worker up right now: wait off the event loop
-                return await asyncio.to_thread(self._router.acquire, self._cost, avoid=avoid, timeout=None)
+            while True:
+                try:
+                    return self._router.acquire(self._cost, avoid=avoid, timeout=0)
+                except TimeoutError:
+                    # no worker up right now: poll on the loop (a thread blocked in acquire would
+                    # take a worker's share after its caller was cancelled, and never give it back)
+                    await asyncio.sleep(_POLL_S)
         except LookupError as err:
             if self._router.closed:
                 raise ServiceClosedError(

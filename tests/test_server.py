@@ -194,6 +194,19 @@ def test_n_samples_stream_and_not(client):
     assert streamed == {c.index: c.token_ids for c in out.choices}
 
 
+def test_several_prompts_stream_into_their_own_choices(client):
+    kw = dict(model=MODEL, prompt=[[7, 8], [9, 10, 11]], max_tokens=10, temperature=0.0, n=2,
+              extra_body={"ignore_eos": True, "return_token_ids": True})
+    out = client.completions.create(**kw)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    streamed: dict[int, list[int]] = {i: [] for i in range(4)}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.token_ids
+    assert streamed == {c.index: c.token_ids for c in out.choices}
+    assert out.choices[2].prompt_token_ids == [9, 10, 11] and out.usage.completion_tokens == 40
+
+
 def test_seed_reproduces_and_other_seed_differs(client):
     def sample(seed):
         return client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=1.0, seed=seed,
