@@ -7,7 +7,8 @@ Starts one fleet (default: 1 worker x 1 CPU device, the ~75M-parameter Qwen3-sha
 of bench_engine.py made on the spot) and `rollout.serve` on 127.0.0.1. For each concurrency it
 sends the same workload twice, alternating which side goes first: streamed completions through
 the official async `openai` client (HTTP, SSE), and the same requests through the Python API
-(`RolloutService.generate_stream` on the same event loop). Each request is a token-id prompt of
+(`RolloutService.generate_stream` on the same event loop), after warm-up rounds until the engines
+compile nothing new. Each request is a token-id prompt of
 --prompt-len tokens, greedy, `ignore_eos`, exactly --max-tokens new tokens, so both sides do the
 same engine work. Reported per side: requests/s, tokens/s, time to first token p50/p99 (request
 sent -> first token received), and the HTTP overhead ratio = Python API tokens/s divided by
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--checkpoint", type=Path, default=None, help="HF directory to serve instead of making one")
     p.add_argument("--tiny", action="store_true", help="serve the tiny test checkpoint (quick functional runs)")
+    p.add_argument("--client-process", action="store_true",
+                   help="run the HTTP clients in a separate process (as remote clients would be); by default "
+                        "they share this process with the server and the Python API side")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -74,20 +78,18 @@ async def run_level(concurrency: int, count: int, one) -> dict[str, float]:
             "ttft_mean_ms": 1000 * statistics.fmean(ttfts)}
 
 
-async def bench(args: argparse.Namespace, server, prompts: list[list[int]]) -> list[dict]:
+async def http_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                     count: int) -> dict[str, float]:
+    """One level through the official async `openai` client: streamed completions over HTTP."""
     import openai
 
-    import rollout
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
 
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=600)
-    model = server.state.model_name
-    sampling = rollout.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-
-    async def http(i: int) -> tuple[float, int]:
+    async def one(i: int) -> tuple[float, int]:
         start = time.perf_counter()
         ttft, tokens = None, 0
         stream = await client.completions.create(model=model, prompt=prompts[i % len(prompts)], stream=True,
-                                                 max_tokens=args.max_tokens, temperature=0.0,
+                                                 max_tokens=max_tokens, temperature=0.0,
                                                  extra_body={"ignore_eos": True, "return_token_ids": True})
         async for chunk in stream:
             n = sum(len(c.token_ids) for c in chunk.choices)
@@ -96,7 +98,50 @@ async def bench(args: argparse.Namespace, server, prompts: list[list[int]]) -> l
             tokens += n
         return ttft or float("nan"), tokens
 
-    async def python(i: int) -> tuple[float, int]:
+    try:
+        return await run_level(concurrency, count, one)
+    finally:
+        await client.close()
+
+
+def http_level_in_process(*args: object) -> dict[str, float]:
+    """`http_level` on a fresh event loop (the entry point of the client process)."""
+    return asyncio.run(http_level(*args))  # type: ignore[arg-type]
+
+
+async def warm_up(server, concurrency: int, count: int, *sides) -> None:
+    """Run the level on every side until the engines compile nothing new (each prefill and
+    decode batch shape compiles once; a timed run must not include it), at most 5 rounds."""
+
+    def compiled() -> int:
+        return sum(w.get("compiled", 0) for w in server.service.status()["workers"])
+
+    for _ in range(5):
+        before = compiled()
+        for side in sides:
+            await side(concurrency, count)
+        if compiled() == before:
+            return
+
+
+async def bench(args: argparse.Namespace, server, prompts: list[list[int]]) -> list[dict]:
+    import rollout
+
+    sampling = rollout.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    pool = None
+    if args.client_process:  # the HTTP clients' parsing then does not share the server's interpreter
+        import concurrent.futures
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    async def http(concurrency: int, count: int) -> dict[str, float]:
+        level = (server.url, server.state.model_name, prompts, args.max_tokens, concurrency, count)
+        if pool is None:
+            return await http_level(*level)
+        return await asyncio.get_running_loop().run_in_executor(pool, http_level_in_process, *level)
+
+    async def python_one(i: int) -> tuple[float, int]:
         start = time.perf_counter()
         ttft, tokens = None, 0
         async for deltas in server.service.generate_stream(prompts[i % len(prompts)], sampling):
@@ -106,17 +151,22 @@ async def bench(args: argparse.Namespace, server, prompts: list[list[int]]) -> l
             tokens += n
         return ttft or float("nan"), tokens
 
+    async def python(concurrency: int, count: int) -> dict[str, float]:
+        return await run_level(concurrency, count, python_one)
+
     rows = []
-    for level, concurrency in enumerate(args.concurrency):
-        count = args.requests or max(8, 4 * concurrency)
-        for fn in (python, http):  # warm up: compile the batch shapes this level reaches
-            await run_level(concurrency, concurrency, fn)
-        sides = [("python", python), ("http", http)]
-        for side, fn in sides if level % 2 == 0 else sides[::-1]:
-            row = {"concurrency": concurrency, "side": side, **await run_level(concurrency, count, fn)}
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-            rows.append(row)
-    await client.close()
+    try:
+        for level, concurrency in enumerate(args.concurrency):
+            count = args.requests or max(8, 4 * concurrency)
+            await warm_up(server, concurrency, count, python, http)
+            sides = [("python", python), ("http", http)]
+            for side, fn in sides if level % 2 == 0 else sides[::-1]:
+                row = {"concurrency": concurrency, "side": side, **await fn(concurrency, count)}
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                rows.append(row)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return rows
 
 
