@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
         configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
     try:  # fail before starting a fleet, with the install hint
-        import fastapi
-        import prometheus_client
-        import uvicorn
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as err:
         sys.exit(f"error: `rollout serve` needs the server libraries ({err.name} is missing): "
                  'pip install "rollout[serve]"')
