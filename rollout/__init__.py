@@ -10,6 +10,8 @@
     rollout.status()
     rollout.shutdown()
 
+    server = rollout.serve(model_or_service, port=8000)   # OpenAI-compatible HTTP ([serve] extra)
+
 `rollout.RolloutService(...)` is the same as an object (and a context manager); the module-level
 functions drive a default service made by `init`. Importing this package is cheap: it imports
 neither jax nor torch nor Ray; the service and the engine load them when first used.
@@ -50,6 +52,7 @@ __all__ = [
     "generate",
     "generate_async",
     "init",
+    "serve",
     "shutdown",
     "status",
     "sync_weights",
@@ -122,6 +125,20 @@ def generate_async(
     """A stream of completions as prompts finish (`for` or `async for`).
     See RolloutService.generate_async."""
     return _service().generate_async(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
+
+
+def serve(model: Any, **options: Any) -> Any:
+    """Start a fleet (or use a RolloutService) and an OpenAI-compatible HTTP server on it;
+    returns the running server (`url`, `service`, `shutdown()`). Needs the `serve` extra
+    (`pip install "rollout[serve]"`). See rollout.server.handle.serve for the options."""
+    try:
+        from rollout.server import serve as _serve
+    except ImportError as err:
+        raise ImportError(
+            f"rollout.serve needs the server libraries ({err.name} is missing); install them with "
+            '`pip install "rollout[serve]"`'
+        ) from err
+    return _serve(model, **options)
 
 
 def status() -> dict[str, Any]:

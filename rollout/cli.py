@@ -1,8 +1,9 @@
-"""The `rollout` command line: demo, generate, bench.
+"""The `rollout` command line: demo, generate, bench, serve.
 
     rollout demo                      GRPO on a toy task against a local Ray fleet (the main job)
     rollout generate MODEL PROMPT...  load a checkpoint, generate, print one JSON line per sample
     rollout bench engine|sync [...]   run bench/bench_<name>.py from the source checkout
+    rollout serve MODEL [...]         OpenAI-compatible HTTP server on a fleet (rollout/server/)
 
 JAX reads XLA_FLAGS once, at import, so this module imports nothing heavy at the top: each
 command first sets the simulated device count (on CPU), then imports jax and the engine.
@@ -192,6 +193,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.args])
 
 
+# -- serve --------------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from rollout.server.cli import add_parser  # imports nothing heavy; the server loads on run
+
+    add_parser(sub)
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -204,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import ray
 
@@ -51,6 +51,9 @@ from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
 from rollout.worker import RolloutWorker
+
+if TYPE_CHECKING:
+    from rollout.streaming import FleetRequest, TokenStream
 
 log = logging.getLogger("rollout.service")
 _FLEET_FIELDS = {f.name for f in dataclasses.fields(FleetConfig)}
@@ -290,6 +293,33 @@ class RolloutService:
             max_retries=self.fleet_config.max_request_retries,
         )
         return GenerationStream(dispatch)
+
+    def generate_stream(
+        self, prompt: Prompt, sampling: SamplingParams = SamplingParams(), *, return_logprobs: bool = True
+    ) -> "TokenStream":
+        """One prompt's samples token by token: an async iterator of TokenDelta lists, for
+        servers and agents on an event loop (see rollout.streaming). Validated now; the request
+        is sent when iteration starts and cancelled on its worker if the iteration stops early."""
+        from rollout.streaming import TokenStream
+
+        return TokenStream(self._fleet_request(prompt, sampling, return_logprobs))
+
+    async def agenerate(
+        self, prompt: Prompt, sampling: SamplingParams = SamplingParams(), *, return_logprobs: bool = True
+    ) -> list[Completion]:
+        """One prompt's n completions, awaited on the caller's event loop (no thread per call)."""
+        return await self._fleet_request(prompt, sampling, return_logprobs).completions()
+
+    def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> "FleetRequest":
+        from rollout.streaming import FleetRequest
+
+        self._check_open()
+        ids = self._validator.encode_all([prompt], sampling)[0]
+        return FleetRequest(
+            handles=self._handles, router=self._router, worker_down=self._worker_down, prompt_ids=ids,
+            sampling=sampling, return_logprobs=return_logprobs, max_retries=self.fleet_config.max_request_retries,
+            tokenizer=self.tokenizer,
+        )
 
     # -- workers: liveness and catching up --------------------------------------------------------
 

@@ -14,9 +14,10 @@ so that Ray restarts it with a fresh engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import ray
@@ -25,6 +26,7 @@ from rollout.contract import ObjectRef, StageReport, WorkerReady, WorkerStatus
 from rollout.engine.backend import EngineBackend, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.streaming import TokenDelta, stream_request
 from rollout.engine.types import Completion, EngineClosedError
 from rollout.fleet import FleetConfig
 from rollout.weights.spec import ParamSpec
@@ -123,6 +125,24 @@ class RolloutWorker:
         await self._start()
         try:
             return await self.host.generate(prompt_ids, sampling, prompt_index, return_logprobs)
+        except EngineClosedError:
+            self._restart_if_engine_died()
+            raise
+
+    async def generate_stream(
+        self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
+    ) -> AsyncIterator[list[TokenDelta]]:
+        """Streaming generator (call with `.options(num_returns="streaming")`): the request's
+        TokenDeltas as the engine accepts them. Cancelling the stream (`ray.cancel`) stops the
+        request at the engine's next step boundary; see rollout.engine.streaming."""
+        await self._start()
+        try:
+            stream = stream_request(
+                self.host.engine, prompt_ids, sampling, prompt_index=prompt_index, return_logprobs=return_logprobs
+            )
+            async with contextlib.aclosing(stream):  # closing it cancels the request
+                async for deltas in stream:
+                    yield deltas
         except EngineClosedError:
             self._restart_if_engine_died()
             raise

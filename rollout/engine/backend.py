@@ -57,9 +57,12 @@ class EngineBackend(Protocol):
         """The version staged and not yet committed or aborted, if any."""
 
     def submit(
-        self, prompt: Prompt, sampling: SamplingParams = ..., *, prompt_index: int = 0, return_logprobs: bool = True
+        self, prompt: Prompt, sampling: SamplingParams = ..., *, prompt_index: int = 0, return_logprobs: bool = True,
+        sink: Any = None,
     ) -> Future[list[Completion]]:
-        """Queue one prompt; the future yields its n completions. Bad requests raise here."""
+        """Queue one prompt; the future yields its n completions. Bad requests raise here.
+        `sink` (streaming): call `sink.update(sample)` whenever a sample gains tokens or finishes,
+        before the future resolves (see rollout.engine.streaming.TokenSink for what it reads)."""
 
     def cancel(self, future: Future[list[Completion]]) -> bool:
         """Finish a submitted request early with finish_reason "abort"."""

@@ -71,6 +71,7 @@ class _Request:
     future: Future
     stop_ids: frozenset[int]
     samples: list[_Sample] = dataclasses.field(default_factory=list)
+    sink: Any = None  # a streaming.TokenSink fed as tokens are accepted (streamed requests only)
 
 
 class Engine:
@@ -283,8 +284,11 @@ class Engine:
         *,
         prompt_index: int = 0,
         return_logprobs: bool = True,
+        sink: Any = None,
     ) -> "Future[list[Completion]]":
-        """Queue one prompt; the future yields its n completions. Bad requests raise here."""
+        """Queue one prompt; the future yields its n completions. Bad requests raise here.
+        `sink` (a rollout.engine.streaming.TokenSink) also receives each sample's tokens as the
+        scheduler accepts them; `stream_request` in that module is the async way to use it."""
         ids = self.encode_prompt(prompt)
         self.validate_request(ids, sampling)
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -296,6 +300,7 @@ class Engine:
             return_logprobs=return_logprobs,
             future=Future(),
             stop_ids=frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self.eos_ids),
+            sink=sink,
         )
         request.samples = [_Sample(request, i, IncrementalDetokenizer(self.tokenizer)) for i in range(sampling.n)]
         with self._lock:
@@ -542,6 +547,8 @@ class Engine:
             reason = "length"
         if reason is None:
             self._tok[sample.slot] = token
+            if request.sink is not None:
+                request.sink.update(sample)
             return False
         if not sample.text_cut:
             sample.text += sample.detok.flush()  # a trailing incomplete UTF-8 sequence, if any
@@ -561,6 +568,8 @@ class Engine:
 
     def _finish(self, sample: _Sample, reason: str) -> None:
         sample.finish_reason = reason
+        if sample.request.sink is not None:  # before the future resolves: its reader drains first
+            sample.request.sink.update(sample)
         if sample.slot >= 0:
             with self._lock:
                 self._slots[sample.slot] = None

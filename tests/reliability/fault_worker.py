@@ -6,6 +6,7 @@ calls:
 
     ray.get(svc.workers[1].inject_fault.remote("stage", delay_s=13))    # hang in the next stage
     ray.get(svc.workers[1].inject_fault.remote("commit", message="x"))  # the next commit raises
+    ray.get(svc.workers[0].inject_fault.remote("generate", delay_s=2))  # stall before generating
     ray.get(svc.workers[0].corrupt_buckets.remote(byte=3))              # flip a bit of each bucket fed
     ray.get(svc.workers[0].clear_faults.remote())
 
@@ -27,7 +28,7 @@ import ray
 from rollout.contract import CommittedUpdate, StageReport
 from rollout.worker import RolloutWorker
 
-FAULT_POINTS = ("stage", "commit")
+FAULT_POINTS = ("stage", "commit", "generate")
 
 # Worker processes cannot import the tests: ship this module's code with the actor class.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -46,7 +47,8 @@ class FaultyWorker(RolloutWorker):
     # -- arming (remote calls of the tests) ---------------------------------------------------
 
     async def inject_fault(self, point: str, message: str | None = None, delay_s: float = 0.0, times: int = 1) -> None:
-        """The next `times` calls of `point` ("stage" (also stage_checkpoint) or "commit") sleep
+        """The next `times` calls of `point` ("stage" (also stage_checkpoint), "commit" or "generate"
+        (also generate_stream)) sleep
         `delay_s` and then raise InjectedFault(`message`) if a message is given."""
         if point not in FAULT_POINTS:
             raise ValueError(f"fault point {point!r}: expected one of {FAULT_POINTS}")
@@ -77,6 +79,15 @@ class FaultyWorker(RolloutWorker):
         await asyncio.sleep(delay_s)
         if message is not None:
             raise InjectedFault(message)
+
+    async def generate(self, *args: Any, **kwargs: Any) -> Any:
+        await self._hit("generate")
+        return await super().generate(*args, **kwargs)
+
+    async def generate_stream(self, *args: Any, **kwargs: Any) -> Any:
+        await self._hit("generate")
+        async for deltas in super().generate_stream(*args, **kwargs):
+            yield deltas
 
     async def stage(self, sync_id: str, manifest: bytes) -> StageReport:
         await self._hit("stage")
