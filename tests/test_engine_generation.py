@@ -84,6 +84,33 @@ def test_greedy_logprobs_are_the_raw_log_softmax(engine):
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-6, 1e-8, 1e-12, 1e-30, 1e-40])
+def test_logprobs_near_zero_temperature_are_finite_and_those_of_the_sharpened_distribution(engine, temperature):
+    """log_softmax(logits / T) recomputed in float64 from a full forward: it tends to 0 for the
+    top token as T -> 0; below float32's smallest normal number T is served as that number."""
+    import jax
+
+    from rollout.engine.sampling import MIN_TEMPERATURE
+    from rollout.models import qwen
+
+    prompt = [41, 42]
+    sp = SamplingParams(max_tokens=6, temperature=temperature, seed=0, ignore_eos=True)
+    out = engine.generate([prompt], sp)[0]
+    seq = np.array([prompt + list(out.token_ids)])
+    logits = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))(
+        engine.current_params(), seq, np.ones_like(seq)
+    )
+    logits = np.asarray(logits, np.float64)[0, len(prompt) - 1 : -1]  # (new tokens, V)
+    shifted = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, MIN_TEMPERATURE)
+    top = shifted.max(axis=-1, keepdims=True)
+    logp = shifted - top - np.log(np.exp(shifted - top).sum(axis=-1, keepdims=True))
+    expected = logp[np.arange(len(out.token_ids)), list(out.token_ids)]
+    assert np.all(np.isfinite(out.logprobs)) and max(out.logprobs) <= 0.0
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    assert out.token_ids == greedy.token_ids
+
+
 def test_stop_token_id_ends_the_sample_with_reason_stop(engine):
     free = engine.generate([[7, 8, 9]], GREEDY)[0].token_ids
     stop_at = free[3]

@@ -125,6 +125,28 @@ def test_versions_only_go_forward(engine, tiny_qwen3):
         engine.commit(engine.version + 5)
 
 
+@pytest.mark.parametrize("source", ["tree", "checkpoint"])
+def test_a_stage_overtaken_by_a_commit_meanwhile_is_refused(engine, tiny_qwen3, source, monkeypatch):
+    """Both sources share one staging path: a commit of a newer version that lands while the
+    copy is being placed (here: from inside the derive step) wins, and the stale copy is dropped."""
+    version = engine.version
+    derive = engine.runner.derive
+
+    def commit_newer_first(params):
+        monkeypatch.setattr(engine.runner, "derive", derive)  # the nested stage derives normally
+        engine.stage(version + 2, hf_flat(tiny_qwen3))
+        engine.commit(version + 2, wait=True)
+        return derive(params)
+
+    monkeypatch.setattr(engine.runner, "derive", commit_newer_first)
+    with pytest.raises(WeightSyncError, match="overtaken by the commit of version"):
+        if source == "tree":
+            engine.stage(version + 1, hf_flat(tiny_qwen3))
+        else:
+            engine.stage_checkpoint(version + 1, tiny_qwen3)
+    assert engine.version == version + 2 and engine.staged_version is None
+
+
 def test_abort_drops_the_staged_copy(engine, tiny_qwen3_perturbed):
     version = engine.version
     engine.stage(version + 1, hf_flat(tiny_qwen3_perturbed))

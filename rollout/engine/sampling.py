@@ -1,12 +1,14 @@
 """Per-slot sampling values and the on-device sampler.
 
 Logprobs are those of the distribution actually sampled from: log_softmax(logits / temperature),
-before top-k/top-p truncation; at temperature 0 (greedy), the raw log_softmax. They are computed
-from logits shifted by their maximum *before* the division by the temperature, so they stay
-finite and <= 0 at any temperature > 0: as the temperature goes to 0 the logprob of the sampled
-(top) token goes to 0 (the sampled distribution becomes a point mass). A temperature below
-float32's smallest normal number (~1.2e-38), where even the shifted logits / temperature would
-overflow and subnormals are flushed to zero, is served as that smallest normal number.
+before top-k/top-p truncation; at temperature 0 (greedy), the raw log_softmax. Sampling works
+on the logits shifted by their maximum *before* the division by the temperature
+(`shifted_logits`), so tokens and logprobs stay right, and logprobs finite and <= 0, at any
+temperature > 0: as the temperature goes to 0 the tokens become the greedy ones and the logprob
+of each goes to 0 (the sampled distribution becomes a point mass; -log(k) for a k-way exact
+tie). A positive temperature below float32's smallest normal number (~1.18e-38) is served as
+that number: devices flush smaller (subnormal) float32 values to zero, which would silently
+turn the request greedy on some devices and not on others.
 
 Every sample draws its randomness from a key derived from (seed, sample index, absolute
 position), so a seeded request gets the same tokens for the same weights whatever else is in
@@ -80,7 +82,7 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     """logits (S, V) float32, position (S,) of the token being sampled -> (tokens, logprobs) (S,)."""
     greedy = params.temperature <= 0.0
     temp = jnp.where(greedy, 1.0, params.temperature)[:, None]
-    scaled = logits / temp
+    scaled = shifted_logits(logits, temp)
 
     def draw(scaled: jax.Array) -> jax.Array:
         needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
@@ -92,21 +94,23 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
 
     # An all-greedy batch skips the noise and the sort entirely.
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
-    return tokens, chosen_logprob(logits, temp, tokens)
+    # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
+    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - jnp.log(jnp.sum(jnp.exp(scaled), axis=-1))
 
 
-def chosen_logprob(logits: jax.Array, temp: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log_softmax(logits / temp) at `tokens` (S,): the distribution sampled from, untruncated.
+def shifted_logits(logits: jax.Array, temp: jax.Array) -> jax.Array:
+    """(logits - their row maximum) / temp: logits / temp up to a per-row constant, which
+    neither the draw nor log_softmax sees, but <= 0 and exactly 0 at the maximum for any
+    temp > 0. So exp() never overflows, the softmax sum is in [1, V], logprobs are finite and
+    <= 0, and the maximum stays exactly 0 (an argmax) wherever XLA recomputes the division.
 
-    The maximum is subtracted before the division, so every exponent is <= 0 and exactly 0 at
-    the maximum: the sum is in [1, V] and the result finite and <= 0 for any temp > 0. (Taking
-    `logsumexp(logits / temp)` instead gave +-inf from temp ~1e-8 down: XLA:CPU recomputes
-    `logits / temp` as a multiplication inside each fusion, and at magnitudes of 1e9 and more the
-    copies differ by more than exp() can take.)
+    Dividing the raw logits instead gave +-inf logprobs from temp ~1e-8 down: XLA:CPU
+    recomputes `logits / temp` as a multiplication inside each fusion, and at magnitudes of 1e9
+    and more the copies differ by more than exp() can take; below ~1e-37 logits / temp
+    overflows to +-inf and the draw picks the first such token.
     """
-    shifted = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temp  # (S, V), <= 0
-    picked = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
-    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    return (logits - jnp.max(logits, axis=-1, keepdims=True)) / temp  # (S, V)
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
