@@ -14,13 +14,15 @@
 
 Threads and the lock. Callers submit, cancel, stage, commit, abort and read status from any
 thread; one scheduler thread runs the model. The engine has one lock (a Condition), which guards:
-the waiting queue, the cancelled set, slot occupancy (`SlotTable.sequences`), the weight state
-(staged copy, pending swap, committed and serving versions), and the closed flag; waiters on it
-are the scheduler (work to do) and `commit(wait=True)` (the swap applied). The scheduler thread
-alone writes everything else it touches: the runner (KV cache, serving leaves), the slots'
-pending tokens, positions and cached sampler rows, the running sequences, and the counters
-(tokens_generated, requests_finished, swaps), which other threads read without the lock and may
-see one step stale. Staging builds its copy without the lock, so serving goes on meanwhile.
+the waiting queue, the cancelled set, slot occupancy (`SlotTable.sequences` and each sequence's
+`slot`), the weight state (staged copy, pending swap, committed and serving versions, swaps),
+and the scheduler's closed flag and error; waiters on it are the scheduler (work to do) and
+`commit(wait=True)` (the swap applied). The scheduler thread alone writes everything else it
+touches: the runner (KV cache, serving leaves), the slots' pending tokens, positions and cached
+sampler rows, the running sequences' tokens and text, and the counters tokens_generated and
+requests_finished, which other threads read without the lock (a step stale at worst). Once the
+thread has stopped, `shutdown` fails and releases what it left. Staging builds its copy without
+the lock, so serving goes on meanwhile; versions read without the lock are at worst stale.
 
 Once `commit` returns, no request is admitted under an older version.
 """

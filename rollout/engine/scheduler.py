@@ -125,7 +125,8 @@ class Scheduler:
                     self._decode()
         except BaseException as err:  # surface scheduler crashes to every caller
             log.exception("scheduler crashed")
-            self.error = err
+            with self._lock:
+                self.error = err
             self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
 
     def _take_cancelled(self) -> list[Sequence]:
@@ -219,6 +220,7 @@ class Scheduler:
         with self._lock:
             requests = list(self.waiting) + list({id(s.request): s.request for s in self.slots.clear()}.values())
             self.waiting.clear()
+            self._lock.notify_all()  # commit(wait=True) stops waiting for a swap
         for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
