@@ -20,7 +20,7 @@ import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -81,7 +81,7 @@ class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant text in some templates): renders
     its body unchanged, so such templates compile; we do not compute assistant masks."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -345,7 +345,7 @@ class IncrementalDetokenizer:
         if self._stream is not None:
             try:
                 piece = self._stream.step(self._tokenizer.backend, token_id)
-            except Exception:  # tokenizers' "invalid prefix": see __init__
+            except Exception:  # noqa: BLE001  tokenizers raises a plain Exception ("invalid prefix"): see __init__
                 self._stream = None
         if self._stream is None:
             piece = self._tail()

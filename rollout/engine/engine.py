@@ -30,9 +30,10 @@ Once `commit` returns, no request is admitted under an older version.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Self
 
 import jax
 
@@ -173,7 +174,7 @@ class Engine:
         *,
         prompt_index: int = 0,
         return_logprobs: bool = True,
-    ) -> "Future[list[Completion]]":
+    ) -> Future[list[Completion]]:
         """Queue one prompt; the future yields its n completions. Bad requests raise here."""
         request = self._intake.request(prompt, sampling, prompt_index=prompt_index, return_logprobs=return_logprobs)
         self._scheduler.submit([request])
@@ -193,7 +194,7 @@ class Engine:
         self._scheduler.submit(requests)
         return [c for r in requests for c in r.future.result(timeout)]
 
-    def cancel(self, future: "Future[list[Completion]]") -> bool:
+    def cancel(self, future: Future[list[Completion]]) -> bool:
         """Stop a submitted request at the next step boundary. Its samples end with
         finish_reason "abort" and keep the tokens generated so far. False if already done."""
         return self._scheduler.cancel(future)
@@ -226,8 +227,8 @@ class Engine:
         """Stop the scheduler; queued and running requests fail with EngineClosedError."""
         self._scheduler.shutdown()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()

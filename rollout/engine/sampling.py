@@ -18,11 +18,10 @@ the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from rollout.engine.sampling_params import SamplingParams
@@ -43,7 +42,7 @@ class SamplingRow:
     sample_index: int = 0
 
     @classmethod
-    def of(cls, sampling: SamplingParams, seed: int, sample_index: int) -> "SamplingRow":
+    def of(cls, sampling: SamplingParams, seed: int, sample_index: int) -> SamplingRow:
         temperature = float(sampling.temperature)
         if 0.0 < temperature < MIN_TEMPERATURE:
             temperature = MIN_TEMPERATURE

@@ -57,7 +57,7 @@ class Scheduler:
             self.waiting.extend(requests)
             self._lock.notify_all()
 
-    def cancel(self, future: "Future[list[Completion]]") -> bool:
+    def cancel(self, future: Future[list[Completion]]) -> bool:
         with self._lock:
             if future.done():
                 return False

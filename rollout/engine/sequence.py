@@ -25,8 +25,8 @@ class Request:
     sampling: SamplingParams
     return_logprobs: bool
     stop_ids: frozenset[int]  # stop_token_ids, plus the EOS ids unless ignore_eos
-    future: "Future[list[Completion]]" = dataclasses.field(default_factory=Future)
-    sequences: list["Sequence"] = dataclasses.field(default_factory=list)
+    future: Future[list[Completion]] = dataclasses.field(default_factory=Future)
+    sequences: list[Sequence] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:
