@@ -195,7 +195,8 @@ class Scheduler:
                     break
 
     def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
-        """Record a sampled token; finish the sequence if a stop fires. True if it finished."""
+        """Record a sampled token; finish the sequence if a stop fires. True if it finished.
+        Every token of every sequence passes here once (the place for a per-token stream)."""
         reason = seq.append(token, logprob, self._weights.serving)
         self.tokens_generated += 1
         if reason is None:

@@ -10,6 +10,10 @@ Per slot (max_batch of them; the KV cache has one row per slot):
 Occupancy (`occupy`, `release`, `clear`) changes only under the engine's lock, so that other
 threads may count slots under it; the arrays and the cached device sampling rows are the
 scheduler thread's alone (see `rollout.engine.engine`).
+
+Everything a slot holds is here, so a paged KV cache adds its per-slot page table beside
+`positions` (pages taken in `occupy`/`advance`, given back in `release`), and preempting a
+sequence is `release` plus re-queueing it: a re-prefill of `Sequence.context()` resumes it.
 """
 
 from __future__ import annotations
