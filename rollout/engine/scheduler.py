@@ -116,6 +116,7 @@ class Scheduler:
                 if swap is not None:
                     self._swap(swap)
                 if admitted:
+                    # a burst starts when the admitted sequences are all that runs
                     burst = burst or self.slots.active() == sum(r.sampling.n for r in admitted)
                     self._prefill([r.prompt_ids for r in admitted], [r.sequences for r in admitted])
                     if burst:
