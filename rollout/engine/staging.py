@@ -29,7 +29,8 @@ Place = Callable[[str, np.ndarray], jax.Array]  # (path, host array) -> device a
 class StagedWeights:
     version: int
     params: dict[str, jax.Array]
-    derived: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # see ModelRunner.derive
+    derived: dict[str, jax.Array]  # see ModelRunner.derive
+    seconds: float  # to build, place and derive the copy
 
 
 def check_host_leaf(path: str, array: Any, want_dtype: str, *, check_finite: bool = True) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -56,8 +57,10 @@ class WeightState:
                 f"cannot stage version {version!r}: versions only go forward and version "
                 f"{self.committed} is already committed; stage a larger version"
             )
+        start = time.perf_counter()
         params = jax.block_until_ready(build())
-        staged = StagedWeights(version, params, jax.block_until_ready(self._runner.derive(params)))
+        derived = jax.block_until_ready(self._runner.derive(params))
+        staged = StagedWeights(version, params, derived, time.perf_counter() - start)
         with self._lock:
             if version <= self.committed:
                 raise WeightSyncError(
