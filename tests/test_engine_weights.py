@@ -125,6 +125,28 @@ def test_versions_only_go_forward(engine, tiny_qwen3):
         engine.commit(engine.version + 5)
 
 
+@pytest.mark.parametrize("source", ["tree", "checkpoint"])
+def test_a_stage_overtaken_by_a_commit_meanwhile_is_refused(engine, tiny_qwen3, source, monkeypatch):
+    """Both sources share one staging path: a commit of a newer version that lands while the
+    copy is being placed (here: from inside the derive step) wins, and the stale copy is dropped."""
+    version = engine.version
+    derive = engine.runner.derive
+
+    def commit_newer_first(params):
+        monkeypatch.setattr(engine.runner, "derive", derive)  # the nested stage derives normally
+        engine.stage(version + 2, hf_flat(tiny_qwen3))
+        engine.commit(version + 2, wait=True)
+        return derive(params)
+
+    monkeypatch.setattr(engine.runner, "derive", commit_newer_first)
+    with pytest.raises(WeightSyncError, match="overtaken by the commit of version"):
+        if source == "tree":
+            engine.stage(version + 1, hf_flat(tiny_qwen3))
+        else:
+            engine.stage_checkpoint(version + 1, tiny_qwen3)
+    assert engine.version == version + 2 and engine.staged_version is None
+
+
 def test_abort_drops_the_staged_copy(engine, tiny_qwen3_perturbed):
     version = engine.version
     engine.stage(version + 1, hf_flat(tiny_qwen3_perturbed))
@@ -144,23 +166,25 @@ def test_bfloat16_update_is_cast_to_the_engine_dtype(engine, tiny_qwen3_perturbe
     assert all(str(a.dtype) == "float32" for a in engine.current_params().values())
 
 
-def _start_long_generation(engine: Engine, min_tokens: int = 8):
-    """Submit a long greedy generation and return once it has produced some tokens."""
+def _commit_during_generation(engine: Engine, old_params, new_params, policy: str):
+    """Serve `old_params` as version `old`, start a long greedy generation, and commit
+    `new_params` as `old + 1` under `policy` once it has produced some tokens.
+    Returns (old, the running generation's future)."""
+    old = _sync(engine, old_params)
+    engine.stage(old + 1, new_params)
     sp = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     start = engine.tokens_generated
-    future = engine.submit(PROMPT, sp)
+    running = engine.submit(PROMPT, sp)
     deadline = time.monotonic() + 60
-    while engine.tokens_generated - start < min_tokens:
-        assert time.monotonic() < deadline and not future.done(), "generation ended before the swap"
+    while engine.tokens_generated - start < 8:
+        assert time.monotonic() < deadline and not running.done(), "generation ended before the swap"
         time.sleep(0.001)
-    return future
+    engine.commit(old + 1, policy)
+    return old, running
 
 
 def test_drain_policy_finishes_running_sequences_on_the_old_version(engine, tiny_qwen3, tiny_qwen3_perturbed):
-    old = _sync(engine, hf_flat(tiny_qwen3))
-    engine.stage(old + 1, hf_flat(tiny_qwen3_perturbed))
-    running = _start_long_generation(engine)
-    engine.commit(old + 1, "drain")
+    old, running = _commit_during_generation(engine, hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed), "drain")
     newcomer = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0.0))
     done = running.result(60)[0]
     assert set(done.token_versions) == {old} and done.weight_version == old
@@ -168,10 +192,7 @@ def test_drain_policy_finishes_running_sequences_on_the_old_version(engine, tiny
 
 
 def test_continue_policy_keeps_kv_and_tags_tokens_with_their_version(engine, tiny_qwen3, tiny_qwen3_perturbed):
-    old = _sync(engine, hf_flat(tiny_qwen3))
-    engine.stage(old + 1, hf_flat(tiny_qwen3_perturbed))
-    running = _start_long_generation(engine)
-    engine.commit(old + 1, "continue")
+    old, running = _commit_during_generation(engine, hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed), "continue")
     done = running.result(60)[0]
     k = done.token_versions.index(old + 1)
     assert 0 < k < len(done.token_ids)
@@ -180,10 +201,7 @@ def test_continue_policy_keeps_kv_and_tags_tokens_with_their_version(engine, tin
 
 
 def test_recompute_policy_continues_like_a_fresh_request_on_the_new_weights(engine, tiny_qwen3, tiny_qwen3_perturbed):
-    old = _sync(engine, hf_flat(tiny_qwen3))
-    engine.stage(old + 1, hf_flat(tiny_qwen3_perturbed))
-    running = _start_long_generation(engine)
-    engine.commit(old + 1, "recompute")
+    old, running = _commit_during_generation(engine, hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed), "recompute")
     done = running.result(60)[0]
     k = done.token_versions.index(old + 1)
     assert 0 < k < len(done.token_ids)

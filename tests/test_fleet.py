@@ -172,6 +172,16 @@ def test_generate_returns_each_prompts_samples_in_input_order(service):
     assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in outs)
 
 
+def test_near_zero_temperatures_give_the_greedy_tokens_and_finite_logprobs(service):
+    greedy = [c.token_ids for c in service.generate(PROMPTS, GREEDY)]
+    for temperature in (1e-3, 1e-6, 1e-8, 1e-12, 1e-30):
+        sampling = rollout.SamplingParams(max_tokens=24, temperature=temperature, seed=1, ignore_eos=True)
+        outs = service.generate(PROMPTS, sampling)
+        assert [c.token_ids for c in outs] == greedy, temperature
+        logprobs = np.array([c.logprobs for c in outs])
+        assert np.all(np.isfinite(logprobs)) and logprobs.max() <= 0.0, temperature
+
+
 @pytest.mark.parametrize(
     "prompts, sampling, error",
     [

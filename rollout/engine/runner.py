@@ -17,10 +17,12 @@ from rollout.engine import placement
 from rollout.engine.sampling import SlotSampling, sample
 from rollout.models import qwen
 from rollout.models.bind import ModelDef
-from rollout.sharding import cache_sharding, param_sharding, replicated
+from rollout.sharding import cache_sharding, param_sharding
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]  # serving-only leaves computed from Params (see ModelRunner.derive)
+
+MIN_PREFILL_LEN = 16  # the shortest prompt bucket: shorter prompts share one executable
 
 
 def pow2_at_least(n: int, floor: int = 1) -> int:
@@ -38,27 +40,23 @@ class ModelRunner:
         max_batch: int,
         max_seq_len: int,
         decode_steps: int,
-        min_prefill_len: int = 16,
     ):
         self.model_def = model_def
-        self.mesh = mesh
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.decode_steps = decode_steps
-        self.min_prefill_len = min_prefill_len
         cfg = model_def.config
         self.param_shardings = {p: param_sharding(p, mesh, cfg) for p in model_def.paths}
-        self._cache_sharding = cache_sharding(mesh, cfg)
-        self._replicated = replicated(mesh)
+        kv_sharding = cache_sharding(mesh, cfg)
         shape = qwen.cache_shape(cfg, max_batch, max_seq_len)
         make = jax.jit(
             lambda: tuple(
                 (jnp.zeros(shape, model_def.dtype), jnp.zeros(shape, model_def.dtype))
                 for _ in range(cfg.num_layers)
             ),
-            out_shardings=tuple((self._cache_sharding, self._cache_sharding) for _ in range(cfg.num_layers)),
+            out_shardings=tuple((kv_sharding, kv_sharding) for _ in range(cfg.num_layers)),
         )
-        self.cache = make()
+        self.cache = make()  # per layer (k, v), each (max_batch, kv_heads, max_seq_len, head_dim)
         self.params: Params | None = None
         self.derived: Derived = {}
         self._transpose_head = None
@@ -129,7 +127,7 @@ class ModelRunner:
         """
         assert self.params is not None, "set_params() before generating"
         b = pow2_at_least(len(prompts))
-        p = min(pow2_at_least(max(len(x) for x in prompts), self.min_prefill_len), self.max_seq_len)
+        p = min(pow2_at_least(max(len(x) for x in prompts), MIN_PREFILL_LEN), self.max_seq_len)
         tokens = np.zeros((b, p), np.int32)
         lengths = np.zeros((b,), np.int32)
         for i, ids in enumerate(prompts):

@@ -53,15 +53,15 @@ class TokenSink:
     def update(self, sample: Any) -> None:
         """Record what `sample` gained; called by the engine's scheduler thread.
 
-        `sample` is the engine's per-sample state; read here: `index`, `tokens`, `logprobs`,
-        `versions` (lists that only grow), `text` (only grows, except that a stop string cuts
-        it, which sets `text_cut`) and `finish_reason` (None until it finished).
+        `sample` is the engine's rollout.engine.sequence.Sequence; read here: `index`, `tokens`,
+        `logprobs`, `versions` (lists that only grow), `text.text` (only grows, except that a stop
+        string cuts it, which sets `text.cut`) and `finish_reason` (None until it finished).
         """
         i = sample.index
         finished = sample.finish_reason is not None
         start = self._sent_tokens[i]
-        text = sample.text
-        visible = len(text) if finished or sample.text_cut else max(0, len(text) - self._holdback)
+        text = sample.text.text
+        visible = len(text) if finished or sample.text.cut else max(0, len(text) - self._holdback)
         new_text = text[self._sent_chars[i]:visible] if visible > self._sent_chars[i] else ""
         if start == len(sample.tokens) and not new_text and not finished:
             return
