@@ -63,7 +63,7 @@ def test_every_leaf_takes_effect(engine, tiny_qwen3, tiny_qwen3_perturbed):
     other = engine.model_def.spec  # same paths in both checkpoints
     from rollout.weights.spec import flatten_params
 
-    perturbed = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    perturbed = flatten_params(hf_flat(tiny_qwen3_perturbed), engine.spec)
     for path in other.paths:
         params = dict(base)
         params[path] = jax.device_put(np.asarray(perturbed[path]), engine.param_shardings[path])
@@ -288,7 +288,7 @@ def test_staged_weights_do_not_alias_the_aligned_buckets_they_came_from(engine, 
     from rollout.weights.buckets import pack, plan_buckets, unpack
     from rollout.weights.spec import flatten_params
 
-    flat = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    flat = flatten_params(hf_flat(tiny_qwen3_perturbed), engine.spec)
     layout = plan_buckets(engine.spec, bucket_bytes=1 << 20)
     buffers = [owned_copy(np.empty(n, np.uint8)) for n in layout.bucket_nbytes]
     packed = pack(flat, layout, version=1, buffers=buffers)

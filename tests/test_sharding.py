@@ -24,7 +24,6 @@ from rollout.sharding import (
     cache_sharding,
     logical_rules,
     make_mesh,
-    param_sharding,
 )
 from rollout.testing import make_tiny_checkpoint
 from rollout.weights.loader import load_checkpoint
@@ -62,8 +61,7 @@ def placed(path: Path, n_devices: int) -> Placed:
     params = load_checkpoint(
         path,
         model_def.spec,
-        lambda p, a: jax.device_put(a, param_sharding(p, mesh, cfg)),
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        lambda p, a: jax.device_put(a, model_def.shardings(mesh)[p]),
     )
     return Placed(model_def, mesh, params)
 
@@ -180,7 +178,7 @@ def test_kv_heads_split_on_a_mesh_they_divide():
     """2 KV heads are replicated on 4 devices but split on 2."""
     cfg = _config(num_kv_heads=2)
     mesh = make_mesh(jax.devices()[:2])
-    assert param_sharding("layers.0.self_attn.k_proj.kernel", mesh, cfg).spec == P(None, TP)
+    assert ModelDef.create(cfg).shardings(mesh)["layers.0.self_attn.k_proj.kernel"].spec == P(None, TP)
     assert padded(cache_sharding(mesh, cfg).spec, 4) == (None, TP, None, None)
 
 
@@ -190,8 +188,9 @@ def test_axes_that_do_not_divide_the_device_count_are_replicated():
     assert rules["vocab"] is None and rules["mlp"] is None
     assert rules["q_heads"] == TP
     mesh = make_mesh(jax.devices()[:4])
-    assert param_sharding("embed_tokens", mesh, cfg).is_fully_replicated
-    assert param_sharding("layers.0.mlp.down_proj.kernel", mesh, cfg).is_fully_replicated
+    shardings = ModelDef.create(cfg).shardings(mesh)
+    assert shardings["embed_tokens"].is_fully_replicated
+    assert shardings["layers.0.mlp.down_proj.kernel"].is_fully_replicated
 
 
 def test_one_device_replicates_everything():
@@ -217,3 +216,50 @@ def _config(**changes) -> ModelConfig:
         qkv_bias=False,
     )
     return dataclasses.replace(base, **changes)
+
+
+def test_a_parameter_whose_axes_have_no_sharding_rule_is_refused_at_startup_naming_it(monkeypatch):
+    """A new family's parameter on an axis the rules do not know fails when the model is built."""
+    import sys
+    import types
+
+    from flax import nnx
+
+    from rollout.models import qwen, registry
+    from rollout.sharding import ShardingRuleError
+
+    class WithExperts(qwen.QwenForCausalLM):
+        def __init__(self, cfg, *, dtype, rngs):
+            super().__init__(cfg, dtype=dtype, rngs=rngs)
+            self.router = nnx.Param(jax.numpy.zeros((cfg.hidden_size, 8), dtype), axes=("embed", "experts"))
+
+    family = types.ModuleType("experts_family")
+    family.MODEL, family.HF_NAMES = WithExperts, qwen.HF_NAMES
+    monkeypatch.setitem(sys.modules, "experts_family", family)
+    monkeypatch.setitem(registry._FAMILIES, "ExpertsForCausalLM",
+                        registry.Family("experts", "experts_family", qk_norm=True, qkv_bias=False))
+    with pytest.raises(ShardingRuleError, match=r"'router' has logical axes \('embed', 'experts'\).*'experts'"):
+        ModelDef.create(_config(architecture="ExpertsForCausalLM"))
+
+
+def test_a_parameter_without_declared_axes_is_refused_at_startup_naming_it(monkeypatch):
+    import sys
+    import types
+
+    from flax import nnx
+
+    from rollout.models import qwen, registry
+    from rollout.sharding import ShardingRuleError
+
+    class WithBareParam(qwen.QwenForCausalLM):
+        def __init__(self, cfg, *, dtype, rngs):
+            super().__init__(cfg, dtype=dtype, rngs=rngs)
+            self.scale = nnx.Param(jax.numpy.ones((cfg.hidden_size,), dtype))
+
+    family = types.ModuleType("bare_family")
+    family.MODEL, family.HF_NAMES = WithBareParam, qwen.HF_NAMES
+    monkeypatch.setitem(sys.modules, "bare_family", family)
+    monkeypatch.setitem(registry._FAMILIES, "BareForCausalLM",
+                        registry.Family("bare", "bare_family", qk_norm=True, qkv_bias=False))
+    with pytest.raises(ShardingRuleError, match="'scale' declares no logical axes"):
+        ModelDef.create(_config(architecture="BareForCausalLM"))

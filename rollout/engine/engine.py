@@ -106,7 +106,6 @@ class Engine:
                 self.checkpoint,
                 self.spec,
                 self._place_host,
-                tie_word_embeddings=self.model_config.tie_word_embeddings,
                 progress=progress,
             )
         self.runner.set_params(params)
@@ -209,9 +208,7 @@ class Engine:
             )
         start = time.perf_counter()
         directory = resolve_checkpoint(model)
-        params = load_checkpoint(
-            directory, self.spec, self._place_host, tie_word_embeddings=self.model_config.tie_word_embeddings
-        )
+        params = load_checkpoint(directory, self.spec, self._place_host)
         jax.block_until_ready(params)
         staged = self._derive(StagedWeights(version, params, self.spec.nbytes, time.perf_counter() - start))
         with self._lock:

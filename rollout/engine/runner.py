@@ -17,7 +17,7 @@ from rollout.engine import placement
 from rollout.engine.sampling import SlotSampling, sample
 from rollout.models import qwen
 from rollout.models.bind import ModelDef
-from rollout.sharding import cache_sharding, param_sharding, replicated
+from rollout.sharding import cache_sharding, logical_sharding, replicated
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]  # serving-only leaves computed from Params (see ModelRunner.derive)
@@ -47,7 +47,7 @@ class ModelRunner:
         self.decode_steps = decode_steps
         self.min_prefill_len = min_prefill_len
         cfg = model_def.config
-        self.param_shardings = {p: param_sharding(p, mesh, cfg) for p in model_def.paths}
+        self.param_shardings = model_def.shardings(mesh)
         self._cache_sharding = cache_sharding(mesh, cfg)
         self._replicated = replicated(mesh)
         shape = qwen.cache_shape(cfg, max_batch, max_seq_len)
@@ -63,8 +63,8 @@ class ModelRunner:
         self.derived: Derived = {}
         self._transpose_head = None
         if cfg.tie_word_embeddings and mesh.devices.flat[0].platform == "cpu":
-            # The sharding an untied (hidden, vocab) lm_head kernel gets: vocab-parallel.
-            head_sharding = param_sharding("lm_head.kernel", mesh, cfg)
+            # The embedding's sharding, transposed: (hidden, vocab), vocab-parallel.
+            head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)
             self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("kv_len",))

@@ -60,7 +60,7 @@ def stage_params(
     proves these are its bytes); skips that pass unless a leaf must be cast.
     """
     start = time.perf_counter()
-    flat = flatten_params(params)
+    flat = flatten_params(params, spec)
     spec.check(ParamSpec.of(flat))
     want = spec.by_path()
     placed: dict[str, jax.Array] = {}

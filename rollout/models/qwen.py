@@ -10,6 +10,11 @@ Qwen2 adds biases to the q/k/v projections (`qkv_bias`). Three forwards share th
 The KV cache lives outside the model (see `init_cache`), so the engine owns its lifetime and the
 jitted functions can take parameters and cache as plain arguments. Norms, RoPE and the attention
 softmax run in float32 whatever the parameter dtype.
+
+This module is the whole family: the NNX modules, where every parameter is declared once with
+its shape, dtype, initializer and logical axes (`axes=`, from which `rollout.sharding` derives its
+sharding), and `HF_NAMES`, the table between HF tensor names and the parameter paths. The
+registry (rollout.models.registry) names this module for Qwen3ForCausalLM and Qwen2ForCausalLM.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rollout.models.config import ModelConfig
+from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule
 
 Array = jax.Array
 # (k, v) per layer, each (slots, kv_heads, max_seq_len, head_dim): head-major, so attention over
@@ -30,8 +36,8 @@ _MASKED = -1e30
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))  # (dim,)
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, axis: str = "embed"):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=(axis,))  # (dim,)
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
@@ -41,10 +47,14 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """y = x @ kernel (+ bias); `axes` are the logical axes of (in, out)."""
+
+    def __init__(
+        self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
         init = jax.nn.initializers.normal(0.02)
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))  # (in, out)
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None  # (out,)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype), axes=axes)  # (in, out)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if bias else None  # (out,)
 
     def __call__(self, x: Array) -> Array:
         y = x @ self.kernel[...]
@@ -54,12 +64,13 @@ class Linear(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * d, h, bias=False, dtype=dtype, rngs=rngs)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        # column-parallel q/k/v (split by heads), row-parallel o
+        self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), bias=False, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, "head_dim") if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, "head_dim") if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.rope_theta = cfg.rope_theta
 
@@ -77,9 +88,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(i, h, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -98,19 +109,20 @@ AttendFn = Callable[[int, Array, Array, Array], Array]
 
 
 class QwenForCausalLM(nnx.Module):
-    """Qwen3 / Qwen2 decoder. Parameter paths mirror HF names (see rollout.weights.hf_names)."""
+    """Qwen3 / Qwen2 decoder. Parameter paths mirror HF names (see HF_NAMES)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = nnx.Param(
-            jax.nn.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype)
+            jax.nn.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype),
+            axes=("vocab", "embed"),
         )  # (vocab, hidden)
         self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+            else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
         )
 
     def hidden(self, tokens: Array, positions: Array, attend: AttendFn) -> Array:
@@ -138,6 +150,35 @@ class QwenForCausalLM(nnx.Module):
         else:
             out = self.lm_head(h)
         return out.astype(jnp.float32)
+
+
+MODEL = QwenForCausalLM  # what the registry builds
+
+_LAYER_TENSORS = (  # (HF name and engine path after "...layers.{layer}.", transposed?)
+    ("self_attn.q_proj", True), ("self_attn.k_proj", True), ("self_attn.v_proj", True), ("self_attn.o_proj", True),
+    ("mlp.gate_proj", True), ("mlp.up_proj", True), ("mlp.down_proj", True),
+    ("input_layernorm", False), ("post_attention_layernorm", False),
+    ("self_attn.q_norm", False), ("self_attn.k_norm", False),
+)
+# HF linear weights are (out, in), our kernels (in, out): transposed. Everything else keeps its
+# layout. Qwen2's q/k/v biases keep their names. A tied model has no lm_head: its embedding is
+# the output projection.
+HF_NAMES = HFNames(
+    rules=(
+        NameRule("model.embed_tokens.weight", "embed_tokens"),
+        NameRule("model.norm.weight", "norm.weight"),
+        NameRule("lm_head.weight", "lm_head.kernel", TRANSPOSE),
+        *(
+            NameRule(f"model.layers.{{layer}}.{name}.weight", f"layers.{{layer}}.{name}.{'kernel' if t else 'weight'}",
+                     TRANSPOSE if t else "none")
+            for name, t in _LAYER_TENSORS
+        ),
+        *(NameRule(f"model.layers.{{layer}}.self_attn.{p}_proj.bias", f"layers.{{layer}}.self_attn.{p}_proj.bias")
+          for p in "qkv"),
+    ),
+    tied_head="lm_head.weight",
+    tied_to="model.embed_tokens.weight",
+)
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:

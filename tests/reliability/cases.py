@@ -47,7 +47,7 @@ from rollout.weights.buckets import (
     plan_buckets,
 )
 from rollout.weights.loader import iter_tensors
-from rollout.weights.spec import SpecMismatchError, hf_flat_to_engine
+from rollout.weights.spec import SpecMismatchError, flatten_params
 
 # The fleet every shared-fleet case runs on: 2 workers x 2 simulated CPU devices. A sync of the
 # tiny model stages in well under a second, so a 10 s stage timeout only fires on a real hang.
@@ -137,7 +137,11 @@ def tally(outcome: Outcome, expected: Counter, completions: Iterable[rollout.Com
 
 def engine_params(checkpoint: Path) -> dict[str, np.ndarray]:
     """A checkpoint's weights as a flat {engine path: host array} tree (what a trainer sends)."""
-    return {p: np.ascontiguousarray(a) for p, a in hf_flat_to_engine(dict(iter_tensors(checkpoint))).items()}
+    from rollout.models.bind import ModelDef
+    from rollout.models.config import ModelConfig
+
+    spec = ModelDef.create(ModelConfig.from_pretrained(checkpoint)).spec
+    return {p: np.ascontiguousarray(a) for p, a in flatten_params(dict(iter_tensors(checkpoint)), spec).items()}
 
 
 def fingerprint(svc: rollout.RolloutService) -> list[tuple]:
