@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rollout.engine.config import DTYPES, EngineConfig
+
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -92,9 +94,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logprobs", action="store_true", help="include each token's logprob")
     p.add_argument("--workers", type=int, default=0, help="Ray workers; 0 = one engine in this process (default)")
     p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--max-batch", type=int, default=None,
+        help=f"decode slots per engine (default: the samples asked for, at most {EngineConfig.max_batch})",
+    )
+    p.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + new tokens per sample")
+    p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
     p.add_argument("--accelerator", default="cpu", help="cpu, tpu or gpu")
     p.set_defaults(run=_run_generate)
 
@@ -108,6 +113,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.exit("error: no prompts given (pass them as arguments or one per line on stdin)")
     if args.chat:
         prompts = [[{"role": "user", "content": p}] for p in prompts]
+    # a one-off run needs no more KV slots than samples (KV memory grows with max_batch)
+    max_batch = args.max_batch or min(EngineConfig.max_batch, len(prompts) * args.n)
 
     from rollout.engine.sampling_params import SamplingParams
 
@@ -129,7 +136,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             devices_per_worker=args.devices_per_worker,
             dtype=args.dtype,
-            max_batch=args.max_batch,
+            max_batch=max_batch,
             max_seq_len=args.max_seq_len,
             accelerator=args.accelerator,
         )
@@ -140,10 +147,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         import jax
 
-        from rollout.engine import EngineConfig
         from rollout.engine.engine import Engine
 
-        config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
+        config = EngineConfig(max_batch=max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
         with Engine(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
             outs = engine.generate(prompts, sampling, return_logprobs=args.logprobs)
     for o in outs:

@@ -18,6 +18,7 @@ import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
+from rollout.engine.config import EngineConfig
 from rollout.errors import PlacementError
 
 ACCELERATORS = ("auto", "cpu", "tpu", "gpu")
@@ -68,6 +69,32 @@ class FleetConfig:
             raise ValueError("max_restarts must be >= -1 and max_request_retries >= 0")
         if self.cpus_per_worker < 0 or self.sync_timeout_s <= 0 or self.ready_timeout_s <= 0:
             raise ValueError("cpus_per_worker must be >= 0 and the timeouts > 0 seconds")
+
+
+FLEET_OPTIONS = tuple(f.name for f in dataclasses.fields(FleetConfig))
+ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def service_configs(options: Mapping[str, Any]) -> tuple[FleetConfig, EngineConfig]:
+    """The keyword options of `rollout.init` / `RolloutService` -> (FleetConfig, EngineConfig).
+
+    The options are exactly the fields of the two dataclasses, and an option not given keeps
+    its field's default: the one definition of every default.
+
+    >>> fleet, engine = service_configs({"num_workers": 3, "max_batch": 8})
+    >>> fleet.num_workers, fleet.devices_per_worker, engine.max_batch, engine.max_seq_len
+    (3, 4, 8, 2048)
+    """
+    unknown = sorted(set(options) - set(FLEET_OPTIONS) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown}; expected fields of FleetConfig {sorted(FLEET_OPTIONS)} "
+            f"or EngineConfig {sorted(ENGINE_OPTIONS)}"
+        )
+    return (
+        FleetConfig(**{k: v for k, v in options.items() if k in FLEET_OPTIONS}),
+        EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS}),
+    )
 
 
 def resolve_accelerator(accelerator: str, cluster: Mapping[str, float]) -> str:
