@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from rollout.engine.config import EngineConfig
 from rollout.errors import PlacementError
+from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
 
 ACCELERATORS = ("auto", "cpu", "tpu", "gpu")
 _PASSED_THROUGH = (
@@ -42,7 +43,7 @@ class FleetConfig:
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (its scheduler and fetch threads)
     bucket_bytes: int = 256 << 20  # object-store bucket size: fewer objects vs. bigger fetch units
     max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
-    checksum: str = "sum64"  # bucket checksum: sum64 (memory speed) or crc32 (~0.3 s/GiB per reader)
+    checksum: str = DEFAULT_CHECKSUM  # bucket checksum: xxh3_64 (memory speed) or crc32 (~0.3 s/GiB per reader)
     pipelined_sync: bool = True  # workers stage bucket k while bucket k+1 is put (False: put all first)
     sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
     ready_timeout_s: float = 600.0  # workers must build their engines within this at start
@@ -63,8 +64,8 @@ class FleetConfig:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")
         if not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1 << 10:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r}: expected an integer >= 1024")
-        if self.checksum not in ("sum64", "crc32"):
-            raise ValueError(f"checksum={self.checksum!r}: expected 'sum64' or 'crc32'")
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"checksum={self.checksum!r}: expected one of {CHECKSUMS}")
         if self.max_restarts < -1 or self.max_request_retries < 0:
             raise ValueError("max_restarts must be >= -1 and max_request_retries >= 0")
         if self.cpus_per_worker < 0 or self.sync_timeout_s <= 0 or self.ready_timeout_s <= 0:

@@ -35,7 +35,7 @@ import numpy as np
 import ray
 
 from rollout.errors import SyncError
-from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
+from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.loader import checkpoint_spec
 from rollout.weights.spec import ParamSpec, flatten_params
 
@@ -88,7 +88,7 @@ class WeightSync:
         bucket_bytes: int,
         timeout_s: float,
         tie_word_embeddings: bool,
-        checksum: str = "sum64",
+        checksum: str = DEFAULT_CHECKSUM,
         pipelined: bool = True,
     ):
         self.fleet = fleet
