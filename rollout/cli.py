@@ -2,7 +2,7 @@
 
     rollout demo                      GRPO on a toy task against a local Ray fleet (the main job)
     rollout generate MODEL PROMPT...  load a checkpoint, generate, print one JSON line per sample
-    rollout bench engine|sync [...]   run bench/bench_<name>.py from the source checkout
+    rollout bench engine|sync [...]   run a benchmark of rollout.bench
 
 JAX reads XLA_FLAGS once, at import, so this module imports nothing heavy at the top: each
 command first sets the simulated device count (on CPU), then imports jax and the engine.
@@ -13,14 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from rollout.engine.config import DTYPES, EngineConfig
-
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
 # -- demo ---------------------------------------------------------------------------------------
@@ -170,32 +166,28 @@ def _run_generate(args: argparse.Namespace) -> int:
 # -- bench --------------------------------------------------------------------------------------
 
 
-def _benches() -> dict[str, Path]:
-    return {p.stem[len("bench_"):]: p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
-
-
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from rollout.bench import BENCHMARKS
+
     p = sub.add_parser(
         "bench",
-        help="run a benchmark script from bench/ (engine, sync, ...)",
+        help="run a benchmark (engine, sync)",
         description=(
-            "Run bench/bench_NAME.py of the source checkout with the remaining arguments, e.g. "
-            "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows the "
-            "script's own options."
+            "Run the benchmark NAME (a module of rollout.bench) with the remaining arguments, e.g. "
+            "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows its own options."
         ),
     )
-    p.add_argument("name", help="benchmark to run: " + (", ".join(_benches()) or "none found"))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="benchmark to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    benches = _benches()
-    script = benches.get(args.name)
-    if script is None:
-        where = f"in {BENCH_DIR}" if BENCH_DIR.is_dir() else f"({BENCH_DIR} does not exist: run from a source checkout)"
-        sys.exit(f"error: no benchmark {args.name!r} {where}; available: {sorted(benches) or 'none'}")
-    return subprocess.call([sys.executable, str(script), *args.args])
+    import importlib
+
+    from rollout.bench import BENCHMARKS
+
+    return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
 
 
 # -- entry point --------------------------------------------------------------------------------
