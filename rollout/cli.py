@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 from rollout.engine.config import DTYPES, EngineConfig
 
-
 # -- demo ---------------------------------------------------------------------------------------
 
 

@@ -54,13 +54,13 @@ def test_logprobs_are_those_of_the_sampled_distribution(engine):
     """log_softmax(logits / T) of the untruncated distribution, recomputed by a full forward."""
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
     temperature = 0.8
     sp = SamplingParams(max_tokens=10, temperature=temperature, top_k=20, seed=3, ignore_eos=True)
     out = engine.generate([[31, 32, 33, 34]], sp)[0]
     seq = np.array([list(out.prompt_token_ids) + list(out.token_ids)])
-    logits = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))(
+    logits = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))(
         engine.current_params(), seq, np.ones_like(seq)
     )
     logp = jax.nn.log_softmax(np.asarray(logits)[0] / temperature, axis=-1)
@@ -72,11 +72,11 @@ def test_logprobs_are_those_of_the_sampled_distribution(engine):
 def test_greedy_logprobs_are_the_raw_log_softmax(engine):
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
     out = engine.generate([[41, 42]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
     seq = np.array([[41, 42] + list(out.token_ids)])
-    logits = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))(
+    logits = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))(
         engine.current_params(), seq, np.ones_like(seq)
     )
     logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))

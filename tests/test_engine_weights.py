@@ -53,13 +53,13 @@ def test_every_leaf_takes_effect(engine, tiny_qwen3, tiny_qwen3_perturbed):
     """Swapping in the perturbed value of one leaf at a time changes the logits every time."""
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
     _sync(engine, hf_flat(tiny_qwen3))
     base = engine.current_params()
-    forward = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))
+    full_logits_fn = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))
     seq = np.array([PROMPT])
-    ref = np.asarray(forward(base, seq, np.ones_like(seq)))
+    ref = np.asarray(full_logits_fn(base, seq, np.ones_like(seq)))
     other = engine.model_def.spec  # same paths in both checkpoints
     from rollout.weights.spec import flatten_params
 
@@ -67,7 +67,7 @@ def test_every_leaf_takes_effect(engine, tiny_qwen3, tiny_qwen3_perturbed):
     for path in other.paths:
         params = dict(base)
         params[path] = jax.device_put(np.asarray(perturbed[path]), engine.param_shardings[path])
-        out = np.asarray(forward(params, seq, np.ones_like(seq)))
+        out = np.asarray(full_logits_fn(params, seq, np.ones_like(seq)))
         assert not np.allclose(out, ref), f"{path} had no effect on the logits"
 
 

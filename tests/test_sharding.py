@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rollout.engine.runner import ModelRunner
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.sharding import (
@@ -67,19 +67,19 @@ def placed(path: Path, n_devices: int) -> Placed:
 
 
 def full_logits(p: Placed) -> np.ndarray:
-    forward = jax.jit(lambda params, t, m: qwen.forward_full(p.model_def.bind(params), t, m))
-    return np.asarray(forward(p.params, TOKENS, MASK))[MASK.astype(bool)]
+    full_logits_fn = jax.jit(lambda params, t, m: forward.forward_full(p.model_def.bind(params), t, m))
+    return np.asarray(full_logits_fn(p.params, TOKENS, MASK))[MASK.astype(bool)]
 
 
 def cached_logits(p: Placed, steps: int = 4) -> np.ndarray:
     """Prefill two prompts into slots 1 and 0 of a sharded cache, then decode `steps` tokens."""
     cfg, model_def = p.model_def.config, p.model_def
-    cache = jax.device_put(qwen.init_cache(cfg, 2, 32, model_def.dtype), cache_sharding(p.mesh, cfg))
+    cache = jax.device_put(forward.init_cache(cfg, 2, 32, model_def.dtype), cache_sharding(p.mesh, cfg))
     prompts = np.array([[5, 17, 42, 0], [11, 12, 13, 14]], np.int32)
     lengths = np.array([3, 4], np.int32)
     slots = np.array([1, 0], np.int32)
-    prefill = jax.jit(lambda params, c, t, n, d, s: qwen.prefill(model_def.bind(params), c, t, n, d, s))
-    decode = jax.jit(lambda params, c, s, t, pos: qwen.decode(model_def.bind(params), c, s, t, pos, 32))
+    prefill = jax.jit(lambda params, c, t, n, d, s: forward.prefill(model_def.bind(params), c, t, n, d, s))
+    decode = jax.jit(lambda params, c, s, t, pos: forward.decode(model_def.bind(params), c, s, t, pos, 32))
     logits, cache = prefill(p.params, cache, prompts, lengths, slots, np.arange(2, dtype=np.int32))
     out = [np.asarray(logits)]
     for k in range(steps):
@@ -218,14 +218,25 @@ def _config(**changes) -> ModelConfig:
     return dataclasses.replace(base, **changes)
 
 
-def test_a_parameter_whose_axes_have_no_sharding_rule_is_refused_at_startup_naming_it(monkeypatch):
-    """A new family's parameter on an axis the rules do not know fails when the model is built."""
+def register_family(monkeypatch, architecture: str, model_cls) -> ModelConfig:
+    """A config of `architecture`, registered for this test as a family whose model is `model_cls`."""
     import sys
     import types
 
+    from rollout.models import qwen, registry
+
+    family = types.ModuleType(f"{architecture}_family")
+    family.MODEL, family.HF_NAMES = model_cls, qwen.HF_NAMES
+    monkeypatch.setitem(sys.modules, family.__name__, family)
+    monkeypatch.setitem(registry._FAMILIES, architecture, registry.Family("test", family.__name__, True, False))
+    return _config(architecture=architecture)
+
+
+def test_a_parameter_whose_axes_have_no_sharding_rule_is_refused_at_startup_naming_it(monkeypatch):
+    """A new family's parameter on an axis the rules do not know fails when the model is built."""
     from flax import nnx
 
-    from rollout.models import qwen, registry
+    from rollout.models import qwen
     from rollout.sharding import ShardingRuleError
 
     class WithExperts(qwen.QwenForCausalLM):
@@ -233,22 +244,15 @@ def test_a_parameter_whose_axes_have_no_sharding_rule_is_refused_at_startup_nami
             super().__init__(cfg, dtype=dtype, rngs=rngs)
             self.router = nnx.Param(jax.numpy.zeros((cfg.hidden_size, 8), dtype), axes=("embed", "experts"))
 
-    family = types.ModuleType("experts_family")
-    family.MODEL, family.HF_NAMES = WithExperts, qwen.HF_NAMES
-    monkeypatch.setitem(sys.modules, "experts_family", family)
-    monkeypatch.setitem(registry._FAMILIES, "ExpertsForCausalLM",
-                        registry.Family("experts", "experts_family", qk_norm=True, qkv_bias=False))
+    cfg = register_family(monkeypatch, "ExpertsForCausalLM", WithExperts)
     with pytest.raises(ShardingRuleError, match=r"'router' has logical axes \('embed', 'experts'\).*'experts'"):
-        ModelDef.create(_config(architecture="ExpertsForCausalLM"))
+        ModelDef.create(cfg)
 
 
 def test_a_parameter_without_declared_axes_is_refused_at_startup_naming_it(monkeypatch):
-    import sys
-    import types
-
     from flax import nnx
 
-    from rollout.models import qwen, registry
+    from rollout.models import qwen
     from rollout.sharding import ShardingRuleError
 
     class WithBareParam(qwen.QwenForCausalLM):
@@ -256,10 +260,22 @@ def test_a_parameter_without_declared_axes_is_refused_at_startup_naming_it(monke
             super().__init__(cfg, dtype=dtype, rngs=rngs)
             self.scale = nnx.Param(jax.numpy.ones((cfg.hidden_size,), dtype))
 
-    family = types.ModuleType("bare_family")
-    family.MODEL, family.HF_NAMES = WithBareParam, qwen.HF_NAMES
-    monkeypatch.setitem(sys.modules, "bare_family", family)
-    monkeypatch.setitem(registry._FAMILIES, "BareForCausalLM",
-                        registry.Family("bare", "bare_family", qk_norm=True, qkv_bias=False))
+    cfg = register_family(monkeypatch, "BareForCausalLM", WithBareParam)
     with pytest.raises(ShardingRuleError, match="'scale' declares no logical axes"):
-        ModelDef.create(_config(architecture="BareForCausalLM"))
+        ModelDef.create(cfg)
+
+
+def test_a_parameter_without_an_hf_name_is_refused_at_startup_naming_it(monkeypatch):
+    from flax import nnx
+
+    from rollout.models import qwen
+    from rollout.weights.hf_names import HFNameError
+
+    class WithUnnamedParam(qwen.QwenForCausalLM):
+        def __init__(self, cfg, *, dtype, rngs):
+            super().__init__(cfg, dtype=dtype, rngs=rngs)
+            self.scale = nnx.Param(jax.numpy.ones((cfg.hidden_size,), dtype), axes=("embed",))
+
+    cfg = register_family(monkeypatch, "UnnamedForCausalLM", WithUnnamedParam)
+    with pytest.raises(HFNameError, match="'scale' has no HF name"):
+        ModelDef.create(cfg)

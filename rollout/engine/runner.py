@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from rollout.engine import placement
 from rollout.engine.sampling import SlotSampling, sample
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.sharding import cache_sharding, logical_sharding, replicated
 
@@ -50,7 +50,7 @@ class ModelRunner:
         self.param_shardings = model_def.shardings(mesh)
         self._cache_sharding = cache_sharding(mesh, cfg)
         self._replicated = replicated(mesh)
-        shape = qwen.cache_shape(cfg, max_batch, max_seq_len)
+        shape = forward.cache_shape(cfg, max_batch, max_seq_len)
         make = jax.jit(
             lambda: tuple(
                 (jnp.zeros(shape, model_def.dtype), jnp.zeros(shape, model_def.dtype))
@@ -73,7 +73,7 @@ class ModelRunner:
 
     def _prefill_impl(self, params, derived, cache, tokens, lengths, dst_slots, src_rows, sampling: SlotSampling):
         model = self.model_def.bind(params)
-        logits, cache = qwen.prefill(model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"))
+        logits, cache = forward.prefill(model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"))
         row_logits = logits[src_rows]  # (M, V): each destination slot samples its own first token
         new_tokens, logprobs = sample(row_logits, sampling, lengths[src_rows])
         return new_tokens, logprobs, cache
@@ -86,7 +86,7 @@ class ModelRunner:
 
         def step(carry, _):
             cache, tok, pos = carry
-            logits, cache = qwen.decode(
+            logits, cache = forward.decode(
                 model, cache, slot_ids, tok, pos, kv_len, derived.get("head_t"), in_place=in_place
             )
             nxt, lp = sample(logits, sampling, pos + 1)
@@ -152,7 +152,7 @@ class ModelRunner:
         slots, tokens, positions (B,) with B from `decode_batch`; padding rows carry slot id
         max_batch. With B == max_batch, row i must be slot i and idle slots are the padding
         (position max_seq_len): every slot decodes in place, without gathering its keys and
-        values (see `qwen.decode`). `sampling` has B rows. Returns tokens and logprobs (K, B).
+        values (see `forward.decode`). `sampling` has B rows. Returns tokens and logprobs (K, B).
         """
         assert self.params is not None, "set_params() before generating"
         if len(slots) == self.max_batch and not np.array_equal(slots, np.arange(self.max_batch)):

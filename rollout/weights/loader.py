@@ -76,7 +76,7 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
 
     for file in safetensors_files(directory):
         with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
 
 
@@ -173,7 +173,7 @@ def checkpoint_spec(directory: Path, spec: ParamSpec) -> ParamSpec:
     leaves = []
     for file in safetensors_files(directory):
         with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 kind, path, transform = names.classify(name, paths)
                 if kind in ("ignored", "tied"):
                     continue
