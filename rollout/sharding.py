@@ -91,7 +91,7 @@ def to_spec(axes: Axes, rules: Mapping[str, str | None]) -> PartitionSpec:
     unequal to it and make the next call with the returned cache compile again.
 
     >>> to_spec((None, None, "kv_heads", None), {"kv_heads": "tp"})
-    PartitionSpec(None, None, 'tp')
+    P(None, None, 'tp')
     """
     parts = [rules.get(a) if a else None for a in axes]
     while parts and parts[-1] is None:

@@ -139,8 +139,9 @@ def same_values(a: Any, b: Any) -> bool:
 def hf_to_engine(flat: Mapping[str, Any], names: HFNames, paths: Collection[str]) -> dict[str, Any]:
     """`{hf_name: array}` -> `{engine path: array}` in engine layout, for a model with `paths`.
 
-    Raises HFNameError for names that map to no parameter, for two names of one parameter, and
-    for a tied head that differs from the embedding. A tied head equal to it is dropped.
+    Raises HFNameError for names that match no rule of the table, for two names of one
+    parameter, and for a tied head that differs from the embedding (one equal to it is
+    dropped). A name that maps to a path the model lacks is kept, for the spec check to report.
 
     >>> table = HFNames((NameRule("model.embed_tokens.weight", "embed_tokens"),
     ...                  NameRule("lm_head.weight", "lm_head.kernel", TRANSPOSE)),
@@ -160,9 +161,11 @@ def hf_to_engine(flat: Mapping[str, Any], names: HFNames, paths: Collection[str]
             continue
         if kind == "ignored":
             continue
-        if kind == "unknown":
+        if kind == "unknown" and not path:
             unmapped.append(name)
             continue
+        # a path this model lacks (say, layer 7 of 2) is kept: the spec check then lists it
+        # among the extra paths, beside whatever else is missing or misshapen
         if path in out:
             raise HFNameError(f"tensors {source[path]!r} and {name!r} both set {path!r}; send one")
         out[path], source[path] = to_engine_layout(array, transform), name
