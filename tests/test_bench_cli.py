@@ -52,8 +52,3 @@ def test_a_tiny_engine_benchmark_runs_from_the_installed_package(tmp_path, tiny_
                                       "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rollout tok/s" in proc.stdout and " 2/2 " in proc.stdout  # same tokens as transformers
-
-
-def test_an_unknown_benchmark_is_refused_listing_the_known_ones(tmp_path):
-    proc = run_from_a_copy(tmp_path, ["bench", "nope"])
-    assert proc.returncode == 2 and "engine" in proc.stderr and "sync" in proc.stderr
