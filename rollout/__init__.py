@@ -71,12 +71,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")
 
 
-def init(model: str, num_workers: int = 2, devices_per_worker: int = 4, **options: Any) -> "RolloutService":
+def init(
+    model: str,
+    num_workers: int = FleetConfig.num_workers,
+    devices_per_worker: int = FleetConfig.devices_per_worker,
+    **options: Any,
+) -> "RolloutService":
     """Start the default rollout service and return it.
 
-    The arguments are RolloutService's (load_format, dtype, max_batch, max_seq_len,
-    swap_policy, accelerator, bucket_bytes, sync_timeout_s, decode_steps, ...; see its
-    docstring). Starts a local Ray, listening on loopback only, if none is initialized;
+    The arguments are RolloutService's: the fields of FleetConfig and EngineConfig (load_format,
+    dtype, max_batch, max_seq_len, swap_policy, accelerator, bucket_bytes, ...), each defaulting
+    to its field's default. Starts a local Ray, listening on loopback only, if none is initialized;
     otherwise joins it (e.g. after `ray.init(address="auto")`).
     """
     global _default

@@ -16,7 +16,6 @@ up with the fleet's committed version.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -30,7 +29,6 @@ import ray
 
 from rollout.contract import WorkerStatus
 from rollout.dispatch import Dispatch, GenerationStream
-from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.errors import PlacementError, ServiceClosedError, describe_error
@@ -40,6 +38,7 @@ from rollout.fleet import (
     check_placement,
     placement_message,
     resolve_accelerator,
+    service_configs,
 )
 from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
@@ -56,8 +55,6 @@ if TYPE_CHECKING:
     from rollout.streaming import FleetRequest, TokenStream
 
 log = logging.getLogger("rollout.service")
-_FLEET_FIELDS = {f.name for f in dataclasses.fields(FleetConfig)}
-_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 _PROBE_INTERVAL_S = 0.25
 # Options that were removed, and what to do instead.
 _REMOVED_OPTIONS = {
@@ -70,11 +67,10 @@ class RolloutService:
     """A fleet of `num_workers` engines, each on `devices_per_worker` devices.
 
     `model` is an HF directory or repo id (the driver reads its config and tokenizer to validate
-    prompts; each worker loads the weights, or only shapes with load_format="dummy"). Further
-    keyword options are the other fields of FleetConfig (cpus_per_worker, max_restarts,
-    checksum, env_vars, ...) and EngineConfig (max_prefill_batch, seed). `accelerator`: "cpu"
-    (devices simulated), "tpu", "gpu" or "auto" (TPU if the cluster has TPUs, then GPU, else
-    CPU). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
+    prompts; each worker loads the weights, or only shapes with load_format="dummy"). The
+    keyword options are the fields of FleetConfig (accelerator, bucket_bytes, checksum,
+    max_restarts, env_vars, ...) and EngineConfig (load_format, dtype, max_batch, max_seq_len,
+    swap_policy, ...); an option not given keeps its field's default (rollout.fleet.service_configs). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
     running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
     `worker_class` is the actor class of the workers: RolloutWorker or a subclass of it (the
     reliability tests inject faults with one).
@@ -83,40 +79,21 @@ class RolloutService:
     def __init__(
         self,
         model: str | os.PathLike[str],
-        num_workers: int = 2,
-        devices_per_worker: int = 4,
+        num_workers: int = FleetConfig.num_workers,
+        devices_per_worker: int = FleetConfig.devices_per_worker,
         *,
-        load_format: str = "auto",
-        dtype: str = "float32",
-        max_batch: int = 64,
-        max_seq_len: int = 2048,
-        swap_policy: str = "drain",
-        accelerator: str = "auto",
-        bucket_bytes: int = 256 << 20,
-        sync_timeout_s: float = 600.0,
-        decode_steps: int = 4,
         ray_init_kwargs: dict[str, Any] | None = None,
         worker_class: type[RolloutWorker] = RolloutWorker,
         **options: Any,
     ):
-        options.update(
-            num_workers=num_workers, devices_per_worker=devices_per_worker, load_format=load_format, dtype=dtype,
-            max_batch=max_batch, max_seq_len=max_seq_len, swap_policy=swap_policy, accelerator=accelerator,
-            bucket_bytes=bucket_bytes, sync_timeout_s=sync_timeout_s, decode_steps=decode_steps,
-        )
         removed = sorted(set(options) & set(_REMOVED_OPTIONS))
         if removed:
             raise TypeError("; ".join(f"option {name!r} was removed: {_REMOVED_OPTIONS[name]}" for name in removed))
-        unknown = sorted(set(options) - _FLEET_FIELDS - _ENGINE_FIELDS)
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {unknown}; expected fields of FleetConfig "
-                f"{sorted(_FLEET_FIELDS)} or EngineConfig {sorted(_ENGINE_FIELDS)}"
-            )
         if not (isinstance(worker_class, type) and issubclass(worker_class, RolloutWorker)):
             raise TypeError(f"worker_class={worker_class!r}: expected rollout.worker.RolloutWorker or a subclass")
-        self.fleet_config = FleetConfig(**{k: v for k, v in options.items() if k in _FLEET_FIELDS})
-        self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
+        self.fleet_config, self.engine_config = service_configs(
+            {"num_workers": num_workers, "devices_per_worker": devices_per_worker, **options}
+        )
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = ModelConfig.from_pretrained(self.checkpoint)
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
@@ -146,7 +123,6 @@ class RolloutService:
             Fleet(self._handles, self._registry, self.spec, self._live_workers, self._worker_down),
             self.fleet_config.bucket_bytes,
             self.fleet_config.sync_timeout_s,
-            self.model_config.tie_word_embeddings,
             self.fleet_config.checksum,
         )
         self._probes: dict[int, tuple[Any, str, float]] = {}  # worker -> (ref, kind, down since)

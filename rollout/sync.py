@@ -37,9 +37,9 @@ import ray
 
 from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, StageReport
 from rollout.errors import SyncError, describe_error, first_line
-from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
-from rollout.weights.hf_names import IGNORED, hf_to_path
-from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
+from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
+from rollout.weights.loader import checkpoint_spec
+from rollout.weights.spec import ParamSpec, flatten_params
 
 log = logging.getLogger("rollout.sync")
 
@@ -89,14 +89,12 @@ class WeightSync:
         fleet: Fleet,
         bucket_bytes: int,
         timeout_s: float,
-        tie_word_embeddings: bool,
-        checksum: str = "sum64",
+        checksum: str = DEFAULT_CHECKSUM,
     ):
         self.fleet = fleet
         self.bucket_bytes = bucket_bytes
         self.checksum = checksum
         self.timeout_s = timeout_s
-        self.tie_word_embeddings = tie_word_embeddings
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
         self._buffers: list[np.ndarray] | None = None  # see pack_buffers
         self.committed: CommittedUpdate | None = None  # keeps the committed buckets alive
@@ -137,7 +135,7 @@ class WeightSync:
         record.nbytes = self.layout.nbytes
         record.leaves = len(self.layout.slots)
         with _phase(record, "flatten"):
-            flat = flatten_params(params)
+            flat = flatten_params(params, self.fleet.spec)
         with _phase(record, "check"):
             self.fleet.spec.check(ParamSpec.of(flat))  # before any transfer
             flat = {path: flat[path] for path in self.fleet.spec.paths}
@@ -204,7 +202,7 @@ class WeightSync:
         path = str(params)
         with _phase(record, "check"):
             if Path(path).expanduser().is_dir():
-                self.fleet.spec.check(checkpoint_spec(Path(path).expanduser(), self.tie_word_embeddings))
+                self.fleet.spec.check(checkpoint_spec(Path(path).expanduser(), self.fleet.spec))
                 path = str(Path(path).expanduser().resolve())
         calls = {self.fleet.handles[i].stage_checkpoint.remote(sync_id, version, path): i for i in workers}
         return CheckpointUpdate(version, path), calls
@@ -258,32 +256,6 @@ def to_host(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {p: np.asarray(a) for p, a in out.items()}
 
 
-def checkpoint_spec(directory: Path, tie_word_embeddings: bool) -> ParamSpec:
-    """The engine-path spec of an HF checkpoint directory, from safetensors headers alone."""
-    from safetensors import safe_open
-
-    from rollout.weights.loader import safetensors_files
-
-    leaves = []
-    for file in safetensors_files(directory):
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                target = hf_to_path(name)
-                if target is None:
-                    if IGNORED.search(name):
-                        continue
-                    raise SpecMismatchError(f"checkpoint tensor {name!r} maps to no parameter of this model")
-                path, transpose = target
-                if path == "lm_head.kernel" and tie_word_embeddings:
-                    continue
-                piece = f.get_slice(name)
-                shape = tuple(piece.get_shape())
-                leaves.append((path, shape[::-1] if transpose else shape, _safetensors_dtype(piece.get_dtype())))
-    return spec_of_leaves(leaves)
-
-
-def _safetensors_dtype(name: str) -> str:
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(name, name.lower())
 
 
 class _phase:

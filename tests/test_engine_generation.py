@@ -55,10 +55,10 @@ def reference_logits(engine: Engine, out) -> np.ndarray:
     over prompt + completion (no KV cache)."""
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
     seq = np.array([list(out.prompt_token_ids) + list(out.token_ids)])
-    logits = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))(
+    logits = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))(
         engine.current_params(), seq, np.ones_like(seq)
     )
     return np.asarray(logits, np.float64)[0, len(out.prompt_token_ids) - 1 : -1]

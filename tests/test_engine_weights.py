@@ -53,21 +53,21 @@ def test_every_leaf_takes_effect(engine, tiny_qwen3, tiny_qwen3_perturbed):
     """Swapping in the perturbed value of one leaf at a time changes the logits every time."""
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
     _sync(engine, hf_flat(tiny_qwen3))
     base = engine.current_params()
-    forward = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))
+    full_logits_fn = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))
     seq = np.array([PROMPT])
-    ref = np.asarray(forward(base, seq, np.ones_like(seq)))
+    ref = np.asarray(full_logits_fn(base, seq, np.ones_like(seq)))
     other = engine.model_def.spec  # same paths in both checkpoints
     from rollout.weights.spec import flatten_params
 
-    perturbed = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    perturbed = flatten_params(hf_flat(tiny_qwen3_perturbed), engine.spec)
     for path in other.paths:
         params = dict(base)
         params[path] = jax.device_put(np.asarray(perturbed[path]), engine.param_shardings[path])
-        out = np.asarray(forward(params, seq, np.ones_like(seq)))
+        out = np.asarray(full_logits_fn(params, seq, np.ones_like(seq)))
         assert not np.allclose(out, ref), f"{path} had no effect on the logits"
 
 
@@ -306,7 +306,7 @@ def test_staged_weights_do_not_alias_the_aligned_buckets_they_came_from(engine, 
     from rollout.weights.buckets import pack, plan_buckets, unpack
     from rollout.weights.spec import flatten_params
 
-    flat = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    flat = flatten_params(hf_flat(tiny_qwen3_perturbed), engine.spec)
     layout = plan_buckets(engine.spec, bucket_bytes=1 << 20)
     buffers = [owned_copy(np.empty(n, np.uint8)) for n in layout.bucket_nbytes]
     packed = pack(flat, layout, version=1, buffers=buffers)

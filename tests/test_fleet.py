@@ -18,7 +18,7 @@ import pytest
 
 import rollout
 from rollout.weights.loader import iter_tensors
-from rollout.weights.spec import hf_flat_to_engine
+from rollout.weights.spec import flatten_params
 
 from reliability.fault_worker import FaultyWorker
 
@@ -237,8 +237,33 @@ def test_synced_hf_params_make_every_worker_match_a_single_process_engine(servic
         assert tokens == want, f"worker {worker} differs from the single-process engine"
 
 
+def test_a_tied_transformers_state_dict_with_its_lm_head_syncs_like_the_same_tensors_on_disk(
+    service, reference, tiny_qwen3_perturbed
+):
+    """model.state_dict() of a tied transformers model carries lm_head.weight (the embedding)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen3_perturbed, dtype=torch.float32)
+    params = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    assert "lm_head.weight" in params and model.config.tie_word_embeddings
+    version = service.sync_weights(params)
+    want = reference_tokens(reference, hf_flat(tiny_qwen3_perturbed))
+    for worker in range(2):
+        assert worker_outputs(service, worker) == (want, {version})
+
+
+def test_an_lm_head_that_differs_from_a_tied_embedding_is_refused_saying_the_model_ties_them(service, tiny_qwen3):
+    params = hf_flat(tiny_qwen3)
+    params["lm_head.weight"] = params["model.embed_tokens.weight"] + 1
+    before = service.version
+    with pytest.raises(rollout.SpecMismatchError, match="ties them"):
+        service.sync_weights(params)
+    assert service.version == before and {w["version"] for w in service.status()["workers"]} == {before}
+
+
 def test_an_engine_layout_nested_tree_syncs_as_the_next_version(service, reference, tiny_qwen3):
-    params = nested(hf_flat_to_engine(hf_flat(tiny_qwen3)))
+    params = nested(flatten_params(hf_flat(tiny_qwen3), service.spec))
     before = service.version
     assert service.sync_weights(params) == before + 1
     want = reference_tokens(reference, hf_flat(tiny_qwen3))
@@ -261,7 +286,7 @@ def test_an_hf_directory_syncs_without_the_object_store(service, reference, tiny
 def test_a_spec_mismatch_is_refused_before_any_transfer(service, tiny_qwen3, monkeypatch):
     import ray
 
-    params = hf_flat_to_engine(hf_flat(tiny_qwen3))
+    params = flatten_params(hf_flat(tiny_qwen3), service.spec)
     del params["layers.1.mlp.up_proj.kernel"]
     params["layers.9.mlp.up_proj.kernel"] = np.zeros((64, 128), np.float32)
     params["norm.weight"] = np.ones(65, np.float32)

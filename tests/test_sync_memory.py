@@ -12,7 +12,7 @@ SPEC = spec_of_leaves([(f"layers.{i}.w", (256,), "float32") for i in range(7)]) 
 
 def _sync() -> WeightSync:
     fleet = Fleet(handles=[], registry=None, spec=SPEC, live_workers=list, worker_down=lambda i, err: None)
-    return WeightSync(fleet, bucket_bytes=2048, timeout_s=1.0, tie_word_embeddings=False)
+    return WeightSync(fleet, bucket_bytes=2048, timeout_s=1.0)
 
 
 def _owners(buffers: list[np.ndarray]) -> set[int]:

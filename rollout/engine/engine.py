@@ -141,10 +141,7 @@ class Engine:
         return self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
 
     def _load(self, directory: Path, *, progress: bool = False) -> dict[str, jax.Array]:
-        return load_params(
-            directory, self.spec, self.runner.place,
-            tie_word_embeddings=self.model_config.tie_word_embeddings, progress=progress,
-        )
+        return load_params(directory, self.spec, self.runner.place, progress=progress)
 
     def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
         """Swap in the staged `version` at the next step boundary allowed by `policy`.

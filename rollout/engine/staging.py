@@ -58,7 +58,7 @@ def place_params(params: Any, spec: ParamSpec, place: Place, *, finite_checked: 
     `finite_checked`: the values were counted finite already (a packer did, and a checksum
     proves these are its bytes); skips that pass unless a leaf must be cast.
     """
-    flat = flatten_params(params)
+    flat = flatten_params(params, spec)
     spec.check(ParamSpec.of(flat))
     want = spec.by_path()
     return {
@@ -67,9 +67,7 @@ def place_params(params: Any, spec: ParamSpec, place: Place, *, finite_checked: 
     }
 
 
-def load_params(
-    directory: Path, spec: ParamSpec, place: Place, *, tie_word_embeddings: bool, progress: bool = False
-) -> dict[str, jax.Array]:
+def load_params(directory: Path, spec: ParamSpec, place: Place, *, progress: bool = False) -> dict[str, jax.Array]:
     """The weights of an HF checkpoint directory, read one tensor at a time onto the devices
     (cast to the engine dtype and checked finite on the way)."""
     want = spec.by_path()
@@ -78,7 +76,7 @@ def load_params(
         return place(path, check_host_leaf(path, array, want[path].dtype))
 
     return load_checkpoint(  # type: ignore[return-value]  (place_checked returns device arrays)
-        directory, spec, place_checked, tie_word_embeddings=tie_word_embeddings, progress=progress
+        directory, spec, place_checked, progress=progress
     )
 
 

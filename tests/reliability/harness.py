@@ -31,7 +31,7 @@ import numpy as np
 import rollout
 from rollout.weights.buckets import PackedUpdate, pack, plan_buckets
 from rollout.weights.loader import iter_tensors
-from rollout.weights.spec import hf_flat_to_engine
+from rollout.weights.spec import flatten_params
 
 from .fault_worker import FaultyWorker
 
@@ -120,7 +120,11 @@ def tally(outcome: Outcome, expected: Counter, completions: Iterable[rollout.Com
 
 def engine_params(checkpoint: Path) -> dict[str, np.ndarray]:
     """A checkpoint's weights as a flat {engine path: host array} tree (what a trainer sends)."""
-    return {p: np.ascontiguousarray(a) for p, a in hf_flat_to_engine(dict(iter_tensors(checkpoint))).items()}
+    from rollout.models.bind import ModelDef
+    from rollout.models.config import ModelConfig
+
+    spec = ModelDef.create(ModelConfig.from_pretrained(checkpoint)).spec
+    return {p: np.ascontiguousarray(a) for p, a in flatten_params(dict(iter_tensors(checkpoint)), spec).items()}
 
 
 def fingerprint(svc: rollout.RolloutService) -> list[tuple]:
