@@ -10,6 +10,8 @@
     rollout.status()
     rollout.shutdown()
 
+    server = rollout.serve(model_or_service, port=8000)   # OpenAI-compatible HTTP ([serve] extra)
+
 `rollout.RolloutService(...)` is the same as an object (and a context manager); the module-level
 functions drive a default service made by `init`. Importing this package is cheap: it imports
 neither jax nor torch nor Ray; the service and the engine load them when first used.
@@ -50,6 +52,7 @@ __all__ = [
     "generate",
     "generate_async",
     "init",
+    "serve",
     "shutdown",
     "status",
     "sync_weights",
@@ -68,12 +71,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")
 
 
-def init(model: str, num_workers: int = 2, devices_per_worker: int = 4, **options: Any) -> "RolloutService":
+def init(
+    model: str,
+    num_workers: int = FleetConfig.num_workers,
+    devices_per_worker: int = FleetConfig.devices_per_worker,
+    **options: Any,
+) -> "RolloutService":
     """Start the default rollout service and return it.
 
-    The arguments are RolloutService's (load_format, dtype, max_batch, max_seq_len,
-    swap_policy, accelerator, bucket_bytes, sync_timeout_s, decode_steps, ...; see its
-    docstring). Starts a local Ray, listening on loopback only, if none is initialized;
+    The arguments are RolloutService's: the fields of FleetConfig and EngineConfig (load_format,
+    dtype, max_batch, max_seq_len, swap_policy, accelerator, bucket_bytes, ...), each defaulting
+    to its field's default. Starts a local Ray, listening on loopback only, if none is initialized;
     otherwise joins it (e.g. after `ray.init(address="auto")`).
     """
     global _default
@@ -122,6 +130,20 @@ def generate_async(
     """A stream of completions as prompts finish (`for` or `async for`).
     See RolloutService.generate_async."""
     return _service().generate_async(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
+
+
+def serve(model: Any, **options: Any) -> Any:
+    """Start a fleet (or use a RolloutService) and an OpenAI-compatible HTTP server on it;
+    returns the running server (`url`, `service`, `shutdown()`). Needs the `serve` extra
+    (`pip install "rollout[serve]"`). See rollout.server.handle.serve for the options."""
+    try:
+        from rollout.server import serve as _serve
+    except ImportError as err:
+        raise ImportError(
+            f"rollout.serve needs the server libraries ({err.name} is missing); install them with "
+            '`pip install "rollout[serve]"`'
+        ) from err
+    return _serve(model, **options)
 
 
 def status() -> dict[str, Any]:
