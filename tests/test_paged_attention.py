@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rollout.models import qwen
+from rollout.models import forward as model_forward
 from rollout.paged import attention
 from rollout.sharding import make_mesh
 
@@ -58,7 +58,7 @@ def test_written_positions_read_back_in_order_and_padding_writes_are_dropped():
 def test_xla_paged_decode_attention_equals_the_contiguous_decode_attention(heads, kv_heads, head_dim):
     q, k, v, table, lengths = random_case(0, 3, heads, kv_heads, head_dim, num_pages=16, width=4)
     mask = (np.arange(4 * PAGE)[None, :] < lengths[:, None])[:, None, :]
-    want = qwen.decode_attention(q[:, None], contiguous(k, table), contiguous(v, table), mask)[:, 0]
+    want = model_forward.decode_attention(q[:, None], contiguous(k, table), contiguous(v, table), mask)[:, 0]
     got = attention.decode_attention_xla(q, k, v, table, lengths)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 

@@ -26,7 +26,7 @@ import pytest
 import jax.numpy as jnp
 
 from rollout.engine.sampling import SlotSampling
-from rollout.engine.staging import check_host_leaf
+from rollout.engine.staging import load_params
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.paged import forward
@@ -34,7 +34,6 @@ from rollout.paged.pool import PagePool
 from rollout.paged.runner import PagedRunner, plan_prefill
 from rollout.sharding import make_mesh
 from rollout.testing import make_tiny_checkpoint
-from rollout.weights.loader import load_checkpoint
 
 from test_model_numerics import DEVICE_COUNTS, NEW_TOKENS, PROMPTS, RTOL, VARIANTS, reference, rel_err
 
@@ -71,11 +70,7 @@ def make_runner(path: Path, n_devices: int, **kwargs) -> PagedRunner:
     assert len(devices) == n_devices, "conftest must force 4 host devices"
     options = dict(max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, decode_steps=4, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
     runner = PagedRunner(model_def, make_mesh(devices), **(options | kwargs))
-    dtypes = {leaf.path: leaf.dtype for leaf in model_def.spec.leaves}
-    params = load_checkpoint(
-        path, model_def.spec, lambda p, a: runner.place(p, check_host_leaf(p, a, dtypes[p])),
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
+    params = load_params(path, model_def.spec, runner.place)
     runner.set_params(params)
     return runner
 
@@ -88,10 +83,10 @@ class Case:
 
     @functools.cached_property
     def full_logits(self) -> np.ndarray:
-        from rollout.models import qwen
+        from rollout.models import forward as model_forward
 
         batch = reference(self.path).batch
-        fwd = jax.jit(lambda p, t, m: qwen.forward_full(self.runner.model_def.bind(p), t, m))
+        fwd = jax.jit(lambda p, t, m: model_forward.forward_full(self.runner.model_def.bind(p), t, m))
         return np.asarray(fwd(self.runner.params, batch.tokens, batch.mask))
 
 

@@ -5,7 +5,7 @@ as the contiguous cache, so the pool is sharded by KV heads exactly like it (`po
 and it is the layout of JAX's Pallas TPU paged-attention kernel. A sequence's positions live in
 the pages its page-table row lists, in order.
 
-Two decode attentions, the same math (the contiguous path's `qwen.decode_attention`):
+Two decode attentions, the same math (the contiguous path's `rollout.models.forward.decode_attention`):
 
 - `decode_attention_xla`: gathers each row's pages into a (B, KVH, pages x page_size, D) block
   and runs the fused multiply-reduce attention; any platform, any dtype. The CPU path.
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rollout.models import qwen
+from rollout.models import forward as model_forward
 from rollout.models.config import ModelConfig
 from rollout.sharding import TP, logical_rules, to_spec
 
@@ -85,7 +85,7 @@ def decode_attention_xla(q: Array, k_pages: Array, v_pages: Array, page_table: A
     k = gather(k_pages, page_table)
     v = gather(v_pages, page_table)
     mask = (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, :]  # (B, 1, n * S)
-    return qwen.decode_attention(q[:, None], k, v, mask)[:, 0]
+    return model_forward.decode_attention(q[:, None], k, v, mask)[:, 0]
 
 
 def decode_attention_pallas(

@@ -1,7 +1,7 @@
 """The Qwen prefill and decode forwards over a page pool (see `attention` for the layout).
 
-Same model, same math as `rollout.models.qwen.prefill` / `decode`; only where K/V live differs.
-Both run `QwenForCausalLM.hidden` with an `attend` callback that writes the new positions into
+Same model, same math as `rollout.models.forward.prefill` / `decode`; only where K/V live differs.
+Both run the family model's `hidden` with an `attend` callback that writes the new positions into
 pages and attends:
 
 - `prefill`: right-padded prompts attend to their own fresh K/V (as the contiguous prefill);
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from rollout.models import qwen
+from rollout.models import forward as model_forward
 from rollout.paged import attention
 from rollout.paged.attention import PagedKV
 
@@ -28,7 +28,7 @@ Array = jax.Array
 
 
 def prefill(
-    model: qwen.QwenForCausalLM,
+    model: model_forward.CausalLM,
     pool: PagedKV,
     tokens: Array,
     lengths: Array,
@@ -51,7 +51,7 @@ def prefill(
     page_size = pool[0][0].shape[2]
     num_pages = pool[0][0].shape[1]
     real = jnp.arange(p)[None, :] < lengths[:, None]
-    mask = qwen.causal_padding_mask(real)
+    mask = model_forward.causal_padding_mask(real)
     positions = jnp.broadcast_to(jnp.arange(p)[None, :], (b, p))
     offsets = jnp.broadcast_to(jnp.arange(p)[None, :] % page_size, (b, p))
     # Tail copies: (J, S) source positions, clipped into the bucket, dropped past the length.
@@ -68,7 +68,7 @@ def prefill(
         kp = attention.write(kp, k[tail_src[:, None], tail_pos], tail_pages, tail_off)
         vp = attention.write(vp, v[tail_src[:, None], tail_pos], tail_pages, tail_off)
         new_pool[i] = (kp, vp)
-        return qwen.attention(q, qwen.head_major(k), qwen.head_major(v), mask)
+        return model_forward.attention(q, model_forward.head_major(k), model_forward.head_major(v), mask)
 
     h = model.hidden(tokens, positions, attend)
     last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
@@ -76,7 +76,7 @@ def prefill(
 
 
 def decode(
-    model: qwen.QwenForCausalLM,
+    model: model_forward.CausalLM,
     pool: PagedKV,
     page_table: Array,
     tokens: Array,

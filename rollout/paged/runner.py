@@ -24,7 +24,7 @@ from rollout.engine.sampling import SlotSampling, sample
 from rollout.models.bind import ModelDef
 from rollout.paged import attention, forward
 from rollout.paged.pool import pages_for
-from rollout.sharding import param_sharding
+from rollout.sharding import logical_sharding
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]
@@ -114,14 +114,14 @@ class PagedRunner:
         self.kernel = attention.choose_kernel(platform, model_def.dtype) if kernel == "auto" else kernel
         self.interpret = interpret
         cfg = model_def.config
-        self.param_shardings = {p: param_sharding(p, mesh, cfg) for p in model_def.paths}
+        self.param_shardings = model_def.shardings(mesh)
         self.pool_sharding = attention.pool_sharding(mesh, cfg)
         self.pool = attention.init_pool(cfg, num_pages, page_size, model_def.dtype, self.pool_sharding)
         self.params: Params | None = None
         self.derived: Derived = {}
         self._transpose_head = None
         if cfg.tie_word_embeddings and platform == "cpu":
-            head_sharding = param_sharding("lm_head.kernel", mesh, cfg)  # see ModelRunner.derive
+            head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)  # see ModelRunner
             self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("span",))
