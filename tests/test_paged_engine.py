@@ -1,7 +1,9 @@
 """The engine with kv_layout="paged": the same outputs as the contiguous layout, preemption when
 the pool runs out (none lost or returned twice, seeded samples unchanged), pages freed on
-finish and cancel, status, and the pool-size checks. The generation, transformers-parity and
-weight-swap tests of the contiguous engine run on the paged engine in test_paged_engine_reuse.py.
+finish and cancel, status, the pool-size checks, swaps under pressure, and (both layouts) a
+request arriving with a recompute swap. The contiguous engine's generation, weight-swap and
+transformers-parity tests run on the paged engine in test_paged_engine_{generation,weights,
+numerics}.py.
 """
 
 from __future__ import annotations
@@ -157,3 +159,24 @@ def test_recompute_under_pressure_returns_every_sample_once_ending_on_the_new_we
         assert list(o.token_versions) == sorted(o.token_versions)
     kv = tight.status()["kv"]
     assert kv["pages_used"] == 0 and kv["parked"] == 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_a_request_arriving_with_a_recompute_swap_is_prefilled_once(tiny_qwen3, tiny_qwen3_perturbed, layout):
+    """A request queued together with a recompute commit (both seen by one scheduler pass: the
+    engine's lock is held across the two calls to make that certain) continues exactly like a
+    fresh request on the new weights: it was not prefilled a second time by the swap."""
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    kv = dict(kv_layout="paged", page_size=8) if layout == "paged" else {}
+    with Engine(tiny_qwen3, EngineConfig(max_batch=4, max_seq_len=256, **kv)) as engine:
+        engine.stage_checkpoint(1, tiny_qwen3_perturbed)
+        running = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while engine.tokens_generated < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with engine._lock:
+            newcomer = engine.submit([7, 8, 9], greedy)
+            engine.commit(1, "recompute")
+        got = newcomer.result(60)[0].token_ids
+        running.result(60)
+        assert got == engine.generate([[7, 8, 9]], greedy)[0].token_ids
