@@ -99,6 +99,11 @@ def test_a_pool_smaller_than_one_max_seq_len_sequence_is_refused(tiny_qwen3):
         Engine(tiny_qwen3, EngineConfig(**BASE, kv_layout="paged", page_size=4, kv_pages=15))
 
 
+def test_a_memory_fraction_on_cpu_devices_says_to_give_pages(tiny_qwen3):
+    with pytest.raises(ValueError, match="give the pool size in pages"):
+        Engine(tiny_qwen3, EngineConfig(**BASE, kv_layout="paged", kv_memory_fraction=0.5))
+
+
 def test_the_default_pool_takes_the_contiguous_layouts_memory(tiny_qwen3):
     from rollout.paged.setup import pool_pages
 

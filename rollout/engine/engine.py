@@ -12,6 +12,9 @@
     runner.py        the jitted prefill and multi-step decode, the KV cache, the serving leaves
     sampling.py      per-slot sampling rows and the on-device sampler
 
+With kv_layout="paged", `rollout.paged` supplies the runner (PagedRunner, a page pool instead of
+max_seq_len slots) and the scheduler (PagedScheduler: admission by pages, preemption).
+
 Threads and the lock. Callers submit, cancel, stage, commit, abort and read status from any
 thread; one scheduler thread runs the model. The engine has one lock (a Condition), which guards:
 the waiting queue, the cancelled set, slot occupancy (`SlotTable.sequences` and each sequence's
