@@ -36,7 +36,7 @@ def random_case(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int,
 
 def contiguous(pages: np.ndarray, table: np.ndarray) -> np.ndarray:
     """(B, KVH, width * PAGE, D): each row's positions in order, read with numpy."""
-    kvh, _, s, d = pages.shape
+    kvh, _, _, d = pages.shape
     return pages[:, table].reshape(kvh, table.shape[0], -1, d).transpose(1, 0, 2, 3)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
 import test_engine_generation as contiguous
+
 from rollout.engine import EngineConfig
 from rollout.engine.engine import Engine
 

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import jax
 import pytest
-
-from rollout.engine import EngineConfig
-from rollout.engine.engine import Engine
-
 from test_model_numerics import (  # noqa: F401  (checkpoints: a fixture used here)
     DEVICE_COUNTS,
     MAX_SEQ_LEN,
@@ -19,6 +15,9 @@ from test_model_numerics import (  # noqa: F401  (checkpoints: a fixture used he
     checkpoints,
     test_greedy_continuation_equals_transformers_generate,
 )
+
+from rollout.engine import EngineConfig
+from rollout.engine.engine import Engine
 
 
 @pytest.fixture(scope="module", params=[(v, n) for v in VARIANTS for n in DEVICE_COUNTS], ids=lambda c: f"{c[0]}-{c[1]}dev")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
 import test_engine_weights as contiguous
+
 from rollout.engine import EngineConfig
 from rollout.engine.engine import Engine
 

@@ -20,10 +20,10 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
+from test_model_numerics import DEVICE_COUNTS, NEW_TOKENS, PROMPTS, RTOL, VARIANTS, reference, rel_err
 
 from rollout.engine.sampling import SlotSampling
 from rollout.engine.staging import load_params
@@ -34,8 +34,6 @@ from rollout.paged.pool import PagePool
 from rollout.paged.runner import PagedRunner, plan_prefill
 from rollout.sharding import make_mesh
 from rollout.testing import make_tiny_checkpoint
-
-from test_model_numerics import DEVICE_COUNTS, NEW_TOKENS, PROMPTS, RTOL, VARIANTS, reference, rel_err
 
 PAGE_SIZE = 4
 NUM_PAGES = 96

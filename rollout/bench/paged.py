@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -86,7 +87,7 @@ class PeakActive:
             self.peak = max(self.peak, self.engine.status()["active_slots"])
             time.sleep(0.002)
 
-    def __enter__(self) -> "PeakActive":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -112,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.engine.engine import Engine
     from rollout.models.config import ModelConfig
     from rollout.paged import memory
-    from rollout.paged.pool import pages_for
     from rollout.testing import make_tiny_checkpoint
 
     shape = TINY_SHAPE if args.tiny else SHAPE
@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         try:
             for batch in tqdm(args.batches, desc="(c) vs transformers", unit="batch"):
-                ref, t_ref = timed(lambda: run_hf(batch))
+                ref, t_ref = timed(lambda batch=batch: run_hf(batch))
                 row = dict(batch=batch, transformers_tok_s=batch * args.new_tokens / t_ref)
                 for side, eng in engines.items():
-                    outs, t = timed(lambda: [list(c.token_ids) for c in eng.generate(prompts[:batch], sampling)])
+                    outs, t = timed(lambda eng=eng, batch=batch: [list(c.token_ids) for c in eng.generate(prompts[:batch], sampling)])
                     row[f"{side}_tok_s"] = batch * args.new_tokens / t
                     row[f"{side}_ratio"] = t_ref / t
                     row[f"{side}_identical"] = f"{sum(a == b for a, b in zip(outs, ref))}/{batch}"

@@ -17,7 +17,7 @@ staged weight copy (one model's bytes per device) if syncs run while serving.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
