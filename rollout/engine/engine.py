@@ -19,6 +19,7 @@ Once `commit` returns, no request is admitted under an older version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -330,6 +331,35 @@ class Engine:
             self._cancelled.add(id(future))
             self._lock.notify_all()
             return True
+
+    # -- scoring (rollout.engine.scoring) -------------------------------------------------------
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
+        """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
+        all on one weight version: a `rollout.engine.scoring.Scores` (logprobs, weight_version)."""
+        from rollout.engine.scoring import score_on_engine
+
+        return score_on_engine(self, prompts, completions, temperature)
+
+    @functools.cached_property
+    def scorer(self) -> Any:
+        from rollout.engine.scoring import Scorer
+
+        return Scorer(self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len)
+
+    def weights_snapshot(self) -> tuple[int, dict[str, jax.Array], dict[str, jax.Array]]:
+        """(version, params, derived) of the committed version, consistent with swaps: a committed
+        update that is not swapped in yet is taken from its staged copy; while a swap is being
+        applied, wait for it. The arrays stay valid after a later swap (nothing deletes them)."""
+        with self._lock:
+            while True:
+                self._check_open()
+                if self._pending is not None:
+                    staged = self._pending[0]
+                    return staged.version, staged.params, staged.derived
+                if self._serving_version == self._committed_version:
+                    return self._serving_version, self.runner.params, self.runner.derived
+                self._swapped.wait(timeout=1.0)  # the scheduler is swapping it in right now
 
     # -- status and lifecycle -----------------------------------------------------------------
 
