@@ -7,6 +7,7 @@
     outs = rollout.generate(prompts, sampling=rollout.SamplingParams(n=8, max_tokens=256))
     for c in rollout.generate_async(prompts):  # completions as prompts finish (or `async for`)
         ...
+    scores = rollout.score(prompts, completions)   # per-token logprobs of given token ids
     rollout.status()
     rollout.shutdown()
 
@@ -25,6 +26,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
 from rollout.fleet import FleetConfig
+from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.spec import SpecMismatchError
 
@@ -42,6 +44,7 @@ __all__ = [
     "PlacementError",
     "RolloutService",
     "SamplingParams",
+    "Scores",
     "ServiceClosedError",
     "SpecMismatchError",
     "SyncError",
@@ -50,6 +53,7 @@ __all__ = [
     "generate",
     "generate_async",
     "init",
+    "score",
     "shutdown",
     "status",
     "sync_weights",
@@ -122,6 +126,18 @@ def generate_async(
     """A stream of completions as prompts finish (`for` or `async for`).
     See RolloutService.generate_async."""
     return _service().generate_async(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
+
+
+def score(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    temperature: float = 1.0,
+    timeout: float | None = None,
+) -> "Scores":
+    """Per-token logprobs of each completion (token ids) after its prompt, teacher-forced, on one
+    weight version (returned with them). See RolloutService.score."""
+    return _service().score(prompts, completions, temperature=temperature, timeout=timeout)
 
 
 def status() -> dict[str, Any]:

@@ -291,6 +291,14 @@ class RolloutWorker:
                 asyncio.get_running_loop().call_later(0.5, os._exit, 70)
             raise
 
+    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
+        """Per-token logprobs of each completion after its prompt on this engine's committed
+        version (`Engine.score`: a Scores with the version). Runs off the event loop."""
+        await self._start()
+        loop = asyncio.get_running_loop()
+        engine = self.host.engine
+        return await loop.run_in_executor(None, lambda: engine.score(prompts, completions, temperature=temperature))
+
     # -- weight sync --------------------------------------------------------------------------
 
     async def stage(self, sync_id: str, manifest_bytes: bytes, bucket_refs: list[ray.ObjectRef] | None = None) -> dict[str, Any]:

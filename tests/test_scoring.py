@@ -14,7 +14,7 @@ import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
 from rollout.engine.engine import Engine
-from rollout.engine.scoring import Scores
+from rollout.scores import Scores
 from rollout.weights.loader import iter_tensors
 
 from hf_reference import hf_model

@@ -336,7 +336,7 @@ class Engine:
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
-        all on one weight version: a `rollout.engine.scoring.Scores` (logprobs, weight_version)."""
+        all on one weight version: a `rollout.Scores` (logprobs, weight_version)."""
         from rollout.engine.scoring import score_on_engine
 
         return score_on_engine(self, prompts, completions, temperature)
