@@ -228,3 +228,17 @@ def test_tunix_grpo_learner_trains_on_fleet_rollouts_of_the_previous_update(serv
         mask = completion_tokens != pad
         recomputed = tunix_logps(model, state, prompt_tokens, completion_tokens, pad, eos)
         np.testing.assert_allclose(scored[mask], recomputed[mask], atol=1e-4)
+
+
+def test_the_demo_script_runs_tunix_grpo_and_writes_one_line_per_step(service, tmp_path, capsys):
+    import json
+
+    from rollout.integrations import tunix_demo
+
+    assert tunix_demo.main(["--steps", "2", "--workers", "1", "--prompts-per-step", "2", "--generations", "2",
+                            "--max-tokens", "6", "--out-dir", str(tmp_path)]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert steps[1]["rollout_version"] == [steps[0]["new_version"]]
+    assert all(s["sync_s"] > 0 and 0.0 <= s["mean_reward"] <= 1.0 for s in steps)
+    assert "mean reward: first" in capsys.readouterr().out
