@@ -123,7 +123,10 @@ def score_on_fleet(
                 send(part, worker=at_newest)
             collect()
         else:
-            raise RuntimeError(f"score: parts kept coming back from different versions over {_MAX_VERSION_ROUNDS} rounds")
+            raise RuntimeError(
+                f"score: parts kept coming back from different versions over {_MAX_VERSION_ROUNDS} rounds "
+                "(a sync committed during each); retry the call"
+            )
     except BaseException:
         for ref, part in pending.items():
             router.release(part.worker, part.cost)

@@ -310,7 +310,9 @@ def tunix_qwen3_config(config: Any, **overrides: Any) -> Any:
     from tunix.models.qwen3 import model as qwen3
 
     if not config.qk_norm or config.qkv_bias:
-        raise ValueError(f"Tunix's Qwen3 is the dense Qwen3 (qk-norm, no q/k/v bias); the fleet serves {config.architecture}")
+        raise ValueError(
+            f"Tunix's Qwen3 is the dense Qwen3 (qk-norm, no q/k/v bias); the checkpoint is {config.architecture}"
+        )
     if config.rope_theta != TUNIX_QWEN3_ROPE_THETA:
         # Tunix's Qwen3 (0.1.7) calls apply_rope without its config's rope_theta: trainer and
         # fleet would compute different models, and the trainer's logprobs would not be ours.

@@ -32,7 +32,9 @@ def digit_fraction(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rollout.integrations.tunix_demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rollout.integrations.tunix_demo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--steps", type=int, default=20, help="GRPO steps (one rollout batch and one update each)")
     parser.add_argument("--workers", type=int, default=2, help="fleet workers, one simulated CPU device each")
     parser.add_argument("--prompts-per-step", type=int, default=4)
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
     import optax
+    import ray
     from tunix.rl import rl_cluster as rl
     from tunix.rl.grpo import grpo_learner as grpo
     from tunix.rl.rollout import base_rollout
@@ -81,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"event": "initial_sync", "version": sync["version"], "sync_s": sync["sync_s"]}))
                 return
             generated = [h for h in self.history if h["event"] == "tunix_generate"][-1]
-            record = {"step": len(steps) + 1, "mean_reward": round(rewards[-1], 4), "rollout_version": generated["versions"],
-                      "new_version": sync["version"], "sync_s": sync["sync_s"], "map_s": sync["map_s"]}
+            record = {"step": len(steps) + 1, "mean_reward": round(rewards[-1], 4),
+                      "rollout_version": generated["versions"], "new_version": sync["version"],
+                      "sync_s": sync["sync_s"], "map_s": sync["map_s"]}
             steps.append(record)
             print(json.dumps(record), flush=True)
 
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         rewards.append(float(np.mean(scores)))
         return scores
 
-    if not rollout_ray_running():
+    own_ray = not ray.is_initialized()
+    if own_ray:
         start_local_ray(num_cpus=max(2, args.workers + 1))
     with rollout.RolloutService(checkpoint, num_workers=args.workers, devices_per_worker=1, accelerator="cpu",
                                 load_format="dummy", max_batch=32, max_seq_len=64) as service:
@@ -112,16 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         data = [{"prompts": rng.choice(PROMPTS, size=args.prompts_per_step)} for _ in range(args.steps)]
         learner.train(data)
+    if own_ray:
+        ray.shutdown()
 
     (out_dir / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     print_summary(steps, time.perf_counter() - start, out_dir)
     return 0
-
-
-def rollout_ray_running() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 def print_summary(steps: list[dict[str, Any]], seconds: float, out_dir: Path) -> None:
