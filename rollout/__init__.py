@@ -7,6 +7,7 @@
     outs = rollout.generate(prompts, sampling=rollout.SamplingParams(n=8, max_tokens=256))
     for c in rollout.generate_async(prompts):  # completions as prompts finish (or `async for`)
         ...
+    scores = rollout.score(prompts, completions)   # per-token logprobs of given token ids
     rollout.status()
     rollout.shutdown()
 
@@ -27,6 +28,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
 from rollout.fleet import FleetConfig
+from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.spec import SpecMismatchError
 
@@ -44,6 +46,7 @@ __all__ = [
     "PlacementError",
     "RolloutService",
     "SamplingParams",
+    "Scores",
     "ServiceClosedError",
     "SpecMismatchError",
     "SyncError",
@@ -53,6 +56,7 @@ __all__ = [
     "generate_async",
     "init",
     "serve",
+    "score",
     "shutdown",
     "status",
     "sync_weights",
@@ -144,6 +148,18 @@ def serve(model: Any, **options: Any) -> Any:
             '`pip install "rollout[serve]"`'
         ) from err
     return _serve(model, **options)
+
+
+def score(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    temperature: float = 1.0,
+    timeout: float | None = None,
+) -> "Scores":
+    """Per-token logprobs of each completion (token ids) after its prompt, teacher-forced, on one
+    weight version (returned with them). See RolloutService.score."""
+    return _service().score(prompts, completions, temperature=temperature, timeout=timeout)
 
 
 def status() -> dict[str, Any]:

@@ -297,6 +297,33 @@ class RolloutService:
             tokenizer=self.tokenizer,
         )
 
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Any],
+        *,
+        temperature: float = 1.0,
+        timeout: float | None = None,
+    ) -> Any:
+        """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced:
+        a `Scores` with one float32 array per pair and the one weight version that computed them
+        all (at least the version committed when the call started). At `temperature` T the
+        numbers are log_softmax(logits / T), the distribution generate samples from. Every pair
+        is validated before any is sent. See rollout.score_dispatch."""
+        from rollout.scores import check_temperature, encode_pairs
+        from rollout.score_dispatch import score_on_fleet
+
+        self._check_open()
+        prompt_ids, completion_ids = encode_pairs(
+            self._validator.encode, prompts, completions,
+            vocab_size=self.model_config.vocab_size, max_seq_len=self.engine_config.max_seq_len,
+        )
+        return score_on_fleet(
+            handles=self._handles, router=self._router, worker_down=self._worker_down, prompts=prompt_ids,
+            completions=completion_ids, temperature=check_temperature(temperature), timeout=timeout,
+            max_retries=self.fleet_config.max_request_retries, min_version=self._version,
+        )
+
     # -- workers: liveness and catching up --------------------------------------------------------
 
     @property

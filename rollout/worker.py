@@ -129,6 +129,14 @@ class RolloutWorker:
             self._restart_if_engine_died()
             raise
 
+    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
+        """Per-token logprobs of each completion after its prompt on this engine's committed
+        version (`Engine.score`: a Scores with the version). Runs off the event loop."""
+        await self._start()
+        loop = asyncio.get_running_loop()
+        engine = self.host.engine
+        return await loop.run_in_executor(None, lambda: engine.score(prompts, completions, temperature=temperature))
+
     async def generate_stream(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
     ) -> AsyncIterator[list[TokenDelta]]:

@@ -32,6 +32,7 @@ Once `commit` returns, no request is admitted under an older version.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -214,6 +215,33 @@ class Engine:
         """Stop a submitted request at the next step boundary. Its samples end with
         finish_reason "abort" and keep the tokens generated so far. False if already done."""
         return self._scheduler.cancel(future)
+
+    # -- scoring (rollout.engine.scoring) -------------------------------------------------------
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
+        """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
+        all on one weight version: a `rollout.Scores` (logprobs, weight_version)."""
+        from rollout.engine.scoring import score_on_engine
+
+        return score_on_engine(self, prompts, completions, temperature)
+
+    @functools.cached_property
+    def scorer(self) -> Any:
+        from rollout.engine.scoring import Scorer
+
+        return Scorer(self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len)
+
+    def weights_snapshot(self) -> tuple[int, dict[str, jax.Array], dict[str, jax.Array]]:
+        """(version, params, derived) of the committed version, consistent with swaps (see
+        WeightState.snapshot); while a swap is being applied, wait for it. The arrays stay valid
+        after a later swap (nothing deletes them)."""
+        with self._lock:
+            while True:
+                self._scheduler.check_open()
+                snapshot = self._weights.snapshot()
+                if snapshot is not None:
+                    return snapshot
+                self._lock.wait(timeout=1.0)  # the scheduler is swapping it in right now
 
     # -- status and lifecycle -----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import jax
 
-from rollout.engine.runner import ModelRunner, Params
+from rollout.engine.runner import Derived, ModelRunner, Params
 from rollout.engine.staging import StagedWeights
 from rollout.engine.types import WeightSyncError
 
@@ -93,6 +93,17 @@ class WeightState:
                 self.staged = None
                 return True
             return False
+
+    def snapshot(self) -> tuple[int, Params, Derived] | None:
+        """(version, params, derived) of the committed version, or None while its swap is being
+        applied. A committed update not yet swapped in is taken from its staged copy. Call with
+        the lock held."""
+        if self.pending is not None:
+            staged = self.pending.weights
+            return staged.version, staged.params, staged.derived
+        if self.serving == self.committed:
+            return self.serving, self._runner.params, self._runner.derived
+        return None
 
     # -- the scheduler thread's, under the lock ------------------------------------------------
 
