@@ -76,7 +76,7 @@ def test_temperature_scores_the_distribution_generate_samples_from(engine):
 
 def test_prompts_may_be_text_and_empty_completions_score_nothing(engine):
     text = "hello world"
-    ids = engine.encode_prompt(text)
+    ids = engine.tokenizer.encode(text)
     scores = engine.score([text, ids], [[], [70, 71]])
     assert scores.logprobs[0].shape == (0,)
     np.testing.assert_allclose(scores.logprobs[1], engine.score([ids], [[70, 71]]).logprobs[0], atol=1e-6)

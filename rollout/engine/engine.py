@@ -223,7 +223,7 @@ class Engine:
         all on one weight version: a `rollout.Scores` (logprobs, weight_version)."""
         from rollout.engine.scoring import score_on_engine
 
-        return score_on_engine(self, prompts, completions, temperature)
+        return score_on_engine(self, self._intake.encode, prompts, completions, temperature)
 
     @functools.cached_property
     def scorer(self) -> Any:

@@ -40,6 +40,10 @@ class RequestIntake:
         request.sink = sink
         return request
 
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids; a bad prompt raises ValueError/TypeError."""
+        return self._prompts.encode(prompt)
+
     def requests(self, prompts: Seq[Prompt], sampling: SamplingParams, *, return_logprobs: bool) -> list[Request]:
         """Every prompt as a request (prompt_index = position); all are validated before any is
         built, and the first bad one raises naming its index."""

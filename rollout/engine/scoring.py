@@ -16,14 +16,15 @@ long row never materializes a (rows, length, vocab) array. At temperature T the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rollout.engine.runner import pow2_at_least
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.scores import Scores, check_temperature, encode_pairs
 
@@ -35,10 +36,17 @@ if TYPE_CHECKING:
 _HEAD_POSITIONS = 256
 
 
-def score_on_engine(engine: "Engine", prompts: Sequence[Any], completions: Sequence[Any], temperature: float) -> Scores:
-    """`Engine.score`: validate, take one consistent weight version, run the Scorer on it."""
+def score_on_engine(
+    engine: "Engine",
+    encode: Callable[[Any], list[int]],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    temperature: float,
+) -> Scores:
+    """`Engine.score`: validate (`encode`: a prompt to token ids, refusing bad ones), take one
+    consistent weight version, run the Scorer on it."""
     prompt_ids, completion_ids = encode_pairs(
-        engine.encode_prompt,
+        encode,
         prompts,
         completions,
         vocab_size=engine.model_config.vocab_size,
@@ -66,10 +74,10 @@ class Scorer:
         model = self.model_def.bind(params)
         b, length = tokens.shape
         real = jnp.arange(length)[None, :] < lengths[:, None]
-        mask = qwen.causal_padding_mask(real)
+        mask = forward.causal_padding_mask(real)
         positions = jnp.broadcast_to(jnp.arange(length)[None, :], (b, length))
         h = model.hidden(
-            tokens, positions, lambda i, q, k, v: qwen.attention(q, qwen.head_major(k), qwen.head_major(v), mask)
+            tokens, positions, lambda i, q, k, v: forward.attention(q, forward.head_major(k), forward.head_major(v), mask)
         )
         targets = jnp.roll(tokens, -1, axis=1)
         chunk = min(length, max(1, _HEAD_POSITIONS // b))  # both powers of two: divides length
