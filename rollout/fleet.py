@@ -43,6 +43,9 @@ class FleetConfig:
     max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
     checksum: str = "sum64"  # bucket checksum: sum64 (memory speed) or crc32 (~0.3 s/GiB per reader)
     pipelined_sync: bool = True  # workers stage bucket k while bucket k+1 is put (False: put all first)
+    # Worker nodes that each relay a sync's buckets to (rollout/relay.py): the coordinator's node
+    # sends one model per sync, not one per worker node. 0: every worker fetches from the coordinator.
+    relay_fanout: int = 2
     sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
     ready_timeout_s: float = 600.0  # workers must build their engines within this at start
     max_restarts: int = -1  # Ray restarts of a dead worker; -1 = forever, 0 = never
@@ -64,6 +67,8 @@ class FleetConfig:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r}: expected an integer >= 1024")
         if self.checksum not in ("sum64", "crc32"):
             raise ValueError(f"checksum={self.checksum!r}: expected 'sum64' or 'crc32'")
+        if not isinstance(self.relay_fanout, int) or isinstance(self.relay_fanout, bool) or self.relay_fanout < 0:
+            raise ValueError(f"relay_fanout={self.relay_fanout!r}: expected an integer >= 0 (0 turns the relay off)")
         if self.max_restarts < -1 or self.max_request_retries < 0:
             raise ValueError("max_restarts must be >= -1 and max_request_retries >= 0")
         if self.cpus_per_worker < 0 or self.sync_timeout_s <= 0 or self.ready_timeout_s <= 0:

@@ -27,6 +27,7 @@ import weakref
 from typing import Any, Sequence
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rollout.dispatch import Dispatch, GenerationStream
 from rollout.engine.config import EngineConfig
@@ -132,6 +133,7 @@ class RolloutService:
             self.model_config.tie_word_embeddings,
             self.fleet_config.checksum,
             self.fleet_config.pipelined_sync,
+            self.fleet_config.relay_fanout,
         )
         self._probes: dict[int, tuple[Any, str, float]] = {}  # worker -> (ref, kind, down since)
         self._stop = threading.Event()
@@ -154,7 +156,11 @@ class RolloutService:
             check_placement(cfg, self.accelerator, nodes, ray.cluster_resources(), ray.available_resources())
         namespace = ray.get_runtime_context().namespace
         registry_name = f"rollout-registry-{uuid.uuid4().hex[:10]}"
-        self._registry = ray.remote(UpdateRegistry).options(name=registry_name, num_cpus=0).remote()
+        # On the coordinator's node: a registry on a worker's node would be lost with that node
+        # (a preempted host), and with it the committed update restarted workers catch up from.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._registry = ray.remote(UpdateRegistry).options(
+            name=registry_name, num_cpus=0, scheduling_strategy=here).remote()
         options = actor_options(cfg, self.accelerator, os.environ)
         worker_cls = ray.remote(RolloutWorker)
         self._handles = [

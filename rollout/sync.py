@@ -35,6 +35,7 @@ import numpy as np
 import ray
 
 from rollout.errors import SyncError
+from rollout.relay import relay_roles
 from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.hf_names import IGNORED, hf_to_path
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
@@ -90,8 +91,10 @@ class WeightSync:
         tie_word_embeddings: bool,
         checksum: str = "sum64",
         pipelined: bool = True,
+        relay_fanout: int = 2,
     ):
         self.fleet = fleet
+        self.relay_fanout = relay_fanout  # 0: every worker fetches from the coordinator (rollout/relay.py)
         self.pipelined = pipelined
         self.bucket_bytes = bucket_bytes
         self.checksum = checksum
@@ -142,6 +145,7 @@ class WeightSync:
         with _phase(record, "fetch"):
             host = to_host(flat)
         handles = [self.fleet.handles[i] for i in workers]
+        relay = relay_roles(self.fleet.handles, workers, self.relay_fanout)  # who fetches from whom
         packer = Packer(host, self.layout, self.pack_buffers(), checksum_algo=self.checksum,
                         threads=min(4, os.cpu_count() or 1))
         refs: list[Any] = []
@@ -152,7 +156,7 @@ class WeightSync:
                 # as soon as it is packed and sent with its checksum, so workers verify and
                 # place bucket k while bucket k+1 is packed and put.
                 streaming = self._manifest(version, (None,) * len(buckets))
-                calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
+                calls = {h.stage.remote(sync_id, streaming, None, relay[i]): i for h, i in zip(handles, workers)}
                 sums: list[int] = []
 
                 def put_and_feed(index: int) -> None:
@@ -182,7 +186,7 @@ class WeightSync:
                 manifest = self._manifest(version, tuple(sums))
                 with _phase(record, "put"):
                     refs = [ray.put(packer.buffers[index]) for index in buckets]
-                calls = {h.stage.remote(sync_id, manifest, list(refs)): i for h, i in zip(handles, workers)}
+                calls = {h.stage.remote(sync_id, manifest, list(refs), relay[i]): i for h, i in zip(handles, workers)}
         del host, flat
         record.buckets = len(refs)
         return {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}, calls

@@ -37,6 +37,7 @@ from rollout.engine.backend import EngineBackend
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
+from rollout.relay import RelayPoint
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
 from rollout.weights.inbox import BucketInbox
 from rollout.weights.spec import ParamSpec
@@ -235,6 +236,7 @@ class RolloutWorker:
         self._finished = RecentIds()  # syncs staged or aborted here
         self._weights_pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-weights")
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rollout-verify")
+        self._relay = RelayPoint(sync_timeout_s, self._put_relay_copy)  # see rollout/relay.py
         self._started: asyncio.Future[None] | None = None
 
     async def _start(self) -> None:
@@ -272,6 +274,10 @@ class RolloutWorker:
     async def spec(self) -> ParamSpec:
         return self.host.engine.spec
 
+    async def node_id(self) -> str:
+        """The Ray node this worker runs on (the coordinator plans the sync's relay by node)."""
+        return ray.get_runtime_context().get_node_id()
+
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
     ) -> list[Completion]:
@@ -293,11 +299,16 @@ class RolloutWorker:
 
     # -- weight sync --------------------------------------------------------------------------
 
-    async def stage(self, sync_id: str, manifest_bytes: bytes, bucket_refs: list[ray.ObjectRef] | None = None) -> dict[str, Any]:
+    async def stage(
+        self, sync_id: str, manifest_bytes: bytes, bucket_refs: list[ray.ObjectRef] | None = None,
+        relay: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Phase 1: stage the update of `manifest_bytes`; serving goes on meanwhile.
 
         Its buckets come in `bucket_refs` (a list, so Ray passes the refs unresolved) or by
-        `feed` calls that may still be arriving. Returns timings.
+        `feed` calls that may still be arriving. `relay` (rollout/relay.py): the worker whose
+        relay copies to fetch the buckets from, and whether to keep relay copies for others.
+        Returns timings.
         """
         await self._start()
         loop = asyncio.get_running_loop()
@@ -313,13 +324,15 @@ class RolloutWorker:
             )
         inbox = BucketInbox(manifest, self._sync_timeout_s)
         self._inboxes[sync_id] = inbox  # before any await: feeds that run after this find it
+        self._relay.begin(sync_id, relay)
         arrivals = [(i, ref, None) for i, ref in enumerate(bucket_refs or [])]
         arrivals += self._early.pop(sync_id, [])  # feeds that ran before this call
-        receiving = [asyncio.ensure_future(self._receive(inbox, *arrival)) for arrival in arrivals]
+        receiving = [asyncio.ensure_future(self._receive(inbox, *arrival, sync_id=sync_id)) for arrival in arrivals]
         try:
             await loop.run_in_executor(self._weights_pool, self.host.stage_inbox, sync_id, inbox)
         except BaseException as err:
             inbox.fail(err)
+            self._relay.fail(sync_id, f"staging failed here: {type(err).__name__}")
             raise
         finally:
             self._inboxes.pop(sync_id, None)
@@ -327,7 +340,8 @@ class RolloutWorker:
             inbox.release()  # the staged copies live on the devices; unpin the object store
             for task in receiving:  # after a failure some buckets may never come
                 task.cancel()
-        return {"stage_s": time.perf_counter() - start, "waited_for_buckets_s": inbox.wait_s}
+        return {"stage_s": time.perf_counter() - start, "waited_for_buckets_s": inbox.wait_s,
+                **self._relay.stats(sync_id)}
 
     async def feed(
         self, sync_id: str, index: int, bucket_ref: list[ray.ObjectRef], checksum: int | None = None
@@ -337,7 +351,7 @@ class RolloutWorker:
         (the stage call raises the same)."""
         inbox = self._inboxes.get(sync_id)
         if inbox is not None:
-            return await self._receive(inbox, index, bucket_ref[0], checksum)
+            return await self._receive(inbox, index, bucket_ref[0], checksum, sync_id=sync_id)
         if sync_id in self._finished:
             return f"sync {sync_id} is no longer being staged here (aborted or finished)"
         self._early.setdefault(sync_id, []).append((index, bucket_ref[0], checksum))
@@ -350,20 +364,32 @@ class RolloutWorker:
         self._finished.add(sync_id)
 
     async def _receive(
-        self, inbox: BucketInbox, index: int, ref: ray.ObjectRef, checksum: int | None = None
+        self, inbox: BucketInbox, index: int, ref: ray.ObjectRef, checksum: int | None = None,
+        *, sync_id: str | None = None,
     ) -> str | None:
         loop = asyncio.get_running_loop()
+
+        async def verified(buffer: np.ndarray) -> None:
+            await loop.run_in_executor(self._verify_pool, verify_bucket, inbox.manifest, index, buffer, checksum)
+
         try:
             async with self._fetch_limit:
-                buffer = await ref
-                await loop.run_in_executor(
-                    self._verify_pool, verify_bucket, inbox.manifest, index, buffer, checksum
-                )
+                # from the coordinator's `ref`, or from a relaying worker's copy (rollout/relay.py)
+                buffer = await self._relay.fetch(sync_id, index, ref, verified)
             inbox.deliver(index, buffer)
             return None
         except Exception as err:  # noqa: BLE001 - the stage call reports it
             inbox.fail(err)
             return f"{type(err).__name__}: {err}"
+
+    async def relay_copy(self, sync_id: str, index: int) -> list[ray.ObjectRef]:
+        """This worker's relay copy of bucket `index` of `sync_id` (inside a list, so Ray hands
+        the ref over unresolved), once it is verified and put; raises RelayClosed if it never
+        will be (the asking worker then fetches from the coordinator)."""
+        return [await self._relay.copy_for(sync_id, index)]
+
+    async def _put_relay_copy(self, buffer: np.ndarray) -> ray.ObjectRef:
+        return await asyncio.get_running_loop().run_in_executor(self._verify_pool, ray.put, buffer)
 
     async def stage_checkpoint(self, sync_id: str, version: int, path: str) -> dict[str, Any]:
         await self._start()
@@ -376,12 +402,14 @@ class RolloutWorker:
         """Phase 2. A worker that lost its staged copy (restarted) catches up from the registry."""
         await self._start()
         await self.host.faults.hit_async("commit")
+        self._relay.end(sync_id)
         if not self.host.commit(sync_id, version):
             await self.catch_up()
         return self.host.engine.version
 
     async def abort(self, sync_id: str, version: int) -> bool:
         self._remember_finished(sync_id)
+        self._relay.end(sync_id)
         inbox = self._inboxes.get(sync_id)
         if inbox is not None:  # wake a staging thread that waits for buckets
             inbox.fail(SyncAbortedError(f"sync {sync_id} was aborted by the coordinator"))
