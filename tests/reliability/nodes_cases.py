@@ -342,3 +342,21 @@ def process_tree_sockets(pid: int | None = None) -> list[dict[str, Any]]:
             sockets.append({"process": name, "pid": pid_, "status": c.status,
                             "local": c.laddr.ip if c.laddr else "", "remote": c.raddr.ip if c.raddr else ""})
     return sockets
+
+
+def node_ok(out: Outcome) -> bool:
+    """A node-loss case went as it must: its error (if any) is the expected one, no request was
+    lost or answered twice, and the worker of the node added back serves the fleet's version."""
+    return (out.clear and out.lost == 0 and out.duplicates == 0 and out.worker_versions == {out.fleet_version}
+            and out.details.get("first_served_version") == out.fleet_version
+            and bool(out.details.get("whole_again")) and bool(out.details.get("same_greedy_everywhere")))
+
+
+NODE_CASES = ("remove_node_mid_generate", "remove_node_mid_stage", "remove_node_mid_commit")
+
+
+def run_node_cases(checkpoints: dict[str, str | Path]) -> list[Outcome]:
+    """Every node-loss case on a fresh multi-node cluster (for bench/reliability_report.py)."""
+    with MultiNodeDriver(checkpoints) as driver:
+        driver.call("sync_from", source="pytree", checkpoint="base")
+        return [driver.call(name) for name in NODE_CASES]
