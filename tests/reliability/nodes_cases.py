@@ -233,7 +233,31 @@ def remove_node_mid_sync(fleet: NodeFleet, point: str, worker: int = 0) -> Outco
     return out
 
 
+def relay_parent_fails(fleet: NodeFleet) -> Outcome:
+    """Worker 0 relays the buckets to the other nodes; it fails its stage (an injected error) as
+    the sync starts. The others fetch what it never relayed from the coordinator instead (no
+    wait for a relay that will not come), and the sync aborts everywhere naming worker 0."""
+    import rollout
+
+    svc = fleet.svc
+    out = Outcome("relay_parent_fails_in_stage", "nodes", version_before=svc.version)
+    checkpoint = "other" if svc.version % 2 == 1 else "base"
+    with measured(out, svc):
+        svc.inject_fault(0, "stage", message="injected: the relaying worker fails its stage")
+        try:
+            svc.sync_weights(engine_params(Path(fleet.checkpoints[checkpoint])))
+        except Exception as err:  # noqa: BLE001 - the case is about which error
+            out.raised(err)
+        record = svc.status()["syncs"][-1]
+        out.details["worker_seconds"] = record["worker_seconds"]
+        out.details["buckets"] = record["buckets"]
+    record_versions(out, svc)
+    out.clear = out.error_is(rollout.SyncError, "worker 0: stage failed: InjectedFault")
+    return out
+
+
 CASES = {
+    "relay_parent_fails": relay_parent_fails,
     "placement": lambda fleet: fleet.placement(),
     "sync_from": lambda fleet, source, checkpoint: fleet.sync_from(source, checkpoint),
     "greedy": lambda fleet: fleet.greedy(),

@@ -76,6 +76,18 @@ def test_the_first_nodes_worker_relays_every_bucket_to_the_other_nodes(driver):
             assert (stats["relayed_buckets"], stats["relay_fallbacks"]) == (buckets, 0), seconds
 
 
+def test_when_the_relaying_worker_fails_the_others_fetch_from_the_coordinator_and_the_sync_aborts(driver):
+    out = driver.call("relay_parent_fails")
+    assert out.clear, f"{out.error_type}: {out.message}"
+    assert out.message.count("stage failed") == 1, out.message  # only worker 0 failed
+    assert out.fleet_version == out.version_before and out.worker_versions == {out.version_before}
+    children = {w: s for w, s in out.details["worker_seconds"].items() if w != 0}
+    assert sorted(children) == list(range(1, NODES)), out.details
+    for worker, stats in children.items():
+        assert stats["relayed_buckets"] + stats["relay_fallbacks"] == out.details["buckets"], out.details
+    assert sum(s["relay_fallbacks"] for s in children.values()) > 0, out.details
+
+
 def test_no_socket_of_the_process_tree_leaves_loopback_while_a_sync_and_generation_run(driver, capsys):
     driver.send("sync_from", source="pytree", checkpoint="other")
     seen: dict[tuple[str, str, str], int] = {}
