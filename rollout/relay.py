@@ -5,10 +5,11 @@ Without it every worker fetches every bucket from the coordinator's object store
 coordinator's node sends (worker nodes x model) bytes per sync. Ray's object manager pulls an
 object from a node chosen at random among those that hold a copy, and the coordinator's node
 always holds one, so a second `ray.get` of the same ref elsewhere still comes from the
-coordinator part of the time (measured: 1 + 1/2 + 1/3 ... copies for gets one after the
-other, N copies for gets at once). Ray offers no way to pick the source, so a relaying worker
-puts each bucket it has fetched and verified into its own node's object store once more, as a
-new object only it holds, and hands that ref to the workers below it.
+coordinator part of the time (gets one after the other: 1 + 1/2 + 1/3 ... copies from it on
+average, 2 of 3 in a test here; gets at once: N copies, before any node holds a whole object;
+bench/bench_fanout.py measures 2.8 of 4 for a pipelined sync). Ray offers no way to pick the
+source, so a relaying worker puts each bucket it has fetched and verified into its own node's
+object store once more, as a new object only it holds, and hands that ref to the workers below.
 
 The plan is a tree over nodes (`plan_relay`): the coordinator's node feeds one node; every
 node feeds up to `fanout` others (a `fanout`-ary heap in node order). All workers of a node
