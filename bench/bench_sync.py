@@ -35,6 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Ray reads this when it is imported: "0" makes the local Ray of the bench take 127.0.0.1 as its
+# address (not the machine's routable one), like every Ray of the tests.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -221,7 +221,7 @@ class RelayPoint:
             changed = copies.changed
             try:
                 await asyncio.wait_for(changed.wait(), (unknown_until if not copies.known else deadline) - now)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             copies = self._syncs.get(sync_id, copies)
 
@@ -231,29 +231,34 @@ class RelayPoint:
             self._ended.popitem(last=False)
 
 
-def query_worker_nodes(handles: Mapping[int, Any], timeout_s: float = 10.0) -> dict[int, str | None]:
-    """The Ray node id of each worker (None for one that did not answer in time)."""
-    import ray
+class RelayPlanner:
+    """The coordinator's side: asks each worker for its node as soon as a sync starts (the
+    answers come while the tree is flattened and checked), then plans the relay.
 
-    calls = {handle.node_id.remote(): worker for worker, handle in handles.items()}
-    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
-    nodes: dict[int, str | None] = {worker: None for worker in handles}
-    for ref in done:
-        try:
-            nodes[calls[ref]] = ray.get(ref)
-        except Exception:  # noqa: BLE001 - a worker that is down fetches from the coordinator
-            pass
-    return nodes
+        planner = RelayPlanner(handles, workers, fanout)   # at the start of the sync
+        ...
+        relay = planner.roles()   # {worker: the stage() relay argument, or None}
+    """
 
+    def __init__(self, handles: Sequence[Any], workers: Sequence[int], fanout: int, timeout_s: float = 10.0):
+        self.handles, self.workers, self.fanout, self.timeout_s = handles, list(workers), fanout, timeout_s
+        self._calls: dict[Any, int] = {}
+        if fanout >= 1 and len(self.workers) >= 2:  # one worker: nothing to relay through
+            self._calls = {handles[w].node_id.remote(): w for w in self.workers}
 
-def relay_roles(handles: Sequence[Any], workers: Sequence[int], fanout: int) -> dict[int, dict[str, Any] | None]:
-    """The stage() relay argument of each worker in `workers` for one sync (coordinator side)."""
-    import ray
+    def roles(self) -> dict[int, dict[str, Any] | None]:
+        import ray
 
-    if fanout < 1 or len(workers) < 2:  # one worker: nothing to relay through
-        return {w: None for w in workers}
-    nodes = query_worker_nodes({w: handles[w] for w in workers})
-    roles = plan_relay(nodes, ray.get_runtime_context().get_node_id(), fanout)
-    if any(role.parent is not None for role in roles.values()):
-        log.info(json.dumps({"event": "relay_plan", "parents": {w: r.parent for w, r in roles.items()}}))
-    return {w: to_wire(roles[w], handles) for w in workers}
+        if not self._calls:
+            return {w: None for w in self.workers}
+        done, _ = ray.wait(list(self._calls), num_returns=len(self._calls), timeout=self.timeout_s)
+        nodes: dict[int, str | None] = {w: None for w in self.workers}
+        for ref in done:
+            try:
+                nodes[self._calls[ref]] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a worker that is down fetches from the coordinator
+                pass
+        roles = plan_relay(nodes, ray.get_runtime_context().get_node_id(), self.fanout)
+        if any(role.parent is not None for role in roles.values()):
+            log.info(json.dumps({"event": "relay_plan", "parents": {w: r.parent for w, r in roles.items()}}))
+        return {w: to_wire(roles[w], self.handles) for w in self.workers}

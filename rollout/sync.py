@@ -35,7 +35,7 @@ import numpy as np
 import ray
 
 from rollout.errors import SyncError
-from rollout.relay import relay_roles
+from rollout.relay import RelayPlanner
 from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.hf_names import IGNORED, hf_to_path
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
@@ -137,6 +137,7 @@ class WeightSync:
         record.source = "pytree"
         record.nbytes = self.layout.nbytes
         record.leaves = len(self.layout.slots)
+        planner = RelayPlanner(self.fleet.handles, workers, self.relay_fanout)  # workers' nodes, asked now
         with _phase(record, "flatten"):
             flat = flatten_params(params)
         with _phase(record, "check"):
@@ -145,7 +146,7 @@ class WeightSync:
         with _phase(record, "fetch"):
             host = to_host(flat)
         handles = [self.fleet.handles[i] for i in workers]
-        relay = relay_roles(self.fleet.handles, workers, self.relay_fanout)  # who fetches from whom
+        relay = planner.roles()  # who fetches from whom (rollout/relay.py)
         packer = Packer(host, self.layout, self.pack_buffers(), checksum_algo=self.checksum,
                         threads=min(4, os.cpu_count() or 1))
         refs: list[Any] = []

@@ -40,7 +40,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from .cases import (  # noqa: E402
-    GREEDY,
     Background,
     Outcome,
     engine_params,
