@@ -7,7 +7,7 @@ object from a node chosen at random among those that hold a copy, and the coordi
 always holds one, so a second `ray.get` of the same ref elsewhere still comes from the
 coordinator part of the time (gets one after the other: 1 + 1/2 + 1/3 ... copies from it on
 average, 2 of 3 in a test here; gets at once: N copies, before any node holds a whole object;
-bench/bench_fanout.py measures 2.8 of 4 for a pipelined sync). Ray offers no way to pick the
+`rollout bench fanout` measures 2.8 of 4 for a pipelined sync). Ray offers no way to pick the
 source, so a relaying worker puts each bucket it has fetched and verified into its own node's
 object store once more, as a new object only it holds, and hands that ref to the workers below.
 
@@ -24,17 +24,23 @@ is fetched from the coordinator instead, so a lost node costs bytes, never a han
     roles[0]  # RelayRole(parent=None, relays=True): fetches from the coordinator, relays
     roles[1]  # RelayRole(parent=0, relays=False): fetches from worker 0's relay copies
 
-Worker side: `RelayPoint` keeps one worker's relay copies per sync and fetches its buckets.
+The coordinator (rollout.sync) asks the workers' nodes, plans, and sends each worker its
+RelayRole (rollout.contract) with its stage call. On the worker, `RelayPoint` is the fetch path
+of rollout.worker_host.WorkerHost: it fetches each bucket, keeps the worker's relay copies per
+sync and answers its children's `relay_copy` calls. No Ray import: the object store and the
+parent's remote call are injected (rollout.worker), so the logic is tested without Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import json
 import logging
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from rollout.contract import ObjectRef, RelayRole
 
 log = logging.getLogger("rollout.relay")
 
@@ -42,15 +48,6 @@ log = logging.getLogger("rollout.relay")
 # way) before it says it holds nothing: a restarted parent never hears of it.
 UNKNOWN_SYNC_GRACE_S = 5.0
 _KEPT_SYNCS = 2  # relay copies of the last syncs kept until their commit or abort
-
-
-@dataclasses.dataclass(frozen=True)
-class RelayRole:
-    """What one worker does in one sync: fetch from `parent`'s relay copies (None: from the
-    coordinator), and whether to put relay copies of its own for workers below it."""
-
-    parent: int | None = None
-    relays: bool = False
 
 
 def plan_relay(worker_nodes: Mapping[int, str | None], coordinator_node: str | None, fanout: int) -> dict[int, RelayRole]:
@@ -86,31 +83,25 @@ def plan_relay(worker_nodes: Mapping[int, str | None], coordinator_node: str | N
     return roles
 
 
-def to_wire(role: RelayRole, handles: Sequence[Any]) -> dict[str, Any] | None:
-    """The role as a stage() argument: the parent as an actor handle. None: no relay part."""
-    if role.parent is None and not role.relays:
-        return None
-    return {"parent": None if role.parent is None else handles[role.parent], "parent_index": role.parent,
-            "relays": role.relays}
-
-
 class RelayClosed(RuntimeError):
     """This worker holds no relay copy of the bucket asked for (the sync ended here, failed, or
     was never staged here); the asking worker fetches from the coordinator instead."""
 
 
 class _SyncCopies:
-    def __init__(self, wire: dict[str, Any] | None, known: bool):
-        wire = wire or {}
-        self.parent = wire.get("parent")
-        self.parent_index = wire.get("parent_index")
-        self.relays = bool(wire.get("relays"))
-        self.known = known  # stage() called here (else: created by an early relay request)
-        self.refs: dict[int, Any] = {}
-        self.failed: str | None = None
+    """One sync's relay state on one worker."""
+
+    def __init__(self, role: RelayRole | None, known: bool, can_relay: bool):
+        role = role or RelayRole()
+        self.parent = role.parent
+        self.parent_calls = role.parent_calls if role.parent is not None else None
+        self.relays = role.relays and can_relay
+        self.known = known  # its stage call came here (else: made by a child's early request)
+        self.refs: dict[int, ObjectRef] = {}  # bucket -> this worker's relay copy
+        self.failed: str | None = None  # why this worker will not relay (more of) the sync
         self.changed = asyncio.Event()
-        self.relayed = 0  # buckets fetched from the parent
-        self.fallbacks = 0  # buckets fetched from the coordinator after the parent failed
+        self.relayed = 0  # buckets fetched from the parent's relay copies
+        self.fallbacks = 0  # buckets fetched from the coordinator after the parent's copy failed
 
     def notify(self) -> None:
         self.changed.set()
@@ -118,63 +109,91 @@ class _SyncCopies:
 
 
 class RelayPoint:
-    """One worker's side of the relay, on its actor's event loop.
+    """One worker's side of the relay, on its event loop: the fetch path of its WorkerHost.
 
-    `begin(sync_id, wire)` when a stage call arrives; `fetch(...)` gets each bucket (from the
-    parent's relay copy, else from the coordinator), verifies it and, when this worker relays,
-    puts the relay copy before handing the bucket on; `copy_for(sync_id, index)` answers a
-    child; `end(sync_id)` on commit or abort drops the copies.
+        relay = RelayPoint(fetch, put=put, copy_from=copy_from, timeout_s=600)
+        relay.begin(sync_id, role)                          # the stage call came, with its role
+        buffer = await relay.fetch(sync_id, index, ref, verify)   # each bucket, verified
+        ref = await relay.copy_for(sync_id, index)          # a child asks for a relay copy
+        relay.end(sync_id)                                  # commit or abort: copies dropped
+
+    `fetch(ref)` resolves an object-store ref to its bucket; `put(buffer)` puts a relay copy
+    into this node's object store and returns its ref (None: this worker never relays);
+    `copy_from(parent_calls, sync_id, index)` asks a parent worker for its relay copy's ref
+    (None: this worker always fetches from the coordinator).
     """
 
-    def __init__(self, timeout_s: float, put: Callable[[Any], Awaitable[Any]]):
+    def __init__(
+        self,
+        fetch: Callable[[ObjectRef], Awaitable[Any]],
+        *,
+        put: Callable[[Any], Awaitable[ObjectRef]] | None = None,
+        copy_from: Callable[[Any, str, int], Awaitable[ObjectRef]] | None = None,
+        timeout_s: float = 600.0,
+    ):
         self.timeout_s = timeout_s
-        self._put = put  # puts a buffer into this node's object store, returns its ref
+        self._fetch = fetch
+        self._put = put
+        self._copy_from = copy_from
         self._syncs: collections.OrderedDict[str, _SyncCopies] = collections.OrderedDict()
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
-    def begin(self, sync_id: str, wire: dict[str, Any] | None) -> None:
+    def begin(self, sync_id: str, role: RelayRole | None) -> None:
+        """The stage call of `sync_id` came here with this worker's `role`."""
+        if self._copy_from is None and role is not None:
+            role = RelayRole(None, role.relays)
         early = self._syncs.pop(sync_id, None)  # a child may have asked before this stage call
-        copies = self._syncs[sync_id] = _SyncCopies(wire, known=True)
+        copies = self._syncs[sync_id] = _SyncCopies(role, known=True, can_relay=self._put is not None)
         if early is not None:
             copies.changed = early.changed
         copies.notify()
-        while len(self._syncs) > _KEPT_SYNCS:
+        while len(self._syncs) > _KEPT_SYNCS:  # bounded when a commit or abort never comes
             old, dropped = self._syncs.popitem(last=False)
             dropped.failed = "a newer sync started"
+            dropped.refs.clear()
             dropped.notify()
             self._remember_ended(old)
 
-    def stats(self, sync_id: str) -> dict[str, float]:
+    def stats(self, sync_id: str) -> dict[str, int]:
+        """The StageReport fields of `sync_id` on this worker (rollout.contract)."""
         copies = self._syncs.get(sync_id)
-        if copies is None or (copies.parent is None and not copies.relays):
+        if copies is None:
             return {}
         return {"relayed_buckets": copies.relayed, "relay_fallbacks": copies.fallbacks,
                 "relay_copies": len(copies.refs)}
 
-    async def fetch(self, sync_id: str, index: int, original: Any,
-                    verify: Callable[[Any], Awaitable[None]]) -> Any:
-        """Bucket `index` of `sync_id`, verified: from the parent's relay copy when there is a
-        parent, else (or when that fails) from `original`, the coordinator's ref."""
+    def copies_held(self) -> int:
+        """Relay copies this worker holds now, over all syncs."""
+        return sum(len(c.refs) for c in self._syncs.values())
+
+    async def fetch(
+        self, sync_id: str, index: int, original: ObjectRef, verify: Callable[[Any], Awaitable[None]]
+    ) -> Any:
+        """Bucket `index` of `sync_id`, verified by `verify` (the coordinator's checksum): from
+        the parent's relay copy when there is a parent, else (or when that fails in any way)
+        from `original`, the coordinator's ref. A relaying worker then puts its relay copy."""
         copies = self._syncs.get(sync_id)
         buffer = None
-        if copies is not None and copies.parent is not None:
+        if copies is not None and copies.parent_calls is not None and self._copy_from is not None:
             try:
-                (ref,) = await asyncio.wait_for(copies.parent.relay_copy.remote(sync_id, index), self.timeout_s)
-                buffer = await ref
+                ref = await asyncio.wait_for(self._copy_from(copies.parent_calls, sync_id, index), self.timeout_s)
+                buffer = await self._fetch(ref)
                 await verify(buffer)
                 copies.relayed += 1
             except Exception as err:  # noqa: BLE001 - any failure: the coordinator's copy
                 buffer = None
                 copies.fallbacks += 1
                 log.warning(json.dumps({"event": "relay_fallback", "sync": sync_id, "bucket": index,
-                                        "parent": copies.parent_index, "error": f"{type(err).__name__}: {err}"[:300]}))
+                                        "parent": copies.parent, "error": f"{type(err).__name__}: {err}"[:300]}))
         if buffer is None:
-            buffer = await original
+            buffer = await self._fetch(original)
             await verify(buffer)
-        if copies is not None and copies.relays and copies.failed is None:
+        if copies is not None and copies.relays and copies.failed is None and self._put is not None:
             try:
-                copies.refs[index] = await self._put(buffer)
-                copies.notify()
+                ref = await self._put(buffer)
+                if copies.failed is None:  # not ended while the put ran
+                    copies.refs[index] = ref
+                    copies.notify()
             except Exception as err:  # noqa: BLE001 - e.g. a full object store: children fall back
                 self.fail(sync_id, f"could not put a relay copy: {type(err).__name__}: {err}")
         return buffer
@@ -191,17 +210,19 @@ class RelayPoint:
         copies = self._syncs.pop(sync_id, None)
         if copies is not None:
             copies.failed = "the sync ended here"
+            copies.refs.clear()
             copies.notify()
         self._remember_ended(sync_id)
 
-    async def copy_for(self, sync_id: str, index: int) -> Any:
+    async def copy_for(self, sync_id: str, index: int) -> ObjectRef:
         """The ref of this worker's relay copy of bucket `index`, once it is there. Raises
-        RelayClosed if this worker will not hold it."""
+        RelayClosed if this worker will not hold it (then at once, or after
+        UNKNOWN_SYNC_GRACE_S when this worker never heard of the sync)."""
         if sync_id in self._ended:
             raise RelayClosed(f"sync {sync_id} ended on this worker")
         copies = self._syncs.get(sync_id)
         if copies is None:
-            copies = self._syncs[sync_id] = _SyncCopies(None, known=False)
+            copies = self._syncs[sync_id] = _SyncCopies(None, known=False, can_relay=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         unknown_until = loop.time() + UNKNOWN_SYNC_GRACE_S
@@ -229,36 +250,3 @@ class RelayPoint:
         self._ended[sync_id] = None
         while len(self._ended) > 64:
             self._ended.popitem(last=False)
-
-
-class RelayPlanner:
-    """The coordinator's side: asks each worker for its node as soon as a sync starts (the
-    answers come while the tree is flattened and checked), then plans the relay.
-
-        planner = RelayPlanner(handles, workers, fanout)   # at the start of the sync
-        ...
-        relay = planner.roles()   # {worker: the stage() relay argument, or None}
-    """
-
-    def __init__(self, handles: Sequence[Any], workers: Sequence[int], fanout: int, timeout_s: float = 10.0):
-        self.handles, self.workers, self.fanout, self.timeout_s = handles, list(workers), fanout, timeout_s
-        self._calls: dict[Any, int] = {}
-        if fanout >= 1 and len(self.workers) >= 2:  # one worker: nothing to relay through
-            self._calls = {handles[w].node_id.remote(): w for w in self.workers}
-
-    def roles(self) -> dict[int, dict[str, Any] | None]:
-        import ray
-
-        if not self._calls:
-            return {w: None for w in self.workers}
-        done, _ = ray.wait(list(self._calls), num_returns=len(self._calls), timeout=self.timeout_s)
-        nodes: dict[int, str | None] = {w: None for w in self.workers}
-        for ref in done:
-            try:
-                nodes[self._calls[ref]] = ray.get(ref)
-            except Exception:  # noqa: BLE001 - a worker that is down fetches from the coordinator
-                pass
-        roles = plan_relay(nodes, ray.get_runtime_context().get_node_id(), self.fanout)
-        if any(role.parent is not None for role in roles.values()):
-            log.info(json.dumps({"event": "relay_plan", "parents": {w: r.parent for w, r in roles.items()}}))
-        return {w: to_wire(roles[w], self.handles) for w in self.workers}

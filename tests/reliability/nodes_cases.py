@@ -13,8 +13,9 @@ address instead of the machine's routable one, and every node is started with
 
 A process can be the driver of one Ray only, and the test session already has its own local
 Ray, so the cluster lives in a child process (`MultiNodeDriver`): the caller sends it case
-names and gets back plain results (`Outcome`s of tests/reliability/cases.py). The reliability
-report uses the same driver.
+names and gets back plain results (`Outcome`s of tests/reliability/harness.py). The fleet's
+workers are FaultyWorkers (fault_worker.py), so a case can hold a worker inside a sync phase.
+The reliability report uses the same driver.
 
     with MultiNodeDriver(checkpoints) as driver:
         driver.call("placement")                       # worker -> node, and the cluster's nodes
@@ -31,21 +32,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import multiprocessing  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import multiprocessing
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
 
-from .cases import (  # noqa: E402
+from .fault_worker import FaultyWorker
+from .harness import (
     Background,
     Outcome,
     engine_params,
     fleet_versions,
     measured,
     record_versions,
+    sync_in_thread,
     wait_for_active_slots,
     wait_until,
 )
@@ -85,7 +87,12 @@ class NodeFleet:
         cache = tempfile.mkdtemp(prefix="rollout-nodes-jax-")
         env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # a restarted worker compiles nothing
-        self.svc = rollout.RolloutService(checkpoints["base"], env_vars=env, **FLEET)
+        self.svc = rollout.RolloutService(checkpoints["base"], env_vars=env, worker_class=FaultyWorker, **FLEET)
+
+    def inject_fault(self, worker: int, point: str, **fault: Any) -> None:
+        import ray
+
+        ray.get(self.svc.workers[worker].inject_fault.remote(point, **fault), timeout=60)
 
     def add_node(self):
         return self.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=NODE_STORE_BYTES)
@@ -182,20 +189,6 @@ def remove_node_mid_generate(fleet: NodeFleet, worker: int = 1) -> Outcome:
     return out
 
 
-def _sync_in_thread(svc: Any, params: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["version"] = svc.sync_weights(params)
-        except Exception as err:  # noqa: BLE001 - the case is about which error
-            result["error"] = err
-
-    thread = threading.Thread(target=run, name="nodes-sync")
-    thread.start()
-    return thread, result
-
-
 def remove_node_mid_sync(fleet: NodeFleet, point: str, worker: int = 0) -> Outcome:
     """Remove a worker's node while that worker is inside the sync's `point` (a test delay holds
     it there). Worker 0 is the first node's worker: the one that relays the buckets to the other
@@ -206,9 +199,9 @@ def remove_node_mid_sync(fleet: NodeFleet, point: str, worker: int = 0) -> Outco
     out = Outcome(f"node_lost_mid_{point}", "nodes", version_before=svc.version)
     checkpoint = "other" if svc.version % 2 == 1 else "base"  # each sync changes the weights
     with measured(out, svc):
-        svc.inject_fault(worker, point, delay_s=5.0)
+        fleet.inject_fault(worker, point, delay_s=5.0)
         background = Background(svc)
-        thread, result = _sync_in_thread(svc, engine_params(Path(fleet.checkpoints[checkpoint])))
+        thread, result = sync_in_thread(svc, engine_params(Path(fleet.checkpoints[checkpoint])))
         if point == "commit":  # the update is published (the commit point) before commits go out
             wait_until(lambda: svc.latest_version > out.version_before, COMMIT_WAIT_S)
         time.sleep(1.5 if point == "stage" else 0.5)  # inside the 5 s delay
@@ -242,7 +235,7 @@ def relay_parent_fails(fleet: NodeFleet) -> Outcome:
     out = Outcome("relay_parent_fails_in_stage", "nodes", version_before=svc.version)
     checkpoint = "other" if svc.version % 2 == 1 else "base"
     with measured(out, svc):
-        svc.inject_fault(0, "stage", message="injected: the relaying worker fails its stage")
+        fleet.inject_fault(0, "stage", message="injected: the relaying worker fails its stage")
         try:
             svc.sync_weights(engine_params(Path(fleet.checkpoints[checkpoint])))
         except Exception as err:  # noqa: BLE001 - the case is about which error
@@ -338,10 +331,10 @@ class MultiNodeDriver:
             self.process.terminate()
             self.process.join(timeout=30)
 
-    def __enter__(self) -> "MultiNodeDriver":
+    def __enter__(self) -> MultiNodeDriver:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -8,7 +8,8 @@ import pytest
 
 import rollout
 
-from .cases import BAD_UPDATES, fingerprint, try_bad_update
+from .bad_updates import BAD_UPDATES, try_bad_update
+from .harness import fingerprint
 
 pytestmark = pytest.mark.ray
 
