@@ -7,4 +7,5 @@ BENCHMARKS = {
     "engine": "rollout.bench.engine",  # engine tokens/s against transformers' generate
     "sync": "rollout.bench.sync",  # sync_weights against a put + get + place floor and per-tensor calls
     "serve": "rollout.bench.serve",  # the HTTP server against the Python API (needs the serve extra)
+    "fanout": "rollout.bench.fanout",  # bytes the coordinator's node sends per sync to 1/2/4 worker nodes, relay off/on
 }
