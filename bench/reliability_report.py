@@ -3,8 +3,10 @@
 Starts a local Ray (on loopback) and a fleet of 2 workers x 2 simulated CPU devices on tiny
 checkpoints made on the spot, then runs the cases defined once in tests/reliability/ (one
 module per category, the same helpers the tests assert on): bad weight updates, bad generate
-requests, faults (hang, kills, shutdown, garbage collection), security probes and a soak.
-Prints one row per case and a summary:
+requests, faults (hang, kills, shutdown, garbage collection), security probes and a soak; then
+the node-loss cases on a multi-node cluster of its own (tests/reliability/nodes_cases.py: a
+node lost mid-generate, mid-stage and mid-commit, and added back). Prints one row per case and
+a summary:
 
     cases tried | clear errors | requests lost | versions mixed | memory drift | restarts
 
@@ -28,6 +30,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: 127.0.0.1 only
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="soak requests (default 2000, quick 400)")
     p.add_argument("--clients", type=int, default=None, help="soak client threads (default 8, quick 4)")
     p.add_argument("--json", type=Path, default=None, help="also write every outcome here as JSON")
+    p.add_argument("--skip-nodes", action="store_true", help="skip the multi-node cases (a cluster of 4 raylets)")
     return p.parse_args(argv)
 
 
@@ -129,6 +133,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             svc.shutdown()
     finally:
         ray.shutdown()
+    if not args.skip_nodes:
+        from reliability import nodes_cases
+
+        for out in nodes_cases.run_node_cases({"base": ckpt, "other": other_ckpt}):
+            rows.append(row("nodes", out, nodes_cases.node_ok(out)))
+            progress(rows[-1])
     soaked = {
         "requests": result.requests, "clients": result.clients, "seconds": round(result.seconds, 1),
         "requests_per_s": round(result.rate, 1), "syncs": len(result.syncs), "sync_errors": result.sync_errors,
@@ -158,7 +168,8 @@ def print_tables(rows: list[dict[str, Any]], soak: dict[str, Any]) -> None:
     print()
     print("messages:")
     for r in rows:
-        print(f"  {r['case']}: {r['message']}")
+        joined = r["details"].get("join_to_serving_s")
+        print(f"  {r['case']}: {r['message']}" + (f" (node added back: serving after {joined} s)" if joined else ""))
         if not r["ok"]:
             print(f"    FAILED; details: {r['details']}")
     print()

@@ -4,6 +4,7 @@ workers, declared once.
     CommittedUpdate  the last committed update (BucketUpdate | CheckpointUpdate): written by the
                      coordinator at the commit point, kept by the registry, loaded by a worker
                      that (re)starts
+    RelayRole        a worker's part in one sync's bucket relay (rollout.relay), sent with stage
     StageReport      what a worker's stage call returns (kept per worker in status()'s syncs)
     WorkerReady      what a worker's `ready` probe returns
     WorkerStatus     what a worker's `status` returns: its engine's EngineStatus plus who it is
@@ -50,11 +51,30 @@ CommittedUpdate = BucketUpdate | CheckpointUpdate
 
 
 @dataclasses.dataclass(frozen=True)
+class RelayRole:
+    """A worker's part in one sync's relay (rollout.relay): fetch each bucket from worker
+    `parent`'s relay copy (None: from the coordinator's object store) and/or put relay copies of
+    its own for the workers below it. Every bucket is verified against the coordinator's
+    checksum whichever copy it came from; a relay that fails falls back to the coordinator's.
+
+    `parent_calls` is the parent's actor handle (WorkerCalls), set by the coordinator when it
+    sends the role; the plan itself (rollout.relay.plan_relay) names workers by index."""
+
+    parent: int | None = None
+    relays: bool = False
+    parent_calls: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StageReport:
-    """Seconds a worker spent in one stage call, and of those, waiting for buckets to arrive."""
+    """Seconds a worker spent in one stage call, and of those, waiting for buckets to arrive;
+    with a relay role, where its buckets came from and how many relay copies it put."""
 
     stage_s: float
     waited_for_buckets_s: float = 0.0
+    relayed_buckets: int = 0  # fetched from the parent worker's relay copies
+    relay_fallbacks: int = 0  # fetched from the coordinator after the parent's copy failed
+    relay_copies: int = 0  # relay copies put here for the workers below
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +116,25 @@ class WorkerCalls(Protocol):
     ) -> list[Completion]:
         """One prompt's n completions."""
 
-    async def stage(self, sync_id: str, manifest: bytes) -> StageReport:
+    async def node_id(self) -> str:
+        """The Ray node this worker runs on (the coordinator plans a sync's relay by node)."""
+
+    async def stage(self, sync_id: str, manifest: bytes, relay: RelayRole | None = None) -> StageReport:
         """Phase 1 of sync attempt `sync_id`: stage the update of `manifest` as its buckets come
-        by `feed`; serving goes on meanwhile."""
+        by `feed`; serving goes on meanwhile. `relay`: this worker's part in the sync's relay
+        (None: fetch every bucket from the coordinator, relay nothing)."""
 
     async def feed(
         self, sync_id: str, index: int, bucket_ref: Sequence[ObjectRef], checksum: int | None = None
     ) -> str | None:
         """Deliver bucket `index` (its ref inside a list, so Ray passes it unresolved) with its
         checksum when the manifest has none. None, or why the bucket was refused."""
+
+    async def relay_copy(self, sync_id: str, index: int) -> list[ObjectRef]:
+        """This worker's relay copy of bucket `index` of `sync_id` (its ref inside a list, so
+        Ray passes it unresolved), once fetched, verified and put here. Raises
+        rollout.relay.RelayClosed if it never will be: the asking worker then fetches the
+        coordinator's copy."""
 
     async def stage_checkpoint(self, sync_id: str, version: int, path: str) -> StageReport:
         """Phase 1 from an HF checkpoint the worker reads itself."""

@@ -44,6 +44,9 @@ class FleetConfig:
     bucket_bytes: int = 256 << 20  # object-store bucket size: fewer objects vs. bigger fetch units
     max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
     checksum: str = DEFAULT_CHECKSUM  # bucket checksum: xxh3_64 (memory speed) or crc32 (~0.3 s/GiB per reader)
+    # Worker nodes that each relay a sync's buckets to (rollout/relay.py): the coordinator's node
+    # sends one model per sync, not one per worker node. 0: every worker fetches from the coordinator.
+    relay_fanout: int = 2
     sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
     ready_timeout_s: float = 600.0  # workers must build their engines within this at start
     max_restarts: int = -1  # Ray restarts of a dead worker; -1 = forever, 0 = never
@@ -71,6 +74,8 @@ class FleetConfig:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r}: expected an integer >= 1024")
         if self.checksum not in CHECKSUMS:
             raise ValueError(f"checksum={self.checksum!r}: expected one of {CHECKSUMS}")
+        if not isinstance(self.relay_fanout, int) or isinstance(self.relay_fanout, bool) or self.relay_fanout < 0:
+            raise ValueError(f"relay_fanout={self.relay_fanout!r}: expected an integer >= 0 (0 turns the relay off)")
         if self.max_restarts < -1 or self.max_request_retries < 0:
             raise ValueError("max_restarts must be >= -1 and max_request_retries >= 0")
         if self.cpus_per_worker < 0 or self.sync_timeout_s <= 0 or self.ready_timeout_s <= 0:

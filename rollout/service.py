@@ -26,6 +26,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rollout.contract import WorkerStatus
 from rollout.dispatch import Dispatch, GenerationStream
@@ -124,6 +125,7 @@ class RolloutService:
             self.fleet_config.bucket_bytes,
             self.fleet_config.sync_timeout_s,
             self.fleet_config.checksum,
+            relay_fanout=self.fleet_config.relay_fanout,
         )
         self._probes: dict[int, tuple[Any, str, float]] = {}  # worker -> (ref, kind, down since)
         self._stop = threading.Event()
@@ -146,7 +148,11 @@ class RolloutService:
             check_placement(cfg, self.accelerator, nodes, ray.cluster_resources(), ray.available_resources())
         namespace = ray.get_runtime_context().namespace
         registry_name = f"rollout-registry-{uuid.uuid4().hex[:10]}"
-        self._registry = ray.remote(UpdateRegistry).options(name=registry_name, num_cpus=0).remote()
+        # On the coordinator's node: a registry on a worker's node would be lost with that node
+        # (a preempted host), and with it the committed update restarted workers catch up from.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._registry = ray.remote(UpdateRegistry).options(
+            name=registry_name, num_cpus=0, scheduling_strategy=here).remote()
         options = actor_options(cfg, self.accelerator, os.environ)
         worker_cls = ray.remote(worker_class)
         self._handles = [

@@ -8,7 +8,9 @@
              checksum each, and put each bucket into the object store once. Every live
              worker is already staging (phase 1) and gets each bucket's ref and checksum as
              soon as it is in, so workers verify and place bucket k while bucket k+1 is
-             packed and put
+             packed and put. Across nodes the buckets are relayed (rollout.relay): the
+             workers' nodes, asked when the sync starts, give each worker a RelayRole with
+             its stage call, so the coordinator's node sends about one model per sync
     stage    wait for every worker's stage; any failure or timeout -> abort on all, raise
              SyncError naming each failing worker and why; the fleet keeps its version
     publish  the update to the registry: the commit point (a restarted worker loads it)
@@ -35,8 +37,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import ray
 
-from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, StageReport
+from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.errors import SyncError, describe_error, first_line
+from rollout.relay import plan_relay
 from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.loader import checkpoint_spec
 from rollout.weights.spec import ParamSpec, flatten_params
@@ -90,8 +93,10 @@ class WeightSync:
         bucket_bytes: int,
         timeout_s: float,
         checksum: str = DEFAULT_CHECKSUM,
+        relay_fanout: int = 0,
     ):
         self.fleet = fleet
+        self.relay_fanout = relay_fanout  # FleetConfig.relay_fanout; 0: every worker fetches from the coordinator
         self.bucket_bytes = bucket_bytes
         self.checksum = checksum
         self.timeout_s = timeout_s
@@ -134,6 +139,7 @@ class WeightSync:
         record.source = "pytree"
         record.nbytes = self.layout.nbytes
         record.leaves = len(self.layout.slots)
+        asked = self._ask_nodes(workers)  # answered while the tree is flattened and checked
         with _phase(record, "flatten"):
             flat = flatten_params(params, self.fleet.spec)
         with _phase(record, "check"):
@@ -142,6 +148,7 @@ class WeightSync:
         with _phase(record, "fetch"):
             host = to_host(flat)
         handles = [self.fleet.handles[i] for i in workers]
+        relay = self._relay_roles(asked, workers)
         packer = Packer(host, self.layout, self.pack_buffers(), checksum_algo=self.checksum,
                         threads=min(4, os.cpu_count() or 1))
         refs: list[Any] = []
@@ -151,7 +158,7 @@ class WeightSync:
             # soon as it is packed and sent with its checksum, so workers verify and place
             # bucket k while bucket k+1 is packed and put.
             streaming = self._manifest(version, (None,) * len(buckets))
-            calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
+            calls = {h.stage.remote(sync_id, streaming, relay[i]): i for h, i in zip(handles, workers)}
             sums: list[int] = []
 
             def put_and_feed(index: int) -> None:
@@ -177,6 +184,37 @@ class WeightSync:
         del host, flat
         record.buckets = len(refs)
         return BucketUpdate(version, self._manifest(version, tuple(sums)), tuple(refs)), calls
+
+    def _ask_nodes(self, workers: list[int]) -> dict[Any, int]:
+        """Each worker's node, asked (not awaited): {ref of the answer: worker}. Nothing to ask
+        with the relay off or a single worker."""
+        if self.relay_fanout < 1 or len(workers) < 2:
+            return {}
+        return {self.fleet.handles[w].node_id.remote(): w for w in workers}
+
+    def _relay_roles(self, asked: dict[Any, int], workers: list[int], timeout_s: float = 10.0) -> dict[int, RelayRole | None]:
+        """Each worker's RelayRole (rollout.relay.plan_relay), its parent's handle attached; a
+        worker whose node did not answer fetches from the coordinator and relays nothing."""
+        if not asked:
+            return {w: None for w in workers}
+        nodes: dict[int, str | None] = {w: None for w in workers}
+        done, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        for ref in done:
+            try:
+                nodes[asked[ref]] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a worker that is down: its stage call will say
+                log.info(json.dumps({"event": "relay_node_unknown", "worker": asked[ref], "error": describe_error(err)}))
+        roles = plan_relay(nodes, ray.get_runtime_context().get_node_id(), self.relay_fanout)
+        if any(role.parent is not None for role in roles.values()):
+            log.info(json.dumps({"event": "relay_plan", "parents": {w: r.parent for w, r in roles.items()}}))
+        out: dict[int, RelayRole | None] = {}
+        for worker, role in roles.items():
+            if role.parent is None and not role.relays:
+                out[worker] = None  # reads the coordinator's copy, relays nothing
+            else:
+                parent = None if role.parent is None else self.fleet.handles[role.parent]
+                out[worker] = dataclasses.replace(role, parent_calls=parent)
+        return out
 
     def _manifest(self, version: int, sums: tuple[int | None, ...]) -> bytes:
         """The manifest of a packed update (`finite`: the packer counted every value)."""

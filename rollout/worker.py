@@ -5,7 +5,10 @@ rollout.engine.backend), counts its starts in the registry, and before it serves
 call catches up with the fleet's committed update, so a restarted worker never serves an older
 version than the fleet's. Everything else (sync bookkeeping, buckets, catching up, generation)
 is `rollout.worker_host.WorkerHost`, tested without Ray. Its remote calls are
-`rollout.contract.WorkerCalls`.
+`rollout.contract.WorkerCalls`. What the host needs from Ray is injected: fetching a bucket
+from the object store, the registry's committed update, and for the relay between nodes
+(rollout.relay) putting a relay copy into this node's object store and asking a parent
+worker for its copy.
 
 When the engine's scheduler has died, the worker exits its process (`_restart_if_engine_died`)
 so that Ray restarts it with a fresh engine.
@@ -22,7 +25,7 @@ from typing import Any
 
 import ray
 
-from rollout.contract import ObjectRef, StageReport, WorkerReady, WorkerStatus
+from rollout.contract import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
 from rollout.engine.backend import EngineBackend, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
@@ -71,6 +74,8 @@ class RolloutWorker:
             latest_update=self._latest_update,
             max_inflight_buckets=fleet.max_inflight_buckets,
             sync_timeout_s=fleet.sync_timeout_s,
+            put_relay_copy=_put,
+            relay_copy_from=_relay_copy_from,
         )
         self._started: asyncio.Future[None] | None = None
 
@@ -119,6 +124,9 @@ class RolloutWorker:
     async def spec(self) -> ParamSpec:
         return self.host.engine.spec
 
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
     ) -> list[Completion]:
@@ -157,14 +165,17 @@ class RolloutWorker:
 
     # -- weight sync (see rollout.contract.WorkerCalls) -----------------------------------------
 
-    async def stage(self, sync_id: str, manifest: bytes) -> StageReport:
+    async def stage(self, sync_id: str, manifest: bytes, relay: RelayRole | None = None) -> StageReport:
         await self._start()
-        return await self.host.stage(sync_id, manifest)
+        return await self.host.stage(sync_id, manifest, relay)
 
     async def feed(
         self, sync_id: str, index: int, bucket_ref: Sequence[ObjectRef], checksum: int | None = None
     ) -> str | None:
         return await self.host.feed(sync_id, index, bucket_ref[0], checksum)
+
+    async def relay_copy(self, sync_id: str, index: int) -> list[ObjectRef]:
+        return [await self.host.relay_copy(sync_id, index)]  # in a list: Ray passes the ref unresolved
 
     async def stage_checkpoint(self, sync_id: str, version: int, path: str) -> StageReport:
         await self._start()
@@ -195,3 +206,15 @@ class RolloutWorker:
 async def _fetch(ref: ObjectRef) -> Any:
     """A bucket from the object store (zero-copy)."""
     return await ref
+
+
+async def _put(buffer: Any) -> ObjectRef:
+    """A relay copy of a bucket in this node's object store, owned by this worker (so it is
+    dropped with the worker); the copy runs off the event loop."""
+    return await asyncio.to_thread(ray.put, buffer)
+
+
+async def _relay_copy_from(parent: Any, sync_id: str, index: int) -> ObjectRef:
+    """The ref of a parent worker's relay copy of a bucket (its `relay_copy` call)."""
+    (ref,) = await parent.relay_copy.remote(sync_id, index)
+    return ref

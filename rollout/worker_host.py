@@ -4,11 +4,12 @@ The Ray actor (`rollout.worker.RolloutWorker`) is a thin shell around one Worker
 drive a WorkerHost on an asyncio loop with a fake engine, real buckets and a real registry.
 
     host = WorkerHost(engine, fetch=..., latest_update=..., max_inflight_buckets=4, sync_timeout_s=600)
-    await host.stage(sync_id, manifest_bytes)        # phase 1; buckets come by feed, in any order
+    await host.stage(sync_id, manifest_bytes, relay)  # phase 1; buckets come by feed, in any order
     await host.feed(sync_id, index, ref, checksum)   # may arrive before its stage call
     await host.commit(sync_id, version)              # phase 2 (or catch up if not staged here)
     await host.abort(sync_id, version)
     await host.catch_up()                            # load the registry's committed update
+    await host.relay_copy(sync_id, index)            # a relay copy for a worker below this one
 
 Generation awaits engine futures on the event loop, so many requests are in flight at once;
 weight work (staging, committing, catching up) runs in a one-thread executor, so serving goes on
@@ -21,6 +22,13 @@ devices as its bucket arrives, so staging overlaps the transfer. Finiteness was 
 coordinator's packer (the manifest says so and the checksums prove these are its bytes), so the
 engine skips that pass. Ray does not order an async actor's calls, so a feed may run before its
 stage call: such buckets wait (by sync id) until the stage call picks them up.
+
+Across nodes a sync's buckets are relayed (rollout.relay): the stage call's RelayRole says
+whether this worker fetches each bucket from a parent worker's relay copy instead of the
+coordinator's, and whether it puts relay copies of its own for the workers below. The
+RelayPoint is the host's fetch path: every bucket, whichever copy it came from, is verified
+against the coordinator's checksum; a relay copy that fails in any way is replaced by the
+coordinator's; relay copies are dropped when the sync commits or aborts here.
 
 Per sync attempt (`sync_id`): an attempt the coordinator aborted never ends up staged, even if
 its staging was still running when the abort arrived, and its late calls are refused.
@@ -39,10 +47,11 @@ from typing import Any
 
 import numpy as np
 
-from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, ObjectRef, StageReport
+from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, ObjectRef, RelayRole, StageReport
 from rollout.engine.backend import EngineBackend
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, WeightSyncError
+from rollout.relay import RelayPoint
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
 from rollout.weights.inbox import BucketInbox
 
@@ -83,7 +92,11 @@ class WorkerHost:
     """One engine and the worker's side of the two-phase sync (see module docstring).
 
     `fetch(ref)` resolves a bucket reference to its uint8 array (a Ray ObjectRef on a worker);
-    `latest_update()` returns the registry's committed update, or None.
+    `latest_update()` returns the registry's committed update, or None. For the relay
+    (rollout.relay.RelayPoint): `put_relay_copy(buffer)` puts a bucket into this node's object
+    store and returns its ref (None: this worker never relays); `relay_copy_from(parent_calls,
+    sync_id, index)` asks a parent worker for its relay copy's ref (None: every bucket comes
+    from the coordinator).
     """
 
     def __init__(
@@ -94,9 +107,12 @@ class WorkerHost:
         latest_update: Callable[[], Awaitable[CommittedUpdate | None]],
         max_inflight_buckets: int = 4,
         sync_timeout_s: float = 600.0,
+        put_relay_copy: Callable[[np.ndarray], Awaitable[ObjectRef]] | None = None,
+        relay_copy_from: Callable[[Any, str, int], Awaitable[ObjectRef]] | None = None,
     ):
         self.engine = engine
         self._fetch = fetch
+        self.relay = RelayPoint(fetch, put=put_relay_copy, copy_from=relay_copy_from, timeout_s=sync_timeout_s)
         self._latest_update = latest_update
         self._fetch_limit = asyncio.Semaphore(max_inflight_buckets)
         self._sync_timeout_s = sync_timeout_s
@@ -127,19 +143,22 @@ class WorkerHost:
 
     # -- phase 1 ------------------------------------------------------------------------------
 
-    async def stage(self, sync_id: str, manifest_bytes: bytes) -> StageReport:
-        """Stage the update of `manifest_bytes`, whose buckets come by `feed` (before or after)."""
+    async def stage(self, sync_id: str, manifest_bytes: bytes, relay: RelayRole | None = None) -> StageReport:
+        """Stage the update of `manifest_bytes`, whose buckets come by `feed` (before or after);
+        `relay`: where this worker fetches them from and whether it relays them (rollout.relay)."""
         start = time.perf_counter()
         if sync_id in self._finished:
             raise SyncAbortedError(f"sync {sync_id} was aborted before this worker staged it")
         inbox = BucketInbox(Manifest.from_bytes(manifest_bytes), self._sync_timeout_s)
         self._inboxes[sync_id] = inbox  # before any await: feeds that run after this find it
+        self.relay.begin(sync_id, relay)
         early = self._early.pop(sync_id, [])  # feeds that ran before this call
-        receiving = [asyncio.ensure_future(self._receive(inbox, *arrival)) for arrival in early]
+        receiving = [asyncio.ensure_future(self._receive(sync_id, inbox, *arrival)) for arrival in early]
         try:
             await self._in_weights_thread(self._stage_inbox, sync_id, inbox)
         except BaseException as err:
             inbox.fail(err)
+            self.relay.fail(sync_id, f"staging failed here: {type(err).__name__}")  # children fall back now
             raise
         finally:
             self._inboxes.pop(sync_id, None)
@@ -147,14 +166,14 @@ class WorkerHost:
             inbox.release()  # the staged copies live on the devices; unpin the object store
             for task in receiving:  # after a failure some buckets may never come
                 task.cancel()
-        return StageReport(time.perf_counter() - start, inbox.wait_s)
+        return StageReport(time.perf_counter() - start, inbox.wait_s, **self.relay.stats(sync_id))
 
     async def feed(self, sync_id: str, index: int, ref: ObjectRef, checksum: int | None = None) -> str | None:
         """Deliver bucket `index` of sync `sync_id`. None, or why it was refused (the stage call
         raises the same)."""
         inbox = self._inboxes.get(sync_id)
         if inbox is not None:
-            return await self._receive(inbox, index, ref, checksum)
+            return await self._receive(sync_id, inbox, index, ref, checksum)
         if sync_id in self._finished:
             return f"sync {sync_id} is no longer being staged here (aborted or finished)"
         self._early.setdefault(sync_id, []).append((index, ref, checksum))
@@ -168,12 +187,24 @@ class WorkerHost:
         await self._in_weights_thread(self._stage_checkpoint, sync_id, version, path)
         return StageReport(time.perf_counter() - start)
 
-    async def _receive(self, inbox: BucketInbox, index: int, ref: ObjectRef, checksum: int | None = None) -> str | None:
+    async def relay_copy(self, sync_id: str, index: int) -> ObjectRef:
+        """This worker's relay copy of bucket `index` of `sync_id`, once it is verified and put;
+        raises rollout.relay.RelayClosed if it never will be (the child then fetches the
+        coordinator's copy)."""
+        return await self.relay.copy_for(sync_id, index)
+
+    async def _receive(
+        self, sync_id: str, inbox: BucketInbox, index: int, ref: ObjectRef, checksum: int | None = None
+    ) -> str | None:
         loop = asyncio.get_running_loop()
+
+        async def verified(buffer: np.ndarray) -> None:  # against the coordinator's checksum
+            await loop.run_in_executor(self._verify_pool, verify_bucket, inbox.manifest, index, buffer, checksum)
+
         try:
             async with self._fetch_limit:
-                buffer = await self._fetch(ref)
-                await loop.run_in_executor(self._verify_pool, verify_bucket, inbox.manifest, index, buffer, checksum)
+                # `ref` is the coordinator's copy; the relay may fetch a parent's instead
+                buffer = await self.relay.fetch(sync_id, index, ref, verified)
             inbox.deliver(index, buffer)
             return None
         except Exception as err:  # noqa: BLE001 - the stage call reports it
@@ -211,6 +242,7 @@ class WorkerHost:
     async def commit(self, sync_id: str, version: int) -> int:
         """Commit what `sync_id` staged; a worker that does not hold it (it restarted after
         staging) catches up from the registry instead. Returns the version served."""
+        self.relay.end(sync_id)  # every worker staged: no child needs this worker's copies
         if not await self._in_weights_thread(self._commit_staged, sync_id, version):
             await self.catch_up()
         return self.engine.version
@@ -226,6 +258,7 @@ class WorkerHost:
     async def abort(self, sync_id: str, version: int) -> bool:
         """Drop what `sync_id` staged, or make its staging end unstaged. True if dropped now."""
         self._remember_finished(sync_id)
+        self.relay.end(sync_id)
         inbox = self._inboxes.get(sync_id)
         if inbox is not None:  # wake a staging thread that waits for buckets
             inbox.fail(SyncAbortedError(f"sync {sync_id} was aborted by the coordinator"))

@@ -2,7 +2,8 @@
 real buckets and manifests (packed as the coordinator packs them) and a real UpdateRegistry.
 
 Bucket "refs" here are the bucket arrays themselves; `fetch` hands them over after yielding to
-the event loop, as awaiting an ObjectRef would.
+the event loop, as awaiting an ObjectRef would. For the relay between nodes (rollout.relay),
+a host's "object store" put is a copy only it holds, and a child asks its parent host directly.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import inspect
 import numpy as np
 import pytest
 
-from rollout.contract import BucketUpdate, CheckpointUpdate, StageReport, WorkerCalls
+import rollout.relay
+from rollout.contract import BucketUpdate, CheckpointUpdate, RelayRole, StageReport, WorkerCalls
 from rollout.engine.backend import EngineBackend, engine_factory
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import WeightSyncError
 from rollout.registry import UpdateRegistry
+from rollout.relay import RelayClosed
 from rollout.weights.buckets import BucketChecksumError, PackedUpdate, pack, plan_buckets
 from rollout.weights.spec import spec_of_leaves
 from rollout.worker_host import EARLY_SYNCS, SyncAbortedError, WorkerHost
@@ -48,14 +51,14 @@ async def fetch(ref: np.ndarray) -> np.ndarray:
     return ref
 
 
-def make_host(registry: UpdateRegistry | None = None, *, timeout_s: float = 10.0, answer: bool = True):
+def make_host(registry: UpdateRegistry | None = None, *, timeout_s: float = 10.0, answer: bool = True, **relay):
     engine = FakeEngine(SPEC, weights(0), answer=answer)
     registry = registry or UpdateRegistry()
 
     async def latest_update():
         return registry.latest()
 
-    return WorkerHost(engine, fetch=fetch, latest_update=latest_update, sync_timeout_s=timeout_s), engine
+    return WorkerHost(engine, fetch=fetch, latest_update=latest_update, sync_timeout_s=timeout_s, **relay), engine
 
 
 async def feed_all(host: WorkerHost, sync_id: str, update: PackedUpdate, order=None) -> list[str | None]:
@@ -307,3 +310,169 @@ def test_the_worker_actor_answers_every_call_of_the_contract_with_its_signature(
         ours, contract = getattr(RolloutWorker, name), getattr(WorkerCalls, name)
         assert inspect.iscoroutinefunction(ours), name
         assert parameters(ours) == parameters(contract), name
+
+
+# -- the relay between nodes (rollout.relay): a parent host relays to a child host --------------
+
+
+async def put_copy(buffer: np.ndarray) -> np.ndarray:
+    """A relay copy in the parent's "object store": new bytes only the parent's copy refers to."""
+    await asyncio.sleep(0)
+    return buffer.copy()
+
+
+async def ask_parent(parent: WorkerHost, sync_id: str, index: int) -> np.ndarray:
+    return await parent.relay_copy(sync_id, index)
+
+
+def relay_hosts(*, parent_put=put_copy, child_ask=ask_parent, timeout_s: float = 10.0):
+    """(parent, child, child's engine, coordinator refs the child fetched): the parent fetches
+    from the coordinator and relays; the child fetches from the parent's copies."""
+    parent, _ = make_host(timeout_s=timeout_s, put_relay_copy=parent_put, relay_copy_from=ask_parent)
+    from_coordinator: list[int] = []
+
+    async def child_fetch(ref: np.ndarray) -> np.ndarray:
+        if any(ref is b for b in COORDINATOR_BUFFERS):
+            from_coordinator.append(1)
+        return await fetch(ref)
+
+    engine = FakeEngine(SPEC, weights(0))
+
+    async def latest_update():
+        return None
+
+    child = WorkerHost(engine, fetch=child_fetch, latest_update=latest_update, sync_timeout_s=timeout_s,
+                       put_relay_copy=put_copy, relay_copy_from=child_ask)
+    return parent, child, engine, from_coordinator
+
+
+COORDINATOR_BUFFERS: list[np.ndarray] = []  # the coordinator's buckets of the running test
+
+
+def coordinator_update(version: int) -> PackedUpdate:
+    update = packed(version)
+    COORDINATOR_BUFFERS[:] = update.buffers
+    return update
+
+
+PARENT = RelayRole(None, relays=True)
+
+
+def child_of(parent: WorkerHost) -> RelayRole:
+    return RelayRole(parent=0, relays=False, parent_calls=parent)
+
+
+def test_a_child_fetches_every_bucket_from_its_parents_relay_copies_even_when_it_asks_before_the_parent_stages():
+    async def run():
+        parent, child, engine, from_coordinator = relay_hosts()
+        update = coordinator_update(1)
+        child_stage = asyncio.ensure_future(child.stage("s1", streaming(update), child_of(parent)))
+        assert await feed_all(child, "s1", update) == [None] * 3  # each waits for the parent's copy
+        await asyncio.sleep(0.05)
+        assert not child_stage.done()
+        await feed_all(parent, "s1", update)
+        parent_report = await parent.stage("s1", streaming(update), PARENT)
+        child_report = await child_stage
+        assert (parent_report.relay_copies, parent_report.relayed_buckets) == (3, 0)
+        assert (child_report.relayed_buckets, child_report.relay_fallbacks) == (3, 0) and not from_coordinator
+        assert await child.commit("s1", 1) == 1
+        assert_params(engine, weights(1))
+
+    asyncio.run(run())
+
+
+def test_a_relay_copy_that_fails_the_coordinators_checksum_is_replaced_by_the_coordinators_copy():
+    async def corrupting_put(buffer: np.ndarray) -> np.ndarray:
+        copy = await put_copy(buffer)
+        copy[3] ^= 0x01
+        return copy
+
+    async def run():
+        parent, child, engine, from_coordinator = relay_hosts(parent_put=corrupting_put)
+        update = coordinator_update(1)
+        await feed_all(parent, "s1", update)
+        await parent.stage("s1", streaming(update), PARENT)
+        await feed_all(child, "s1", update)
+        report = await child.stage("s1", streaming(update), child_of(parent))
+        assert (report.relayed_buckets, report.relay_fallbacks) == (0, 3) and len(from_coordinator) == 3
+        await child.commit("s1", 1)
+        assert_params(engine, weights(1))
+
+    asyncio.run(run())
+
+
+def test_a_parent_that_cannot_be_reached_costs_the_child_the_coordinators_copies_not_the_sync():
+    async def parent_gone(parent: WorkerHost, sync_id: str, index: int) -> np.ndarray:
+        raise ConnectionError("the parent's node was lost")
+
+    async def run():
+        parent, child, engine, from_coordinator = relay_hosts(child_ask=parent_gone)
+        update = coordinator_update(1)
+        await feed_all(child, "s1", update)
+        report = await child.stage("s1", streaming(update), child_of(parent))
+        assert (report.relayed_buckets, report.relay_fallbacks) == (0, 3) and len(from_coordinator) == 3
+        assert engine.staged_version == 1
+
+    asyncio.run(run())
+
+
+def test_a_parent_whose_stage_fails_sends_its_waiting_children_to_the_coordinator_at_once():
+    async def run():
+        parent, child, engine, _ = relay_hosts(timeout_s=30.0)
+        update = coordinator_update(1)
+        corrupted = update.buffers[0].copy()
+        corrupted[5] ^= 0x10
+        parent_stage = asyncio.ensure_future(parent.stage("s1", streaming(update), PARENT))
+        await feed_all(child, "s1", update)
+        child_stage = asyncio.ensure_future(child.stage("s1", streaming(update), child_of(parent)))
+        await parent.feed("s1", 0, corrupted, update.manifest.checksums[0])  # the parent's bucket 0 is bad
+        with pytest.raises(BucketChecksumError):
+            await parent_stage
+        report = await asyncio.wait_for(child_stage, 10)  # not the 30 s relay timeout
+        assert report.relay_fallbacks == 3 and engine.staged_version == 1
+
+    asyncio.run(run())
+
+
+def test_a_parent_that_never_hears_of_the_sync_answers_after_a_grace_and_the_child_falls_back(monkeypatch):
+    monkeypatch.setattr(rollout.relay, "UNKNOWN_SYNC_GRACE_S", 0.2)  # a restarted parent: no stage call comes
+
+    async def run():
+        parent, child, engine, _ = relay_hosts(timeout_s=30.0)
+        update = coordinator_update(1)
+        await feed_all(child, "s1", update)
+        report = await asyncio.wait_for(child.stage("s1", streaming(update), child_of(parent)), 10)
+        assert report.relay_fallbacks == 3 and engine.staged_version == 1
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("end", ["commit", "abort"])
+def test_relay_copies_are_dropped_when_the_sync_commits_or_aborts_and_later_asks_are_refused(end):
+    async def run():
+        parent, _, _, _ = relay_hosts()
+        update = coordinator_update(1)
+        await feed_all(parent, "s1", update)
+        await parent.stage("s1", streaming(update), PARENT)
+        assert parent.relay.copies_held() == 3
+        np.testing.assert_array_equal(await parent.relay_copy("s1", 2), update.buffers[2])
+        await getattr(parent, end)("s1", 1)
+        assert parent.relay.copies_held() == 0
+        with pytest.raises(RelayClosed, match="ended on this worker"):
+            await parent.relay_copy("s1", 0)
+
+    asyncio.run(run())
+
+
+def test_a_worker_without_a_parent_or_a_relay_role_reads_the_coordinators_copies_and_holds_none():
+    async def run():
+        host, _ = make_host(put_relay_copy=put_copy, relay_copy_from=ask_parent)
+        update = packed(1)
+        await feed_all(host, "s1", update)
+        report = await host.stage("s1", streaming(update))
+        assert (report.relayed_buckets, report.relay_fallbacks, report.relay_copies) == (0, 0, 0)
+        assert host.relay.copies_held() == 0
+        with pytest.raises(RelayClosed, match="does not relay"):
+            await host.relay_copy("s1", 0)
+
+    asyncio.run(run())

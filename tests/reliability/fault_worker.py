@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from rollout.contract import CommittedUpdate, StageReport
+from rollout.contract import CommittedUpdate, RelayRole, StageReport
 from rollout.worker import RolloutWorker
 
 FAULT_POINTS = ("stage", "commit", "generate")
@@ -89,9 +89,9 @@ class FaultyWorker(RolloutWorker):
         async for deltas in super().generate_stream(*args, **kwargs):
             yield deltas
 
-    async def stage(self, sync_id: str, manifest: bytes) -> StageReport:
+    async def stage(self, sync_id: str, manifest: bytes, relay: RelayRole | None = None) -> StageReport:
         await self._hit("stage")
-        return await super().stage(sync_id, manifest)
+        return await super().stage(sync_id, manifest, relay)
 
     async def stage_checkpoint(self, sync_id: str, version: int, path: str) -> StageReport:
         await self._hit("stage")
