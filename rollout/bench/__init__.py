@@ -6,6 +6,7 @@ Each is a module with `main(argv) -> exit code`; the figures in the README come 
 BENCHMARKS = {
     "engine": "rollout.bench.engine",  # engine tokens/s against transformers' generate
     "sync": "rollout.bench.sync",  # sync_weights against a put + get + place floor and per-tensor calls
+    "paged": "rollout.bench.paged",  # paged vs contiguous KV on one memory budget; both against transformers
     "serve": "rollout.bench.serve",  # the HTTP server against the Python API (needs the serve extra)
     "fanout": "rollout.bench.fanout",  # bytes the coordinator's node sends per sync to 1/2/4 worker nodes, relay off/on
 }

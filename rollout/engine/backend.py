@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol, TypedDict, runtime_checkable
+from typing import Any, NotRequired, Protocol, TypedDict, runtime_checkable
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
@@ -40,6 +40,7 @@ class EngineStatus(TypedDict):
     swaps: int
     compiled: int  # programs compiled so far
     devices: int
+    kv: NotRequired[dict[str, Any]]  # KV cache: "layout"; paged: pool use, shared pages, preemptions
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ import dataclasses
 SWAP_POLICIES = ("drain", "recompute", "continue")
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("float32", "bfloat16", "float16")
+KV_LAYOUTS = ("contiguous", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,14 @@ class EngineConfig:
     swap_policy: str = "drain"  # in-flight sequences at a weight swap: drain | recompute | continue
     load_format: str = "auto"  # "dummy": shapes only; real weights arrive by sync
     seed: int = 0  # seeds requests that carry no seed of their own
+    # KV layout. "contiguous": one max_seq_len region per slot (the memory above). "paged": a
+    # shared pool of pages (rollout.paged); max_seq_len is then a per-request limit, max_batch
+    # the decode rows, and KV memory the pool: kv_pages, or kv_memory_fraction of device memory
+    # (TPU/GPU), by default the contiguous layout's memory.
+    kv_layout: str = "contiguous"
+    page_size: int = 16  # paged: positions per page (smaller: less waste per sequence, longer tables)
+    kv_pages: int | None = None  # paged: pool size in pages
+    kv_memory_fraction: float | None = None  # paged: pool = this fraction of device memory, less what is in use
 
     def __post_init__(self) -> None:
         if self.swap_policy not in SWAP_POLICIES:
@@ -33,6 +42,14 @@ class EngineConfig:
             raise ValueError(f"load_format={self.load_format!r}: expected one of {LOAD_FORMATS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
-        for name in ("max_batch", "max_seq_len", "decode_steps", "max_prefill_batch"):
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout={self.kv_layout!r}: expected one of {KV_LAYOUTS}")
+        if self.kv_pages is not None and self.kv_memory_fraction is not None:
+            raise ValueError("give kv_pages or kv_memory_fraction, not both")
+        if self.kv_pages is not None and self.kv_pages < 1:
+            raise ValueError(f"kv_pages={self.kv_pages!r}: expected an integer >= 1")
+        if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction={self.kv_memory_fraction!r}: expected a number in (0, 1]")
+        for name in ("max_batch", "max_seq_len", "decode_steps", "max_prefill_batch", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")

@@ -12,6 +12,9 @@
     runner.py        the jitted prefill and multi-step decode, the KV cache, the serving leaves
     sampling.py      per-slot sampling rows and the on-device sampler
 
+With kv_layout="paged", `rollout.paged` supplies the runner (PagedRunner, a page pool instead of
+max_seq_len slots) and the scheduler (PagedScheduler: admission by pages, preemption).
+
 Threads and the lock. Callers submit, cancel, stage, commit, abort and read status from any
 thread; one scheduler thread runs the model. The engine has one lock (a Condition), which guards:
 the waiting queue, the cancelled set, slot occupancy (`SlotTable.sequences` and each sequence's
@@ -73,13 +76,19 @@ class Engine:
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
         self.mesh = make_mesh(devices)
-        self.runner = ModelRunner(
-            self.model_def,
-            self.mesh,
-            max_batch=config.max_batch,
-            max_seq_len=config.max_seq_len,
-            decode_steps=config.decode_steps,
-        )
+        pool = None
+        if config.kv_layout == "paged":  # KV in a shared page pool: see rollout.paged
+            from rollout.paged.setup import make_paged
+
+            self.runner, pool = make_paged(self.model_def, self.mesh, config)
+        else:
+            self.runner = ModelRunner(
+                self.model_def,
+                self.mesh,
+                max_batch=config.max_batch,
+                max_seq_len=config.max_seq_len,
+                decode_steps=config.decode_steps,
+            )
         if config.load_format == "dummy":
             self.runner.set_params(dummy_params(self.spec, self.param_shardings))
         else:
@@ -89,7 +98,12 @@ class Engine:
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
         self._weights = WeightState(self._lock, self.runner)
-        self._scheduler = Scheduler(self._lock, self.runner, self._weights, config)
+        if pool is not None:
+            from rollout.paged.scheduler import PagedScheduler
+
+            self._scheduler = PagedScheduler(self._lock, self.runner, self._weights, config, pool)
+        else:
+            self._scheduler = Scheduler(self._lock, self.runner, self._weights, config)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -237,8 +251,10 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         scheduler, weights = self._scheduler, self._weights
+        kv = scheduler.kv_status() if hasattr(scheduler, "kv_status") else {"layout": "contiguous"}
         with self._lock:
             return {
+                "kv": kv,  # paged: pool use, shared pages, preemptions (rollout.paged.scheduler)
                 "version": weights.committed,
                 "serving_version": weights.serving,
                 "staged_version": weights.staged_version,

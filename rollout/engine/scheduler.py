@@ -110,7 +110,9 @@ class Scheduler:
                         return
                     cancelled = self._take_cancelled()
                     swap = self._weights.take_swap(running=self.slots.active() > 0)
-                    admitted = [] if self._weights.pending else self._admit()
+                    # nothing is admitted in a pass that swaps: a recompute swap re-prefills the
+                    # running slots, and a request admitted before it would be prefilled twice
+                    admitted = [] if swap is not None or self._weights.pending else self._admit()
                 for seq in cancelled:
                     self._finish(seq, "abort")
                 if swap is not None:

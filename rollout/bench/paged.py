@@ -1,0 +1,257 @@
+"""Paged vs contiguous KV cache on the same KV memory budget, and rollout vs transformers.
+
+The model is a Qwen3 shape with head_dim 128 (hidden 1024, 16 q / 8 KV heads, 4 layers,
+intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the spot. Three parts:
+
+(a) uniform lengths: --uniform-batch prompts of --prompt-len tokens, --uniform-new greedy new
+    tokens each (EOS ignored). Contiguous: max_batch = the batch, max_seq_len = prompt + new.
+    Paged: the same KV bytes as pages, the same max_batch. Tokens/s of each.
+(b) long-tailed lengths with n = 8 samples per prompt: --groups prompts; each prompt's
+    max_tokens is drawn once (seeded) from a long tail: 70% L/16, 20% L/4, 10% L, with
+    L = --tail-max (its 8 samples share it), sampled at temperature 1 with a seed, EOS ignored.
+    Contiguous: --contiguous-slots slots of prompt + L positions (that is the KV budget). Paged:
+    the same bytes as pages, --paged-slots decode rows. Tokens/s, peak concurrent sequences,
+    preemptions.
+(c) rollout (paged and contiguous) against transformers' `generate` at batch 1, 4, 16 (greedy,
+    same prompts; identical tokens counted).
+
+Each timed run follows a warm-up run of the same work (compilation is not timed).
+
+    rollout bench paged                  # all three, full size (minutes; take figures on a quiet host)
+    rollout bench paged --tiny           # a small model and workload: proves it runs
+    rollout bench paged --parts tail     # only (b)
+
+The transformers reference needs torch and transformers (`pip install "rollout[bench]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+SHAPE = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+)
+TINY_SHAPE = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="rollout bench paged", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--parts", nargs="+", default=["uniform", "tail", "transformers"],
+                   choices=["uniform", "tail", "transformers"], help="which of (a), (b), (c) to run")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--uniform-batch", type=int, default=16)
+    p.add_argument("--uniform-new", type=int, default=128)
+    p.add_argument("--groups", type=int, default=16, help="(b): prompts, 8 samples each")
+    p.add_argument("--tail-max", type=int, default=512, help="(b): the longest max_tokens, L")
+    p.add_argument("--contiguous-slots", type=int, default=16, help="(b): contiguous slots (>= 8); sets the KV budget")
+    p.add_argument("--paged-slots", type=int, default=128, help="(b): paged decode rows")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="(c): batch sizes")
+    p.add_argument("--new-tokens", type=int, default=64, help="(c): greedy new tokens")
+    p.add_argument("--tiny", action="store_true", help="small model and workload (a smoke run)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.uniform_batch, args.uniform_new, args.groups, args.tail_max = 4, 16, 2, 64
+        args.contiguous_slots, args.paged_slots, args.batches, args.new_tokens = 8, 32, [1, 4], 8
+        args.prompt_len, args.page_size, args.decode_steps = 8, 8, 4
+    return args
+
+
+class PeakActive:
+    """Polls an engine's active slots in a thread: the most sequences decoding at once."""
+
+    def __init__(self, engine):
+        self.engine, self.peak, self._stop = engine, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.engine.status()["active_slots"])
+            time.sleep(0.002)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn):
+    fn()  # warm-up: compiles every shape the timed run uses
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from rollout.engine import EngineConfig, SamplingParams
+    from rollout.engine.engine import Engine
+    from rollout.models.config import ModelConfig
+    from rollout.paged import memory
+    from rollout.testing import make_tiny_checkpoint
+
+    shape = TINY_SHAPE if args.tiny else SHAPE
+    ckpt = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-paged-")) / "qwen3-hd128", **shape)
+    cfg = ModelConfig.from_pretrained(ckpt)
+    device = jax.devices()[:1]
+    rng = np.random.default_rng(0)
+    results: dict[str, object] = {"shape": shape}
+
+    def engine(max_batch: int, max_seq_len: int, **kv) -> Engine:
+        config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, decode_steps=args.decode_steps,
+                              max_prefill_batch=16, **kv)
+        return Engine(ckpt, config, devices=device)
+
+    def same_budget_pages(slots: int, max_seq_len: int) -> int:
+        budget = memory.contiguous_bytes(cfg, slots, max_seq_len, "float32")
+        return memory.pages_in_budget(cfg, args.page_size, "float32", budget)
+
+    def run_both(name: str, prompts, sampling, contiguous_slots: int, paged_slots: int, max_seq_len: int) -> dict:
+        row = {}
+        pages = same_budget_pages(contiguous_slots, max_seq_len)
+        sides = {
+            "contiguous": dict(max_batch=contiguous_slots),
+            "paged": dict(max_batch=paged_slots, kv_layout="paged", page_size=args.page_size, kv_pages=pages),
+        }
+        for side, kw in tqdm(sides.items(), desc=name, unit="layout"):
+            with engine(max_seq_len=max_seq_len, **kw) as eng, PeakActive(eng) as peak:
+                outs, seconds = timed(lambda: eng.generate(prompts, sampling))
+                kv = eng.status()["kv"]
+            tokens = sum(len(o.token_ids) for o in outs)
+            row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens, peak_concurrent=peak.peak,
+                             preemptions=kv.get("preemptions", 0), kv_positions=pages * args.page_size)
+        row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
+        row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
+        return row
+
+    if "uniform" in args.parts:
+        prompts = rng.integers(3, 400, (args.uniform_batch, args.prompt_len)).tolist()
+        sampling = SamplingParams(max_tokens=args.uniform_new, temperature=0.0, ignore_eos=True)
+        results["uniform"] = run_both("(a) uniform", prompts, sampling, args.uniform_batch, args.uniform_batch,
+                                      args.prompt_len + args.uniform_new)
+
+    if "tail" in args.parts:
+        L = args.tail_max
+        lengths = rng.choice([max(1, L // 16), max(1, L // 4), L], size=args.groups, p=[0.7, 0.2, 0.1])
+        lengths[0] = L  # at least one group runs to the limit
+        prompts = rng.integers(3, 400, (args.groups, args.prompt_len)).tolist()
+        row: dict = {"max_tokens": lengths.tolist()}
+        # One request per prompt with its own max_tokens: submit each, collect all.
+        from concurrent.futures import wait
+
+        def run_tail(eng):
+            futures = [
+                eng.submit(p, SamplingParams(max_tokens=int(n), temperature=1.0, seed=i, n=8, ignore_eos=True), prompt_index=i)
+                for i, (p, n) in enumerate(zip(prompts, lengths))
+            ]
+            wait(futures)
+            return [c for f in futures for c in f.result()]
+
+        pages = same_budget_pages(args.contiguous_slots, args.prompt_len + L)
+        sides = {
+            "contiguous": dict(max_batch=args.contiguous_slots),
+            "paged": dict(max_batch=args.paged_slots, kv_layout="paged", page_size=args.page_size, kv_pages=pages),
+        }
+        for side, kw in tqdm(sides.items(), desc="(b) long tail, n=8", unit="layout"):
+            with engine(max_seq_len=args.prompt_len + L, **kw) as eng, PeakActive(eng) as peak:
+                outs, seconds = timed(lambda: run_tail(eng))
+                kv = eng.status()["kv"]
+            tokens = sum(len(o.token_ids) for o in outs)
+            row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens,
+                             peak_concurrent=max(peak.peak, kv.get("peak_active", 0)),
+                             preemptions=kv.get("preemptions", 0), kv_positions=pages * args.page_size)
+        row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
+        row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
+        results["tail"] = row
+
+    if "transformers" in args.parts:
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        top = max(args.batches)
+        prompts = rng.integers(3, 400, (top, args.prompt_len)).tolist()
+        sampling = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+        max_seq = args.prompt_len + args.new_tokens
+
+        def run_hf(batch: int) -> list[list[int]]:
+            ids = torch.tensor(prompts[:batch])
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  eos_token_id=None, pad_token_id=0)
+            return out[:, args.prompt_len:].tolist()
+
+        rows = []
+        engines = {
+            "paged": engine(top, max_seq, kv_layout="paged", page_size=args.page_size),
+            "contiguous": engine(top, max_seq),
+        }
+        try:
+            for batch in tqdm(args.batches, desc="(c) vs transformers", unit="batch"):
+                ref, t_ref = timed(lambda batch=batch: run_hf(batch))
+                row = dict(batch=batch, transformers_tok_s=batch * args.new_tokens / t_ref)
+                for side, eng in engines.items():
+                    outs, t = timed(lambda eng=eng, batch=batch: [list(c.token_ids) for c in eng.generate(prompts[:batch], sampling)])
+                    row[f"{side}_tok_s"] = batch * args.new_tokens / t
+                    row[f"{side}_ratio"] = t_ref / t
+                    row[f"{side}_identical"] = f"{sum(a == b for a, b in zip(outs, ref))}/{batch}"
+                rows.append(row)
+        finally:
+            for eng in engines.values():
+                eng.shutdown()
+        results["transformers"] = rows
+
+    print(f"\nmodel: Qwen3 shape {shape}, float32, 1 CPU device, page size {args.page_size}, "
+          f"decode steps {args.decode_steps}")
+    for part in ("uniform", "tail"):
+        if part in results:
+            r = results[part]
+            print(f"\n({'a' if part == 'uniform' else 'b'}) {part}: same KV budget "
+                  f"({r['contiguous']['kv_positions']} positions)")
+            print(f"{'layout':>11} {'tok/s':>9} {'seconds':>8} {'tokens':>7} {'peak seqs':>10} {'preemptions':>12}")
+            for side in ("contiguous", "paged"):
+                s = r[side]
+                print(f"{side:>11} {s['tok_s']:>9.1f} {s['seconds']:>8.2f} {s['tokens']:>7} "
+                      f"{s['peak_concurrent']:>10} {s['preemptions']:>12}")
+            print(f"paged / contiguous: tokens/s {r['tok_s_ratio']:.2f}x, concurrency {r['concurrency_ratio']:.2f}x")
+    if "transformers" in results:
+        print(f"\n(c) greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+        print(f"{'batch':>5} {'transformers':>13} {'paged':>9} {'ratio':>6} {'same':>6} {'contiguous':>11} {'ratio':>6} {'same':>6}")
+        for r in results["transformers"]:
+            print(f"{r['batch']:>5} {r['transformers_tok_s']:>13.1f} {r['paged_tok_s']:>9.1f} {r['paged_ratio']:>5.2f}x "
+                  f"{r['paged_identical']:>6} {r['contiguous_tok_s']:>11.1f} {r['contiguous_ratio']:>5.2f}x "
+                  f"{r['contiguous_identical']:>6}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The Qwen prefill and decode forwards over a page pool (see `attention` for the layout).
+
+Same model, same math as `rollout.models.forward.prefill` / `decode`; only where K/V live differs.
+Both run the family model's `hidden` with an `attend` callback that writes the new positions into
+pages and attends:
+
+- `prefill`: right-padded prompts attend to their own fresh K/V (as the contiguous prefill);
+  row b's positions are written to the pages `write_pages[b]` names. The n samples of a prompt
+  share its full pages, so only one of them (the group's first) writes them; every other
+  sample's private copy of the partial last page is filled by a tail write (`tail_*`): the
+  prompt's positions [start, start + page_size) of row src, into one page.
+- `decode`: one token per row; the new K/V go to (page_table[b, pos // S], pos % S), then the
+  row attends over the first `span` pages of its table (a static bucket), by the XLA gather
+  kernel or the Pallas one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from rollout.models import forward as model_forward
+from rollout.paged import attention
+from rollout.paged.attention import PagedKV
+
+Array = jax.Array
+
+
+def prefill(
+    model: model_forward.CausalLM,
+    pool: PagedKV,
+    tokens: Array,
+    lengths: Array,
+    write_pages: Array,
+    tail_src: Array,
+    tail_start: Array,
+    tail_page: Array,
+    head_t: Array | None = None,
+) -> tuple[Array, PagedKV]:
+    """Run right-padded prompts and write their K/V into pages.
+
+    tokens (B, P) right-padded; lengths (B,) (0 for padding rows). write_pages (B, P): the page
+    of each position (num_pages, i.e. out of range, for positions not to write: padding, and
+    shared pages another row writes). tail_src, tail_start, tail_page (J,): copy positions
+    [tail_start, tail_start + page_size) of prompt row tail_src into page tail_page (out of
+    range: no copy); positions at or past the row's length are not written.
+    Returns float32 logits at each prompt's last real token (B, vocab) and the new pool.
+    """
+    b, p = tokens.shape
+    page_size = pool[0][0].shape[2]
+    num_pages = pool[0][0].shape[1]
+    real = jnp.arange(p)[None, :] < lengths[:, None]
+    mask = model_forward.causal_padding_mask(real)
+    positions = jnp.broadcast_to(jnp.arange(p)[None, :], (b, p))
+    offsets = jnp.broadcast_to(jnp.arange(p)[None, :] % page_size, (b, p))
+    # Tail copies: (J, S) source positions, clipped into the bucket, dropped past the length.
+    tail_pos = tail_start[:, None] + jnp.arange(page_size)[None, :]
+    tail_pages = jnp.where(tail_pos < lengths[tail_src][:, None], tail_page[:, None], num_pages)
+    tail_off = jnp.broadcast_to(jnp.arange(page_size)[None, :], tail_pos.shape)
+    tail_pos = jnp.minimum(tail_pos, p - 1)
+    new_pool = list(pool)
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        kp, vp = new_pool[i]
+        kp = attention.write(kp, k, write_pages, offsets)
+        vp = attention.write(vp, v, write_pages, offsets)
+        kp = attention.write(kp, k[tail_src[:, None], tail_pos], tail_pages, tail_off)
+        vp = attention.write(vp, v[tail_src[:, None], tail_pos], tail_pages, tail_off)
+        new_pool[i] = (kp, vp)
+        return model_forward.attention(q, model_forward.head_major(k), model_forward.head_major(v), mask)
+
+    h = model.hidden(tokens, positions, attend)
+    last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
+    return model.logits(last, head_t), tuple(new_pool)
+
+
+def decode(
+    model: model_forward.CausalLM,
+    pool: PagedKV,
+    page_table: Array,
+    tokens: Array,
+    positions: Array,
+    span: int,
+    head_t: Array | None = None,
+    *,
+    kernel: str = "xla",
+    mesh: Mesh | None = None,
+    interpret: bool = False,
+) -> tuple[Array, PagedKV]:
+    """One step for a batch of sequences.
+
+    page_table (B, W): each row's pages, unused entries num_pages (out of range); tokens,
+    positions (B,): the token each row feeds and its position. A write to an unused entry is
+    dropped: padding rows (all entries unused) and steps past a row's pages, whose outputs are
+    meaningless. Attention covers the first `span` (static) pages of each row, which must hold
+    every position + 1; unused entries are read as the last page and masked.
+    `kernel`: "xla" or "pallas" (`interpret` runs Pallas in TPU interpret mode).
+    Returns float32 logits (B, vocab) and the new pool.
+    """
+    num_pages, page_size = pool[0][0].shape[1:3]
+    width = page_table.shape[1]
+    real = positions < width * page_size
+    slot = jnp.minimum(positions // page_size, width - 1)
+    page = jnp.where(real, jnp.take_along_axis(page_table, slot[:, None], axis=1)[:, 0], num_pages)
+    offset = positions % page_size
+    lengths = jnp.where(real, positions + 1, 1)  # padding rows read one (masked) position
+    # Reads stay inside the pool (the Pallas kernel DMAs every page below a row's length).
+    table = jnp.minimum(page_table[:, :span], num_pages - 1)
+    new_pool = list(pool)
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        kp, vp = new_pool[i]
+        kp = attention.write(kp, k[:, 0], page, offset)
+        vp = attention.write(vp, v[:, 0], page, offset)
+        new_pool[i] = (kp, vp)
+        if kernel == "pallas":
+            out = attention.decode_attention_pallas(q[:, 0], kp, vp, table, lengths, mesh=mesh, interpret=interpret)
+        else:
+            out = attention.decode_attention_xla(q[:, 0], kp, vp, table, lengths)
+        return out[:, None]
+
+    h = model.hidden(tokens[:, None], positions[:, None], attend)
+    return model.logits(h[:, 0], head_t), tuple(new_pool)

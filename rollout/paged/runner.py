@@ -1,0 +1,229 @@
+"""PagedRunner: jitted paged prefill and multi-step decode over one device mesh.
+
+The paged counterpart of `rollout.engine.runner.ModelRunner`: it owns the page pool and the
+serving parameter leaves, and its jitted functions take the parameters as arguments, so new
+leaves of identical shapes, dtypes and shardings reuse the compiled executables (a weight swap
+compiles nothing). Shapes are fixed or bucketed: the page-table width is max_seq_len /
+page_size (rounded up) for every row, prompts and prefill batches are padded to powers of two,
+decode batches to powers of two up to max_batch, and the attention span to a power of two of
+pages. Which pages a sequence holds is the caller's business (`rollout.paged.pool.PagePool`):
+the runner takes page tables and trusts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from rollout.engine import placement
+from rollout.engine.runner import pow2_at_least
+from rollout.engine.sampling import SlotSampling, sample
+from rollout.models.bind import ModelDef
+from rollout.paged import attention, forward
+from rollout.paged.pool import pages_for
+from rollout.sharding import logical_sharding
+
+Params = dict[str, jax.Array]
+Derived = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    """Host arrays of one paged prefill (see `forward.prefill`)."""
+
+    tokens: np.ndarray  # (B, P) right-padded prompts, B a power of two
+    lengths: np.ndarray  # (B,)
+    write_pages: np.ndarray  # (B, P) page of each position; num_pages: not written
+    tails: tuple[np.ndarray, np.ndarray, np.ndarray]  # (src row, start position, page), (max_batch,) each
+    src_rows: np.ndarray  # (max_batch,) prompt row of each destination, in group order
+
+
+def plan_prefill(
+    prompts: list[list[int]], groups: list[list[list[int]]], *, page_size: int, num_pages: int, max_batch: int, bucket: int
+) -> PrefillPlan:
+    """Where each prompt position goes: the group's first table writes all positions; every
+    other sample of the group gets only its private copy of the partial last page (a tail
+    copy), since it shares the full pages. `bucket`: the padded prompt length P."""
+    dests = sum(len(g) for g in groups)
+    if dests > max_batch:
+        raise ValueError(f"{dests} destinations in one prefill; at most max_batch={max_batch}")
+    s = page_size
+    b = pow2_at_least(len(prompts))
+    tokens = np.zeros((b, bucket), np.int32)
+    lengths = np.zeros((b,), np.int32)
+    write_pages = np.full((b, bucket), num_pages, np.int32)
+    tail_src = np.zeros((max_batch,), np.int32)
+    tail_start = np.zeros((max_batch,), np.int32)
+    tail_page = np.full((max_batch,), num_pages, np.int32)
+    src_rows = np.zeros((max_batch,), np.int32)
+    m = j = 0
+    for row, (ids, tables) in enumerate(zip(prompts, groups)):
+        n = len(ids)
+        if n > bucket:
+            raise ValueError(f"prompt {row} has {n} tokens, more than the bucket of {bucket}")
+        tokens[row, :n] = ids
+        lengths[row] = n
+        full = n // s
+        first = tables[0]
+        if len(first) < pages_for(n, s):
+            raise ValueError(f"prompt {row}: {n} tokens need {pages_for(n, s)} pages, its table has {len(first)}")
+        write_pages[row, :n] = np.asarray(first, np.int32)[np.arange(n) // s]
+        for table in tables[1:]:
+            if list(table[:full]) != list(first[:full]):
+                raise ValueError(f"prompt {row}: the samples of a group must share its full pages")
+            if n % s:
+                tail_src[j], tail_start[j], tail_page[j] = row, full * s, table[full]
+                j += 1
+        src_rows[m : m + len(tables)] = row
+        m += len(tables)
+    return PrefillPlan(tokens, lengths, write_pages, (tail_src, tail_start, tail_page), src_rows)
+
+
+class PagedRunner:
+    def __init__(
+        self,
+        model_def: ModelDef,
+        mesh: Mesh,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        decode_steps: int,
+        num_pages: int,
+        page_size: int,
+        kernel: str = "auto",
+        interpret: bool = False,
+        min_prefill_len: int = 16,
+        min_span_tokens: int = 64,
+    ):
+        if kernel not in ("auto", *attention.KERNELS):
+            raise ValueError(f"kernel={kernel!r}: expected 'auto', 'xla' or 'pallas'")
+        self.model_def = model_def
+        self.mesh = mesh
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.decode_steps = decode_steps
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.width = pages_for(max_seq_len, page_size)  # page-table entries per sequence
+        self.min_prefill_len = min_prefill_len
+        self.min_span_pages = max(1, min_span_tokens // page_size)
+        platform = mesh.devices.flat[0].platform
+        self.kernel = attention.choose_kernel(platform, model_def.dtype) if kernel == "auto" else kernel
+        self.interpret = interpret
+        cfg = model_def.config
+        self.param_shardings = model_def.shardings(mesh)
+        self.pool_sharding = attention.pool_sharding(mesh, cfg)
+        self.pool = attention.init_pool(cfg, num_pages, page_size, model_def.dtype, self.pool_sharding)
+        self.params: Params | None = None
+        self.derived: Derived = {}
+        self._transpose_head = None
+        if cfg.tie_word_embeddings and platform == "cpu":
+            head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)  # see ModelRunner
+            self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("span",))
+
+    # -- compiled functions -------------------------------------------------------------------
+
+    def _prefill_impl(self, params, derived, pool, tokens, lengths, write_pages, tails, src_rows, sampling: SlotSampling):
+        model = self.model_def.bind(params)
+        logits, pool = forward.prefill(model, pool, tokens, lengths, write_pages, *tails, derived.get("head_t"))
+        new_tokens, logprobs = sample(logits[src_rows], sampling, lengths[src_rows])
+        return new_tokens, logprobs, pool
+
+    def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
+        model = self.model_def.bind(params)
+
+        def step(carry, _):
+            pool, tok, pos = carry
+            logits, pool = forward.decode(
+                model, pool, page_table, tok, pos, span, derived.get("head_t"),
+                kernel=self.kernel, mesh=self.mesh, interpret=self.interpret,
+            )
+            nxt, lp = sample(logits, sampling, pos + 1)
+            return (pool, nxt, pos + 1), (nxt, lp)
+
+        (pool, _, _), (toks, lps) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
+        return toks, lps, pool  # (K, B) each
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def derive(self, params: Params) -> Derived:
+        """Serving-only leaves made at staging (see `ModelRunner.derive`)."""
+        if self._transpose_head is None:
+            return {}
+        return {"head_t": self._transpose_head(params["embed_tokens"])}
+
+    def set_params(self, params: Params, derived: Derived | None = None) -> None:
+        self.derived = self.derive(params) if derived is None else derived
+        self.params = params
+
+    def place(self, path: str, array) -> jax.Array:
+        """Copy one host array onto the devices with the engine's sharding (never aliases)."""
+        return placement.place(array, self.param_shardings[path])
+
+    # -- host-facing API ----------------------------------------------------------------------
+
+    def prefill(
+        self, prompts: list[list[int]], groups: list[list[list[int]]], sampling: SlotSampling
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill each prompt once into the page tables of its group of samples.
+
+        groups[r] lists the page tables of prompt r's samples (as `PagePool.admit_group` made
+        them: full pages shared, a private last page each). `sampling` has max_batch rows, one
+        per destination in group order. Returns each destination's first sampled token and its
+        logprob, (max_batch,) on the host.
+        """
+        assert self.params is not None, "set_params() before generating"
+        plan = plan_prefill(
+            prompts, groups, page_size=self.page_size, num_pages=self.num_pages, max_batch=self.max_batch,
+            bucket=min(pow2_at_least(max(len(x) for x in prompts), self.min_prefill_len), self.width * self.page_size),
+        )
+        toks, lps, self.pool = self._prefill(
+            self.params, self.derived, self.pool, plan.tokens, plan.lengths, plan.write_pages,
+            plan.tails, plan.src_rows, sampling,
+        )
+        return np.asarray(toks), np.asarray(lps)
+
+    def decode(
+        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run `decode_steps` steps for the rows of `tables` (None: a padding row), padded to
+        `decode_batch(len(tables))` rows.
+
+        tables[i] should cover positions [0, positions[i] + decode_steps) (`PagePool.grow`):
+        writes past a row's pages are dropped, so steps there give meaningless tokens (fine
+        for steps past a sequence's end). tokens, positions (len(tables),); `sampling` has
+        decode_batch(len(tables)) rows. Returns tokens and logprobs (K, rows).
+        """
+        assert self.params is not None, "set_params() before generating"
+        rows = self.decode_batch(len(tables))
+        table = np.full((rows, self.width), self.num_pages, np.int32)  # unused entries: out of range
+        tok = np.zeros((rows,), np.int32)
+        pos = np.full((rows,), self.width * self.page_size, np.int32)  # padding rows
+        top = 1
+        for i, pages in enumerate(tables):
+            if pages is None:
+                continue
+            if len(pages) > self.width:
+                raise ValueError(f"row {i} has {len(pages)} pages; at most max_seq_len / page_size = {self.width}")
+            table[i, : len(pages)] = pages
+            tok[i] = tokens[i]
+            pos[i] = positions[i]
+            top = max(top, int(positions[i]) + self.decode_steps)
+        span = min(pow2_at_least(pages_for(top, self.page_size), self.min_span_pages), self.width)
+        toks, lps, self.pool = self._decode(
+            self.params, self.derived, self.pool, table, tok, pos, sampling, span=span
+        )
+        return np.asarray(toks), np.asarray(lps)
+
+    def decode_batch(self, active: int) -> int:
+        """Rows a decode call runs for `active` sequences: the next power of two, <= max_batch."""
+        return min(pow2_at_least(active), self.max_batch)
+
+    def compiled_count(self) -> int:
+        """Executables compiled so far (grows only with new shape buckets)."""
+        return self._prefill._cache_size() + self._decode._cache_size()

@@ -1,0 +1,274 @@
+"""PagedScheduler: the engine's scheduler over a page pool instead of max_seq_len slots.
+
+Decode slots are only rows of the decode batch here; KV memory is the pool's pages, held by
+sequences through their page tables (`rollout.paged.pool.PagePool`). What changes against the
+contiguous `Scheduler`, each pass:
+
+- Admission: a request is admitted when it has n free slots and its prompt's pages fit (the n
+  samples share the prompt's full pages), keeping a reserve of one decode call's growth for
+  every running sequence. A group that cannot fit even in an empty pool fails with an error.
+- Growth and preemption: before each decode call every running sequence's pages are grown to
+  cover the call's positions, oldest first; when the pool is short, the youngest sequences are
+  preempted: their pages are freed and they are *parked*, keeping their tokens. Parked
+  sequences are recomputed (prefill of prompt + generated tokens into fresh pages) as soon as
+  they fit again, oldest first, before any new request: none is lost or returned twice.
+- Finish and cancel free a sequence's pages (cancelling also reaches parked sequences).
+- Swaps: `drain` waits for running *and* parked sequences, which resume on the old weights;
+  `recompute` drops every running sequence's pages (KV of the old weights) and re-prefills it on
+  the new ones, parking those that no longer fit; `continue` keeps the pages.
+
+Age is the first admission's order, kept across preemptions, so the oldest sequences always
+progress. Pool bookkeeping is the scheduler thread's alone; `kv_status` publishes a snapshot
+after each pass for other threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+
+from rollout.engine.config import EngineConfig
+from rollout.engine.sampling import stack_sampling
+from rollout.engine.scheduler import Scheduler
+from rollout.engine.sequence import Request, Sequence
+from rollout.engine.types import EngineClosedError
+from rollout.engine.weight_state import PendingSwap, WeightState
+from rollout.paged.pool import PagePool, pages_for
+from rollout.paged.runner import PagedRunner
+
+log = logging.getLogger("rollout.engine")
+
+
+class PoolTooSmallError(ValueError):
+    """A request's prompt pages do not fit even in an empty pool."""
+
+
+class PagedScheduler(Scheduler):
+    def __init__(
+        self, lock: threading.Condition, runner: PagedRunner, weights: WeightState, config: EngineConfig, pool: PagePool
+    ):
+        # Set before the base class starts the thread.
+        self.pool = pool
+        self.parked: list[Sequence] = []  # preempted, oldest first; recomputed when they fit
+        self._age: dict[Sequence, int] = {}
+        self._ticks = itertools.count()
+        self._growth = pages_for(config.decode_steps, pool.page_size)  # pages one decode call may add
+        self.peak_active = 0
+        self._kv_status = self._snapshot()
+        super().__init__(lock, runner, weights, config)
+
+    # -- status (any thread) ------------------------------------------------------------------
+
+    def kv_status(self) -> dict:
+        """Pool use, shared pages, preemptions and parked sequences, as of the last pass."""
+        return dict(self._kv_status)
+
+    def _snapshot(self) -> dict:
+        stats = self.pool.stats()
+        return {
+            "layout": "paged",
+            "page_size": stats.page_size,
+            "pages": stats.num_pages,
+            "pages_used": stats.used_pages,
+            "pool_use": round(stats.use, 4),
+            "shared_pages": stats.shared_pages,
+            "pages_saved_by_sharing": stats.pages_saved_by_sharing,
+            "preemptions": stats.preemptions,
+            "parked": len(self.parked),
+            "peak_active": self.peak_active,
+        }
+
+    # -- the scheduler thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        """The base loop, with parked sequences: they keep the loop awake, count as running for
+        `drain`, and are resumed before new requests are admitted (even while a swap waits)."""
+        burst = False
+        try:
+            while True:
+                with self._lock:
+                    self._lock.wait_for(
+                        lambda: self.closed or self.waiting or self._weights.pending or self._cancelled
+                        or self.slots.active() or self.parked
+                    )
+                    if self.closed:
+                        return
+                    cancelled = self._take_cancelled()
+                    swap = self._weights.take_swap(running=self.slots.active() > 0 or bool(self.parked))
+                    # Nothing joins in a pass that swaps: a recompute swap re-prefills the running
+                    # sequences, and a sequence admitted before it would be prefilled twice.
+                    resumed = self._resume() if swap is None else []
+                    admitted = [] if swap is not None or self._weights.pending or self.parked else self._admit()
+                    self._publish()  # with the slots just occupied: status sees both at once
+                for seq in cancelled:
+                    self._finish(seq, "abort")
+                if swap is not None:
+                    self._swap(swap)
+                if resumed:
+                    self._prefill([s.context() for s in resumed], [[s] for s in resumed])
+                if admitted:
+                    # a burst starts when the admitted sequences are all that runs
+                    burst = burst or self.slots.active() == sum(r.sampling.n for r in admitted)
+                    self._prefill([r.prompt_ids for r in admitted], [r.sequences for r in admitted])
+                    if burst:
+                        self._publish()
+                        continue
+                burst = False
+                if self.slots.active():
+                    self._decode()
+                self._publish()
+        except BaseException as err:
+            log.exception("scheduler crashed")
+            with self._lock:
+                self.error = err
+            self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
+
+    def _publish(self) -> None:
+        self.peak_active = max(self.peak_active, self.slots.active())
+        self._kv_status = self._snapshot()
+
+    def _take_cancelled(self) -> list[Sequence]:
+        hit = set(self._cancelled)  # the base class takes the set; parked sequences are ours
+        parked = [s for s in self.parked if id(s.request.future) in hit]
+        for seq in parked:
+            self.parked.remove(seq)
+        return super()._take_cancelled() + parked
+
+    def _reserve(self, extra_sequences: int) -> int:
+        """Free pages to keep after an admission: one decode call's growth per sequence."""
+        return (self.slots.active() + extra_sequences) * self._growth
+
+    def _resume(self) -> list[Sequence]:
+        """Parked sequences that fit again, oldest first, into free slots. Under the lock."""
+        resumed: list[Sequence] = []
+        free = len(self.slots.free())
+        while self.parked and len(resumed) < min(free, self._config.max_prefill_batch):
+            seq = self.parked[0]
+            alone = self.slots.active() == 0 and not resumed
+            if not self.pool.admit_group([seq], len(seq.context()), reserve=0 if alone else self._reserve(1)):
+                break
+            self.parked.pop(0)
+            self.slots.occupy([seq])
+            resumed.append(seq)
+        return resumed
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests whose samples fit in free slots and whose prompt pages fit in the
+        pool, first come first served. Under the lock."""
+        free = len(self.slots.free())
+        admitted: list[Request] = []
+        while self.waiting and len(admitted) < self._config.max_prefill_batch:
+            request = self.waiting[0]
+            n = request.sampling.n
+            if n > free:
+                break
+            seqs = request.sequences
+            alone = self.slots.active() == 0 and not admitted
+            if not self.pool.admit_group(seqs, len(request.prompt_ids), reserve=0 if alone else self._reserve(n)):
+                if alone:  # an empty pool cannot hold it: it never will
+                    self.waiting.popleft()
+                    need = self.pool.group_pages(len(request.prompt_ids), n)
+                    request.future.set_exception(PoolTooSmallError(
+                        f"a {len(request.prompt_ids)}-token prompt with n={n} samples needs {need} pages of "
+                        f"{self.pool.page_size} tokens; the pool has {self.pool.num_pages}: raise kv_pages "
+                        f"(or kv_memory_fraction), or lower n"
+                    ))
+                    continue
+                break
+            self.waiting.popleft()
+            for seq in seqs:
+                self._age[seq] = next(self._ticks)
+            self.slots.occupy(seqs)
+            admitted.append(request)
+            free -= n
+        return admitted
+
+    def _swap(self, swap: PendingSwap) -> None:
+        if swap.policy == "recompute":
+            # KV computed under the old weights is never reused: drop it, re-admit oldest first.
+            running = sorted(self.slots.running(), key=self._age.__getitem__)
+            for seq in running:
+                self.pool.free(seq)
+            for seq in running:
+                if not self.pool.admit_group([seq], len(seq.context())):
+                    self.pool.count_preemption()
+                    self._park(seq)
+        super()._swap(swap)  # swaps the leaves; under recompute, re-prefills slots.running()
+
+    def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
+        rows = [seq.sampling for group in groups for seq in group]
+        tables = [[self.pool.table(seq) for seq in group] for group in groups]
+        tokens, logprobs = self._runner.prefill(contexts, tables, stack_sampling(rows, self._config.max_batch))
+        m = 0
+        for group in groups:
+            for seq in group:
+                self._accept(seq, int(tokens[m]), float(logprobs[m]))
+                m += 1
+
+    def _grow_or_preempt(self) -> None:
+        """Pages for one decode call of every running sequence, oldest first; the youngest are
+        preempted (parked) when the pool runs short."""
+        steps = self._config.decode_steps
+        running = sorted(self.slots.running(), key=self._age.__getitem__)
+        for seq in running:
+            if seq.slot < 0:
+                continue  # preempted for an older one in this pass
+            limit = len(seq.request.prompt_ids) + seq.request.sampling.max_tokens
+            need = min(seq.position + steps, limit)
+            while not self.pool.grow(seq, need):
+                youngest_first = [s for s in reversed(running) if s.slot >= 0]
+                extra = pages_for(need, self.pool.page_size) - len(self.pool.table(seq))
+                victims = self.pool.victims(youngest_first, extra)
+                assert victims, "the pool cannot hold one sequence of max_seq_len"
+                for victim in victims:
+                    self.pool.preempt(victim)
+                    self._park(victim)
+                    if victim is seq:
+                        break
+                if seq.slot < 0:
+                    break
+
+    def _park(self, seq: Sequence) -> None:
+        """Take `seq` off its slot (its pages are already gone); it waits to be recomputed."""
+        with self._lock:
+            self.slots.release(seq)
+            self.parked.append(seq)
+            self.parked.sort(key=self._age.__getitem__)
+        log.info(json.dumps({"event": "preempted", "tokens": len(seq.tokens), "parked": len(self.parked)}))
+
+    def _decode(self) -> None:
+        self._grow_or_preempt()
+        if not self.slots.active():
+            return
+        batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
+        sequences = self.slots.sequences
+        tables = [
+            self.pool.table(sequences[slot]) if slot < self.slots.max_batch and sequences[slot] is not None else None
+            for slot in batch.order
+        ]
+        tokens, logprobs = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        for row, slot in enumerate(batch.order):
+            seq = sequences[slot] if slot < self.slots.max_batch else None
+            if seq is None:
+                continue
+            for k in range(len(tokens)):
+                if self._accept(seq, tokens[k][row], logprobs[k][row]):
+                    break
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.pool:
+            self.pool.free(seq)
+        self._age.pop(seq, None)
+        self._publish()  # before the future resolves: a caller then sees the pages free
+        super()._finish(seq, reason)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            parked, self.parked = self.parked, []
+        super()._fail_all(error)
+        for seq in parked:
+            if not seq.request.future.done():
+                seq.request.future.set_exception(error)
