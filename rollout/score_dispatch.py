@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 
 from rollout.dispatch import is_worker_failure
-from rollout.scores import Scores
 from rollout.errors import ServiceClosedError, WorkerUnavailableError
 from rollout.routing import UP, Router
+from rollout.scores import Scores
 from rollout.sync import describe_error
 
 _MIN_PART = 8  # pairs: smaller calls are not worth a second worker
@@ -97,7 +98,7 @@ def score_on_fleet(
             router.release(part.worker, part.cost)
             try:
                 part.result = ray.get(ready[0])
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if not is_worker_failure(err):
                     raise
                 worker_down(part.worker, err, part.epoch)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import ray
 
@@ -169,7 +169,7 @@ class TokenStream:
         if self._iter is not None:
             await self._iter.aclose()  # type: ignore[attr-defined]
 
-    async def __aenter__(self) -> TokenStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

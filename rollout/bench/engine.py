@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_tokens = run_hf(batch)
         same = sum(a == b for a, b in zip(ours_tokens, ref_tokens))
         before = cpu_times()
-        t_ours, t_ref = interleaved_best(lambda: run_engine(batch), lambda: run_hf(batch), args.repeats)
+        t_ours, t_ref = interleaved_best(lambda b=batch: run_engine(b), lambda b=batch: run_hf(b), args.repeats)
         steal = steal_percent(before, cpu_times())
         n = batch * args.new_tokens
         rows.append(

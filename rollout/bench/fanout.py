@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict) -> None:
     model = results["model_bytes"]
-    mib = lambda b: b / 2**20
+
+    def mib(b: float) -> float:
+        return b / 2**20
     print(f"\nmodel {mib(model):.1f} MiB per sync; bytes from Ray's object-manager counters (PushedFromLocalPlasma)")
     print(f"{'worker nodes':>12} {'relay':>6} {'coordinator node sent':>22} {'x model':>8} {'all nodes sent':>15}"
           f" {'x model':>8} {'sync s':>8} {'relayed buckets':>16} {'fallbacks':>10}")

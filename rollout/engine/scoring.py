@@ -37,7 +37,7 @@ _HEAD_POSITIONS = 256
 
 
 def score_on_engine(
-    engine: "Engine",
+    engine: Engine,
     encode: Callable[[Any], list[int]],
     prompts: Sequence[Any],
     completions: Sequence[Any],

@@ -86,6 +86,6 @@ def dummy_params(spec: ParamSpec, shardings: dict[str, jax.sharding.Sharding]) -
     out = {}
     for leaf in spec.leaves:
         fill = jax.numpy.ones if leaf.path.endswith("norm.weight") else jax.numpy.zeros
-        make = jax.jit(lambda f=fill, l=leaf: f(l.shape, l.dtype), out_shardings=shardings[leaf.path])
+        make = jax.jit(lambda f=fill, lf=leaf: f(lf.shape, lf.dtype), out_shardings=shardings[leaf.path])
         out[leaf.path] = make()
     return out

@@ -38,7 +38,8 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rollout.integrations.tunix")
 TUNIX_QWEN3_ROPE_THETA = 1_000_000.0  # what tunix.models.qwen3 applies, whatever its config says
-__all__ = ["FleetRollout", "FleetTokenizer", "load_tunix_qwen3", "sampling_params", "tunix_qwen3_config"]
+__all__ = ["FleetRollout",  # noqa: F822 - made by the module __getattr__ on first access (imports Tunix)
+           "FleetTokenizer", "load_tunix_qwen3", "sampling_params", "tunix_qwen3_config"]
 
 
 class FleetTokenizer:
@@ -123,7 +125,7 @@ class _FleetRolloutImpl:
         mesh: Any = None,
         rollout_config: Any = None,
         *,
-        service: "RolloutService",
+        service: RolloutService,
         sync_initial_weights: bool = True,
         timeout: float | None = None,
         **unused: Any,
@@ -218,7 +220,6 @@ class _FleetRolloutImpl:
 
     def update_params(self, params: Any, filter_types: Any = None) -> None:
         import jax
-
         from flax import nnx
 
         if filter_types is not None and any(t is getattr(nnx, "LoRAParam", None) for t in filter_types):

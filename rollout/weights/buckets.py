@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 import msgpack
 import numpy as np
@@ -126,7 +127,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Manifest":
+    def from_bytes(cls, data: bytes) -> Manifest:
         """Parse and check manifest bytes (strings, ints and lists only; no objects)."""
         try:
             raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -295,10 +296,10 @@ class Packer:
     def close(self) -> None:
         self._pool.shutdown()
 
-    def __enter__(self) -> "Packer":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

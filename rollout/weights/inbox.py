@@ -64,7 +64,7 @@ class BucketInbox:
                 )
             return self._buffers[index]  # type: ignore[return-value]
 
-    def tree(self) -> dict[str, "PendingLeaf"]:
+    def tree(self) -> dict[str, PendingLeaf]:
         """{path: leaf} in spec order; each leaf's data waits for its bucket."""
         return {slot.path: PendingLeaf(self, slot) for slot in self.manifest.layout.slots}
 
@@ -77,7 +77,7 @@ class BucketInbox:
 class PendingLeaf:
     """An array-like whose shape and dtype are known now and whose data comes with its bucket."""
 
-    __slots__ = ("_inbox", "_slot", "shape", "dtype")
+    __slots__ = ("_inbox", "_slot", "dtype", "shape")
 
     def __init__(self, inbox: BucketInbox, slot: LeafSlot):
         self._inbox = inbox
