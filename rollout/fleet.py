@@ -229,7 +229,7 @@ def placement_message(
 ) -> str:
     per_worker = worker_resources(cfg, accelerator)
     wanted = {k: v * cfg.num_workers for k, v in per_worker.items()}
-    show = lambda d: {k: d[k] for k in sorted(d) if k in ("CPU", "GPU", "TPU", "memory") or k in per_worker}  # noqa: E731
+    show = lambda d: {k: d[k] for k in sorted(d) if k in ("CPU", "GPU", "TPU", "memory") or k in per_worker}  # noqa: E731 - a one-line formatter for the message below
     head = (
         f"rollout workers were not ready after {waited_s:.0f}s"
         if waited_s is not None

@@ -36,6 +36,12 @@ class _Part:
     failures: list[str] = dataclasses.field(default_factory=list)
     result: Scores | None = None
 
+    def scores(self) -> Scores:
+        """The part's result, once collected."""
+        if self.result is None:
+            raise RuntimeError(f"score: the part of rows {self.rows[:3]}... has no result yet (a dispatch bug)")
+        return self.result
+
 
 def split(n: int, live: int) -> list[list[int]]:
     """Contiguous parts of range(n), one per live worker at most, each >= _MIN_PART pairs.
@@ -115,11 +121,11 @@ def score_on_fleet(
             send(part)
         collect()
         for _ in range(_MAX_VERSION_ROUNDS):
-            newest = max(p.result.weight_version for p in parts)
-            stale = [p for p in parts if p.result.weight_version != newest]
+            newest = max(p.scores().weight_version for p in parts)
+            stale = [p for p in parts if p.scores().weight_version != newest]
             if not stale:
                 break
-            at_newest = next(p.worker for p in parts if p.result.weight_version == newest)
+            at_newest = next(p.worker for p in parts if p.scores().weight_version == newest)
             for part in stale:
                 send(part, worker=at_newest)
             collect()
@@ -138,6 +144,6 @@ def score_on_fleet(
         raise
     logprobs: list[Any] = [None] * len(prompts)
     for part in parts:
-        for row, values in zip(part.rows, part.result.logprobs):
+        for row, values in zip(part.rows, part.scores().logprobs):
             logprobs[row] = values
-    return Scores(tuple(logprobs), parts[0].result.weight_version)
+    return Scores(tuple(logprobs), parts[0].scores().weight_version)

@@ -364,7 +364,7 @@ class RolloutService:
             except ray.exceptions.ActorUnavailableError:
                 self._probes[index] = (self._handles[index].ready.remote(), "ready", since)  # restarting
                 continue
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - any probe failure: dead or still down
                 if isinstance(err, ray.exceptions.ActorDiedError) and self._restarts_exhausted(index, since):
                     self._router.mark(index, DEAD)
                     log.error(json.dumps({"event": "worker_dead", "worker": index, "error": describe_error(err)}))
@@ -403,7 +403,7 @@ class RolloutService:
         for ref in done:
             try:
                 reports[calls[ref]] = ray.get(ref)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - a worker that fails its status reports the error
                 reports[calls[ref]] = {"error": describe_error(err)}
         starts = ray.get(self._registry.starts.remote(), timeout=timeout)
         workers = []

@@ -273,7 +273,7 @@ class WeightSync:
         for ref in done:
             try:
                 ray.get(ref)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - the update is published; see below
                 # The update is published: this worker catches up when it is back (or restarts).
                 log.warning(json.dumps({"event": "commit_failed", "version": version, "worker": calls[ref],
                                         "error": describe_error(err)}))

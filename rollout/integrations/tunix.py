@@ -163,8 +163,8 @@ class _FleetRolloutImpl:
         # One request per distinct prompt, with n = its repeats: GRPO repeats each prompt
         # num_generations times; as one request they share a prefill and get distinct samples.
         by_n: dict[int, list[tuple[int, ...]]] = {}
-        for prompt, where in groups.items():
-            by_n.setdefault(len(where), []).append(prompt)
+        for key, where in groups.items():
+            by_n.setdefault(len(where), []).append(key)
         streams = [
             (prompts_n, self.service.generate_async(
                 [list(p) for p in prompts_n], sampling_params(rollout_config, stops, n), timeout=self._timeout))

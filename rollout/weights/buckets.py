@@ -290,7 +290,7 @@ class Packer:
                 count = count_non_finite(dst)
                 if count:
                     bad.append((slot.path, count))
-        digest = xxhash.xxh3_64_intdigest(buffer[lo:hi]) if self.checksum_algo == "xxh3_64" else 0
+        digest = xxhash.xxh3_64_intdigest(buffer[lo:hi].data) if self.checksum_algo == "xxh3_64" else 0
         return digest, bad
 
     def close(self) -> None:
@@ -330,11 +330,11 @@ def checksum(buffer: np.ndarray, algo: str = DEFAULT_CHECKSUM) -> int:
     if algo == "crc32":
         crc = 0
         for lo in range(0, buffer.nbytes, _CRC_CHUNK):
-            crc = zlib.crc32(buffer[lo : lo + _CRC_CHUNK], crc)
+            crc = zlib.crc32(buffer[lo : lo + _CRC_CHUNK].data, crc)
         return crc
     if algo != "xxh3_64":
         raise ValueError(f"unknown checksum {algo!r}: expected one of {CHECKSUMS}")
-    digests = [xxhash.xxh3_64_intdigest(buffer[lo : lo + WINDOW]) for lo in range(0, max(buffer.nbytes, 1), WINDOW)]
+    digests = [xxhash.xxh3_64_intdigest(buffer[lo : lo + WINDOW].data) for lo in range(0, max(buffer.nbytes, 1), WINDOW)]
     return _combine_windows(digests, buffer.nbytes)
 
 

@@ -62,7 +62,9 @@ class BucketInbox:
                     f"bucket {index} of version {self.manifest.version} did not arrive within "
                     f"{self.timeout_s:g}s; the coordinator stopped sending (see its log)"
                 )
-            return self._buffers[index]  # type: ignore[return-value]
+            buffer = self._buffers[index]
+            assert buffer is not None  # it arrived (checked above, under the lock)
+            return buffer
 
     def tree(self) -> dict[str, PendingLeaf]:
         """{path: leaf} in spec order; each leaf's data waits for its bucket."""
