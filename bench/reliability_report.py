@@ -62,11 +62,12 @@ def row(category: str, out: Any, ok: bool) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import ray
-    from reliability import bad_requests, bad_updates, faults, harness, security, soak
 
     import rollout
     from rollout.local_ray import start_local_ray
     from rollout.testing import make_tiny_checkpoint
+
+    from reliability import bad_requests, bad_updates, faults, harness, security, soak
 
     requests = args.requests or (400 if args.quick else 2000)
     clients = args.clients or (4 if args.quick else 8)

@@ -21,7 +21,8 @@ neither jax nor torch nor Ray; the service and the engine load them when first u
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
@@ -55,15 +56,15 @@ __all__ = [
     "generate",
     "generate_async",
     "init",
-    "serve",
     "score",
+    "serve",
     "shutdown",
     "status",
     "sync_weights",
 ]
 
 _LAZY = {"RolloutService": "rollout.service", "GenerationStream": "rollout.dispatch"}
-_default: "RolloutService | None" = None
+_default: RolloutService | None = None
 _default_lock = threading.Lock()
 
 
@@ -80,7 +81,7 @@ def init(
     num_workers: int = FleetConfig.num_workers,
     devices_per_worker: int = FleetConfig.devices_per_worker,
     **options: Any,
-) -> "RolloutService":
+) -> RolloutService:
     """Start the default rollout service and return it.
 
     The arguments are RolloutService's: the fields of FleetConfig and EngineConfig (load_format,
@@ -101,7 +102,7 @@ def init(
         return _default
 
 
-def _service() -> "RolloutService":
+def _service() -> RolloutService:
     service = _default
     if service is None or service._closed:
         raise ServiceClosedError("no rollout service is running; call rollout.init(model, ...) first")
@@ -130,7 +131,7 @@ def generate_async(
     *,
     return_logprobs: bool = True,
     timeout: float | None = None,
-) -> "GenerationStream":
+) -> GenerationStream:
     """A stream of completions as prompts finish (`for` or `async for`).
     See RolloutService.generate_async."""
     return _service().generate_async(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
@@ -156,7 +157,7 @@ def score(
     *,
     temperature: float = 1.0,
     timeout: float | None = None,
-) -> "Scores":
+) -> Scores:
     """Per-token logprobs of each completion (token ids) after its prompt, teacher-forced, on one
     weight version (returned with them). See RolloutService.score."""
     return _service().score(prompts, completions, temperature=temperature, timeout=timeout)

@@ -16,7 +16,8 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Self
 
 import ray
 
@@ -100,7 +101,7 @@ class Dispatch:
                 self._router.release(request.worker, request.cost)
                 try:
                     return ray.get(ref)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     if not is_worker_failure(err):
                         self.cancel()
                         raise
@@ -203,8 +204,8 @@ class GenerationStream:
     def cancel(self) -> None:
         self._dispatch.cancel()
 
-    def __enter__(self) -> "GenerationStream":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.cancel()

@@ -3,7 +3,7 @@ engine's own errors live in rollout.engine.types)."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class SyncError(RuntimeError):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rollout.engine.config import EngineConfig
 from rollout.errors import PlacementError
@@ -228,7 +229,7 @@ def placement_message(
 ) -> str:
     per_worker = worker_resources(cfg, accelerator)
     wanted = {k: v * cfg.num_workers for k, v in per_worker.items()}
-    show = lambda d: {k: d[k] for k in sorted(d) if k in ("CPU", "GPU", "TPU", "memory") or k in per_worker}  # noqa: E731
+    show = lambda d: {k: d[k] for k in sorted(d) if k in ("CPU", "GPU", "TPU", "memory") or k in per_worker}  # noqa: E731 - a one-line formatter for the message below
     head = (
         f"rollout workers were not ready after {waited_s:.0f}s"
         if waited_s is not None

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 
 from rollout.dispatch import is_worker_failure
-from rollout.scores import Scores
 from rollout.errors import ServiceClosedError, WorkerUnavailableError
 from rollout.routing import UP, Router
+from rollout.scores import Scores
 from rollout.sync import describe_error
 
 _MIN_PART = 8  # pairs: smaller calls are not worth a second worker
@@ -34,6 +35,12 @@ class _Part:
     epoch: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
     result: Scores | None = None
+
+    def scores(self) -> Scores:
+        """The part's result, once collected."""
+        if self.result is None:
+            raise RuntimeError(f"score: the part of rows {self.rows[:3]}... has no result yet (a dispatch bug)")
+        return self.result
 
 
 def split(n: int, live: int) -> list[list[int]]:
@@ -97,7 +104,7 @@ def score_on_fleet(
             router.release(part.worker, part.cost)
             try:
                 part.result = ray.get(ready[0])
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if not is_worker_failure(err):
                     raise
                 worker_down(part.worker, err, part.epoch)
@@ -114,11 +121,11 @@ def score_on_fleet(
             send(part)
         collect()
         for _ in range(_MAX_VERSION_ROUNDS):
-            newest = max(p.result.weight_version for p in parts)
-            stale = [p for p in parts if p.result.weight_version != newest]
+            newest = max(p.scores().weight_version for p in parts)
+            stale = [p for p in parts if p.scores().weight_version != newest]
             if not stale:
                 break
-            at_newest = next(p.worker for p in parts if p.result.weight_version == newest)
+            at_newest = next(p.worker for p in parts if p.scores().weight_version == newest)
             for part in stale:
                 send(part, worker=at_newest)
             collect()
@@ -137,6 +144,6 @@ def score_on_fleet(
         raise
     logprobs: list[Any] = [None] * len(prompts)
     for part in parts:
-        for row, values in zip(part.rows, part.result.logprobs):
+        for row, values in zip(part.rows, part.scores().logprobs):
             logprobs[row] = values
-    return Scores(tuple(logprobs), parts[0].result.weight_version)
+    return Scores(tuple(logprobs), parts[0].scores().weight_version)

@@ -9,7 +9,8 @@ logprobs of given completion tokens after given prompts, teacher-forced; the for
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

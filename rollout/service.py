@@ -23,7 +23,8 @@ import threading
 import time
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Self
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -165,7 +166,7 @@ class RolloutService:
         for ref in done:
             try:
                 ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - say which worker and why
+            except Exception as err:  # say which worker and why
                 raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
         if pending:
             raise PlacementError(
@@ -278,7 +279,7 @@ class RolloutService:
 
     def generate_stream(
         self, prompt: Prompt, sampling: SamplingParams = SamplingParams(), *, return_logprobs: bool = True
-    ) -> "TokenStream":
+    ) -> TokenStream:
         """One prompt's samples token by token: an async iterator of TokenDelta lists, for
         servers and agents on an event loop (see rollout.streaming). Validated now; the request
         is sent when iteration starts and cancelled on its worker if the iteration stops early."""
@@ -292,7 +293,7 @@ class RolloutService:
         """One prompt's n completions, awaited on the caller's event loop (no thread per call)."""
         return await self._fleet_request(prompt, sampling, return_logprobs).completions()
 
-    def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> "FleetRequest":
+    def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> FleetRequest:
         from rollout.streaming import FleetRequest
 
         self._check_open()
@@ -316,8 +317,8 @@ class RolloutService:
         all (at least the version committed when the call started). At `temperature` T the
         numbers are log_softmax(logits / T), the distribution generate samples from. Every pair
         is validated before any is sent. See rollout.score_dispatch."""
-        from rollout.scores import check_temperature, encode_pairs
         from rollout.score_dispatch import score_on_fleet
+        from rollout.scores import check_temperature, encode_pairs
 
         self._check_open()
         prompt_ids, completion_ids = encode_pairs(
@@ -363,7 +364,7 @@ class RolloutService:
             except ray.exceptions.ActorUnavailableError:
                 self._probes[index] = (self._handles[index].ready.remote(), "ready", since)  # restarting
                 continue
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - any probe failure: dead or still down
                 if isinstance(err, ray.exceptions.ActorDiedError) and self._restarts_exhausted(index, since):
                     self._router.mark(index, DEAD)
                     log.error(json.dumps({"event": "worker_dead", "worker": index, "error": describe_error(err)}))
@@ -402,7 +403,7 @@ class RolloutService:
         for ref in done:
             try:
                 reports[calls[ref]] = ray.get(ref)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - a worker that fails its status reports the error
                 reports[calls[ref]] = {"error": describe_error(err)}
         starts = ray.get(self._registry.starts.remote(), timeout=timeout)
         workers = []
@@ -442,7 +443,7 @@ class RolloutService:
         if self._closed:
             raise ServiceClosedError("the rollout service is shut down; create a new one (rollout.init)")
 
-    def __enter__(self) -> RolloutService:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -462,7 +463,7 @@ def _health_loop(service_ref: weakref.ref[RolloutService], stop: threading.Event
             return
         try:
             service._probe_down_workers()
-        except Exception:  # noqa: BLE001 - keep probing; a failed probe is retried
+        except Exception:  # keep probing; a failed probe is retried
             log.exception("health probe failed")
         del service
 

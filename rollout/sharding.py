@@ -16,7 +16,7 @@ axes, or with an axis this table has no rule for, is refused when the model is b
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -51,7 +51,7 @@ def logical_rules(cfg: ModelConfig, tp: int) -> dict[str, str | None]:
         "kv_heads": cfg.num_kv_heads,
         "mlp": cfg.intermediate_size,
     }
-    rules: dict[str, str | None] = {name: None for name in REPLICATED_AXES}
+    rules: dict[str, str | None] = dict.fromkeys(REPLICATED_AXES)
     for name in SPLIT_AXES:
         rules[name] = TP if tp > 1 and sizes[name] % tp == 0 else None
     return rules

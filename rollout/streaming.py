@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, Self
 
 import ray
 
@@ -157,7 +157,7 @@ class TokenStream:
         self._request = request
         self._samples = [_SampleState() for _ in range(request.sampling.n)]
         self._delivered = False
-        self._iter: AsyncIterator[list[TokenDelta]] | None = None
+        self._iter: AsyncGenerator[list[TokenDelta], None] | None = None
         self.worker: int | None = None
 
     def __aiter__(self) -> AsyncIterator[list[TokenDelta]]:
@@ -167,15 +167,15 @@ class TokenStream:
 
     async def aclose(self) -> None:
         if self._iter is not None:
-            await self._iter.aclose()  # type: ignore[attr-defined]
+            await self._iter.aclose()
 
-    async def __aenter__(self) -> TokenStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self) -> AsyncIterator[list[TokenDelta]]:
+    async def _run(self) -> AsyncGenerator[list[TokenDelta], None]:
         request = self._request
         avoid: frozenset[int] = frozenset()
         died_mid_stream = False

@@ -30,9 +30,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -196,8 +197,8 @@ class WeightSync:
         """Each worker's RelayRole (rollout.relay.plan_relay), its parent's handle attached; a
         worker whose node did not answer fetches from the coordinator and relays nothing."""
         if not asked:
-            return {w: None for w in workers}
-        nodes: dict[int, str | None] = {w: None for w in workers}
+            return dict.fromkeys(workers)
+        nodes: dict[int, str | None] = dict.fromkeys(workers)
         done, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
         for ref in done:
             try:
@@ -272,7 +273,7 @@ class WeightSync:
         for ref in done:
             try:
                 ray.get(ref)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - the update is published; see below
                 # The update is published: this worker catches up when it is back (or restarts).
                 log.warning(json.dumps({"event": "commit_failed", "version": version, "worker": calls[ref],
                                         "error": describe_error(err)}))
@@ -285,12 +286,11 @@ class WeightSync:
 def to_host(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Leaves as host numpy arrays; jax arrays are fetched together (transfers overlap)."""
     on_device = [p for p, a in flat.items() if type(a).__module__.startswith(("jax", "jaxlib"))]
-    out = {p: a for p, a in flat.items()}
+    out = dict(flat)
     if on_device:
         import jax
 
-        for path, array in zip(on_device, jax.device_get([flat[p] for p in on_device])):
-            out[path] = array
+        out.update(zip(on_device, jax.device_get([flat[p] for p in on_device])))
     return {p: np.asarray(a) for p, a in out.items()}
 
 

@@ -195,7 +195,7 @@ def _train_tokenizer(num_tokens: int) -> str:
 def _special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     assert all(i is not None for i in ids.values()), ids
-    return ids  # type: ignore[return-value]
+    return ids
 
 
 def _base_config(architecture: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, Literal, overload
 
 import jinja2
 import jinja2.ext
@@ -81,7 +81,9 @@ class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant text in some templates): renders
     its body unchanged, so such templates compile; we do not compute assistant masks."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    # jinja2 declares Extension.tags as a plain (not ClassVar) set attribute: overriding it with
+    # a ClassVar is a type error, so this stays a plain class attribute (never mutated)
+    tags = {"generation"}  # noqa: RUF012
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -215,7 +217,7 @@ class Tokenizer:
             raise TypeError(f"encode expects a str, got {type(text).__name__}; for a batch, call it per text.")
         ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._prepend_bos:
-            ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
+            ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -226,6 +228,24 @@ class Tokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
     # ---- chat
+
+    @overload
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = ...,
+        tokenize: Literal[False] = ..., **kwargs: Any,
+    ) -> str: ...
+
+    @overload
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = ...,
+        *, tokenize: Literal[True], **kwargs: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = ...,
+        tokenize: bool = ..., **kwargs: Any,
+    ) -> str | list[int]: ...
 
     def apply_chat_template(
         self,

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from rollout.contract import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
-from rollout.engine.backend import EngineBackend, engine_factory
+from rollout.engine.backend import EngineBackend, ScoringBackend, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta, stream_request
@@ -143,6 +143,10 @@ class RolloutWorker:
         await self._start()
         loop = asyncio.get_running_loop()
         engine = self.host.engine
+        if not isinstance(engine, ScoringBackend):
+            raise NotImplementedError(
+                f"score: the {type(engine).__name__} backend has no score method; score on a fleet of the native engine"
+            )
         return await loop.run_in_executor(None, lambda: engine.score(prompts, completions, temperature=temperature))
 
     async def generate_stream(

@@ -15,11 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine's routable one), for every Ray the tests start and every process those start.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from rollout.testing import make_tiny_checkpoint  # noqa: E402
+from rollout.testing import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

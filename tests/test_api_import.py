@@ -34,14 +34,13 @@ def test_import_rollout_imports_neither_jax_nor_torch_nor_ray():
 
 def test_the_service_modules_keep_the_driver_free_of_jax_and_torch():
     result = run_fresh(
-        """
+        f"""
         import json, sys
         import rollout
         rollout.RolloutService, rollout.GenerationStream
         import rollout.service, rollout.sync, rollout.dispatch, rollout.worker, rollout.weights.buckets
-        print(json.dumps(sorted(m for m in %r if m in sys.modules)))
+        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
         """
-        % (HEAVY,)
     )
     assert result == []
 
@@ -106,5 +105,5 @@ def test_an_unregistered_engine_is_refused_with_the_registered_ones():
 def test_a_worker_class_that_is_not_a_rollout_worker_is_refused_before_anything_starts():
     from rollout.service import RolloutService
 
-    with pytest.raises(TypeError, match="worker_class=<class 'object'>: expected rollout.worker.RolloutWorker"):
+    with pytest.raises(TypeError, match=r"worker_class=<class 'object'>: expected rollout\.worker\.RolloutWorker"):
         RolloutService("/nonexistent/checkpoint", worker_class=object)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import zlib
 
@@ -49,7 +50,7 @@ def test_buckets_never_exceed_bucket_bytes_except_for_a_single_large_leaf():
     for index, size in enumerate(layout.bucket_nbytes):
         leaves = layout.leaves_of(index)
         assert size <= 2048 or len(leaves) == 1, (index, size, leaves)
-    big = [s for s in layout.slots if s.path == "embed_tokens"][0]  # 4096 bytes > 2048
+    big = next(s for s in layout.slots if s.path == "embed_tokens")  # 4096 bytes > 2048
     assert layout.leaves_of(big.bucket) == [big]
 
 
@@ -59,7 +60,7 @@ def test_leaves_keep_spec_order_and_aligned_offsets():
     assert len(layout.bucket_nbytes) == 1
     assert all(s.offset % ALIGN == 0 for s in layout.slots)
     ends = [(s.offset, s.offset + s.nbytes) for s in layout.slots]
-    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:])), "leaves overlap"
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ends)), "leaves overlap"
 
 
 def test_pack_then_unpack_round_trips_every_leaf_exactly():
@@ -228,7 +229,7 @@ def test_a_failed_inbox_makes_pending_reads_raise_and_a_silent_one_times_out():
 
     packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=4)
     inbox = BucketInbox(packed.manifest, timeout_s=0.1)
-    with pytest.raises(TimeoutError, match="did not arrive within 0.1s"):
+    with pytest.raises(TimeoutError, match=r"did not arrive within 0\.1s"):
         np.asarray(inbox.tree()["norm.weight"])
     inbox.fail(BucketChecksumError("bucket 2 is bad"))
     with pytest.raises(BucketChecksumError, match="bucket 2 is bad"):

@@ -134,7 +134,7 @@ def test_from_pretrained_of_a_tiny_checkpoint_has_im_end_and_endoftext_as_eos(qw
 
 
 def test_from_pretrained_of_a_directory_without_config_json_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         ModelConfig.from_pretrained(tmp_path)
 
 

@@ -295,7 +295,7 @@ def test_finite_checked_still_checks_a_leaf_that_must_be_cast(engine, tiny_qwen3
     flat = hf_flat(tiny_qwen3_perturbed)
     name = "model.norm.weight"
     flat[name] = np.full(flat[name].shape, 1e300, np.float64)
-    with pytest.raises(NonFiniteWeightsError, match="norm.weight"):
+    with pytest.raises(NonFiniteWeightsError, match=r"norm\.weight"):
         engine.stage(engine.version + 1, flat, finite_checked=True)
     assert engine.staged_version is None
 

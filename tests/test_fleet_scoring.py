@@ -7,11 +7,10 @@ import threading
 
 import numpy as np
 import pytest
+from test_scoring import PAIRS, hf_logprobs
 
 import rollout
 from rollout.weights.loader import iter_tensors
-
-from test_scoring import PAIRS, hf_logprobs
 
 pytestmark = pytest.mark.ray
 

@@ -108,7 +108,7 @@ def padded_batch(sequences: list[list[int]], sides: tuple[str, ...]) -> Batch:
     return Batch(tokens, mask, positions, tuple(offsets))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(path: Path) -> Reference:
     continuations = [hf_greedy(path, p, NEW_TOKENS) for p in PROMPTS]
     batch = padded_batch([p + c for p, c in zip(PROMPTS, continuations)], PAD_SIDES)

@@ -8,7 +8,7 @@ import pytest
 jax = pytest.importorskip("jax")
 
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from rollout.engine.placement import owned_copy, place  # noqa: E402
 

@@ -27,7 +27,7 @@ def test_the_coordinators_node_feeds_exactly_one_node_and_every_node_feeds_at_mo
     parents = nodes_of(roles, worker_nodes)
     assert [n for n, p in parents.items() if p == {None}] == ["n0"]
     fed_by: dict[str, int] = {}
-    for node, (parent,) in ((n, tuple(p)) for n, p in parents.items()):
+    for _node, (parent,) in ((n, tuple(p)) for n, p in parents.items()):
         if parent is not None:
             fed_by[parent] = fed_by.get(parent, 0) + 1
     assert max(fed_by.values()) <= fanout

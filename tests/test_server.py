@@ -20,6 +20,7 @@ import ray
 
 import rollout
 from rollout.tokenizer import Tokenizer
+
 from reliability.fault_worker import FaultyWorker
 
 openai = pytest.importorskip("openai")

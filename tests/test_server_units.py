@@ -30,7 +30,7 @@ def test_loopback_addresses(host, loopback):
 
 
 def test_non_loopback_bind_needs_a_key():
-    with pytest.raises(ValueError, match="refusing to bind '0.0.0.0' without an api key.*--api-key"):
+    with pytest.raises(ValueError, match=r"refusing to bind '0\.0\.0\.0' without an api key.*--api-key"):
         check_bind("0.0.0.0", None)
     check_bind("0.0.0.0", "key")
     check_bind("127.0.0.1", None)

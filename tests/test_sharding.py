@@ -52,7 +52,7 @@ class Placed:
     params: dict[str, jax.Array]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def placed(path: Path, n_devices: int) -> Placed:
     """The checkpoint loaded onto a mesh of the first n devices with the engine's shardings."""
     cfg = ModelConfig.from_pretrained(path)

@@ -12,17 +12,17 @@ import pytest
 if importlib.util.find_spec("tunix") is None:
     pytest.skip("google-tunix is not installed (pip install -e '.[tunix]')", allow_module_level=True)
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from tunix.rl import common  # noqa: E402
-from tunix.rl import rl_cluster as rl  # noqa: E402
-from tunix.rl.grpo import grpo_learner as grpo  # noqa: E402
-from tunix.rl.rollout import base_rollout  # noqa: E402
+import jax
+import optax
+from flax import nnx
+from tunix.rl import common
+from tunix.rl import rl_cluster as rl
+from tunix.rl.grpo import grpo_learner as grpo
+from tunix.rl.rollout import base_rollout
 
-import rollout  # noqa: E402
-from rollout.integrations.tunix import FleetRollout, FleetTokenizer, load_tunix_qwen3, sampling_params  # noqa: E402
-from rollout.weights.spec import SpecMismatchError  # noqa: E402
+import rollout
+from rollout.integrations.tunix import FleetRollout, FleetTokenizer, load_tunix_qwen3, sampling_params
+from rollout.weights.spec import SpecMismatchError
 
 pytestmark = [pytest.mark.tunix, pytest.mark.ray]
 

@@ -176,7 +176,7 @@ def test_a_bucket_that_never_comes_times_the_stage_out():
         update = packed(1)
         stage = asyncio.ensure_future(host.stage("s1", streaming(update)))
         await feed_all(host, "s1", update, order=[0, 1])
-        with pytest.raises(TimeoutError, match="bucket 2 of version 1 did not arrive within 0.3s"):
+        with pytest.raises(TimeoutError, match=r"bucket 2 of version 1 did not arrive within 0\.3s"):
             await stage
         assert engine.staged_version is None
 

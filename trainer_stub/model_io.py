@@ -42,7 +42,7 @@ def load_params(model: str | os.PathLike[str], dtype: str = "float32") -> tuple[
         return jax.device_put(np.asarray(array).astype(np_dtype, copy=False), device)
 
     params = load_checkpoint(directory, model_def.spec, place)
-    return model_def, params  # type: ignore[return-value]
+    return model_def, params
 
 
 def init_params(model: str | os.PathLike[str], seed: int = 0, dtype: str = "float32") -> tuple[ModelDef, Params]:

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_tokens = run_hf(batch)
         same = sum(a == b for a, b in zip(ours_tokens, ref_tokens))
         before = cpu_times()
-        t_ours, t_ref = interleaved_best(lambda: run_engine(batch), lambda: run_hf(batch), args.repeats)
+        t_ours, t_ref = interleaved_best(lambda b=batch: run_engine(b), lambda b=batch: run_hf(b), args.repeats)
         steal = steal_percent(before, cpu_times())
         n = batch * args.new_tokens
         rows.append(
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
           "time the hypervisor gave to other guests meanwhile (high steal makes the figures unreliable)")
     print(f"{'batch':>5} {'rollout tok/s':>14} {'transformers tok/s':>19} {'ratio':>7} {'same tokens':>12} {'cpu steal':>10}")
     for r in rows:
-        steal = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
+        steal_text = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
         print(f"{r['batch']:>5} {r['rollout_tok_s']:>14.1f} {r['transformers_tok_s']:>19.1f} "
-              f"{r['ratio']:>6.2f}x {r['identical_outputs']:>12} {steal:>10}")
+              f"{r['ratio']:>6.2f}x {r['identical_outputs']:>12} {steal_text:>10}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

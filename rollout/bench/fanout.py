@@ -31,11 +31,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rollout.bench.sync import make_config_only_checkpoint, model_dims, random_params
 from rollout.local_ray import LOOPBACK
+
+if TYPE_CHECKING:
+    from rollout.weights.spec import ParamSpec
 
 _METRIC = re.compile(r'^ray_object_manager_bytes\{[^}]*Type="(\w+)"[^}]*\}\s+(\S+)')
 
@@ -130,7 +134,8 @@ class Receiver:
 def measure_floor(buffers: list[np.ndarray], count: int, counters: Counters, head: str, repeats: int) -> dict:
     import ray
 
-    receivers = [ray.remote(Receiver).options(num_cpus=1).remote() for _ in range(count)]
+    receivers: list[Any] = [ray.remote(Receiver)  # actor handles (ray types them loosely)
+                           .options(num_cpus=1).remote() for _ in range(count)]
     ray.get([r.receive.remote([ray.put(np.zeros(8, np.uint8))]) for r in receivers])  # started
     rows = []
     for _ in range(repeats + 1):  # the first run warms up
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         counters = Counters()
         print(f"model: {dims}; cluster: head (coordinator, 0 CPUs) + {args.nodes} nodes x 1 CPU on {LOOPBACK}; "
               f"bucket {args.bucket_mib} MiB; {os.cpu_count()} host cores", flush=True)
-        params = spec = None
+        params: list[dict[str, np.ndarray]] | None = None
+        spec: ParamSpec | None = None
         for count in counts:
             svc = rollout.RolloutService(ckpt, num_workers=count, devices_per_worker=1, cpus_per_worker=1,
                                          accelerator="cpu", load_format="dummy", max_batch=2, max_seq_len=64,
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 svc.shutdown()
             print(f"  {count} node(s) measured", file=sys.stderr, flush=True)
+        assert params is not None and spec is not None, "counts is never empty"
         packed = pack(params[0], plan_buckets(spec, args.bucket_mib << 20), version=1)
         results["floor"] = {"count": max(counts),
                             **measure_floor(packed.buffers, max(counts), counters, head, args.repeats)}
@@ -223,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict) -> None:
     model = results["model_bytes"]
-    mib = lambda b: b / 2**20
+
+    def mib(b: float) -> float:
+        return b / 2**20
     print(f"\nmodel {mib(model):.1f} MiB per sync; bytes from Ray's object-manager counters (PushedFromLocalPlasma)")
     print(f"{'worker nodes':>12} {'relay':>6} {'coordinator node sent':>22} {'x model':>8} {'all nodes sent':>15}"
           f" {'x model':>8} {'sync s':>8} {'relayed buckets':>16} {'fallbacks':>10}")

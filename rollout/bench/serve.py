@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "they share this process with the server and the Python API side")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
+
+
+def _token_ids(choice: Any) -> list[int]:
+    """A streamed choice's `token_ids`: the server's extra field (return_token_ids), which
+    openai's CompletionChoice type does not declare."""
+    return choice.token_ids
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -92,7 +99,7 @@ async def http_level(url: str, model: str, prompts: list[list[int]], max_tokens:
                                                  max_tokens=max_tokens, temperature=0.0,
                                                  extra_body={"ignore_eos": True, "return_token_ids": True})
         async for chunk in stream:
-            n = sum(len(c.token_ids) for c in chunk.choices)
+            n = sum(len(_token_ids(c)) for c in chunk.choices)
             if n and ttft is None:
                 ttft = time.perf_counter() - start
             tokens += n
@@ -104,9 +111,9 @@ async def http_level(url: str, model: str, prompts: list[list[int]], max_tokens:
         await client.close()
 
 
-def http_level_in_process(*args: object) -> dict[str, float]:
+def http_level_in_process(*args: Any) -> dict[str, float]:
     """`http_level` on a fresh event loop (the entry point of the client process)."""
-    return asyncio.run(http_level(*args))  # type: ignore[arg-type]
+    return asyncio.run(http_level(*args))
 
 
 async def warm_up(server, concurrency: int, count: int, *sides) -> None:

@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         ours_phases.append(phases)
         if not args.skip_per_tensor and i < max(1, args.repeats - 1):
             per_tensor += measure_per_tensor(receivers, params[0], 1)
-    ours_phases = {k: statistics.median(p[k] for p in ours_phases) for k in ours_phases[0]}
-    floor_phases = {keep: {k: statistics.median(p[k] for p in ps) for k in ps[0]} for keep, ps in floor_phases.items()}
+    ours_median = {k: statistics.median(p[k] for p in ours_phases) for k in ours_phases[0]}
+    floor_median = {keep: {k: statistics.median(p[k] for p in ps) for k in ps[0]} for keep, ps in floor_phases.items()}
     keep_best = statistics.median(floors[True]) < statistics.median(floors[False])
     floor = floors[keep_best]
 
@@ -288,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'per-tensor / ours':<44}{med(per_tensor) / med(ours):>9.2f}{'>= 5':>8}")
     print("\nphases, median seconds:")
     for keep, name in ((False, "floor, dropped first"), (True, "floor, resident")):
-        print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in floor_phases[keep].items()))
-    print("  ours:  " + ", ".join(f"{k} {v:.3f}" for k, v in ours_phases.items()))
+        print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in floor_median[keep].items()))
+    print("  ours:  " + ", ".join(f"{k} {v:.3f}" for k, v in ours_median.items()))
     if args.json:
         args.json.write_text(json.dumps({"dims": dims, "leaves": len(spec.leaves), "bytes": spec.nbytes,
                                          "floor_dropped_first_s": floors[False], "floor_resident_s": floors[True],
                                          "ours_s": ours, "per_tensor_s": per_tensor,
-                                         "ours_phases": ours_phases, "floor_phases": floor_phases}, indent=2))
+                                         "ours_phases": ours_median, "floor_phases": floor_median}, indent=2))
     svc.shutdown()
     ray.shutdown()
     return 0

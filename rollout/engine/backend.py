@@ -88,6 +88,15 @@ class EngineBackend(Protocol):
         """Stop serving; queued and running requests fail with EngineClosedError."""
 
 
+@runtime_checkable
+class ScoringBackend(Protocol):
+    """A backend that also scores (per-token logprobs of given completions); optional: the
+    worker's `score` checks for it."""
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
+        """Logprobs of each completion after its prompt on the committed version (a Scores)."""
+
+
 # (model: HF directory or repo id, config, the worker's devices) -> a started engine
 EngineFactory = Callable[[str, Any, Sequence[Any]], EngineBackend]
 

@@ -33,6 +33,7 @@ Once `commit` returns, no request is admitted under an older version.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -63,7 +64,7 @@ class Engine:
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | os.PathLike[str],  # what resolve_checkpoint takes
         config: EngineConfig = EngineConfig(),
         devices: Sequence[jax.Device] | None = None,
         *,
@@ -113,7 +114,7 @@ class Engine:
         return self.model_def.spec
 
     @property
-    def param_shardings(self) -> dict[str, jax.sharding.Sharding]:
+    def param_shardings(self) -> dict[str, jax.sharding.NamedSharding]:
         return self.runner.param_shardings
 
     @property
@@ -131,7 +132,9 @@ class Engine:
 
     def current_params(self) -> dict[str, jax.Array]:
         """The serving parameters (device arrays; do not mutate)."""
-        return dict(self.runner.params)
+        params = self.runner.params
+        assert params is not None, "set_params() before serving"  # loaded in __init__
+        return dict(params)
 
     def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> StagedWeights:
         """Validate and place `params` as `version` beside the serving weights.

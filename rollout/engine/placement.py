@@ -15,6 +15,8 @@ jax copies it anyway. On TPU/GPU a device_put is a transfer into device memory.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 
@@ -24,7 +26,8 @@ _ALIGN = 64  # the CPU client adopts host buffers aligned to this
 def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """`host` on the devices of `sharding`, in memory that nothing else references."""
     host = np.asarray(host)
-    if next(iter(sharding.device_set)).platform != "cpu":
+    device: Any = next(iter(sharding.device_set))  # jaxlib's Device class ships no type stubs
+    if device.platform != "cpu":
         return jax.device_put(host, sharding)
     pieces = sharding.addressable_devices_indices_map(host.shape).values()
     if any(host[index].flags.c_contiguous for index in pieces):

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rollout.engine import placement
+from rollout.engine.jit_cache import compiled_executables
 from rollout.engine.sampling import SlotSampling, sample
 from rollout.models import forward
 from rollout.models.bind import ModelDef
@@ -176,7 +177,7 @@ class ModelRunner:
 
     def compiled_count(self) -> int:
         """Executables compiled so far by this runner (grows only with new shape buckets)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        return compiled_executables(self._prefill) + compiled_executables(self._decode)
 
     def place(self, path: str, array) -> jax.Array:
         """Copy one host array onto the devices with the engine's sharding (never aliases)."""

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rollout.engine.jit_cache import compiled_executables
 from rollout.engine.runner import pow2_at_least
 from rollout.models import forward
 from rollout.models.bind import ModelDef
@@ -37,7 +38,7 @@ _HEAD_POSITIONS = 256
 
 
 def score_on_engine(
-    engine: "Engine",
+    engine: Engine,
     encode: Callable[[Any], list[int]],
     prompts: Sequence[Any],
     completions: Sequence[Any],
@@ -128,4 +129,4 @@ class Scorer:
         return out
 
     def compiled_count(self) -> int:
-        return self._forward._cache_size()
+        return compiled_executables(self._forward)

@@ -10,7 +10,7 @@ placing returns.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +75,15 @@ def load_params(directory: Path, spec: ParamSpec, place: Place, *, progress: boo
     def place_checked(path: str, array: np.ndarray) -> jax.Array:
         return place(path, check_host_leaf(path, array, want[path].dtype))
 
-    return load_checkpoint(  # type: ignore[return-value]  (place_checked returns device arrays)
-        directory, spec, place_checked, progress=progress
-    )
+    return load_checkpoint(directory, spec, place_checked, progress=progress)
 
 
-def dummy_params(spec: ParamSpec, shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+def dummy_params(spec: ParamSpec, shardings: Mapping[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
     """Parameters of the right tree, shapes, dtypes and shardings, from shapes alone: zeros,
     and ones for norm weights. Generation runs (uniform logits) until a real sync."""
     out = {}
     for leaf in spec.leaves:
         fill = jax.numpy.ones if leaf.path.endswith("norm.weight") else jax.numpy.zeros
-        make = jax.jit(lambda f=fill, l=leaf: f(l.shape, l.dtype), out_shardings=shardings[leaf.path])
+        make = jax.jit(lambda f=fill, lf=leaf: f(lf.shape, lf.dtype), out_shardings=shardings[leaf.path])
         out[leaf.path] = make()
     return out

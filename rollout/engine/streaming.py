@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from rollout.engine.sampling_params import SamplingParams
@@ -128,7 +128,7 @@ async def stream_request(
     *,
     prompt_index: int = 0,
     return_logprobs: bool = True,
-) -> AsyncIterator[list[TokenDelta]]:
+) -> AsyncGenerator[list[TokenDelta], None]:
     """Submit one prompt to `engine` and yield its deltas as they come (a list per wake-up).
 
     Ends after every sample's last delta; engine errors (e.g. EngineClosedError) are raised

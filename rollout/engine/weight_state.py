@@ -74,14 +74,15 @@ class WeightState:
         """Hand the staged `version` to the scheduler. Committing the current version again is a
         no-op (retries)."""
         with self._lock:
-            if self.staged_version != version:
+            staged = self.staged
+            if staged is None or staged.version != version:
                 if version == self.committed:
                     return
                 raise WeightSyncError(
                     f"cannot commit version {version}: it was not staged (staged: {self.staged_version}, "
                     f"committed: {self.committed}); call stage({version}, params) first"
                 )
-            self.pending = PendingSwap(self.staged, policy)
+            self.pending = PendingSwap(staged, policy)
             self.staged = None
             self.committed = version
             self._lock.notify_all()
@@ -102,7 +103,9 @@ class WeightState:
             staged = self.pending.weights
             return staged.version, staged.params, staged.derived
         if self.serving == self.committed:
-            return self.serving, self._runner.params, self._runner.derived
+            params = self._runner.params
+            assert params is not None, "set_params() before serving"
+            return self.serving, params, self._runner.derived
         return None
 
     # -- the scheduler thread's, under the lock ------------------------------------------------

@@ -38,7 +38,8 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rollout.integrations.tunix")
 TUNIX_QWEN3_ROPE_THETA = 1_000_000.0  # what tunix.models.qwen3 applies, whatever its config says
-__all__ = ["FleetRollout", "FleetTokenizer", "load_tunix_qwen3", "sampling_params", "tunix_qwen3_config"]
+__all__ = ["FleetRollout",  # noqa: F822 - made by the module __getattr__ on first access (imports Tunix)
+           "FleetTokenizer", "load_tunix_qwen3", "sampling_params", "tunix_qwen3_config"]
 
 
 class FleetTokenizer:
@@ -123,7 +125,7 @@ class _FleetRolloutImpl:
         mesh: Any = None,
         rollout_config: Any = None,
         *,
-        service: "RolloutService",
+        service: RolloutService,
         sync_initial_weights: bool = True,
         timeout: float | None = None,
         **unused: Any,
@@ -161,8 +163,8 @@ class _FleetRolloutImpl:
         # One request per distinct prompt, with n = its repeats: GRPO repeats each prompt
         # num_generations times; as one request they share a prefill and get distinct samples.
         by_n: dict[int, list[tuple[int, ...]]] = {}
-        for prompt, where in groups.items():
-            by_n.setdefault(len(where), []).append(prompt)
+        for key, where in groups.items():
+            by_n.setdefault(len(where), []).append(key)
         streams = [
             (prompts_n, self.service.generate_async(
                 [list(p) for p in prompts_n], sampling_params(rollout_config, stops, n), timeout=self._timeout))
@@ -218,7 +220,6 @@ class _FleetRolloutImpl:
 
     def update_params(self, params: Any, filter_types: Any = None) -> None:
         import jax
-
         from flax import nnx
 
         if filter_types is not None and any(t is getattr(nnx, "LoRAParam", None) for t in filter_types):

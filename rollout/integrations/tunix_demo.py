@@ -131,7 +131,7 @@ def print_summary(steps: list[dict[str, Any]], seconds: float, out_dir: Path) ->
         return
     print(f"\n{'step':>4}  {'mean reward':>11}  {'rollout version':>15}  {'sync ms':>8}")
     for s in steps:
-        print(f"{s['step']:>4}  {s['mean_reward']:>11.3f}  {str(s['rollout_version']):>15}  {s['sync_s'] * 1000:>8.1f}")
+        print(f"{s['step']:>4}  {s['mean_reward']:>11.3f}  {s['rollout_version']!s:>15}  {s['sync_s'] * 1000:>8.1f}")
     k = max(1, len(steps) // 4)
     first = sum(s["mean_reward"] for s in steps[:k]) / k
     last = sum(s["mean_reward"] for s in steps[-k:]) / k

@@ -19,7 +19,8 @@ Qwen3 weights, so a LoRA model must be merged first.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

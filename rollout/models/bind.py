@@ -13,7 +13,8 @@ the logical axes each parameter declares, from which its sharding follows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ class ModelDef:
     axes: Mapping[str, Axes]  # path -> logical axes, one per dimension
 
     @classmethod
-    def create(cls, config: ModelConfig, dtype: Any = jnp.float32) -> "ModelDef":
+    def create(cls, config: ModelConfig, dtype: Any = jnp.float32) -> ModelDef:
         """Raises ShardingRuleError if a parameter declares no axes or one without a rule, and
         HFNameError if a parameter has no HF name in the family's table."""
         dtype = jnp.dtype(dtype)

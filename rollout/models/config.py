@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 class UnsupportedConfigError(ValueError):
@@ -49,7 +50,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], eos_token_ids: tuple[int, ...] = ()) -> "ModelConfig":
+    def from_hf(cls, hf: Mapping[str, Any], eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
         from rollout.models.registry import family_for
 
         arch = _architecture(hf)
@@ -82,7 +83,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():

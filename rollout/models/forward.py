@@ -13,7 +13,8 @@ parameters and cache as plain arguments. The attention softmax runs in float32.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

@@ -130,7 +130,7 @@ def build_app(state: ServerState) -> FastAPI:
                               "source")
         try:
             version = await asyncio.to_thread(state.service.sync_weights, source)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any failure becomes an OpenAI-style error response
             state.metrics.syncs.inc(status="error")
             return from_exception(err).response()
         state.metrics.syncs.inc(status="ok")
@@ -164,7 +164,7 @@ async def _generate(state: ServerState, request: Request, model: type[BaseModel]
             raise bad_request(f"not supported by this server: {', '.join(unsupported)}; remove them from the "
                               "request", unsupported[0].split(" ")[0])
         job = Job(state, req, endpoint)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - a bad request becomes an OpenAI-style error response
         api_error = from_exception(err)
         state.metrics.requests.inc(endpoint=endpoint, status=str(api_error.status))
         return api_error.response()
@@ -188,7 +188,7 @@ async def _generate(state: ServerState, request: Request, model: type[BaseModel]
         status = 499
         state.metrics.cancelled.inc(endpoint=endpoint)
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure becomes an error response or a stream error
         api_error = from_exception(err)
         status = api_error.status
         return api_error.response()
@@ -244,7 +244,7 @@ async def _refresh_fleet(state: ServerState) -> None:
         return
     try:
         state.metrics.update_fleet(await asyncio.to_thread(state.service.status, 5.0))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - metrics must not fail the scrape
         log.warning("metrics: fleet status unavailable (%s: %s)", type(err).__name__, err)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 from rollout.server.auth import check_bind
 
@@ -75,7 +75,7 @@ class Server:
         if self._owns_service:
             self.service.shutdown()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 import msgpack
 import numpy as np
@@ -126,7 +127,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Manifest":
+    def from_bytes(cls, data: bytes) -> Manifest:
         """Parse and check manifest bytes (strings, ints and lists only; no objects)."""
         try:
             raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -289,16 +290,16 @@ class Packer:
                 count = count_non_finite(dst)
                 if count:
                     bad.append((slot.path, count))
-        digest = xxhash.xxh3_64_intdigest(buffer[lo:hi]) if self.checksum_algo == "xxh3_64" else 0
+        digest = xxhash.xxh3_64_intdigest(buffer[lo:hi].data) if self.checksum_algo == "xxh3_64" else 0
         return digest, bad
 
     def close(self) -> None:
         self._pool.shutdown()
 
-    def __enter__(self) -> "Packer":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -329,11 +330,11 @@ def checksum(buffer: np.ndarray, algo: str = DEFAULT_CHECKSUM) -> int:
     if algo == "crc32":
         crc = 0
         for lo in range(0, buffer.nbytes, _CRC_CHUNK):
-            crc = zlib.crc32(buffer[lo : lo + _CRC_CHUNK], crc)
+            crc = zlib.crc32(buffer[lo : lo + _CRC_CHUNK].data, crc)
         return crc
     if algo != "xxh3_64":
         raise ValueError(f"unknown checksum {algo!r}: expected one of {CHECKSUMS}")
-    digests = [xxhash.xxh3_64_intdigest(buffer[lo : lo + WINDOW]) for lo in range(0, max(buffer.nbytes, 1), WINDOW)]
+    digests = [xxhash.xxh3_64_intdigest(buffer[lo : lo + WINDOW].data) for lo in range(0, max(buffer.nbytes, 1), WINDOW)]
     return _combine_windows(digests, buffer.nbytes)
 
 

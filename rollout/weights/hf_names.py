@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +158,7 @@ def hf_to_engine(flat: Mapping[str, Any], names: HFNames, paths: Collection[str]
     for name, array in flat.items():
         kind, path, transform = names.classify(name, paths)
         if kind == "tied":  # without the embedding, the spec check reports it missing
-            if names.tied_to in flat and not same_values(array, flat[names.tied_to]):
+            if names.tied_to is not None and names.tied_to in flat and not same_values(array, flat[names.tied_to]):
                 raise tied_head_error(names, name)
             continue
         if kind == "ignored":

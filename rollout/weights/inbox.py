@@ -62,9 +62,11 @@ class BucketInbox:
                     f"bucket {index} of version {self.manifest.version} did not arrive within "
                     f"{self.timeout_s:g}s; the coordinator stopped sending (see its log)"
                 )
-            return self._buffers[index]  # type: ignore[return-value]
+            buffer = self._buffers[index]
+            assert buffer is not None  # it arrived (checked above, under the lock)
+            return buffer
 
-    def tree(self) -> dict[str, "PendingLeaf"]:
+    def tree(self) -> dict[str, PendingLeaf]:
         """{path: leaf} in spec order; each leaf's data waits for its bucket."""
         return {slot.path: PendingLeaf(self, slot) for slot in self.manifest.layout.slots}
 
@@ -77,7 +79,7 @@ class BucketInbox:
 class PendingLeaf:
     """An array-like whose shape and dtype are known now and whose data comes with its bucket."""
 
-    __slots__ = ("_inbox", "_slot", "shape", "dtype")
+    __slots__ = ("_inbox", "_slot", "dtype", "shape")
 
     def __init__(self, inbox: BucketInbox, slot: LeafSlot):
         self._inbox = inbox

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -91,6 +92,7 @@ def tensor_names(directory: Path) -> list[str]:
     return names
 
 
+T = TypeVar("T")
 Place = Callable[[str, np.ndarray], object]
 
 
@@ -100,7 +102,9 @@ def _names_of(spec: ParamSpec) -> HFNames:
     return spec.hf
 
 
-def load_checkpoint(directory: Path, spec: ParamSpec, place: Place, *, progress: bool = False) -> dict[str, object]:
+def load_checkpoint(
+    directory: Path, spec: ParamSpec, place: Callable[[str, np.ndarray], T], *, progress: bool = False
+) -> dict[str, T]:
     """Read every tensor, check it against `spec`, and `place(path, array)` it on devices.
 
     Raises CheckpointError naming the tensor for: a name that maps to no parameter, a parameter
@@ -109,7 +113,7 @@ def load_checkpoint(directory: Path, spec: ParamSpec, place: Place, *, progress:
     """
     names = _names_of(spec)
     want = spec.by_path()
-    out: dict[str, object] = {}
+    out: dict[str, T] = {}
     source: dict[str, str] = {}
     all_names = tensor_names(directory)
     bar = tqdm(total=len(all_names), desc="loading weights", unit="tensor", disable=not progress)

@@ -10,7 +10,8 @@ included, which has no jax) maps HF names exactly as the engine's loader does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class ParamSpec:
     hf: HFNames | None = None
 
     @classmethod
-    def of(cls, flat: Mapping[str, Any]) -> "ParamSpec":
+    def of(cls, flat: Mapping[str, Any]) -> ParamSpec:
         return cls(tuple(LeafSpec(p, tuple(int(d) for d in a.shape), _dtype_name(a.dtype)) for p, a in flat.items()))
 
     @property
@@ -56,7 +57,7 @@ class ParamSpec:
     def by_path(self) -> dict[str, LeafSpec]:
         return {leaf.path: leaf for leaf in self.leaves}
 
-    def check(self, incoming: "ParamSpec", *, cast_floats: bool = True) -> None:
+    def check(self, incoming: ParamSpec, *, cast_floats: bool = True) -> None:
         """Raise SpecMismatchError unless `incoming` can be staged into an engine of this spec.
 
         Floating dtypes may differ (they are cast to the engine dtype) when `cast_floats`;
@@ -70,7 +71,7 @@ class ParamSpec:
                 "model):\n  " + "\n  ".join(problems)
             )
 
-    def diff(self, incoming: "ParamSpec", *, cast_floats: bool = True, limit: int = 8) -> list[str]:
+    def diff(self, incoming: ParamSpec, *, cast_floats: bool = True, limit: int = 8) -> list[str]:
         mine, theirs = self.by_path(), incoming.by_path()
         missing = [p for p in mine if p not in theirs]
         extra = [p for p in theirs if p not in mine]

@@ -165,7 +165,7 @@ def _consume(stream: Any, sink: dict[str, Any]) -> None:
     completions = []
     try:
         for completion in stream:
-            completions.append(completion)
+            completions.append(completion)  # noqa: PERF402 - keeps what arrived before a failure
     except Exception as err:  # noqa: BLE001
         sink["error"] = (type(err), str(err))
     sink["completions"] = completions

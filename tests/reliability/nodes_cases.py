@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .fault_worker import FaultyWorker
 from .harness import (
@@ -331,7 +331,7 @@ class MultiNodeDriver:
             self.process.terminate()
             self.process.join(timeout=30)
 
-    def __enter__(self) -> MultiNodeDriver:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -354,9 +354,9 @@ def process_tree_sockets(pid: int | None = None) -> list[dict[str, Any]]:
             connections = proc.net_connections(kind="inet")
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        for c in connections:
-            sockets.append({"process": name, "pid": pid_, "status": c.status,
-                            "local": c.laddr.ip if c.laddr else "", "remote": c.raddr.ip if c.raddr else ""})
+        sockets.extend({"process": name, "pid": pid_, "status": c.status,
+                        "local": c.laddr.ip if c.laddr else "", "remote": c.raddr.ip if c.raddr else ""}
+                       for c in connections)
     return sockets
 
 
