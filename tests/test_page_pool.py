@@ -153,7 +153,7 @@ def test_random_workload_never_loses_or_duplicates_a_page():
             if pool.admit_group(ids, prompt):
                 next_id += n
                 live += ids
-                lengths.update({i: prompt for i in ids})
+                lengths.update(dict.fromkeys(ids, prompt))
         elif op < 0.75 and live:
             seq = rnd.choice(live)
             want = lengths[seq] + rnd.randint(1, 6)

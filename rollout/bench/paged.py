@@ -34,15 +34,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-SHAPE = dict(
+SHAPE: dict[str, Any] = dict(  # model config overrides for make_tiny_checkpoint
     vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
     num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
 )
-TINY_SHAPE = dict(
+TINY_SHAPE: dict[str, Any] = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
 )
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_pretrained(ckpt)
     device = jax.devices()[:1]
     rng = np.random.default_rng(0)
-    results: dict[str, object] = {"shape": shape}
+    results: dict[str, Any] = {"shape": shape}  # JSON-shaped: printed and dumped below
 
     def engine(max_batch: int, max_seq_len: int, **kv) -> Engine:
         config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, decode_steps=args.decode_steps,

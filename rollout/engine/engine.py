@@ -45,8 +45,9 @@ import jax
 from rollout.engine.config import SWAP_POLICIES, EngineConfig
 from rollout.engine.intake import RequestIntake
 from rollout.engine.runner import ModelRunner
+from rollout.engine.runner_api import Runner
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.scheduler import Scheduler
+from rollout.engine.scheduler import BaseScheduler, Scheduler
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
 from rollout.engine.weight_state import WeightState
@@ -77,19 +78,23 @@ class Engine:
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
         self.mesh = make_mesh(devices)
-        pool = None
+        paged = None  # (PagedRunner, PagePool) with kv_layout="paged"
+        contiguous = None  # the ModelRunner otherwise
+        self.runner: Runner  # what the engine and its weight state use of either
         if config.kv_layout == "paged":  # KV in a shared page pool: see rollout.paged
             from rollout.paged.setup import make_paged
 
-            self.runner, pool = make_paged(self.model_def, self.mesh, config)
+            paged = make_paged(self.model_def, self.mesh, config)
+            self.runner = paged[0]
         else:
-            self.runner = ModelRunner(
+            contiguous = ModelRunner(
                 self.model_def,
                 self.mesh,
                 max_batch=config.max_batch,
                 max_seq_len=config.max_seq_len,
                 decode_steps=config.decode_steps,
             )
+            self.runner = contiguous
         if config.load_format == "dummy":
             self.runner.set_params(dummy_params(self.spec, self.param_shardings))
         else:
@@ -99,12 +104,14 @@ class Engine:
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
         self._weights = WeightState(self._lock, self.runner)
-        if pool is not None:
+        self._scheduler: BaseScheduler[Any]  # each layout's scheduler drives its own runner
+        if paged is not None:
             from rollout.paged.scheduler import PagedScheduler
 
-            self._scheduler = PagedScheduler(self._lock, self.runner, self._weights, config, pool)
+            self._scheduler = PagedScheduler(self._lock, paged[0], self._weights, config, paged[1])
         else:
-            self._scheduler = Scheduler(self._lock, self.runner, self._weights, config)
+            assert contiguous is not None  # set above when kv_layout is not "paged"
+            self._scheduler = Scheduler(self._lock, contiguous, self._weights, config)
 
     # -- weights ------------------------------------------------------------------------------
 

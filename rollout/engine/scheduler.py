@@ -11,19 +11,26 @@ Swap policies, applied at a step boundary after `commit`:
 - recompute: swap now; running sequences re-prefill prompt + generated tokens on the new weights.
 - continue: swap now and keep their KV cache; each token records the version that produced it.
 
+`BaseScheduler` holds all of this; a KV layout's subclass runs the model through its runner in
+`_prefill` and `_decode`: `Scheduler` for contiguous slots here, `PagedScheduler` for a page pool
+in `rollout.paged.scheduler`.
+
 What each thread owns is stated once, in `rollout.engine.engine`.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
+from typing import Generic, TypeVar
 
 from rollout.engine.config import EngineConfig
 from rollout.engine.runner import ModelRunner
+from rollout.engine.runner_api import Runner
 from rollout.engine.sampling import stack_sampling
 from rollout.engine.sequence import Request, Sequence
 from rollout.engine.slots import SlotTable
@@ -32,9 +39,14 @@ from rollout.engine.weight_state import PendingSwap, WeightState
 
 log = logging.getLogger("rollout.engine")
 
+RunnerT = TypeVar("RunnerT", bound=Runner)
 
-class Scheduler:
-    def __init__(self, lock: threading.Condition, runner: ModelRunner, weights: WeightState, config: EngineConfig):
+
+class BaseScheduler(abc.ABC, Generic[RunnerT]):
+    """The loop, queue, cancel, swap and finish logic every KV layout shares. A layout's
+    subclass runs the model through its own runner (`RunnerT`) in `_prefill` and `_decode`."""
+
+    def __init__(self, lock: threading.Condition, runner: RunnerT, weights: WeightState, config: EngineConfig):
         self._lock = lock
         self._runner = runner
         self._weights = weights
@@ -169,27 +181,21 @@ class Scheduler:
                 seqs = running[start : start + chunk]
                 self._prefill([s.context() for s in seqs], [[s] for s in seqs])
 
+    @abc.abstractmethod
     def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
-        """Prefill each context once into the slots of its group; sample each slot's next token."""
-        dst, src, rows = [], [], []
-        for row, group in enumerate(groups):
-            for seq in group:
-                dst.append(seq.slot)
-                src.append(row)
-                rows.append(seq.sampling)
-        tokens, logprobs = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
-        m = 0
-        for group in groups:
-            for seq in group:
-                self._accept(seq, int(tokens[m]), float(logprobs[m]))
-                m += 1
+        """Prefill each context once for the sequences of its group; sample each one's next
+        token and `_accept` it, in group order."""
 
+    @abc.abstractmethod
     def _decode(self) -> None:
-        batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
-        tokens, logprobs = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # (K, B)
+        """Run one decode call (`decode_steps` steps) for the running sequences and
+        `_accept_decoded` its tokens."""
+
+    def _accept_decoded(self, order: tuple[int, ...], tokens: list[list[int]], logprobs: list[list[float]]) -> None:
+        """Accept a decode call's (K, rows) tokens row by row (row i is slot order[i]); a
+        sequence takes its tokens until one finishes it."""
         sequences = self.slots.sequences
-        for row, slot in enumerate(batch.order):
+        for row, slot in enumerate(order):
             seq = sequences[slot] if slot < self.slots.max_batch else None
             if seq is None:
                 continue
@@ -232,3 +238,27 @@ class Scheduler:
         for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
+
+
+class Scheduler(BaseScheduler[ModelRunner]):
+    """The contiguous layout: each slot owns max_seq_len positions of the runner's KV cache."""
+
+    def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
+        """Prefill each context once into the slots of its group; sample each slot's next token."""
+        dst, src, rows = [], [], []
+        for row, group in enumerate(groups):
+            for seq in group:
+                dst.append(seq.slot)
+                src.append(row)
+                rows.append(seq.sampling)
+        tokens, logprobs = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
+        m = 0
+        for group in groups:
+            for seq in group:
+                self._accept(seq, int(tokens[m]), float(logprobs[m]))
+                m += 1
+
+    def _decode(self) -> None:
+        batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
+        tokens, logprobs = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
+        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist())  # (K, B)

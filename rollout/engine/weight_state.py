@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import jax
 
-from rollout.engine.runner import Derived, ModelRunner, Params
+from rollout.engine.runner import Derived, Params
+from rollout.engine.runner_api import Runner
 from rollout.engine.staging import StagedWeights
 from rollout.engine.types import WeightSyncError
 
@@ -32,9 +33,9 @@ class PendingSwap:
 
 
 class WeightState:
-    def __init__(self, lock: threading.Condition, runner: ModelRunner):
+    def __init__(self, lock: threading.Condition, runner: Runner):
         self._lock = lock
-        self._runner = runner  # makes each copy's serving-only leaves (ModelRunner.derive)
+        self._runner = runner  # makes each copy's serving-only leaves (Runner.derive)
         self.committed = 0
         self.serving = 0
         self.staged: StagedWeights | None = None

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Iterable, Sequence
+from typing import TypeVar
 
 SeqId = Hashable
+S = TypeVar("S", bound=Hashable)  # victims() returns the caller's own sequence type
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -207,7 +209,7 @@ class PagePool:
         that could not re-admit it)."""
         self.preemptions += 1
 
-    def victims(self, youngest_first: Iterable[SeqId], pages_needed: int) -> list[SeqId] | None:
+    def victims(self, youngest_first: Iterable[S], pages_needed: int) -> list[S] | None:
         """The shortest prefix of `youngest_first` whose preemption frees `pages_needed` more
         pages, counting a shared page only once all its holders are in the prefix. None if
         preempting all of them would not be enough."""
@@ -215,7 +217,7 @@ class PagePool:
             return []
         dropped: dict[int, int] = {}
         freed = len(self._free)
-        chosen: list[SeqId] = []
+        chosen: list[S] = []
         for seq in youngest_first:
             chosen.append(seq)
             for page in self._tables[seq]:

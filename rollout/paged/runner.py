@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rollout.engine import placement
+from rollout.engine.jit_cache import compiled_executables
 from rollout.engine.runner import pow2_at_least
 from rollout.engine.sampling import SlotSampling, sample
 from rollout.models.bind import ModelDef
@@ -130,7 +131,10 @@ class PagedRunner:
 
     def _prefill_impl(self, params, derived, pool, tokens, lengths, write_pages, tails, src_rows, sampling: SlotSampling):
         model = self.model_def.bind(params)
-        logits, pool = forward.prefill(model, pool, tokens, lengths, write_pages, *tails, derived.get("head_t"))
+        tail_src, tail_start, tail_page = tails
+        logits, pool = forward.prefill(
+            model, pool, tokens, lengths, write_pages, tail_src, tail_start, tail_page, derived.get("head_t")
+        )
         new_tokens, logprobs = sample(logits[src_rows], sampling, lengths[src_rows])
         return new_tokens, logprobs, pool
 
@@ -226,4 +230,4 @@ class PagedRunner:
 
     def compiled_count(self) -> int:
         """Executables compiled so far (grows only with new shape buckets)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        return compiled_executables(self._prefill) + compiled_executables(self._decode)

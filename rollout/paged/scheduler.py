@@ -2,7 +2,7 @@
 
 Decode slots are only rows of the decode batch here; KV memory is the pool's pages, held by
 sequences through their page tables (`rollout.paged.pool.PagePool`). What changes against the
-contiguous `Scheduler`, each pass:
+contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
 
 - Admission: a request is admitted when it has n free slots and its prompt's pages fit (the n
   samples share the prompt's full pages), keeping a reserve of one decode call's growth for
@@ -31,7 +31,7 @@ import threading
 
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling import stack_sampling
-from rollout.engine.scheduler import Scheduler
+from rollout.engine.scheduler import BaseScheduler
 from rollout.engine.sequence import Request, Sequence
 from rollout.engine.types import EngineClosedError
 from rollout.engine.weight_state import PendingSwap, WeightState
@@ -45,7 +45,7 @@ class PoolTooSmallError(ValueError):
     """A request's prompt pages do not fit even in an empty pool."""
 
 
-class PagedScheduler(Scheduler):
+class PagedScheduler(BaseScheduler[PagedRunner]):
     def __init__(
         self, lock: threading.Condition, runner: PagedRunner, weights: WeightState, config: EngineConfig, pool: PagePool
     ):
@@ -249,14 +249,7 @@ class PagedScheduler(Scheduler):
             for slot in batch.order
         ]
         tokens, logprobs = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
-        for row, slot in enumerate(batch.order):
-            seq = sequences[slot] if slot < self.slots.max_batch else None
-            if seq is None:
-                continue
-            for k in range(len(tokens)):
-                if self._accept(seq, tokens[k][row], logprobs[k][row]):
-                    break
+        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist())
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.pool:

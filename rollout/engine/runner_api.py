@@ -1,0 +1,51 @@
+"""What the engine, its weight state and its scheduler need from a runner, whatever its KV layout.
+
+Both runners (`rollout.engine.runner.ModelRunner`, contiguous slots, and
+`rollout.paged.runner.PagedRunner`, a page pool) satisfy `Runner` structurally. Prefill and
+decode are not part of it: their arguments are layout-specific (slots vs page tables), so only
+each layout's own scheduler calls them, typed against its own runner class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+from jax.sharding import NamedSharding
+
+from rollout.engine.runner import Derived, Params
+
+
+class Runner(Protocol):
+    @property
+    def params(self) -> Params | None:
+        """The serving parameter leaves (None before the first `set_params`)."""
+        ...
+
+    @property
+    def derived(self) -> Derived:
+        """Serving-only leaves made from `params` (see `derive`)."""
+        ...
+
+    @property
+    def param_shardings(self) -> dict[str, NamedSharding]: ...
+
+    def derive(self, params: Params) -> Derived:
+        """Serving-only leaves of `params`, made when weights are staged."""
+        ...
+
+    def set_params(self, params: Params, derived: Derived | None = None) -> None:
+        """Serve `params` (the swap); `derived` is `derive(params)` if the caller made it."""
+        ...
+
+    def place(self, path: str, array: Any) -> jax.Array:
+        """One host array onto the devices with the engine's sharding for `path`."""
+        ...
+
+    def decode_batch(self, active: int) -> int:
+        """Rows a decode call runs for `active` sequences."""
+        ...
+
+    def compiled_count(self) -> int:
+        """Executables compiled so far."""
+        ...
