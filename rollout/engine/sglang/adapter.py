@@ -113,6 +113,7 @@ class SglangEngine:
         self._pending: _Staged | None = None
         self._admitted: dict[str, int] = {}  # rid -> version it was admitted under
         self._rids: dict[int, list[str]] = {}  # id(future) -> its sglang-jax request ids
+        self._final_ids: dict[str, list[int]] = {}  # rid -> its tokens, recorded by the scheduler
         self._closed = False
         self._error: BaseException | None = None
         self._park = threading.Event()
@@ -193,6 +194,17 @@ class SglangEngine:
                 raise
 
         scheduler.get_next_batch_to_run = get_next_batch_to_run
+        original_stream = scheduler.stream_output
+
+        def stream_output(reqs: list[Any], *args: Any, **kwargs: Any) -> Any:
+            # A finished request's token ids, straight from the scheduler: 0.0.2's detokenizer
+            # path repeats ids of non-streamed requests longer than 50 tokens in `output_ids`.
+            for req in reqs:
+                if req.finished() and str(req.rid).startswith("rollout-"):
+                    self._final_ids[req.rid] = [int(t) for t in req.output_ids]
+            return original_stream(reqs, *args, **kwargs)
+
+        scheduler.stream_output = stream_output
 
     def _drain_then_swap(self, original: Any) -> Any:
         """drain: decode what runs with nothing new admitted; once nothing runs, swap and admit."""
@@ -346,6 +358,11 @@ class SglangEngine:
             )
         ids = self.encode_prompt(prompt)
         self.prompts.validate(ids, sampling)
+        if sampling.ignore_eos and sampling.stop_token_ids:
+            raise ValueError(
+                "ignore_eos=True with stop_token_ids is not available with engine='sglang-jax' (its ignore_eos "
+                "disables stop ids too); drop one of them, or use engine='native'"
+            )
         self._check_open()
         future: Future[list[Completion]] = Future()
         rids = [f"rollout-{uuid.uuid4().hex}-{i}" for i in range(sampling.n)]
@@ -390,16 +407,18 @@ class SglangEngine:
         return True
 
     def _sampling_params(self, sampling: SamplingParams) -> dict[str, Any]:
-        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_ids))
+        # sglang-jax stops at its own EOS ids (the checkpoint's, as rollout's) unless ignore_eos,
+        # which also disables stop_token_ids: that one combination is refused in submit.
         params: dict[str, Any] = {
             "max_new_tokens": sampling.max_tokens,
             "temperature": float(sampling.temperature),
             "top_p": float(sampling.top_p),
             "top_k": int(sampling.top_k) if sampling.top_k > 0 else -1,
-            "ignore_eos": True,  # rollout's EOS ids are passed as stop ids: the same stops as native
-            "stop_token_ids": sorted(stop_ids),
+            "ignore_eos": bool(sampling.ignore_eos),
             "skip_special_tokens": False,
         }
+        if not sampling.ignore_eos:
+            params["stop_token_ids"] = sorted(set(sampling.stop_token_ids) | set(self.eos_ids))
         if sampling.stop:
             params["stop"] = list(sampling.stop)
         return params
@@ -427,7 +446,8 @@ class SglangEngine:
     def _completion(
         self, rid: str, out: Mapping[str, Any], ids: list[int], sampling: SamplingParams, prompt_index: int, index: int
     ) -> Completion:
-        tokens = tuple(int(t) for t in out.get("output_ids", ()))
+        final = self._final_ids.pop(rid, None)
+        tokens = tuple(final if final is not None else (int(t) for t in out.get("output_ids", ())))
         meta = out.get("meta_info", {})
         reason = (meta.get("finish_reason") or {}).get("type", "abort")
         reason = reason if reason in ("stop", "length") else "abort"

@@ -15,6 +15,13 @@ and returns their names; tests/sglang/test_workarounds.py shows for each what br
 3. `min_p_operands`: on a non-TPU runtime the sampler passes `(probs, min_ps, False)` to
    `_apply_min_p_filter`, which unpacks two values: "ValueError: too many values to unpack
    (expected 2)" while precompiling. The wrapper passes the first two on.
+
+Handled by the adapter by design rather than here (it needs no version gate): 0.0.2's
+detokenizer path repeats token ids in `output_ids` of a non-streamed request longer than 50
+tokens (it resends ids whose text ended in an incomplete character), so the adapter takes each
+finished request's ids from the scheduler's own `Req.output_ids` (see adapter._hook_scheduler;
+tests/sglang/test_engine.py's long-completion test fails without it). And `return_logprob=True`
+crashes the 0.0.2 scheduler on CPU: the adapter refuses such requests before queueing them.
 """
 
 from __future__ import annotations
