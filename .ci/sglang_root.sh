@@ -68,6 +68,7 @@ in_root() {
 
 copy_host_config() {
   cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+  cp /etc/hosts "$ROOT/etc/hosts"  # Ray resolves this host's name
   [ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOT/etc/pip.conf"
   if [ -f "$HOME/.config/pip/pip.conf" ]; then
     mkdir -p "$ROOT/root/.config/pip" && cp "$HOME/.config/pip/pip.conf" "$ROOT/root/.config/pip/pip.conf"

@@ -72,7 +72,7 @@ def init(model: str, num_workers: int = 2, devices_per_worker: int = 4, **option
     """Start the default rollout service and return it.
 
     The arguments are RolloutService's (load_format, dtype, max_batch, max_seq_len,
-    swap_policy, accelerator, bucket_bytes, sync_timeout_s, decode_steps, ...; see its
+    swap_policy, accelerator, engine ("native" or "sglang-jax"), bucket_bytes, sync_timeout_s, decode_steps, ...; see its
     docstring). Starts a local Ray, listening on loopback only, if none is initialized;
     otherwise joins it (e.g. after `ray.init(address="auto")`).
     """

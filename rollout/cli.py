@@ -96,6 +96,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--accelerator", default="cpu", help="cpu, tpu or gpu")
+    p.add_argument("--engine", default="native", choices=("native", "sglang-jax"),
+                   help="engine backend (sglang-jax: Python >= 3.12, the sglang extra; no --logprobs)")
     p.set_defaults(run=_run_generate)
 
 
@@ -132,6 +134,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             accelerator=args.accelerator,
+            engine=args.engine,
         )
         try:
             outs = rollout.generate(prompts, sampling=sampling, return_logprobs=args.logprobs)
@@ -144,7 +147,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         from rollout.engine.engine import Engine
 
         config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
-        with Engine(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
+        if args.engine == "sglang-jax":
+            from rollout.engine.sglang import create_engine as make_engine
+        else:
+            make_engine = Engine
+        with make_engine(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
             outs = engine.generate(prompts, sampling, return_logprobs=args.logprobs)
     for o in outs:
         record = {

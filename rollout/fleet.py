@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from rollout.errors import PlacementError
 
 ACCELERATORS = ("auto", "cpu", "tpu", "gpu")
+ENGINES = ("native", "sglang-jax")  # what each worker hosts: rollout's JAX engine, or sglang-jax
 _PASSED_THROUGH = (
     "HF_HUB_OFFLINE",
     "HF_HOME",
@@ -38,6 +39,9 @@ class FleetConfig:
     num_workers: int = 2  # engines; each takes whole prompts, so more workers = more throughput
     devices_per_worker: int = 4  # TPU chips / GPUs / simulated CPU devices per engine (one mesh)
     accelerator: str = "auto"  # auto: TPU if the cluster has TPU resources, else GPU, else CPU
+    # native: rollout's engine (logprobs, every swap policy); sglang-jax: an sglang-jax Engine per
+    # worker (Python >= 3.12 and the `sglang` extra; drain swaps only, no logprobs: see README)
+    engine: str = "native"
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (its scheduler and fetch threads)
     bucket_bytes: int = 256 << 20  # object-store bucket size: fewer objects vs. bigger fetch units
     max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
@@ -56,6 +60,8 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator={self.accelerator!r}: expected one of {ACCELERATORS}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: expected one of {ENGINES}")
         for name in ("num_workers", "devices_per_worker", "max_inflight_buckets", "sync_history"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -62,8 +62,8 @@ class RolloutService:
 
     `model` is an HF directory or repo id (the driver reads its config and tokenizer to validate
     prompts; each worker loads the weights, or only shapes with load_format="dummy"). Further
-    keyword options are the other fields of FleetConfig (cpus_per_worker, max_restarts,
-    checksum, env_vars, ...) and EngineConfig (max_prefill_batch, seed). `accelerator`: "cpu"
+    keyword options are the other fields of FleetConfig (engine: "native" or "sglang-jax",
+    cpus_per_worker, max_restarts, checksum, env_vars, ...) and EngineConfig (max_prefill_batch, seed). `accelerator`: "cpu"
     (devices simulated), "tpu", "gpu" or "auto" (TPU if the cluster has TPUs, then GPU, else
     CPU). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
     running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
@@ -160,7 +160,7 @@ class RolloutService:
         self._handles = [
             worker_cls.options(**options).remote(
                 i, self._model_ref, self.engine_config, cfg.devices_per_worker, registry_name, namespace,
-                cfg.max_inflight_buckets, cfg.sync_timeout_s,
+                cfg.max_inflight_buckets, cfg.sync_timeout_s, engine=cfg.engine,
             )
             for i in range(cfg.num_workers)
         ]
@@ -267,6 +267,10 @@ class RolloutService:
         self._check_open()
         if worker is not None and not (isinstance(worker, int) and 0 <= worker < self.fleet_config.num_workers):
             raise ValueError(f"worker={worker!r}: expected None or an index in [0, {self.fleet_config.num_workers})")
+        if return_logprobs and self.fleet_config.engine == "sglang-jax":
+            from rollout.engine.sglang.requirements import logprobs_unavailable
+
+            raise logprobs_unavailable(platform=self.accelerator)
         encoded = self._validator.encode_all(prompts, sampling)
         dispatch = Dispatch(
             handles=self._handles,

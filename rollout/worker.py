@@ -122,10 +122,8 @@ class EngineHost:
     running when the abort arrived.
     """
 
-    def __init__(self, model: str, engine_config: EngineConfig, devices_per_worker: int):
+    def __init__(self, model: str, engine_config: EngineConfig, devices_per_worker: int, engine: str = "native"):
         import jax
-
-        from rollout.engine.engine import Engine
 
         devices = jax.local_devices()
         if len(devices) < devices_per_worker:
@@ -136,7 +134,14 @@ class EngineHost:
                 f"on TPU/GPU lower devices_per_worker to the chips per host (XLA_FLAGS here: "
                 f"{os.environ.get('XLA_FLAGS')!r})"
             )
-        self.engine: EngineBackend = Engine(model, engine_config, devices[:devices_per_worker])
+        if engine == "sglang-jax":
+            from rollout.engine.sglang import create_engine
+
+            self.engine: EngineBackend = create_engine(model, engine_config, devices[:devices_per_worker])
+        else:
+            from rollout.engine.engine import Engine
+
+            self.engine = Engine(model, engine_config, devices[:devices_per_worker])
         self.faults = FaultInjector()
         self._lock = threading.Lock()
         self._staged_sync: str | None = None
@@ -218,12 +223,13 @@ class RolloutWorker:
         namespace: str,
         max_inflight_buckets: int = 4,
         sync_timeout_s: float = 600.0,
+        engine: str = "native",
     ):
         logging.basicConfig(level=logging.INFO)
         self.index = index
         self._registry = ray.get_actor(registry_name, namespace=namespace)
         self.starts = 0  # set by _start: how many times this worker has been started
-        self.host = EngineHost(model, engine_config, devices_per_worker)
+        self.host = EngineHost(model, engine_config, devices_per_worker, engine)
         self._fetch_limit = asyncio.Semaphore(max_inflight_buckets)
         self._sync_timeout_s = sync_timeout_s
         self._inboxes: dict[str, BucketInbox] = {}

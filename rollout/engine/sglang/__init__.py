@@ -19,7 +19,7 @@ from rollout.engine.config import EngineConfig
 if TYPE_CHECKING:
     from rollout.engine.sglang.adapter import SglangEngine
 
-NAME = "sglang-jax"
+NAME = "sglang-jax"  # the value of the `engine` option that selects this backend
 
 __all__ = ["NAME", "create_engine", "SglangEngine"]
 

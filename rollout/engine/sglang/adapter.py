@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import signal
@@ -29,11 +30,12 @@ import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.sglang import requirements, workarounds
+from rollout.engine.sglang.requirements import LogprobsUnavailableError, logprobs_unavailable
 from rollout.engine.sglang.compiles import CompileCounter
 from rollout.engine.staging import check_host_leaf
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
@@ -46,8 +48,28 @@ from rollout.weights.spec import ParamSpec
 log = logging.getLogger("rollout.engine")
 
 
-class LogprobsUnavailableError(ValueError):
-    """The installed sglang-jax cannot return logprobs on this platform."""
+class _SignalsWithoutHandlers:
+    """The `signal` module as sglang-jax's engine module sees it while it starts: installing a
+    handler is skipped. Its handlers are meant for its own server process (SIGCHLD reaps any
+    child, SIGQUIT kills the process tree), and `signal.signal` raises outside the main thread,
+    where a Ray actor builds its engine."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    @staticmethod
+    def signal(signalnum: Any, handler: Any) -> Any:
+        return signal.getsignal(signalnum)
+
+
+@contextlib.contextmanager
+def _no_signal_handlers(module: Any) -> Iterator[None]:
+    real = module.signal
+    module.signal = _SignalsWithoutHandlers()
+    try:
+        yield
+    finally:
+        module.signal = real
 
 
 class _Staged:
@@ -126,6 +148,7 @@ class SglangEngine:
         self._loop_thread.start()
 
     def _start_sglang(self, devices: Sequence[Any], extra: Mapping[str, Any]) -> Any:
+        from sgl_jax.srt.entrypoints import engine as sglang_engine_module
         from sgl_jax.srt.entrypoints.engine import Engine as SglEngine
 
         platform = devices[0].platform
@@ -152,15 +175,8 @@ class SglangEngine:
         if platform == "cpu":
             options["attention_backend"] = "native"  # its default ("fa") is a TPU kernel
         options.update(extra)
-        saved = {s: signal.getsignal(s) for s in (signal.SIGCHLD, signal.SIGQUIT)}
-        try:
+        with _no_signal_handlers(sglang_engine_module):
             engine = SglEngine(**options)
-        finally:
-            # sglang-jax installs handlers meant for its own server process (SIGCHLD reaps any
-            # child, SIGQUIT kills the process tree); this process is rollout's, not its.
-            if threading.current_thread() is threading.main_thread():
-                for sig, handler in saved.items():
-                    signal.signal(sig, handler)
         # Engine.shutdown kills every child process of this one (a local Ray's included): never
         # let it run at exit; `shutdown` here parks the scheduler instead.
         atexit.unregister(engine.shutdown)
@@ -351,11 +367,7 @@ class SglangEngine:
     ) -> "Future[list[Completion]]":
         """Queue one prompt; the future yields its n completions. Bad requests raise here."""
         if return_logprobs:
-            raise LogprobsUnavailableError(
-                f"return_logprobs=True is not available with engine='sglang-jax' (sglang-jax "
-                f"{self.sglang_version} crashes its scheduler when asked for logprobs on "
-                f"{self.devices[0].platform}); pass return_logprobs=False, or use engine='native' for logprobs"
-            )
+            raise logprobs_unavailable(self.sglang_version, self.devices[0].platform)
         ids = self.encode_prompt(prompt)
         self.prompts.validate(ids, sampling)
         if sampling.ignore_eos and sampling.stop_token_ids:

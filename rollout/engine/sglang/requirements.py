@@ -27,6 +27,18 @@ class BackendUnavailableError(RuntimeError):
     """The sglang-jax backend cannot run here (Python, package, or module versions)."""
 
 
+class LogprobsUnavailableError(ValueError):
+    """The installed sglang-jax cannot return logprobs on this platform."""
+
+
+def logprobs_unavailable(version: str = "0.0.2", platform: str = "cpu") -> LogprobsUnavailableError:
+    return LogprobsUnavailableError(
+        f"return_logprobs=True is not available with engine='sglang-jax' (sglang-jax {version} crashes its "
+        f"scheduler when asked for logprobs on {platform}); pass return_logprobs=False, or use "
+        "engine='native' for logprobs"
+    )
+
+
 def check_python(version_info: tuple[int, ...] = tuple(sys.version_info)) -> None:
     if tuple(version_info[:2]) < (3, 12):
         raise BackendUnavailableError(
