@@ -20,6 +20,8 @@ the synced values are random. Each measurement is repeated; the median is report
 
     python bench/bench_sync.py                               # 1 GiB, 2 workers x 2 devices
     python bench/bench_sync.py --size-gib 0.1 --repeats 1    # quick
+    python bench/bench_sync.py --engine sglang-jax --head-dim 128 --skip-per-tensor
+                                      # the sglang-jax backend (in the root: .ci/sglang_root.sh run ...)
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-preallocate", action="store_true",
                    help="do not populate the object store's memory when Ray starts (Ray's default; "
                         "puts then fault in fresh shared-memory pages now and then)")
+    p.add_argument("--engine", default="native", choices=["native", "sglang-jax"], help="the workers' engine backend")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head dim (sglang-jax needs a multiple of 128)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -59,11 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the model ---------------------------------------------------------------------------------
 
 
-def model_dims(size_bytes: float, layers: int) -> dict[str, int]:
+def model_dims(size_bytes: float, layers: int, head_dim: int = 64) -> dict[str, int]:
     """Qwen3 dims with `layers` layers whose float32 parameters come to about `size_bytes`."""
     target = size_bytes / 4
     for hidden in (2048, 1536, 1024, 768, 512, 384, 256, 128):
-        heads, head_dim = max(2, hidden // 64), 64
+        heads = max(2, hidden // head_dim)
         kv_heads = max(1, heads // 2)
         vocab = 32000 if hidden >= 512 else 4096
         fixed = vocab * hidden + layers * (hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * hidden + 2 * head_dim) + hidden
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra_env = dict(item.split("=", 1) for item in args.worker_env)
     size = args.size_gib * 2**30
-    dims = model_dims(size, args.layers)
+    dims = model_dims(size, args.layers, args.head_dim)
     ckpt = make_config_only_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-sync-")) / "model", dims)
     store = int(max(2 * 2**30, 5 * size))
     ray.init(num_cpus=max(4, args.workers * 2), object_store_memory=store, include_dashboard=False, log_to_driver=False,
@@ -213,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     svc = rollout.RolloutService(
         ckpt, num_workers=args.workers, devices_per_worker=args.devices_per_worker, accelerator="cpu",
         load_format="dummy", max_batch=2, max_seq_len=64, bucket_bytes=args.bucket_mib << 20,
-        pipelined_sync=not args.no_pipeline, checksum=args.checksum, env_vars=extra_env,
+        pipelined_sync=not args.no_pipeline, checksum=args.checksum, env_vars=extra_env, engine=args.engine,
     )
     spec = svc.spec
-    print(f"model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
+    print(f"engine: {args.engine}; model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
           f"{args.workers} workers x {args.devices_per_worker} CPU devices; bucket {args.bucket_mib} MiB; "
           f"checksum {args.checksum}; {'not ' if args.no_pipeline else ''}pipelined; "
           f"{os.cpu_count()} host cores; object store {store / 2**30:.1f} GiB, "

@@ -165,3 +165,33 @@ def test_bad_requests_raise_before_queueing(engine):
     with pytest.raises(ValueError):
         engine.submit([1] * 120, greedy(64), return_logprobs=False)  # prompt + max_tokens > max_seq_len
     assert engine.status()["alive"]
+
+
+@pytest.fixture(scope="module")
+def native(ckpt_a):
+    import jax
+
+    from rollout.engine.engine import Engine
+
+    eng = Engine(ckpt_a, EngineConfig(max_batch=4, max_seq_len=128), jax.devices()[:1])
+    yield eng
+    eng.shutdown()
+
+
+def test_greedy_tokens_equal_the_native_engines_before_and_after_syncs(engine, native, refs, ckpt_a, ckpt_b):
+    n = refs["max_new_tokens"]
+    for ckpt in (ckpt_a, ckpt_b):
+        sync(engine, hf_flat(ckpt))
+        sync(native, ckpt)
+        assert tokens(engine, refs["prompts"], n) == tokens(native, refs["prompts"], n)
+
+
+def test_a_request_filling_max_seq_len_gets_all_its_tokens(engine, native, ckpt_a):
+    """sglang-jax clips new tokens near its context length; the adapter leaves room for rollout's
+    rule (prompt + max_tokens <= max_seq_len)."""
+    sync(engine, ckpt_a)
+    sync(native, ckpt_a)
+    prompt = [(7 * i) % 400 + 1 for i in range(100)]
+    ours = tokens(engine, [prompt], 28)
+    assert len(ours[0]) == 28
+    assert ours == tokens(native, [prompt], 28)

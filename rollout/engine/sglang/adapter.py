@@ -77,6 +77,9 @@ class _Staged:
         self.version, self.leaves, self.nbytes, self.seconds = version, leaves, nbytes, seconds
 
 
+_CONTEXT_HEADROOM = 6
+
+
 def _paddings(limit: int, start: int) -> list[int]:
     out, n = [], start
     while n < limit:
@@ -163,8 +166,10 @@ class SglangEngine:
             random_seed=cfg.seed,
             max_running_requests=cfg.max_batch,
             # KV for max_batch sequences of max_seq_len (without it sglang-jax takes half the RAM)
-            max_total_tokens=cfg.max_batch * cfg.max_seq_len,
-            context_length=cfg.max_seq_len,
+            max_total_tokens=cfg.max_batch * (cfg.max_seq_len + _CONTEXT_HEADROOM),
+            # sglang-jax clips new tokens to context_length - prompt - 2 and refuses prompts over
+            # context_length - 6; rollout allows prompt + max_tokens == max_seq_len
+            context_length=cfg.max_seq_len + _CONTEXT_HEADROOM,
             precompile_bs_paddings=_paddings(cfg.max_batch, 1),
             precompile_token_paddings=_paddings(max(64, cfg.max_prefill_batch * cfg.max_seq_len), 64),
             chunked_prefill_size=-1,

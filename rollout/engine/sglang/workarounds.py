@@ -11,7 +11,8 @@ and returns their names; tests/sglang/test_workarounds.py shows for each what br
    required ... out_sharding=PartitionSpec(None, None)". Flag: flax_always_shard_variable=False.
 2. `pytree_modules_off`: flax 0.12 registers every nnx.Module as a pytree; sglang-jax registers
    its `NativeAttention` again itself: "ValueError: Duplicate custom PyTreeDef type registration".
-   Flag: flax_pytree_module=False (before the class is defined, i.e. before sgl_jax is imported).
+   Flag: flax_pytree_module=False, which flax reads when flax.nnx is imported; if that happened
+   earlier, the default it froze is set too (before sgl_jax is imported).
 3. `min_p_operands`: on a non-TPU runtime the sampler passes `(probs, min_ps, False)` to
    `_apply_min_p_filter`, which unpacks two values: "ValueError: too many values to unpack
    (expected 2)" while precompiling. The wrapper passes the first two on.
@@ -52,6 +53,18 @@ def _flax_flag(name: str, value: bool) -> Callable[[], None]:
     return apply
 
 
+def _pytree_modules_off() -> None:
+    _flax_flag("flax_pytree_module", False)()
+    # flax reads the flag once, as the default of `Pytree.__init_subclass__(pytree=...)` when
+    # flax.nnx is imported; if something imported it before (rollout's own models, a trainer),
+    # the flag alone is too late for the classes sgl_jax defines next, so set that default too.
+    from flax.nnx import pytreelib
+
+    defaults = pytreelib.Pytree.__init_subclass__.__func__.__kwdefaults__
+    if defaults and defaults.get("pytree"):
+        defaults["pytree"] = False
+
+
 def _wrap_min_p_filter() -> None:
     from sgl_jax.srt.layers import sampler
 
@@ -77,7 +90,7 @@ WORKAROUNDS = (
         "pytree_modules_off",
         ("0.0.2",),
         "ValueError: Duplicate custom PyTreeDef type registration for NativeAttention",
-        _flax_flag("flax_pytree_module", False),
+        _pytree_modules_off,
     ),
     Workaround(
         "min_p_operands",
