@@ -50,7 +50,7 @@ def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int 
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, load_format="dummy")
     start = time.perf_counter()
-    with Engine(model, config, jax.devices()[:devices]) as engine:  # noqa: N806 (either backend)
+    with Engine(model, config, jax.devices()[:devices]) as engine:
         before = leaf_layout(engine.current_params())
         # Warm up under dummy weights with the very request served later, run to full length
         # (ignore_eos), so every shape bucket the real generate can hit is compiled now.

@@ -30,10 +30,10 @@ PROMPTS = [
 
 
 def main(out: Path) -> None:
-    from hf_reference import hf_greedy
-
     from rollout.testing import make_tiny_checkpoint
     from rollout.tokenizer import Tokenizer
+
+    from hf_reference import hf_greedy
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: make_tiny_checkpoint(out / name, "Qwen3ForCausalLM", seed=seed, **CHECKPOINT) for name, seed in SEEDS.items()}

@@ -92,6 +92,23 @@ def test_repeated_prompt_across_a_swap_reuses_no_old_prefix(engine, refs, ckpt_a
     assert tokens(engine, [prompt], n) == [refs["greedy"]["b"][1]]
 
 
+def test_without_emptying_the_prefix_cache_a_repeated_prompt_decodes_on_old_kv(engine, refs, ckpt_a, ckpt_b):
+    """The control of the test above: the same sequence with the eviction turned off."""
+    prompt = refs["prompts"][1]
+    n = refs["max_new_tokens"]
+    sync(engine, ckpt_a)
+    tokens(engine, [prompt], n)
+    engine._evict_prefix_on_swap = False
+    try:
+        sync(engine, ckpt_b)
+        stale = tokens(engine, [prompt], n)
+    finally:
+        engine._evict_prefix_on_swap = True
+        sync(engine, ckpt_b)  # empties the cache that still holds A's KV
+    assert stale != [refs["greedy"]["b"][1]]
+    assert tokens(engine, [prompt], n) == [refs["greedy"]["b"][1]]
+
+
 def test_abort_drops_the_staged_copy(engine, ckpt_b):
     version = engine.version
     engine.stage_checkpoint(version + 1, ckpt_b)

@@ -64,7 +64,7 @@ def test_dummy_then_real_prints_one_json_line_per_phase(ckpt_a):
     run = subprocess.run(
         [sys.executable, "-m", "trainer_stub.dummy_then_real", "--engine", "sglang-jax", "--model", str(ckpt_a),
          "--devices", "1", "--max-tokens", "16", "--max-seq-len", "128"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, check=False,
     )
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,6 +7,7 @@ symptom; test_engine.py's engine, with all of them, starts and serves.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,8 +28,12 @@ print("ENGINE STARTED", engine.status()["workarounds"], flush=True)
 
 
 def _start_without(checkpoint, name: str) -> subprocess.CompletedProcess:
+    # Without the flags an engine of this process may have set (workarounds set them in
+    # os.environ too, for flax imported later): the child must start from flax's defaults.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAX_")}
     return subprocess.run(
-        [sys.executable, "-c", START, str(checkpoint), name], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", START, str(checkpoint), name],
+        capture_output=True, text=True, timeout=600, check=False, env=env,
     )
 
 

@@ -35,8 +35,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.sglang import requirements, workarounds
-from rollout.engine.sglang.requirements import LogprobsUnavailableError, logprobs_unavailable
 from rollout.engine.sglang.compiles import CompileCounter
+from rollout.engine.sglang.requirements import LogprobsUnavailableError, logprobs_unavailable  # noqa: F401 (re-exported)
 from rollout.engine.staging import check_host_leaf
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.models.config import ModelConfig
@@ -142,6 +142,8 @@ class SglangEngine:
         self._closed = False
         self._error: BaseException | None = None
         self._park = threading.Event()
+        # Tests turn it off to show what the eviction at each swap prevents; nothing else should.
+        self._evict_prefix_on_swap = True
         self.tokens_generated = 0
         self.requests_finished = 0
         self.swaps = 0
@@ -250,7 +252,7 @@ class SglangEngine:
         self._state.swap(staged.leaves)
         cache = self._scheduler.tree_cache
         evicted = 0
-        if hasattr(cache, "evictable_size"):  # the radix cache: drop every unlocked prefix
+        if self._evict_prefix_on_swap and hasattr(cache, "evictable_size"):  # radix cache: drop all unlocked
             evicted = cache.evictable_size()
             cache.evict(evicted)
         with self._lock:
