@@ -45,6 +45,10 @@ in_root() {
   local net="$1"; shift
   local script="$1"; shift
   local unshare_args=(--mount --propagation private)
+  if [ "$net" = "lo" ] && ! command -v ip >/dev/null; then
+    log "no 'ip' command (iproute2) to bring loopback up in a network namespace: using the host's network"
+    net=host
+  fi
   [ "$net" = "lo" ] && unshare_args+=(--net)
   local binds="mount -t proc proc '$ROOT/proc'; mount --rbind /sys '$ROOT/sys'; mount --rbind /dev '$ROOT/dev';"
   binds+=" mkdir -p '$ROOT/src' '$ROOT/refs'; mount --bind '$REPO' '$ROOT/src';"
