@@ -72,6 +72,24 @@ def _no_signal_handlers(module: Any) -> Iterator[None]:
         module.signal = real
 
 
+@contextlib.contextmanager
+def _mesh_over(module: Any, devices: Sequence[Any]) -> Iterator[None]:
+    """sglang-jax's scheduler builds its mesh over every device the process sees (data x tensor);
+    while it starts, its `create_device_mesh` gets the engine's own devices (tensor parallel over
+    them), as the native engine's mesh does."""
+    real = module.create_device_mesh
+
+    def create_device_mesh(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("devices", list(devices))
+        return real(*args, **kwargs)
+
+    module.create_device_mesh = create_device_mesh
+    try:
+        yield
+    finally:
+        module.create_device_mesh = real
+
+
 class _Staged:
     def __init__(self, version: int, leaves: list[Any], nbytes: int, seconds: float):
         self.version, self.leaves, self.nbytes, self.seconds = version, leaves, nbytes, seconds
@@ -182,7 +200,9 @@ class SglangEngine:
         if platform == "cpu":
             options["attention_backend"] = "native"  # its default ("fa") is a TPU kernel
         options.update(extra)
-        with _no_signal_handlers(sglang_engine_module):
+        from sgl_jax.srt.managers import scheduler as scheduler_module
+
+        with _no_signal_handlers(sglang_engine_module), _mesh_over(scheduler_module, devices):
             engine = SglEngine(**options)
         # Engine.shutdown kills every child process of this one (a local Ray's included): never
         # let it run at exit; `shutdown` here parks the scheduler instead.
