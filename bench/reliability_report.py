@@ -1,9 +1,12 @@
 """The reliability report: every case of tests/reliability against a live fleet, as tables.
 
-Starts a local Ray and a fleet of 2 workers x 2 simulated CPU devices on tiny checkpoints made
-on the spot, then runs the cases defined once in tests/reliability/cases.py (the same helpers the
-tests assert on): bad weight updates, bad generate requests, faults (hang, kills, shutdown,
-garbage collection), security probes and a soak. Prints one row per case and a summary:
+Starts a local Ray (on loopback) and a fleet of 2 workers x 2 simulated CPU devices on tiny
+checkpoints made on the spot, then runs the cases defined once in tests/reliability/ (one
+module per category, the same helpers the tests assert on): bad weight updates, bad generate
+requests, faults (hang, kills, shutdown, garbage collection), security probes and a soak; then
+the node-loss cases on a multi-node cluster of its own (tests/reliability/nodes_cases.py: a
+node lost mid-generate, mid-stage and mid-commit, and added back). Prints one row per case and
+a summary:
 
     cases tried | clear errors | requests lost | versions mixed | memory drift | restarts
 
@@ -27,6 +30,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: 127.0.0.1 only
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="soak requests (default 2000, quick 400)")
     p.add_argument("--clients", type=int, default=None, help="soak client threads (default 8, quick 4)")
     p.add_argument("--json", type=Path, default=None, help="also write every outcome here as JSON")
+    p.add_argument("--skip-nodes", action="store_true", help="skip the multi-node cases (a cluster of 4 raylets)")
     return p.parse_args(argv)
 
 
@@ -57,9 +62,10 @@ def row(category: str, out: Any, ok: bool) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import ray
-    from reliability import cases
+    from reliability import bad_requests, bad_updates, faults, harness, security, soak
 
     import rollout
+    from rollout.local_ray import start_local_ray
     from rollout.testing import make_tiny_checkpoint
 
     requests = args.requests or (400 if args.quick else 2000)
@@ -68,66 +74,72 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     tmp = Path(tempfile.mkdtemp(prefix="rollout-reliability-"))
     ckpt = make_tiny_checkpoint(tmp / "qwen3", "Qwen3ForCausalLM", seed=1)
     other_ckpt = make_tiny_checkpoint(tmp / "qwen3_b", "Qwen3ForCausalLM", seed=2)
-    params, other = cases.engine_params(ckpt), cases.engine_params(other_ckpt)
-    ray.init(num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
+    params, other = harness.engine_params(ckpt), harness.engine_params(other_ckpt)
+    start_local_ray(num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     try:
-        svc = rollout.RolloutService(ckpt, **cases.FLEET)
+        svc = rollout.RolloutService(ckpt, **harness.FLEET)
         try:
             svc.sync_weights(params)
-            baseline = cases.fingerprint(svc)
-            for case in cases.BAD_UPDATES:
-                out = cases.try_bad_update(svc, case, params)
+            baseline = harness.fingerprint(svc)
+            for case in bad_updates.BAD_UPDATES:
+                out = bad_updates.try_bad_update(svc, case, params)
                 unchanged = out.fingerprint == baseline and out.worker_versions == {out.version_before}
                 rows.append(row("bad updates", out, out.clear and unchanged and out.lost == 0))
                 progress(rows[-1])
 
-            good = [c.token_ids for c in svc.generate(*cases.GOOD_REQUEST, timeout=180)]
-            for case in cases.BAD_REQUESTS:
-                out = cases.try_bad_request(svc, case)
+            good = [c.token_ids for c in svc.generate(*bad_requests.GOOD_REQUEST, timeout=180)]
+            for case in bad_requests.BAD_REQUESTS:
+                out = bad_requests.try_bad_request(svc, case)
                 ok = out.clear and out.details["queued"] == 0 and out.details["good_tokens"] == good
                 rows.append(row("bad requests", out, ok and out.lost == 0))
                 progress(rows[-1])
 
             for fault in (
-                lambda: cases.hang_in_stage(svc, other),
-                lambda: cases.feed_before_stage(svc, other),
-                lambda: cases.kill_worker_mid_generate(svc),
-                lambda: cases.kill_worker_mid_sync(svc, params, point="stage"),
-                lambda: cases.kill_worker_mid_sync(svc, other, point="commit"),
+                lambda: faults.hang_in_stage(svc, other),
+                lambda: faults.feed_before_stage(svc, other),
+                lambda: faults.kill_worker_mid_generate(svc),
+                lambda: faults.kill_worker_mid_sync(svc, params, point="stage"),
+                lambda: faults.kill_worker_mid_sync(svc, other, point="commit"),
             ):
                 out = fault()
                 ok = out.clear and out.lost == 0 and out.duplicates == 0 and out.worker_versions == {out.fleet_version}
                 rows.append(row("faults", out, ok))
                 progress(rows[-1])
-            for case in (cases.shutdown_while_generating, cases.collect_while_generating):
-                out = case(lambda: rollout.RolloutService(ckpt, **cases.SMALL_FLEET))
+            for case in (faults.shutdown_while_generating, faults.collect_while_generating):
+                out = case(lambda: rollout.RolloutService(ckpt, **harness.SMALL_FLEET))
                 ok = out.clear and out.details["released"] and out.details.get("collected", True)
                 rows.append(row("faults", out, ok))
                 progress(rows[-1])
 
             marker = tmp / "pwned"
             for probe in (
-                lambda: cases.stage_pickle_as_manifest(svc, marker / "manifest"),
-                lambda: cases.stage_pickle_as_bucket(svc, params, marker / "bucket"),
-                lambda: cases.stage_bit_flipped_bucket(svc, params),
-                lambda: cases.stage_without_checksums(svc, params),
+                lambda: security.stage_pickle_as_manifest(svc, marker / "manifest"),
+                lambda: security.stage_pickle_as_bucket(svc, params, marker / "bucket"),
+                lambda: security.stage_bit_flipped_bucket(svc, params),
+                lambda: security.stage_without_checksums(svc, params),
             ):
                 out = probe()
                 rows.append(row("security", out, out.clear and not out.details.get("executed", False)))
                 progress(rows[-1])
-            sockets = cases.listening_sockets_of_owned_ray(ckpt)
-            exposed = sorted({f"{s['process']}@{s['ip']}" for s in sockets if not cases.is_loopback(s["ip"])})
-            loopback = cases.Outcome("loopback_only", "security", clear=not exposed,
+            sockets = security.listening_sockets_of_owned_ray(ckpt)
+            exposed = sorted({f"{s['process']}@{s['ip']}" for s in sockets if not security.is_loopback(s["ip"])})
+            loopback = harness.Outcome("loopback_only", "security", clear=not exposed,
                                      message=f"{len(sockets)} listening sockets; not on loopback: {exposed}")
             rows.append(row("security", loopback, not exposed))
             progress(rows[-1])
 
-            result = cases.soak(svc, [params, other], requests=requests, clients=clients)
+            result = soak.soak(svc, [params, other], requests=requests, clients=clients)
         finally:
             svc.shutdown()
     finally:
         ray.shutdown()
-    soak = {
+    if not args.skip_nodes:
+        from reliability import nodes_cases
+
+        for out in nodes_cases.run_node_cases({"base": ckpt, "other": other_ckpt}):
+            rows.append(row("nodes", out, nodes_cases.node_ok(out)))
+            progress(rows[-1])
+    soaked = {
         "requests": result.requests, "clients": result.clients, "seconds": round(result.seconds, 1),
         "requests_per_s": round(result.rate, 1), "syncs": len(result.syncs), "sync_errors": result.sync_errors,
         "lost": result.lost, "duplicated": result.duplicates, "client_errors": result.client_errors[:5],
@@ -138,7 +150,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         "drift_mib": {w: round(d, 1) for w, d in result.drift_mib.items()}, "restarts": result.restarts,
         "compiled_before": result.compiled_before, "compiled_after": result.compiled_after,
     }
-    return rows, soak
+    return rows, soaked
 
 
 def progress(r: dict[str, Any]) -> None:
@@ -146,7 +158,7 @@ def progress(r: dict[str, Any]) -> None:
 
 
 def print_tables(rows: list[dict[str, Any]], soak: dict[str, Any]) -> None:
-    from reliability.cases import RSS_TOLERANCE_MIB
+    from reliability.soak import RSS_TOLERANCE_MIB
 
     print(f"{'category':<13}{'case':<33}{'error':<22}{'clear':<7}{'lost':>5}{'dup':>5}{'mixed':>7}{'restarts':>10}  ok")
     for r in rows:
@@ -156,7 +168,8 @@ def print_tables(rows: list[dict[str, Any]], soak: dict[str, Any]) -> None:
     print()
     print("messages:")
     for r in rows:
-        print(f"  {r['case']}: {r['message']}")
+        joined = r["details"].get("join_to_serving_s")
+        print(f"  {r['case']}: {r['message']}" + (f" (node added back: serving after {joined} s)" if joined else ""))
         if not r["ok"]:
             print(f"    FAILED; details: {r['details']}")
     print()

@@ -7,8 +7,11 @@
     outs = rollout.generate(prompts, sampling=rollout.SamplingParams(n=8, max_tokens=256))
     for c in rollout.generate_async(prompts):  # completions as prompts finish (or `async for`)
         ...
+    scores = rollout.score(prompts, completions)   # per-token logprobs of given token ids
     rollout.status()
     rollout.shutdown()
+
+    server = rollout.serve(model_or_service, port=8000)   # OpenAI-compatible HTTP ([serve] extra)
 
 `rollout.RolloutService(...)` is the same as an object (and a context manager); the module-level
 functions drive a default service made by `init`. Importing this package is cheap: it imports
@@ -25,6 +28,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
 from rollout.fleet import FleetConfig
+from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.spec import SpecMismatchError
 
@@ -42,6 +46,7 @@ __all__ = [
     "PlacementError",
     "RolloutService",
     "SamplingParams",
+    "Scores",
     "ServiceClosedError",
     "SpecMismatchError",
     "SyncError",
@@ -50,6 +55,8 @@ __all__ = [
     "generate",
     "generate_async",
     "init",
+    "serve",
+    "score",
     "shutdown",
     "status",
     "sync_weights",
@@ -68,12 +75,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")
 
 
-def init(model: str, num_workers: int = 2, devices_per_worker: int = 4, **options: Any) -> "RolloutService":
+def init(
+    model: str,
+    num_workers: int = FleetConfig.num_workers,
+    devices_per_worker: int = FleetConfig.devices_per_worker,
+    **options: Any,
+) -> "RolloutService":
     """Start the default rollout service and return it.
 
-    The arguments are RolloutService's (load_format, dtype, max_batch, max_seq_len,
-    swap_policy, accelerator, engine ("native" or "sglang-jax"), bucket_bytes, sync_timeout_s, decode_steps, ...; see its
-    docstring). Starts a local Ray, listening on loopback only, if none is initialized;
+    The arguments are RolloutService's: the fields of FleetConfig and EngineConfig (load_format,
+    dtype, max_batch, max_seq_len, swap_policy, accelerator, engine ("native" or
+    "sglang-jax", see rollout.engine.backend.BACKENDS), bucket_bytes, ...), each defaulting
+    to its field's default. Starts a local Ray, listening on loopback only, if none is initialized;
     otherwise joins it (e.g. after `ray.init(address="auto")`).
     """
     global _default
@@ -122,6 +135,32 @@ def generate_async(
     """A stream of completions as prompts finish (`for` or `async for`).
     See RolloutService.generate_async."""
     return _service().generate_async(prompts, sampling, return_logprobs=return_logprobs, timeout=timeout)
+
+
+def serve(model: Any, **options: Any) -> Any:
+    """Start a fleet (or use a RolloutService) and an OpenAI-compatible HTTP server on it;
+    returns the running server (`url`, `service`, `shutdown()`). Needs the `serve` extra
+    (`pip install "rollout[serve]"`). See rollout.server.handle.serve for the options."""
+    try:
+        from rollout.server import serve as _serve
+    except ImportError as err:
+        raise ImportError(
+            f"rollout.serve needs the server libraries ({err.name} is missing); install them with "
+            '`pip install "rollout[serve]"`'
+        ) from err
+    return _serve(model, **options)
+
+
+def score(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    temperature: float = 1.0,
+    timeout: float | None = None,
+) -> "Scores":
+    """Per-token logprobs of each completion (token ids) after its prompt, teacher-forced, on one
+    weight version (returned with them). See RolloutService.score."""
+    return _service().score(prompts, completions, temperature=temperature, timeout=timeout)
 
 
 def status() -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""The `rollout` command line: demo, generate, bench.
+"""The `rollout` command line: demo, generate, bench, serve.
 
     rollout demo                      GRPO on a toy task against a local Ray fleet (the main job)
     rollout generate MODEL PROMPT...  load a checkpoint, generate, print one JSON line per sample
-    rollout bench engine|sync [...]   run bench/bench_<name>.py from the source checkout
+    rollout bench NAME [...]          run a benchmark of rollout.bench (engine, sync, serve, fanout, backends)
+    rollout serve MODEL [...]         OpenAI-compatible HTTP server on a fleet (rollout/server/)
 
 JAX reads XLA_FLAGS once, at import, so this module imports nothing heavy at the top: each
 command first sets the simulated device count (on CPU), then imports jax and the engine.
@@ -13,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-
+from rollout.engine.backend import BACKENDS
+from rollout.engine.config import DTYPES, EngineConfig
+from rollout.fleet import FleetConfig
 
 # -- demo ---------------------------------------------------------------------------------------
 
@@ -92,11 +92,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logprobs", action="store_true", help="include each token's logprob")
     p.add_argument("--workers", type=int, default=0, help="Ray workers; 0 = one engine in this process (default)")
     p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--max-batch", type=int, default=None,
+        help=f"decode slots per engine (default: the samples asked for, at most {EngineConfig.max_batch})",
+    )
+    p.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + new tokens per sample")
+    p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
     p.add_argument("--accelerator", default="cpu", help="cpu, tpu or gpu")
-    p.add_argument("--engine", default="native", choices=("native", "sglang-jax"),
+    p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS),
                    help="engine backend (sglang-jax: Python >= 3.12, the sglang extra; no --logprobs)")
     p.set_defaults(run=_run_generate)
 
@@ -110,6 +113,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.exit("error: no prompts given (pass them as arguments or one per line on stdin)")
     if args.chat:
         prompts = [[{"role": "user", "content": p}] for p in prompts]
+    # a one-off run needs no more KV slots than samples (KV memory grows with max_batch)
+    max_batch = args.max_batch or min(EngineConfig.max_batch, len(prompts) * args.n)
 
     from rollout.engine.sampling_params import SamplingParams
 
@@ -131,7 +136,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             devices_per_worker=args.devices_per_worker,
             dtype=args.dtype,
-            max_batch=args.max_batch,
+            max_batch=max_batch,
             max_seq_len=args.max_seq_len,
             accelerator=args.accelerator,
             engine=args.engine,
@@ -143,15 +148,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         import jax
 
-        from rollout.engine import EngineConfig
-        from rollout.engine.engine import Engine
+        from rollout.engine.backend import engine_factory
 
-        config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
-        if args.engine == "sglang-jax":
-            from rollout.engine.sglang import create_engine as make_engine
-        else:
-            make_engine = Engine
-        with make_engine(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
+        config = EngineConfig(max_batch=max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
+        with engine_factory(args.engine)(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
             outs = engine.generate(prompts, sampling, return_logprobs=args.logprobs)
     for o in outs:
         record = {
@@ -171,32 +171,37 @@ def _run_generate(args: argparse.Namespace) -> int:
 # -- bench --------------------------------------------------------------------------------------
 
 
-def _benches() -> dict[str, Path]:
-    return {p.stem[len("bench_"):]: p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
-
-
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from rollout.bench import BENCHMARKS
+
     p = sub.add_parser(
         "bench",
-        help="run a benchmark script from bench/ (engine, sync, ...)",
+        help="run a benchmark (engine, sync, serve, fanout, backends)",
         description=(
-            "Run bench/bench_NAME.py of the source checkout with the remaining arguments, e.g. "
-            "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows the "
-            "script's own options."
+            "Run the benchmark NAME (a module of rollout.bench) with the remaining arguments, e.g. "
+            "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows its own options."
         ),
     )
-    p.add_argument("name", help="benchmark to run: " + (", ".join(_benches()) or "none found"))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="benchmark to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    benches = _benches()
-    script = benches.get(args.name)
-    if script is None:
-        where = f"in {BENCH_DIR}" if BENCH_DIR.is_dir() else f"({BENCH_DIR} does not exist: run from a source checkout)"
-        sys.exit(f"error: no benchmark {args.name!r} {where}; available: {sorted(benches) or 'none'}")
-    return subprocess.call([sys.executable, str(script), *args.args])
+    import importlib
+
+    from rollout.bench import BENCHMARKS
+
+    return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from rollout.server.cli import add_parser  # imports nothing heavy; the server loads on run
+
+    add_parser(sub)
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -211,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

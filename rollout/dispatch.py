@@ -22,9 +22,8 @@ import ray
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError
-from rollout.errors import ServiceClosedError, WorkerUnavailableError
+from rollout.errors import ServiceClosedError, WorkerUnavailableError, describe_error
 from rollout.routing import Router, request_cost
-from rollout.sync import describe_error
 
 _MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worker to be up)
 

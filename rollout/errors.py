@@ -1,4 +1,5 @@
-"""Errors of the rollout fleet (the engine's own errors live in rollout.engine.types)."""
+"""Errors of the rollout fleet, and `describe_error`, the one-line cause of a Ray error (the
+engine's own errors live in rollout.engine.types)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,24 @@ class WorkerUnavailableError(RuntimeError):
 
 class ServiceClosedError(RuntimeError):
     """The rollout service was shut down (or never started)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: the root cause of a Ray error (the worker's own exception when there is one)."""
+    import ray  # not at import: `import rollout` loads this module and stays free of Ray
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        if cause is not err:
+            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+    if isinstance(err, ray.exceptions.ActorUnavailableError):
+        return "the worker is unavailable (it died and is restarting)"
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "the worker died (" + first_line(str(err)) + ")"
+    return f"{type(err).__name__}: {first_line(str(err))}"
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of `text` (Ray errors carry tracebacks below it)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text

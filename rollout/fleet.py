@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from rollout.engine.config import EngineConfig
 from rollout.errors import PlacementError
+from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
 
 ACCELERATORS = ("auto", "cpu", "tpu", "gpu")
-ENGINES = ("native", "sglang-jax")  # what each worker hosts: rollout's JAX engine, or sglang-jax
 _PASSED_THROUGH = (
     "HF_HUB_OFFLINE",
     "HF_HOME",
@@ -39,14 +40,13 @@ class FleetConfig:
     num_workers: int = 2  # engines; each takes whole prompts, so more workers = more throughput
     devices_per_worker: int = 4  # TPU chips / GPUs / simulated CPU devices per engine (one mesh)
     accelerator: str = "auto"  # auto: TPU if the cluster has TPU resources, else GPU, else CPU
-    # native: rollout's engine (logprobs, every swap policy); sglang-jax: an sglang-jax Engine per
-    # worker (Python >= 3.12 and the `sglang` extra; drain swaps only, no logprobs: see README)
-    engine: str = "native"
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (its scheduler and fetch threads)
     bucket_bytes: int = 256 << 20  # object-store bucket size: fewer objects vs. bigger fetch units
     max_inflight_buckets: int = 4  # buckets a worker fetches at once: bounds its transient memory
-    checksum: str = "sum64"  # bucket checksum: sum64 (memory speed) or crc32 (~0.3 s/GiB per reader)
-    pipelined_sync: bool = True  # workers stage bucket k while bucket k+1 is put (False: put all first)
+    checksum: str = DEFAULT_CHECKSUM  # bucket checksum: xxh3_64 (memory speed) or crc32 (~0.3 s/GiB per reader)
+    # Worker nodes that each relay a sync's buckets to (rollout/relay.py): the coordinator's node
+    # sends one model per sync, not one per worker node. 0: every worker fetches from the coordinator.
+    relay_fanout: int = 2
     sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
     ready_timeout_s: float = 600.0  # workers must build their engines within this at start
     max_restarts: int = -1  # Ray restarts of a dead worker; -1 = forever, 0 = never
@@ -56,24 +56,58 @@ class FleetConfig:
     # Extra environment of worker processes, e.g. {"JAX_COMPILATION_CACHE_DIR": "/cache"} so a
     # restarted worker reuses compiled programs instead of compiling again.
     env_vars: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The engine backend of every worker: a name in rollout.engine.backend.BACKENDS ("native":
+    # rollout's engine; "sglang-jax": an sglang-jax Engine, Python >= 3.12 and the `sglang` extra,
+    # drain swaps only, no logprobs or scoring: see README), or a factory (model, EngineConfig,
+    # devices) -> EngineBackend (picklable; built in the worker).
+    engine: str | Callable[..., Any] = "native"
 
     def __post_init__(self) -> None:
+        from rollout.engine.backend import check_engine  # not at import: `import rollout` stays light
+
+        check_engine(self.engine)
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator={self.accelerator!r}: expected one of {ACCELERATORS}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine={self.engine!r}: expected one of {ENGINES}")
         for name in ("num_workers", "devices_per_worker", "max_inflight_buckets", "sync_history"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")
         if not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1 << 10:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r}: expected an integer >= 1024")
-        if self.checksum not in ("sum64", "crc32"):
-            raise ValueError(f"checksum={self.checksum!r}: expected 'sum64' or 'crc32'")
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"checksum={self.checksum!r}: expected one of {CHECKSUMS}")
+        if not isinstance(self.relay_fanout, int) or isinstance(self.relay_fanout, bool) or self.relay_fanout < 0:
+            raise ValueError(f"relay_fanout={self.relay_fanout!r}: expected an integer >= 0 (0 turns the relay off)")
         if self.max_restarts < -1 or self.max_request_retries < 0:
             raise ValueError("max_restarts must be >= -1 and max_request_retries >= 0")
         if self.cpus_per_worker < 0 or self.sync_timeout_s <= 0 or self.ready_timeout_s <= 0:
             raise ValueError("cpus_per_worker must be >= 0 and the timeouts > 0 seconds")
+
+
+FLEET_OPTIONS = tuple(f.name for f in dataclasses.fields(FleetConfig))
+ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def service_configs(options: Mapping[str, Any]) -> tuple[FleetConfig, EngineConfig]:
+    """The keyword options of `rollout.init` / `RolloutService` -> (FleetConfig, EngineConfig).
+
+    The options are exactly the fields of the two dataclasses, and an option not given keeps
+    its field's default: the one definition of every default.
+
+    >>> fleet, engine = service_configs({"num_workers": 3, "max_batch": 8})
+    >>> fleet.num_workers, fleet.devices_per_worker, engine.max_batch, engine.max_seq_len
+    (3, 4, 8, 2048)
+    """
+    unknown = sorted(set(options) - set(FLEET_OPTIONS) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown}; expected fields of FleetConfig {sorted(FLEET_OPTIONS)} "
+            f"or EngineConfig {sorted(ENGINE_OPTIONS)}"
+        )
+    return (
+        FleetConfig(**{k: v for k, v in options.items() if k in FLEET_OPTIONS}),
+        EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS}),
+    )
 
 
 def resolve_accelerator(accelerator: str, cluster: Mapping[str, float]) -> str:

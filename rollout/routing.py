@@ -111,9 +111,6 @@ class Router:
     def epoch(self, worker: int) -> int:
         return self._epoch[worker]
 
-    def state(self, worker: int) -> str:
-        return self._state[worker]
-
     def workers_in(self, state: str) -> list[int]:
         with self._cond:
             return [i for i, s in enumerate(self._state) if s == state]

@@ -16,7 +16,6 @@ up with the fleet's committed version.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -24,82 +23,79 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rollout.contract import WorkerStatus
 from rollout.dispatch import Dispatch, GenerationStream
-from rollout.engine.config import EngineConfig
+from rollout.engine.backend import EngineCapabilities
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
-from rollout.errors import PlacementError, ServiceClosedError
+from rollout.errors import PlacementError, ServiceClosedError, describe_error
 from rollout.fleet import (
     FleetConfig,
     actor_options,
     check_placement,
     placement_message,
     resolve_accelerator,
+    service_configs,
 )
 from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.registry import UpdateRegistry
 from rollout.routing import DEAD, DOWN, UP, Router
-from rollout.sync import Fleet, SyncRecord, WeightSync, describe_error
+from rollout.sync import Fleet, SyncRecord, WeightSync
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
 from rollout.worker import RolloutWorker
 
+if TYPE_CHECKING:
+    from rollout.streaming import FleetRequest, TokenStream
+
 log = logging.getLogger("rollout.service")
-_FLEET_FIELDS = {f.name for f in dataclasses.fields(FleetConfig)}
-_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 _PROBE_INTERVAL_S = 0.25
+# Options that were removed, and what to do instead.
+_REMOVED_OPTIONS = {
+    "pipelined_sync": "every sync is pipelined now (workers stage bucket k while bucket k+1 is packed and "
+    "put; it was the default): drop the option",
+}
 
 
 class RolloutService:
     """A fleet of `num_workers` engines, each on `devices_per_worker` devices.
 
     `model` is an HF directory or repo id (the driver reads its config and tokenizer to validate
-    prompts; each worker loads the weights, or only shapes with load_format="dummy"). Further
-    keyword options are the other fields of FleetConfig (engine: "native" or "sglang-jax",
-    cpus_per_worker, max_restarts, checksum, env_vars, ...) and EngineConfig (max_prefill_batch, seed). `accelerator`: "cpu"
-    (devices simulated), "tpu", "gpu" or "auto" (TPU if the cluster has TPUs, then GPU, else
-    CPU). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
+    prompts; each worker loads the weights, or only shapes with load_format="dummy"). The
+    keyword options are the fields of FleetConfig (accelerator, engine, bucket_bytes, checksum,
+    max_restarts, env_vars, ...) and EngineConfig (load_format, dtype, max_batch, max_seq_len,
+    swap_policy, ...); an option not given keeps its field's default (rollout.fleet.service_configs). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
     running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
+    `worker_class` is the actor class of the workers: RolloutWorker or a subclass of it (the
+    reliability tests inject faults with one).
     """
 
     def __init__(
         self,
         model: str | os.PathLike[str],
-        num_workers: int = 2,
-        devices_per_worker: int = 4,
+        num_workers: int = FleetConfig.num_workers,
+        devices_per_worker: int = FleetConfig.devices_per_worker,
         *,
-        load_format: str = "auto",
-        dtype: str = "float32",
-        max_batch: int = 64,
-        max_seq_len: int = 2048,
-        swap_policy: str = "drain",
-        accelerator: str = "auto",
-        bucket_bytes: int = 256 << 20,
-        sync_timeout_s: float = 600.0,
-        decode_steps: int = 4,
         ray_init_kwargs: dict[str, Any] | None = None,
+        worker_class: type[RolloutWorker] = RolloutWorker,
         **options: Any,
     ):
-        options.update(
-            num_workers=num_workers, devices_per_worker=devices_per_worker, load_format=load_format, dtype=dtype,
-            max_batch=max_batch, max_seq_len=max_seq_len, swap_policy=swap_policy, accelerator=accelerator,
-            bucket_bytes=bucket_bytes, sync_timeout_s=sync_timeout_s, decode_steps=decode_steps,
+        removed = sorted(set(options) & set(_REMOVED_OPTIONS))
+        if removed:
+            raise TypeError("; ".join(f"option {name!r} was removed: {_REMOVED_OPTIONS[name]}" for name in removed))
+        if not (isinstance(worker_class, type) and issubclass(worker_class, RolloutWorker)):
+            raise TypeError(f"worker_class={worker_class!r}: expected rollout.worker.RolloutWorker or a subclass")
+        self.fleet_config, self.engine_config = service_configs(
+            {"num_workers": num_workers, "devices_per_worker": devices_per_worker, **options}
         )
-        unknown = sorted(set(options) - _FLEET_FIELDS - _ENGINE_FIELDS)
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {unknown}; expected fields of FleetConfig "
-                f"{sorted(_FLEET_FIELDS)} or EngineConfig {sorted(_ENGINE_FIELDS)}"
-            )
-        self.fleet_config = FleetConfig(**{k: v for k, v in options.items() if k in _FLEET_FIELDS})
-        self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = ModelConfig.from_pretrained(self.checkpoint)
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
@@ -115,7 +111,7 @@ class RolloutService:
         self._handles: list[Any] = []
         self._registry: Any = None
         try:
-            self._start_fleet()
+            self._start_fleet(worker_class)
         except BaseException:
             self._kill_actors()
             if self._owns_ray:
@@ -129,9 +125,8 @@ class RolloutService:
             Fleet(self._handles, self._registry, self.spec, self._live_workers, self._worker_down),
             self.fleet_config.bucket_bytes,
             self.fleet_config.sync_timeout_s,
-            self.model_config.tie_word_embeddings,
             self.fleet_config.checksum,
-            self.fleet_config.pipelined_sync,
+            relay_fanout=self.fleet_config.relay_fanout,
         )
         self._probes: dict[int, tuple[Any, str, float]] = {}  # worker -> (ref, kind, down since)
         self._stop = threading.Event()
@@ -147,29 +142,31 @@ class RolloutService:
 
     # -- startup ----------------------------------------------------------------------------------
 
-    def _start_fleet(self) -> None:
+    def _start_fleet(self, worker_class: type[RolloutWorker]) -> None:
         cfg = self.fleet_config
         if cfg.check_resources:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             check_placement(cfg, self.accelerator, nodes, ray.cluster_resources(), ray.available_resources())
         namespace = ray.get_runtime_context().namespace
         registry_name = f"rollout-registry-{uuid.uuid4().hex[:10]}"
-        self._registry = ray.remote(UpdateRegistry).options(name=registry_name, num_cpus=0).remote()
+        # On the coordinator's node: a registry on a worker's node would be lost with that node
+        # (a preempted host), and with it the committed update restarted workers catch up from.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._registry = ray.remote(UpdateRegistry).options(
+            name=registry_name, num_cpus=0, scheduling_strategy=here).remote()
         options = actor_options(cfg, self.accelerator, os.environ)
-        worker_cls = ray.remote(RolloutWorker)
+        worker_cls = ray.remote(worker_class)
         self._handles = [
-            worker_cls.options(**options).remote(
-                i, self._model_ref, self.engine_config, cfg.devices_per_worker, registry_name, namespace,
-                cfg.max_inflight_buckets, cfg.sync_timeout_s, engine=cfg.engine,
-            )
+            worker_cls.options(**options).remote(i, self._model_ref, self.engine_config, cfg, registry_name, namespace)
             for i in range(cfg.num_workers)
         ]
         start = time.monotonic()
         probes = {h.ready.remote(): i for i, h in enumerate(self._handles)}
         done, pending = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.ready_timeout_s)
+        replies = []
         for ref in done:
             try:
-                ray.get(ref)
+                replies.append(ray.get(ref))
             except Exception as err:  # noqa: BLE001 - say which worker and why
                 raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
         if pending:
@@ -181,6 +178,9 @@ class RolloutService:
                 + f" Workers not ready: {sorted(probes[r] for r in pending)}."
             )
         self.spec: ParamSpec = ray.get(self._handles[0].spec.remote())
+        # What the backend cannot do (logprobs, scoring): refused here before anything is queued.
+        # Every worker runs the same backend, so one reply says it for all.
+        self.capabilities: EngineCapabilities = replies[0].capabilities
         log.info(json.dumps({"event": "fleet_ready", "workers": cfg.num_workers, "accelerator": self.accelerator,
                              "devices_per_worker": cfg.devices_per_worker, "seconds": round(time.monotonic() - start, 3)}))
 
@@ -194,8 +194,8 @@ class RolloutService:
     @property
     def latest_version(self) -> int:
         """The newest version past its commit point (equal to `version` outside a sync's commit)."""
-        update = self._sync.last_update
-        return self._version if update is None else max(self._version, int(update["version"]))
+        update = self._sync.committed
+        return self._version if update is None else max(self._version, update.version)
 
     def sync_weights(self, params: Any) -> int:
         """Push new weights to every worker; returns the new version (previous + 1).
@@ -267,10 +267,8 @@ class RolloutService:
         self._check_open()
         if worker is not None and not (isinstance(worker, int) and 0 <= worker < self.fleet_config.num_workers):
             raise ValueError(f"worker={worker!r}: expected None or an index in [0, {self.fleet_config.num_workers})")
-        if return_logprobs and self.fleet_config.engine == "sglang-jax":
-            from rollout.engine.sglang.requirements import logprobs_unavailable
-
-            raise logprobs_unavailable(platform=self.accelerator)
+        if return_logprobs:
+            self.capabilities.require("logprobs")
         encoded = self._validator.encode_all(prompts, sampling)
         dispatch = Dispatch(
             handles=self._handles,
@@ -285,17 +283,69 @@ class RolloutService:
         )
         return GenerationStream(dispatch)
 
+    def generate_stream(
+        self, prompt: Prompt, sampling: SamplingParams = SamplingParams(), *, return_logprobs: bool = True
+    ) -> "TokenStream":
+        """One prompt's samples token by token: an async iterator of TokenDelta lists, for
+        servers and agents on an event loop (see rollout.streaming). Validated now; the request
+        is sent when iteration starts and cancelled on its worker if the iteration stops early."""
+        from rollout.streaming import TokenStream
+
+        return TokenStream(self._fleet_request(prompt, sampling, return_logprobs))
+
+    async def agenerate(
+        self, prompt: Prompt, sampling: SamplingParams = SamplingParams(), *, return_logprobs: bool = True
+    ) -> list[Completion]:
+        """One prompt's n completions, awaited on the caller's event loop (no thread per call)."""
+        return await self._fleet_request(prompt, sampling, return_logprobs).completions()
+
+    def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> "FleetRequest":
+        from rollout.streaming import FleetRequest
+
+        self._check_open()
+        if return_logprobs:
+            self.capabilities.require("logprobs")
+        ids = self._validator.encode_all([prompt], sampling)[0]
+        return FleetRequest(
+            handles=self._handles, router=self._router, worker_down=self._worker_down, prompt_ids=ids,
+            sampling=sampling, return_logprobs=return_logprobs, max_retries=self.fleet_config.max_request_retries,
+            tokenizer=self.tokenizer,
+        )
+
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Any],
+        *,
+        temperature: float = 1.0,
+        timeout: float | None = None,
+    ) -> Any:
+        """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced:
+        a `Scores` with one float32 array per pair and the one weight version that computed them
+        all (at least the version committed when the call started). At `temperature` T the
+        numbers are log_softmax(logits / T), the distribution generate samples from. Every pair
+        is validated before any is sent. See rollout.score_dispatch."""
+        from rollout.scores import check_temperature, encode_pairs
+        from rollout.score_dispatch import score_on_fleet
+
+        self._check_open()
+        self.capabilities.require("score")
+        prompt_ids, completion_ids = encode_pairs(
+            self._validator.encode, prompts, completions,
+            vocab_size=self.model_config.vocab_size, max_seq_len=self.engine_config.max_seq_len,
+        )
+        return score_on_fleet(
+            handles=self._handles, router=self._router, worker_down=self._worker_down, prompts=prompt_ids,
+            completions=completion_ids, temperature=check_temperature(temperature), timeout=timeout,
+            max_retries=self.fleet_config.max_request_retries, min_version=self._version,
+        )
+
     # -- workers: liveness and catching up --------------------------------------------------------
 
     @property
     def workers(self) -> list[Any]:
         """The worker actor handles, by index (for tests and debugging)."""
         return list(self._handles)
-
-    def inject_fault(self, worker: int, point: str, message: str | None = None, delay_s: float = 0.0, times: int = 1) -> None:
-        """Test-only: worker `worker` fails (raises `message`) and/or stalls at `point`
-        ("stage", "commit" or "generate") the next `times` times."""
-        ray.get(self._handles[worker].inject_fault.remote(point, message, delay_s, times))
 
     def wait_for_workers(self, timeout: float = 120.0) -> bool:
         """Wait until no worker is down (each is up, serving the fleet's version, or dead)."""
@@ -330,12 +380,12 @@ class RolloutService:
                 else:
                     self._probes[index] = (self._handles[index].ready.remote(), "ready", since)
                 continue
-            if kind == "ready" and info["version"] < self.latest_version:
+            if kind == "ready" and info.version < self.latest_version:
                 self._probes[index] = (self._handles[index].catch_up.remote(), "catch_up", since)
                 continue
             if self._router.mark(index, UP):
                 log.info(json.dumps({"event": "worker_up", "worker": index, "down_s": round(time.monotonic() - since, 3),
-                                     "pid": info.get("pid"), "starts": info.get("starts")}))
+                                     "pid": getattr(info, "pid", None), "starts": getattr(info, "starts", None)}))
 
     def _restarts_exhausted(self, index: int, since: float) -> bool:
         limit = self.fleet_config.max_restarts
@@ -350,13 +400,15 @@ class RolloutService:
     # -- status and lifecycle ---------------------------------------------------------------------
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Per worker: state, version, queue depth, active slots, tokens generated, restarts,
-        outstanding work; per sync (the last `sync_history`): version, bytes, phase seconds."""
+        """Per worker: its WorkerStatus (version, staged version, queue depth, active slots,
+        tokens generated, ...; rollout.contract) with its routing state, outstanding work and
+        restarts, or the error that kept it from answering; per sync (the last `sync_history`):
+        version, bytes, phase seconds."""
         self._check_open()
         routing = self._router.snapshot()
         calls = {h.status.remote(): i for i, h in enumerate(self._handles) if routing[i]["state"] != DEAD}
         done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
-        reports: dict[int, dict[str, Any]] = {}
+        reports: dict[int, WorkerStatus | dict[str, str]] = {}
         for ref in done:
             try:
                 reports[calls[ref]] = ray.get(ref)
@@ -366,13 +418,10 @@ class RolloutService:
         workers = []
         for i, route in enumerate(routing):
             report = reports.get(i, {"error": "no status reply"})
-            entry = {"index": i, **route, "alive": route["state"] == UP and "error" not in report,
-                     "restarts": max(0, starts.get(i, 1) - 1)}
-            for key in ("version", "serving_version", "staged_version", "queue_depth", "active_slots",
-                        "tokens_generated", "requests_finished", "swaps", "compiled", "devices", "pid", "error"):
-                if key in report:
-                    entry[key] = report[key]
-            workers.append(entry)
+            # the worker's own report (WorkerStatus), then what the coordinator knows better:
+            # routing, liveness as routed, restarts as counted by the registry
+            workers.append({**report, "index": i, **route, "alive": route["state"] == UP and "error" not in report,
+                            "restarts": max(0, starts.get(i, 1) - 1)})
         return {
             "version": self._version,
             "latest_version": self.latest_version,
@@ -403,10 +452,10 @@ class RolloutService:
         if self._closed:
             raise ServiceClosedError("the rollout service is shut down; create a new one (rollout.init)")
 
-    def __enter__(self) -> "RolloutService":
+    def __enter__(self) -> RolloutService:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     def __repr__(self) -> str:
@@ -415,7 +464,7 @@ class RolloutService:
                 f"{self.accelerator} devices, version {self._version})")
 
 
-def _health_loop(service_ref: "weakref.ref[RolloutService]", stop: threading.Event) -> None:
+def _health_loop(service_ref: weakref.ref[RolloutService], stop: threading.Event) -> None:
     """Probe down workers every _PROBE_INTERVAL_S until stopped or the service is collected."""
     while not stop.wait(_PROBE_INTERVAL_S):
         service = service_ref()

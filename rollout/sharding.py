@@ -1,18 +1,22 @@
 """Tensor-parallel sharding of params and KV cache over one worker's devices.
 
-Each array dimension carries a logical axis name; one small table maps logical names to the mesh
-axis `tp`. A logical axis is sharded only when its size divides evenly by the number of devices
-(e.g. 2 KV heads on 4 devices stay replicated), so any device count works.
+Every parameter declares its logical axes where it is made (`nnx.Param(..., axes=("embed",
+"q_heads"))` in the family's module); one small table maps logical names to the mesh axis `tp`.
+A logical axis is split only when its size divides evenly by the number of devices (e.g. 2 KV
+heads on 4 devices stay replicated), so any device count works. A parameter without declared
+axes, or with an axis this table has no rule for, is refused when the model is built
+(ShardingRuleError): nothing is replicated by accident.
 
-    q/k/v/gate/up kernels: column-parallel    (embed, heads|mlp)
-    o/down kernels:        row-parallel       (heads|mlp, embed)
+    q/k/v/gate/up kernels: column-parallel    (embed, q_heads|kv_heads|mlp)
+    o/down kernels:        row-parallel       (q_heads|mlp, embed)
     embedding and lm head: vocab-parallel
+    norms:                 replicated         (embed) or (head_dim)
     KV cache:              by KV heads        (slots, kv_heads, seq, head_dim)
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -22,21 +26,16 @@ from rollout.models.config import ModelConfig
 
 TP = "tp"
 
-# Logical axes of each parameter, keyed by the last two components of its path.
-_PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
-    ("q_proj", "kernel"): ("embed", "q_heads"),
-    ("k_proj", "kernel"): ("embed", "kv_heads"),
-    ("v_proj", "kernel"): ("embed", "kv_heads"),
-    ("o_proj", "kernel"): ("q_heads", "embed"),
-    ("q_proj", "bias"): ("q_heads",),
-    ("k_proj", "bias"): ("kv_heads",),
-    ("v_proj", "bias"): ("kv_heads",),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
-    ("down_proj", "kernel"): ("mlp", "embed"),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-}
+REPLICATED_AXES = ("embed", "head_dim")  # never split: every device needs them whole
+SPLIT_AXES = ("vocab", "q_heads", "kv_heads", "mlp")  # split over `tp` when their size divides
+LOGICAL_AXES = REPLICATED_AXES + SPLIT_AXES
 CACHE_AXES: tuple[str | None, ...] = (None, "kv_heads", None, None)
+
+Axes = tuple[str | None, ...]
+
+
+class ShardingRuleError(ValueError):
+    """A parameter whose logical axes have no sharding rule."""
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,34 +44,54 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def logical_rules(cfg: ModelConfig, tp: int) -> dict[str, str | None]:
-    """Logical axis -> mesh axis, sharding only what divides evenly over `tp` devices."""
+    """Logical axis -> mesh axis, splitting only what divides evenly over `tp` devices."""
     sizes = {
         "vocab": cfg.vocab_size,
         "q_heads": cfg.num_heads,
         "kv_heads": cfg.num_kv_heads,
         "mlp": cfg.intermediate_size,
     }
-    rules: dict[str, str | None] = {"embed": None}
-    for name, size in sizes.items():
-        rules[name] = TP if tp > 1 and size % tp == 0 else None
+    rules: dict[str, str | None] = {name: None for name in REPLICATED_AXES}
+    for name in SPLIT_AXES:
+        rules[name] = TP if tp > 1 and sizes[name] % tp == 0 else None
     return rules
 
 
-def param_axes(path: str) -> tuple[str | None, ...]:
-    parts = path.split(".")
-    if parts[-1] == "embed_tokens":
-        return ("vocab", "embed")
-    return _PARAM_AXES.get(tuple(parts[-2:]), ())  # norms and anything else: replicated
+def check_axes(path: str, axes: Axes | None, ndim: int) -> Axes:
+    """`axes` if every one has a rule and there is one per dimension, else ShardingRuleError.
+
+    >>> check_axes("mlp.up_proj.kernel", ("embed", "experts"), 2)
+    Traceback (most recent call last):
+    ...
+    rollout.sharding.ShardingRuleError: parameter 'mlp.up_proj.kernel' has logical axes ('embed', 'experts'): no sharding rule for ['experts']; use axes of rollout.sharding.LOGICAL_AXES ('embed', 'head_dim', 'vocab', 'q_heads', 'kv_heads', 'mlp') or add a rule for them to rollout.sharding.logical_rules
+    """
+    if axes is None:
+        raise ShardingRuleError(
+            f"parameter {path!r} declares no logical axes; declare them where it is made, e.g. "
+            f"nnx.Param(value, axes=('embed', 'mlp')) (one per dimension, from {LOGICAL_AXES})"
+        )
+    unknown = [a for a in axes if a is not None and a not in LOGICAL_AXES]
+    if unknown:
+        raise ShardingRuleError(
+            f"parameter {path!r} has logical axes {tuple(axes)}: no sharding rule for {unknown}; use axes "
+            f"of rollout.sharding.LOGICAL_AXES {LOGICAL_AXES} or add a rule for them to "
+            "rollout.sharding.logical_rules"
+        )
+    if len(axes) != ndim:
+        raise ShardingRuleError(
+            f"parameter {path!r} has {ndim} dimension(s) but logical axes {tuple(axes)}; declare one per dimension"
+        )
+    return tuple(axes)
 
 
-def to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None]) -> PartitionSpec:
+def to_spec(axes: Axes, rules: Mapping[str, str | None]) -> PartitionSpec:
     """Logical axes -> PartitionSpec, in canonical form (no trailing None).
 
     jit returns shardings in canonical form; an input spec with trailing Nones would compare
     unequal to it and make the next call with the returned cache compile again.
 
     >>> to_spec((None, None, "kv_heads", None), {"kv_heads": "tp"})
-    PartitionSpec(None, None, 'tp')
+    P(None, None, 'tp')
     """
     parts = [rules.get(a) if a else None for a in axes]
     while parts and parts[-1] is None:
@@ -80,12 +99,13 @@ def to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None]) -> Parti
     return PartitionSpec(*parts)
 
 
-def param_sharding(path: str, mesh: Mesh, cfg: ModelConfig) -> NamedSharding:
-    return NamedSharding(mesh, to_spec(param_axes(path), logical_rules(cfg, mesh.size)))
+def logical_sharding(axes: Axes, mesh: Mesh, cfg: ModelConfig) -> NamedSharding:
+    """The sharding of an array with logical `axes` on `mesh`."""
+    return NamedSharding(mesh, to_spec(axes, logical_rules(cfg, mesh.size)))
 
 
 def cache_sharding(mesh: Mesh, cfg: ModelConfig) -> NamedSharding:
-    return NamedSharding(mesh, to_spec(CACHE_AXES, logical_rules(cfg, mesh.size)))
+    return logical_sharding(CACHE_AXES, mesh, cfg)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

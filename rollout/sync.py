@@ -8,8 +8,9 @@
              checksum each, and put each bucket into the object store once. Every live
              worker is already staging (phase 1) and gets each bucket's ref and checksum as
              soon as it is in, so workers verify and place bucket k while bucket k+1 is
-             packed and put
-             (pipelined_sync=False: pack all, put all, then stage: phases pack, put)
+             packed and put. Across nodes the buckets are relayed (rollout.relay): the
+             workers' nodes, asked when the sync starts, give each worker a RelayRole with
+             its stage call, so the coordinator's node sends about one model per sync
     stage    wait for every worker's stage; any failure or timeout -> abort on all, raise
              SyncError naming each failing worker and why; the fleet keeps its version
     publish  the update to the registry: the commit point (a restarted worker loads it)
@@ -17,6 +18,8 @@
 
 An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
 Each phase is logged as one JSON line on the "rollout.sync" logger, and kept in SyncRecord.
+What crosses to the workers and the registry is declared in rollout.contract (the workers'
+calls: WorkerCalls; the published update: CommittedUpdate).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import ray
 
-from rollout.errors import SyncError
-from rollout.weights.buckets import BucketLayout, Manifest, Packer, plan_buckets
-from rollout.weights.hf_names import IGNORED, hf_to_path
-from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params, spec_of_leaves
+from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
+from rollout.errors import SyncError, describe_error, first_line
+from rollout.relay import plan_relay
+from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
+from rollout.weights.loader import checkpoint_spec
+from rollout.weights.spec import ParamSpec, flatten_params
 
 log = logging.getLogger("rollout.sync")
 
@@ -54,7 +59,7 @@ class SyncRecord:
     buckets: int = 0
     workers: tuple[int, ...] = ()
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> seconds
-    worker_seconds: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    worker_seconds: dict[int, StageReport] = dataclasses.field(default_factory=dict)
     error: str | None = None
     started_at: float = dataclasses.field(default_factory=time.time)
 
@@ -68,7 +73,7 @@ class SyncRecord:
 class Fleet:
     """What the sync needs from the service (kept narrow so the sync is easy to follow)."""
 
-    handles: Sequence[Any]  # worker actor handles, by index
+    handles: Sequence[Any]  # worker actor handles (rollout.contract.WorkerCalls), by index
     registry: Any  # UpdateRegistry actor handle
     spec: ParamSpec  # the engines' parameter spec
     live_workers: Callable[[], list[int]]  # workers that take part (up)
@@ -87,19 +92,17 @@ class WeightSync:
         fleet: Fleet,
         bucket_bytes: int,
         timeout_s: float,
-        tie_word_embeddings: bool,
-        checksum: str = "sum64",
-        pipelined: bool = True,
+        checksum: str = DEFAULT_CHECKSUM,
+        relay_fanout: int = 0,
     ):
         self.fleet = fleet
-        self.pipelined = pipelined
+        self.relay_fanout = relay_fanout  # FleetConfig.relay_fanout; 0: every worker fetches from the coordinator
         self.bucket_bytes = bucket_bytes
         self.checksum = checksum
         self.timeout_s = timeout_s
-        self.tie_word_embeddings = tie_word_embeddings
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
         self._buffers: list[np.ndarray] | None = None  # see pack_buffers
-        self.last_update: dict[str, Any] | None = None  # keeps the committed buckets alive
+        self.committed: CommittedUpdate | None = None  # keeps the committed buckets alive
         self._died: set[int] = set()  # workers whose process died during the last stage phase
 
     def sync(self, params: Any, version: int, record: SyncRecord) -> int:
@@ -122,7 +125,7 @@ class WeightSync:
             raise SyncError(version, version - 1, failures)
         with _phase(record, "publish"):
             ray.get(self.fleet.registry.publish.remote(update), timeout=60)  # the commit point
-            self.last_update = update
+            self.committed = update
         with _phase(record, "commit"):
             self._commit_all(workers, sync_id, version, record)
         record.ok = True
@@ -130,62 +133,88 @@ class WeightSync:
 
     # -- phase 1 ----------------------------------------------------------------------------------
 
-    def _stage_pytree(self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str):
+    def _stage_pytree(
+        self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str
+    ) -> tuple[CommittedUpdate, dict[Any, int]]:
         record.source = "pytree"
         record.nbytes = self.layout.nbytes
         record.leaves = len(self.layout.slots)
+        asked = self._ask_nodes(workers)  # answered while the tree is flattened and checked
         with _phase(record, "flatten"):
-            flat = flatten_params(params)
+            flat = flatten_params(params, self.fleet.spec)
         with _phase(record, "check"):
             self.fleet.spec.check(ParamSpec.of(flat))  # before any transfer
             flat = {path: flat[path] for path in self.fleet.spec.paths}
         with _phase(record, "fetch"):
             host = to_host(flat)
         handles = [self.fleet.handles[i] for i in workers]
+        relay = self._relay_roles(asked, workers)
         packer = Packer(host, self.layout, self.pack_buffers(), checksum_algo=self.checksum,
                         threads=min(4, os.cpu_count() or 1))
         refs: list[Any] = []
         buckets = range(len(self.layout.bucket_nbytes))
         with packer:
-            if self.pipelined:
-                # Workers start staging now on a manifest without checksums; each bucket is put
-                # as soon as it is packed and sent with its checksum, so workers verify and
-                # place bucket k while bucket k+1 is packed and put.
-                streaming = self._manifest(version, (None,) * len(buckets))
-                calls = {h.stage.remote(sync_id, streaming): i for h, i in zip(handles, workers)}
-                sums: list[int] = []
+            # Workers start staging now on a manifest without checksums; each bucket is put as
+            # soon as it is packed and sent with its checksum, so workers verify and place
+            # bucket k while bucket k+1 is packed and put.
+            streaming = self._manifest(version, (None,) * len(buckets))
+            calls = {h.stage.remote(sync_id, streaming, relay[i]): i for h, i in zip(handles, workers)}
+            sums: list[int] = []
 
-                def put_and_feed(index: int) -> None:
-                    refs.append(ray.put(packer.buffers[index]))
-                    for handle in handles:  # the ref inside a list: Ray passes it unresolved
-                        handle.feed.remote(sync_id, index, [refs[-1]], sums[index])
+            def put_and_feed(index: int) -> None:
+                refs.append(ray.put(packer.buffers[index]))
+                for handle in handles:  # the ref inside a list: Ray passes it unresolved
+                    handle.feed.remote(sync_id, index, [refs[-1]], sums[index])
 
-                try:
-                    with _phase(record, "pack+put"), ThreadPoolExecutor(1, thread_name_prefix="rollout-put") as putter:
-                        # bucket k is put while bucket k+1 is packed; bucket k+2 reuses bucket k's
-                        # buffer (pack_buffers), so its put must be over first
-                        sent = None
-                        for index in buckets:
-                            sums.append(packer.pack_bucket(index))
-                            if sent is not None:
-                                sent.result()
-                            sent = putter.submit(put_and_feed, index)
+            try:
+                with _phase(record, "pack+put"), ThreadPoolExecutor(1, thread_name_prefix="rollout-put") as putter:
+                    # bucket k is put while bucket k+1 is packed; bucket k+2 reuses bucket k's
+                    # buffer (pack_buffers), so its put must be over first
+                    sent = None
+                    for index in buckets:
+                        sums.append(packer.pack_bucket(index))
                         if sent is not None:
                             sent.result()
-                except BaseException:
-                    self._abort_all(workers, sync_id, version)  # they wait for buckets that never come
-                    raise
-                manifest = self._manifest(version, tuple(sums))
-            else:
-                with _phase(record, "pack"):
-                    sums = [packer.pack_bucket(index) for index in buckets]
-                manifest = self._manifest(version, tuple(sums))
-                with _phase(record, "put"):
-                    refs = [ray.put(packer.buffers[index]) for index in buckets]
-                calls = {h.stage.remote(sync_id, manifest, list(refs)): i for h, i in zip(handles, workers)}
+                        sent = putter.submit(put_and_feed, index)
+                    if sent is not None:
+                        sent.result()
+            except BaseException:
+                self._abort_all(workers, sync_id, version)  # they wait for buckets that never come
+                raise
         del host, flat
         record.buckets = len(refs)
-        return {"version": version, "kind": "buckets", "manifest": manifest, "refs": refs}, calls
+        return BucketUpdate(version, self._manifest(version, tuple(sums)), tuple(refs)), calls
+
+    def _ask_nodes(self, workers: list[int]) -> dict[Any, int]:
+        """Each worker's node, asked (not awaited): {ref of the answer: worker}. Nothing to ask
+        with the relay off or a single worker."""
+        if self.relay_fanout < 1 or len(workers) < 2:
+            return {}
+        return {self.fleet.handles[w].node_id.remote(): w for w in workers}
+
+    def _relay_roles(self, asked: dict[Any, int], workers: list[int], timeout_s: float = 10.0) -> dict[int, RelayRole | None]:
+        """Each worker's RelayRole (rollout.relay.plan_relay), its parent's handle attached; a
+        worker whose node did not answer fetches from the coordinator and relays nothing."""
+        if not asked:
+            return {w: None for w in workers}
+        nodes: dict[int, str | None] = {w: None for w in workers}
+        done, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        for ref in done:
+            try:
+                nodes[asked[ref]] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a worker that is down: its stage call will say
+                log.info(json.dumps({"event": "relay_node_unknown", "worker": asked[ref], "error": describe_error(err)}))
+        roles = plan_relay(nodes, ray.get_runtime_context().get_node_id(), self.relay_fanout)
+        if any(role.parent is not None for role in roles.values()):
+            log.info(json.dumps({"event": "relay_plan", "parents": {w: r.parent for w, r in roles.items()}}))
+        out: dict[int, RelayRole | None] = {}
+        for worker, role in roles.items():
+            if role.parent is None and not role.relays:
+                out[worker] = None  # reads the coordinator's copy, relays nothing
+            else:
+                parent = None if role.parent is None else self.fleet.handles[role.parent]
+                out[worker] = dataclasses.replace(role, parent_calls=parent)
+        return out
 
     def _manifest(self, version: int, sums: tuple[int | None, ...]) -> bytes:
         """The manifest of a packed update (`finite`: the packer counted every value)."""
@@ -193,29 +222,28 @@ class WeightSync:
 
     def pack_buffers(self) -> list[np.ndarray]:
         """A uint8 buffer per bucket to pack it into, kept from sync to sync (memory touched once
-        is fast to write again). Pipelined, bucket k+2 is packed only after bucket k was put, so
-        the buckets take turns in two buffers of the largest bucket's size: the coordinator
-        holds 2 x bucket_bytes, not a copy of the model. Otherwise every bucket has its own."""
+        is fast to write again). Bucket k+2 is packed only after bucket k was put, so the
+        buckets take turns in two buffers of the largest bucket's size: the coordinator holds
+        2 x bucket_bytes, not a copy of the model."""
         if self._buffers is None:
             sizes = self.layout.bucket_nbytes
-            if self.pipelined:
-                ring = [np.empty(max(sizes, default=0), np.uint8) for _ in range(min(2, len(sizes)))]
-                self._buffers = [ring[k % len(ring)][:n] for k, n in enumerate(sizes)]
-            else:
-                self._buffers = [np.empty(n, np.uint8) for n in sizes]
+            ring = [np.empty(max(sizes, default=0), np.uint8) for _ in range(min(2, len(sizes)))]
+            self._buffers = [ring[k % len(ring)][:n] for k, n in enumerate(sizes)]
         return self._buffers
 
-    def _stage_checkpoint(self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str):
+    def _stage_checkpoint(
+        self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str
+    ) -> tuple[CommittedUpdate, dict[Any, int]]:
         record.source = "checkpoint"
         record.nbytes = self.fleet.spec.nbytes
         record.leaves = len(self.fleet.spec.leaves)
         path = str(params)
         with _phase(record, "check"):
             if Path(path).expanduser().is_dir():
-                self.fleet.spec.check(checkpoint_spec(Path(path).expanduser(), self.tie_word_embeddings))
+                self.fleet.spec.check(checkpoint_spec(Path(path).expanduser(), self.fleet.spec))
                 path = str(Path(path).expanduser().resolve())
         calls = {self.fleet.handles[i].stage_checkpoint.remote(sync_id, version, path): i for i in workers}
-        return {"version": version, "kind": "checkpoint", "path": path}, calls
+        return CheckpointUpdate(version, path), calls
 
     def _wait_staged(self, calls: dict[Any, int], record: SyncRecord) -> dict[int, str]:
         done, pending = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
@@ -266,50 +294,6 @@ def to_host(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {p: np.asarray(a) for p, a in out.items()}
 
 
-def checkpoint_spec(directory: Path, tie_word_embeddings: bool) -> ParamSpec:
-    """The engine-path spec of an HF checkpoint directory, from safetensors headers alone."""
-    from safetensors import safe_open
-
-    from rollout.weights.loader import safetensors_files
-
-    leaves = []
-    for file in safetensors_files(directory):
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                target = hf_to_path(name)
-                if target is None:
-                    if IGNORED.search(name):
-                        continue
-                    raise SpecMismatchError(f"checkpoint tensor {name!r} maps to no parameter of this model")
-                path, transpose = target
-                if path == "lm_head.kernel" and tie_word_embeddings:
-                    continue
-                piece = f.get_slice(name)
-                shape = tuple(piece.get_shape())
-                leaves.append((path, shape[::-1] if transpose else shape, _safetensors_dtype(piece.get_dtype())))
-    return spec_of_leaves(leaves)
-
-
-def _safetensors_dtype(name: str) -> str:
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(name, name.lower())
-
-
-def describe_error(err: BaseException) -> str:
-    """One line: the root cause of a Ray error (the worker's own exception when there is one)."""
-    if isinstance(err, ray.exceptions.RayTaskError):
-        cause = err.cause if getattr(err, "cause", None) is not None else err
-        if cause is not err:
-            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
-    if isinstance(err, ray.exceptions.ActorUnavailableError):
-        return "the worker is unavailable (it died and is restarting)"
-    if isinstance(err, ray.exceptions.RayActorError):
-        return "the worker died (" + _first_line(str(err)) + ")"
-    return f"{type(err).__name__}: {_first_line(str(err))}"
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else text
 
 
 class _phase:
@@ -327,5 +311,5 @@ class _phase:
         line = {"event": "sync_phase", "version": self.record.version, "phase": self.name,
                 "seconds": round(seconds, 6), "bytes": self.record.nbytes, "ok": exc is None}
         if exc is not None:
-            line["error"] = _first_line(str(exc))
+            line["error"] = first_line(str(exc))
         log.info(json.dumps(line))

@@ -47,7 +47,6 @@ __all__ = [
     "TOKENIZER_SIZE",
     "make_bench_checkpoint",
     "make_tiny_checkpoint",
-    "num_parameters",
     "tiny_tokenizer_json",
 ]
 
@@ -482,8 +481,3 @@ def make_bench_checkpoint(
     """A ~75M-parameter Qwen3 checkpoint (BENCH_QWEN3 sizes, tied, float32, ~300 MB) for
     benchmarks, with the tiny tokenizer (its vocab is just larger than the tokenizer)."""
     return make_tiny_checkpoint(path, "Qwen3ForCausalLM", seed, **{**BENCH_QWEN3, **overrides})
-
-
-def num_parameters(config: dict[str, Any]) -> int:
-    """Parameter count of a checkpoint with this config.json content (tied embeddings once)."""
-    return sum(int(np.prod(shape)) for _, shape, _ in _tensor_specs(config))

@@ -6,9 +6,10 @@ transformers' fast tokenizer for the same files, and renders chat templates the 
 transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks, `raise_exception`, `tojson`).
 
 `IncrementalDetokenizer` turns generated ids into text one token at a time for streaming and
-stop strings: byte-level tokens may end inside a multibyte UTF-8 character, so text is held back
-until the character completes. It decodes a short trailing window per token, not the whole
-sequence, and its pieces concatenate to exactly `decode(all_ids)`.
+stop strings, on `tokenizers`' `DecodeStream`: byte-level tokens may end inside a multibyte
+UTF-8 character, so text is held back until the character completes. It decodes a short
+trailing window per token, not the whole sequence, and its pieces concatenate to exactly
+`decode(all_ids)`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer"]
 
@@ -79,7 +81,7 @@ class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant text in some templates): renders
     its body unchanged, so such templates compile; we do not compute assistant masks."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -298,12 +300,13 @@ def _add_declared_tokens(
 
 
 class IncrementalDetokenizer:
-    """Text of a growing id sequence, one token at a time.
+    """Text of a growing id sequence, one token at a time, on `tokenizers`' `DecodeStream`.
 
     `push(id)` returns the text that the new token completes. A token that ends inside a
-    multibyte UTF-8 character returns "" until a later token completes the character. Only a
-    short trailing window is decoded per token: ids[prefix_offset:] where prefix_offset trails the
-    last emitted token by one step (context for decoders that treat a sequence start specially).
+    multibyte UTF-8 character returns "" until a later token completes the character. The
+    stream decodes a short trailing window per token (the tokens not yet emitted, with the
+    previous piece's tokens as context), in Rust; only `flush` and `text` decode all ids, and
+    only while a tail is held back.
 
     Invariant: "".join(pushes) + flush() == text == tokenizer.decode(all ids).
 
@@ -316,23 +319,18 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # None once the stream refused a window whose text does not extend the previous one
+        # (not seen with byte-level BPE); full decodes take over for the rest of the sequence.
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
-        # ids[:read_offset] are emitted; ids[prefix_offset:read_offset] decode to _prefix_text.
-        # Both offsets sit where the text so far ends on a complete character.
-        self._prefix_offset = 0
-        self._read_offset = 0
-        self._prefix_text = ""
-        self._emitted: list[str] = []
+        self._pieces: list[str] = []
+        self._held = 0  # ids pushed since the last piece: an incomplete character, or no text
         self._finished = False
-
-    @property
-    def token_ids(self) -> list[int]:
-        return list(self._ids)
 
     @property
     def text(self) -> str:
         """All text so far, including a held-back tail (which may end in U+FFFD)."""
-        return "".join(self._emitted) + self._pending()
+        return "".join(self._pieces) + self._tail()
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text ("" while a character is incomplete)."""
@@ -341,40 +339,34 @@ class IncrementalDetokenizer:
                 "push() after flush(): this detokenizer's sequence has ended; start a new "
                 "IncrementalDetokenizer for a new sequence."
             )
-        self._ids.append(int(token_id))
-        window = self._decode(self._ids[self._prefix_offset:])
-        if window.endswith(_REPLACEMENT_CHAR):
-            # An incomplete character (or undecodable bytes) at the end: wait for more tokens.
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        piece = None
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._tokenizer.backend, token_id)
+            except Exception:  # noqa: BLE001  tokenizers raises a plain Exception ("invalid prefix"): see __init__
+                self._stream = None
+        if self._stream is None:
+            piece = self._tail()
+            piece = None if not piece or piece.endswith(_REPLACEMENT_CHAR) else piece
+        if piece is None:
+            self._held += 1
             return ""
-        if window.startswith(self._prefix_text):
-            new_text = window[len(self._prefix_text):]
-        else:
-            # Not seen with byte-level BPE: a decoder whose window text does not extend its
-            # prefix. Fall back to the full decode for this token (O(n), but correct).
-            full, done = self._decode(self._ids), "".join(self._emitted)
-            if not full.startswith(done) or full.endswith(_REPLACEMENT_CHAR):
-                return ""
-            new_text = full[len(done):]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        self._emitted.append(new_text)
-        return new_text
+        self._held = 0
+        self._pieces.append(piece)
+        return piece
 
     def flush(self) -> str:
         """End the sequence: return the held-back tail as it decodes now (possibly with U+FFFD)."""
-        tail = self._pending()
-        self._emitted.append(tail)
+        tail = self._tail()
+        self._pieces.append(tail)
         self._finished = True
         return tail
 
-    def _pending(self) -> str:
-        if self._read_offset == len(self._ids):
+    def _tail(self) -> str:
+        """Text of the held-back ids: the full decode past what was emitted."""
+        if not self._held and self._stream is not None:
             return ""
-        window = self._decode(self._ids[self._prefix_offset:])
-        if window.startswith(self._prefix_text):
-            return window[len(self._prefix_text):]
-        # Fallback for decoders whose window text does not extend its prefix: decode it all.
-        return self._decode(self._ids)[len("".join(self._emitted)):]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        full, done = self._tokenizer.decode(self._ids, self._skip_special), "".join(self._pieces)
+        return full[len(done):] if full.startswith(done) else ""

@@ -87,3 +87,26 @@ def test_the_readme_documents_every_service_option():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     fields = {f.name for cls in (FleetConfig, EngineConfig) for f in dataclasses.fields(cls)}
     assert sorted(name for name in fields if f"`{name}`" not in readme) == []
+
+
+def test_the_removed_pipelined_sync_option_says_so_before_anything_starts():
+    from rollout.service import RolloutService
+
+    with pytest.raises(TypeError, match="option 'pipelined_sync' was removed: every sync is pipelined"):
+        RolloutService("/nonexistent/checkpoint", pipelined_sync=False)
+
+
+def test_an_unregistered_engine_is_refused_with_the_registered_ones():
+    import rollout
+
+    with pytest.raises(
+        ValueError, match=r"engine='vllm': expected a registered backend, one of \['native', 'sglang-jax'\]"
+    ):
+        rollout.FleetConfig(engine="vllm")
+
+
+def test_a_worker_class_that_is_not_a_rollout_worker_is_refused_before_anything_starts():
+    from rollout.service import RolloutService
+
+    with pytest.raises(TypeError, match="worker_class=<class 'object'>: expected rollout.worker.RolloutWorker"):
+        RolloutService("/nonexistent/checkpoint", worker_class=object)

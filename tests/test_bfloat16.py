@@ -16,7 +16,7 @@ import pytest
 
 from rollout.engine import EngineConfig
 from rollout.engine.engine import Engine
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.testing import make_tiny_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -55,8 +55,8 @@ def test_bfloat16_logits_are_as_close_to_float32_as_transformers_bfloat16(varian
     with Engine(path, config, devices=jax.devices()[:n_devices]) as engine:
         params = engine.current_params()
         assert {str(leaf.dtype) for leaf in params.values()} == {"bfloat16"}
-        forward = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))
-        ours = np.asarray(forward(params, TOKENS, np.ones_like(TOKENS))).astype(np.float32)
+        full_logits_fn = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))
+        ours = np.asarray(full_logits_fn(params, TOKENS, np.ones_like(TOKENS))).astype(np.float32)
     err = rel_err(ours, exact)
     print(f"\n{path.name} {n_devices}dev bfloat16 rel err {err:.3e} (transformers bfloat16 {hf_err:.3e})")
     assert err <= 1.5 * hf_err, f"bfloat16 error {err:.3e} > 1.5 x transformers' {hf_err:.3e}"

@@ -97,7 +97,7 @@ def test_crc32_checksums_are_zlibs_crc32_of_each_whole_bucket():
 
 @pytest.mark.parametrize("algo", CHECKSUMS)
 def test_checksums_catch_a_flipped_bit_a_moved_block_a_truncation_and_another_object(algo):
-    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)  # 6 sum64 blocks
+    data = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)  # 3 pack windows
     base = checksum(data, algo)
     flipped = data.copy()
     flipped[1_234_567] ^= 0x10
@@ -126,7 +126,31 @@ def test_manifest_round_trips_through_msgpack_bytes():
     assert back == packed.manifest
     assert back.spec == SPEC
     raw = msgpack.unpackb(data)
-    assert raw["version"] == 7 and raw["paths"] == list(SPEC.paths) and raw["checksum"] == "sum64"
+    assert raw["version"] == 7 and raw["paths"] == list(SPEC.paths) and raw["checksum"] == "xxh3_64"
+
+
+@pytest.mark.parametrize("algo", CHECKSUMS)
+def test_checksums_catch_words_reordered_inside_a_window(algo):
+    """Format 1's word sum could not: swapping two 8-byte words kept every block's sum."""
+    data = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8)
+    reordered = data.copy()
+    words = reordered.view(np.uint64)
+    words[[10, 11]] = words[[11, 10]]
+    assert not np.array_equal(reordered, data) and reordered.view(np.uint64).sum() == data.view(np.uint64).sum()
+    assert checksum(reordered, algo) != checksum(data, algo)
+
+
+def test_the_packers_windowed_checksum_is_the_checksum_of_the_packed_bytes():
+    """The packer hashes each window as it packs it; a reader hashing the whole bucket agrees."""
+    packed = pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=1)
+    assert packed.manifest.checksums == tuple(checksum(b) for b in packed.buffers)
+
+
+def test_a_manifest_of_another_format_version_is_refused_naming_both_versions():
+    raw = msgpack.unpackb(pack(random_flat(SPEC), plan_buckets(SPEC, 1024), version=1).manifest.to_bytes())
+    raw["format"], raw["checksum"] = "rollout.buckets/1", "sum64"
+    with pytest.raises(ManifestError, match=r"rollout\.buckets/2.*rollout\.buckets/1.*same one on every node"):
+        Manifest.from_bytes(msgpack.packb(raw))
 
 
 @pytest.mark.parametrize("algo", CHECKSUMS)

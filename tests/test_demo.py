@@ -93,6 +93,6 @@ def test_every_command_has_help(command):
     assert proc.returncode == 0 and "usage: rollout" in proc.stdout
 
 
-def test_bench_names_the_available_scripts_for_an_unknown_one():
+def test_bench_names_the_available_benchmarks_for_an_unknown_one():
     proc = run_cli("bench", "nonexistent", timeout=60)
-    assert proc.returncode != 0 and "available" in proc.stderr and "engine" in proc.stderr
+    assert proc.returncode != 0 and "choose from" in proc.stderr and "engine" in proc.stderr and "sync" in proc.stderr

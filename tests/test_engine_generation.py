@@ -50,37 +50,52 @@ def test_n_samples_of_a_prompt_differ_and_carry_their_indices(engine):
     assert len({o.token_ids for o in outs}) > 1
 
 
-def test_logprobs_are_those_of_the_sampled_distribution(engine):
-    """log_softmax(logits / T) of the untruncated distribution, recomputed by a full forward."""
+def reference_logits(engine: Engine, out) -> np.ndarray:
+    """Float64 logits (new tokens, V) that predicted each of `out`'s tokens, from a full forward
+    over prompt + completion (no KV cache)."""
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
+    seq = np.array([list(out.prompt_token_ids) + list(out.token_ids)])
+    logits = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))(
+        engine.current_params(), seq, np.ones_like(seq)
+    )
+    return np.asarray(logits, np.float64)[0, len(out.prompt_token_ids) - 1 : -1]
+
+
+def log_softmax_at(logits: np.ndarray, tokens) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return logp[np.arange(len(tokens)), list(tokens)]
+
+
+def test_logprobs_are_those_of_the_sampled_distribution(engine):
+    """log_softmax(logits / T) of the untruncated distribution, recomputed by a full forward."""
     temperature = 0.8
     sp = SamplingParams(max_tokens=10, temperature=temperature, top_k=20, seed=3, ignore_eos=True)
     out = engine.generate([[31, 32, 33, 34]], sp)[0]
-    seq = np.array([list(out.prompt_token_ids) + list(out.token_ids)])
-    logits = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))(
-        engine.current_params(), seq, np.ones_like(seq)
-    )
-    logp = jax.nn.log_softmax(np.asarray(logits)[0] / temperature, axis=-1)
-    n = len(out.prompt_token_ids)
-    expected = [float(logp[n - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    expected = log_softmax_at(reference_logits(engine, out) / temperature, out.token_ids)
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
 
 
 def test_greedy_logprobs_are_the_raw_log_softmax(engine):
-    import jax
-
-    from rollout.models import qwen
-
     out = engine.generate([[41, 42]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
-    seq = np.array([[41, 42] + list(out.token_ids)])
-    logits = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))(
-        engine.current_params(), seq, np.ones_like(seq)
-    )
-    logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
-    expected = [logp[1 + i, t] for i, t in enumerate(out.token_ids)]
+    np.testing.assert_allclose(out.logprobs, log_softmax_at(reference_logits(engine, out), out.token_ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-6, 1e-8, 1e-12, 1e-30, 1e-40])
+def test_logprobs_near_zero_temperature_are_finite_and_those_of_the_sharpened_distribution(engine, temperature):
+    """log_softmax(logits / T), which tends to 0 for the top token as T -> 0; tokens are the
+    greedy ones. Below float32's smallest normal number T is served as that number."""
+    from rollout.engine.sampling import MIN_TEMPERATURE
+
+    sp = SamplingParams(max_tokens=6, temperature=temperature, seed=0, ignore_eos=True)
+    out = engine.generate([[41, 42]], sp)[0]
+    greedy = engine.generate([[41, 42]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    assert out.token_ids == greedy.token_ids
+    assert np.all(np.isfinite(out.logprobs)) and max(out.logprobs) <= 0.0
+    expected = log_softmax_at(reference_logits(engine, out) / max(temperature, MIN_TEMPERATURE), out.token_ids)
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
 
 

@@ -53,21 +53,21 @@ def test_every_leaf_takes_effect(engine, tiny_qwen3, tiny_qwen3_perturbed):
     """Swapping in the perturbed value of one leaf at a time changes the logits every time."""
     import jax
 
-    from rollout.models import qwen
+    from rollout.models import forward
 
     _sync(engine, hf_flat(tiny_qwen3))
     base = engine.current_params()
-    forward = jax.jit(lambda p, t, m: qwen.forward_full(engine.model_def.bind(p), t, m))
+    full_logits_fn = jax.jit(lambda p, t, m: forward.forward_full(engine.model_def.bind(p), t, m))
     seq = np.array([PROMPT])
-    ref = np.asarray(forward(base, seq, np.ones_like(seq)))
+    ref = np.asarray(full_logits_fn(base, seq, np.ones_like(seq)))
     other = engine.model_def.spec  # same paths in both checkpoints
     from rollout.weights.spec import flatten_params
 
-    perturbed = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    perturbed = flatten_params(hf_flat(tiny_qwen3_perturbed), engine.spec)
     for path in other.paths:
         params = dict(base)
         params[path] = jax.device_put(np.asarray(perturbed[path]), engine.param_shardings[path])
-        out = np.asarray(forward(params, seq, np.ones_like(seq)))
+        out = np.asarray(full_logits_fn(params, seq, np.ones_like(seq)))
         assert not np.allclose(out, ref), f"{path} had no effect on the logits"
 
 
@@ -125,6 +125,28 @@ def test_versions_only_go_forward(engine, tiny_qwen3):
         engine.commit(engine.version + 5)
 
 
+@pytest.mark.parametrize("source", ["tree", "checkpoint"])
+def test_a_stage_overtaken_by_a_commit_meanwhile_is_refused(engine, tiny_qwen3, source, monkeypatch):
+    """Both sources share one staging path: a commit of a newer version that lands while the
+    copy is being placed (here: from inside the derive step) wins, and the stale copy is dropped."""
+    version = engine.version
+    derive = engine.runner.derive
+
+    def commit_newer_first(params):
+        monkeypatch.setattr(engine.runner, "derive", derive)  # the nested stage derives normally
+        engine.stage(version + 2, hf_flat(tiny_qwen3))
+        engine.commit(version + 2, wait=True)
+        return derive(params)
+
+    monkeypatch.setattr(engine.runner, "derive", commit_newer_first)
+    with pytest.raises(WeightSyncError, match="overtaken by the commit of version"):
+        if source == "tree":
+            engine.stage(version + 1, hf_flat(tiny_qwen3))
+        else:
+            engine.stage_checkpoint(version + 1, tiny_qwen3)
+    assert engine.version == version + 2 and engine.staged_version is None
+
+
 def test_abort_drops_the_staged_copy(engine, tiny_qwen3_perturbed):
     version = engine.version
     engine.stage(version + 1, hf_flat(tiny_qwen3_perturbed))
@@ -144,23 +166,25 @@ def test_bfloat16_update_is_cast_to_the_engine_dtype(engine, tiny_qwen3_perturbe
     assert all(str(a.dtype) == "float32" for a in engine.current_params().values())
 
 
-def _start_long_generation(engine: Engine, min_tokens: int = 8):
-    """Submit a long greedy generation and return once it has produced some tokens."""
+def _commit_during_generation(engine: Engine, old_params, new_params, policy: str):
+    """Serve `old_params` as version `old`, start a long greedy generation, and commit
+    `new_params` as `old + 1` under `policy` once it has produced some tokens.
+    Returns (old, the running generation's future)."""
+    old = _sync(engine, old_params)
+    engine.stage(old + 1, new_params)
     sp = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     start = engine.tokens_generated
-    future = engine.submit(PROMPT, sp)
+    running = engine.submit(PROMPT, sp)
     deadline = time.monotonic() + 60
-    while engine.tokens_generated - start < min_tokens:
-        assert time.monotonic() < deadline and not future.done(), "generation ended before the swap"
+    while engine.tokens_generated - start < 8:
+        assert time.monotonic() < deadline and not running.done(), "generation ended before the swap"
         time.sleep(0.001)
-    return future
+    engine.commit(old + 1, policy)
+    return old, running
 
 
 def test_drain_policy_finishes_running_sequences_on_the_old_version(engine, tiny_qwen3, tiny_qwen3_perturbed):
-    old = _sync(engine, hf_flat(tiny_qwen3))
-    engine.stage(old + 1, hf_flat(tiny_qwen3_perturbed))
-    running = _start_long_generation(engine)
-    engine.commit(old + 1, "drain")
+    old, running = _commit_during_generation(engine, hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed), "drain")
     newcomer = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0.0))
     done = running.result(60)[0]
     assert set(done.token_versions) == {old} and done.weight_version == old
@@ -168,10 +192,7 @@ def test_drain_policy_finishes_running_sequences_on_the_old_version(engine, tiny
 
 
 def test_continue_policy_keeps_kv_and_tags_tokens_with_their_version(engine, tiny_qwen3, tiny_qwen3_perturbed):
-    old = _sync(engine, hf_flat(tiny_qwen3))
-    engine.stage(old + 1, hf_flat(tiny_qwen3_perturbed))
-    running = _start_long_generation(engine)
-    engine.commit(old + 1, "continue")
+    old, running = _commit_during_generation(engine, hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed), "continue")
     done = running.result(60)[0]
     k = done.token_versions.index(old + 1)
     assert 0 < k < len(done.token_ids)
@@ -180,10 +201,7 @@ def test_continue_policy_keeps_kv_and_tags_tokens_with_their_version(engine, tin
 
 
 def test_recompute_policy_continues_like_a_fresh_request_on_the_new_weights(engine, tiny_qwen3, tiny_qwen3_perturbed):
-    old = _sync(engine, hf_flat(tiny_qwen3))
-    engine.stage(old + 1, hf_flat(tiny_qwen3_perturbed))
-    running = _start_long_generation(engine)
-    engine.commit(old + 1, "recompute")
+    old, running = _commit_during_generation(engine, hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed), "recompute")
     done = running.result(60)[0]
     k = done.token_versions.index(old + 1)
     assert 0 < k < len(done.token_ids)
@@ -288,7 +306,7 @@ def test_staged_weights_do_not_alias_the_aligned_buckets_they_came_from(engine, 
     from rollout.weights.buckets import pack, plan_buckets, unpack
     from rollout.weights.spec import flatten_params
 
-    flat = flatten_params(hf_flat(tiny_qwen3_perturbed))
+    flat = flatten_params(hf_flat(tiny_qwen3_perturbed), engine.spec)
     layout = plan_buckets(engine.spec, bucket_bytes=1 << 20)
     buffers = [owned_copy(np.empty(n, np.uint8)) for n in layout.bucket_nbytes]
     packed = pack(flat, layout, version=1, buffers=buffers)

@@ -18,7 +18,9 @@ import pytest
 
 import rollout
 from rollout.weights.loader import iter_tensors
-from rollout.weights.spec import hf_flat_to_engine
+from rollout.weights.spec import flatten_params
+
+from reliability.fault_worker import FaultyWorker
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +56,8 @@ def service(ray_local, tiny_qwen3, tmp_path_factory):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
-    with rollout.RolloutService(tiny_qwen3, env_vars=cache, **CONFIG) as svc:
+    # FaultyWorker: the product's worker with faults the tests arm (tests/reliability/fault_worker.py)
+    with rollout.RolloutService(tiny_qwen3, env_vars=cache, worker_class=FaultyWorker, **CONFIG) as svc:
         yield svc
 
 
@@ -124,7 +127,7 @@ def test_a_stale_failure_does_not_take_a_worker_down_again():
     assert router.mark(0, DOWN, epoch)  # the first failure takes it down
     assert router.mark(0, UP)  # it came back
     assert not router.mark(0, DOWN, epoch)  # the second, older failure is stale
-    assert router.state(0) == UP
+    assert router.snapshot()[0]["state"] == UP
 
 
 def test_placement_is_checked_per_node_and_explained():
@@ -167,6 +170,16 @@ def test_generate_returns_each_prompts_samples_in_input_order(service):
     assert all(c.weight_version == service.version for c in outs)
     assert outs[0].prompt_token_ids == tuple(PROMPTS[0])
     assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in outs)
+
+
+def test_near_zero_temperatures_give_the_greedy_tokens_and_finite_logprobs(service):
+    greedy = [c.token_ids for c in service.generate(PROMPTS, GREEDY)]
+    for temperature in (1e-3, 1e-6, 1e-8, 1e-12, 1e-30):
+        sampling = rollout.SamplingParams(max_tokens=24, temperature=temperature, seed=1, ignore_eos=True)
+        outs = service.generate(PROMPTS, sampling)
+        assert [c.token_ids for c in outs] == greedy, temperature
+        logprobs = np.array([c.logprobs for c in outs])
+        assert np.all(np.isfinite(logprobs)) and logprobs.max() <= 0.0, temperature
 
 
 @pytest.mark.parametrize(
@@ -224,8 +237,33 @@ def test_synced_hf_params_make_every_worker_match_a_single_process_engine(servic
         assert tokens == want, f"worker {worker} differs from the single-process engine"
 
 
+def test_a_tied_transformers_state_dict_with_its_lm_head_syncs_like_the_same_tensors_on_disk(
+    service, reference, tiny_qwen3_perturbed
+):
+    """model.state_dict() of a tied transformers model carries lm_head.weight (the embedding)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen3_perturbed, dtype=torch.float32)
+    params = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    assert "lm_head.weight" in params and model.config.tie_word_embeddings
+    version = service.sync_weights(params)
+    want = reference_tokens(reference, hf_flat(tiny_qwen3_perturbed))
+    for worker in range(2):
+        assert worker_outputs(service, worker) == (want, {version})
+
+
+def test_an_lm_head_that_differs_from_a_tied_embedding_is_refused_saying_the_model_ties_them(service, tiny_qwen3):
+    params = hf_flat(tiny_qwen3)
+    params["lm_head.weight"] = params["model.embed_tokens.weight"] + 1
+    before = service.version
+    with pytest.raises(rollout.SpecMismatchError, match="ties them"):
+        service.sync_weights(params)
+    assert service.version == before and {w["version"] for w in service.status()["workers"]} == {before}
+
+
 def test_an_engine_layout_nested_tree_syncs_as_the_next_version(service, reference, tiny_qwen3):
-    params = nested(hf_flat_to_engine(hf_flat(tiny_qwen3)))
+    params = nested(flatten_params(hf_flat(tiny_qwen3), service.spec))
     before = service.version
     assert service.sync_weights(params) == before + 1
     want = reference_tokens(reference, hf_flat(tiny_qwen3))
@@ -248,7 +286,7 @@ def test_an_hf_directory_syncs_without_the_object_store(service, reference, tiny
 def test_a_spec_mismatch_is_refused_before_any_transfer(service, tiny_qwen3, monkeypatch):
     import ray
 
-    params = hf_flat_to_engine(hf_flat(tiny_qwen3))
+    params = flatten_params(hf_flat(tiny_qwen3), service.spec)
     del params["layers.1.mlp.up_proj.kernel"]
     params["layers.9.mlp.up_proj.kernel"] = np.zeros((64, 128), np.float32)
     params["norm.weight"] = np.ones(65, np.float32)
@@ -267,9 +305,11 @@ def test_a_spec_mismatch_is_refused_before_any_transfer(service, tiny_qwen3, mon
 
 
 def test_one_worker_failing_to_stage_aborts_the_sync_everywhere(service, tiny_qwen3, tiny_qwen3_perturbed):
+    import ray
+
     before = service.version
     outputs = [worker_outputs(service, w) for w in range(2)]
-    service.inject_fault(1, "stage", message="disk on fire")
+    ray.get(service.workers[1].inject_fault.remote("stage", message="disk on fire"))
     with pytest.raises(rollout.SyncError) as info:
         service.sync_weights(hf_flat(tiny_qwen3))
     assert info.value.failures.keys() == {1}
@@ -358,7 +398,7 @@ def test_a_worker_killed_during_a_sync_leaves_the_fleet_on_one_version(service, 
 
     assert service.wait_for_workers(timeout=120)
     before = service.version
-    service.inject_fault(1, "stage", delay_s=3.0)
+    ray.get(service.workers[1].inject_fault.remote("stage", delay_s=3.0))
     result: dict = {}
 
     def sync():

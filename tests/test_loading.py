@@ -20,6 +20,7 @@ from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.testing import make_tiny_checkpoint
 from rollout.weights.loader import CheckpointError, load_checkpoint, resolve_checkpoint
+from rollout.weights.spec import SpecMismatchError, flatten_params
 
 SHARD_BYTES = 40_000  # the tiny Qwen3 (~0.3 MB) splits into several shards
 
@@ -43,7 +44,7 @@ def load_host(path: Path) -> dict[str, np.ndarray]:
     """Load a checkpoint to host arrays through the strict loader."""
     cfg = ModelConfig.from_pretrained(path)
     spec = ModelDef.create(cfg).spec
-    return load_checkpoint(path, spec, lambda _, a: np.array(a), tie_word_embeddings=cfg.tie_word_embeddings)
+    return load_checkpoint(path, spec, lambda _, a: np.array(a))
 
 
 def load_error(path: Path) -> str:
@@ -136,6 +137,64 @@ def test_tied_checkpoint_carrying_an_lm_head_copy_loads(single, tmp_path):
     loaded = load_host(path)
     assert "lm_head.kernel" not in loaded
     np.testing.assert_array_equal(loaded["embed_tokens"], load_host(single)["embed_tokens"])
+
+
+def test_tied_checkpoint_whose_lm_head_differs_from_the_embedding_is_refused_saying_the_model_ties_them(
+    single, tmp_path
+):
+    path = copy_checkpoint(single, tmp_path / "ckpt")
+    edit_single(path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"] + 1))
+    message = load_error(path)
+    assert "lm_head.weight" in message and "ties them" in message and "tie_word_embeddings" in message
+
+
+# -- the HF-name mapping of a dict (what sync_weights and engine.stage take) ------------------
+
+
+def hf_dict(path: Path) -> dict[str, np.ndarray]:
+    return load_file(path / "model.safetensors")
+
+
+def test_hf_dict_maps_onto_the_same_arrays_the_loader_loads(single):
+    spec = ModelDef.create(ModelConfig.from_pretrained(single)).spec
+    mapped = flatten_params(hf_dict(single), spec)
+    loaded = load_host(single)
+    assert sorted(mapped) == sorted(loaded)
+    for path in loaded:
+        np.testing.assert_array_equal(mapped[path], loaded[path], err_msg=path)
+
+
+def test_hf_dict_of_a_tied_model_carrying_lm_head_maps_like_the_same_tensors_on_disk(single, tmp_path):
+    """model.state_dict() of a tied transformers model holds lm_head.weight (the embedding itself)."""
+    tensors = hf_dict(single)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    path = copy_checkpoint(single, tmp_path / "ckpt")
+    edit_single(path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    spec = ModelDef.create(ModelConfig.from_pretrained(single)).spec
+    mapped = flatten_params(tensors, spec)
+    assert "lm_head.kernel" not in mapped and sorted(mapped) == sorted(load_host(path))
+
+
+def test_hf_dict_whose_lm_head_differs_from_a_tied_embedding_is_refused_saying_the_model_ties_them(single):
+    tensors = hf_dict(single)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] * 2
+    spec = ModelDef.create(ModelConfig.from_pretrained(single)).spec
+    with pytest.raises(SpecMismatchError, match="ties them"):
+        flatten_params(tensors, spec)
+
+
+def test_hf_dict_with_an_unmapped_name_is_refused_naming_it(single):
+    tensors = {**hf_dict(single), "model.layers.0.mlp.experts_gate.weight": np.zeros(3, np.float32)}
+    spec = ModelDef.create(ModelConfig.from_pretrained(single)).spec
+    with pytest.raises(SpecMismatchError, match="experts_gate"):
+        flatten_params(tensors, spec)
+
+
+def test_every_parameter_has_an_hf_name_that_maps_back_to_it(single):
+    spec = ModelDef.create(ModelConfig.from_pretrained(single)).spec
+    for path in spec.paths:
+        name, transform = spec.hf.to_hf(path)
+        assert spec.hf.to_path(name) == (path, transform)
 
 
 # -- sharded checkpoints ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
 from rollout.engine.engine import Engine
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.sharding import cache_sharding
 from rollout.testing import make_tiny_checkpoint
 
@@ -104,7 +104,7 @@ def padded_batch(sequences: list[list[int]], sides: tuple[str, ...]) -> Batch:
         tokens[row, start : start + len(seq)] = seq
         mask[row, start : start + len(seq)] = 1
         offsets.append(start)
-    positions = np.asarray(qwen.positions_from_mask(mask))
+    positions = np.asarray(forward.positions_from_mask(mask))
     return Batch(tokens, mask, positions, tuple(offsets))
 
 
@@ -131,8 +131,8 @@ class Case:
     def full_logits(self) -> np.ndarray:
         """Our forward_full on the reference batch, on the engine's devices and shardings."""
         batch = reference(self.path).batch
-        forward = jax.jit(lambda p, t, m: qwen.forward_full(self.engine.model_def.bind(p), t, m))
-        return np.asarray(forward(self.engine.current_params(), batch.tokens, batch.mask))
+        full_logits_fn = jax.jit(lambda p, t, m: forward.forward_full(self.engine.model_def.bind(p), t, m))
+        return np.asarray(full_logits_fn(self.engine.current_params(), batch.tokens, batch.mask))
 
 
 @pytest.fixture(scope="module", params=[(v, n) for v in VARIANTS for n in DEVICE_COUNTS], ids=lambda c: f"{c[0]}-{c[1]}dev")
@@ -174,7 +174,7 @@ def test_cached_prefill_and_decode_logits_match_the_full_sequence_forward(case, 
     params = engine.current_params()
     b = len(PROMPTS)
 
-    cache = qwen.init_cache(cfg, b, CACHE_LEN, model_def.dtype)
+    cache = forward.init_cache(cfg, b, CACHE_LEN, model_def.dtype)
     cache = jax.device_put(cache, cache_sharding(engine.mesh, cfg))
     width = 16  # the prefill bucket: right-padded prompts
     assert max(PROMPT_LENGTHS) <= width
@@ -185,9 +185,9 @@ def test_cached_prefill_and_decode_logits_match_the_full_sequence_forward(case, 
     # prompt row r lives in cache slot slots[r]
     slots = np.arange(b, dtype=np.int32) if in_place else np.array([2, 0, 3, 1], np.int32)
 
-    prefill = jax.jit(lambda p, c, t, n, d, s: qwen.prefill(model_def.bind(p), c, t, n, d, s))
+    prefill = jax.jit(lambda p, c, t, n, d, s: forward.prefill(model_def.bind(p), c, t, n, d, s))
     decode = jax.jit(
-        lambda p, c, s, t, pos: qwen.decode(model_def.bind(p), c, s, t, pos, CACHE_LEN, in_place=in_place)
+        lambda p, c, s, t, pos: forward.decode(model_def.bind(p), c, s, t, pos, CACHE_LEN, in_place=in_place)
     )
     first, cache = prefill(params, cache, tokens, lengths, slots, np.arange(b, dtype=np.int32))
     steps = [np.asarray(first)]  # steps[k][r]: logits predicting token k of row r's continuation

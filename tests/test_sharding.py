@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rollout.engine.runner import ModelRunner
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.sharding import (
@@ -24,7 +24,6 @@ from rollout.sharding import (
     cache_sharding,
     logical_rules,
     make_mesh,
-    param_sharding,
 )
 from rollout.testing import make_tiny_checkpoint
 from rollout.weights.loader import load_checkpoint
@@ -62,26 +61,25 @@ def placed(path: Path, n_devices: int) -> Placed:
     params = load_checkpoint(
         path,
         model_def.spec,
-        lambda p, a: jax.device_put(a, param_sharding(p, mesh, cfg)),
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        lambda p, a: jax.device_put(a, model_def.shardings(mesh)[p]),
     )
     return Placed(model_def, mesh, params)
 
 
 def full_logits(p: Placed) -> np.ndarray:
-    forward = jax.jit(lambda params, t, m: qwen.forward_full(p.model_def.bind(params), t, m))
-    return np.asarray(forward(p.params, TOKENS, MASK))[MASK.astype(bool)]
+    full_logits_fn = jax.jit(lambda params, t, m: forward.forward_full(p.model_def.bind(params), t, m))
+    return np.asarray(full_logits_fn(p.params, TOKENS, MASK))[MASK.astype(bool)]
 
 
 def cached_logits(p: Placed, steps: int = 4) -> np.ndarray:
     """Prefill two prompts into slots 1 and 0 of a sharded cache, then decode `steps` tokens."""
     cfg, model_def = p.model_def.config, p.model_def
-    cache = jax.device_put(qwen.init_cache(cfg, 2, 32, model_def.dtype), cache_sharding(p.mesh, cfg))
+    cache = jax.device_put(forward.init_cache(cfg, 2, 32, model_def.dtype), cache_sharding(p.mesh, cfg))
     prompts = np.array([[5, 17, 42, 0], [11, 12, 13, 14]], np.int32)
     lengths = np.array([3, 4], np.int32)
     slots = np.array([1, 0], np.int32)
-    prefill = jax.jit(lambda params, c, t, n, d, s: qwen.prefill(model_def.bind(params), c, t, n, d, s))
-    decode = jax.jit(lambda params, c, s, t, pos: qwen.decode(model_def.bind(params), c, s, t, pos, 32))
+    prefill = jax.jit(lambda params, c, t, n, d, s: forward.prefill(model_def.bind(params), c, t, n, d, s))
+    decode = jax.jit(lambda params, c, s, t, pos: forward.decode(model_def.bind(params), c, s, t, pos, 32))
     logits, cache = prefill(p.params, cache, prompts, lengths, slots, np.arange(2, dtype=np.int32))
     out = [np.asarray(logits)]
     for k in range(steps):
@@ -180,7 +178,7 @@ def test_kv_heads_split_on_a_mesh_they_divide():
     """2 KV heads are replicated on 4 devices but split on 2."""
     cfg = _config(num_kv_heads=2)
     mesh = make_mesh(jax.devices()[:2])
-    assert param_sharding("layers.0.self_attn.k_proj.kernel", mesh, cfg).spec == P(None, TP)
+    assert ModelDef.create(cfg).shardings(mesh)["layers.0.self_attn.k_proj.kernel"].spec == P(None, TP)
     assert padded(cache_sharding(mesh, cfg).spec, 4) == (None, TP, None, None)
 
 
@@ -190,8 +188,9 @@ def test_axes_that_do_not_divide_the_device_count_are_replicated():
     assert rules["vocab"] is None and rules["mlp"] is None
     assert rules["q_heads"] == TP
     mesh = make_mesh(jax.devices()[:4])
-    assert param_sharding("embed_tokens", mesh, cfg).is_fully_replicated
-    assert param_sharding("layers.0.mlp.down_proj.kernel", mesh, cfg).is_fully_replicated
+    shardings = ModelDef.create(cfg).shardings(mesh)
+    assert shardings["embed_tokens"].is_fully_replicated
+    assert shardings["layers.0.mlp.down_proj.kernel"].is_fully_replicated
 
 
 def test_one_device_replicates_everything():
@@ -217,3 +216,66 @@ def _config(**changes) -> ModelConfig:
         qkv_bias=False,
     )
     return dataclasses.replace(base, **changes)
+
+
+def register_family(monkeypatch, architecture: str, model_cls) -> ModelConfig:
+    """A config of `architecture`, registered for this test as a family whose model is `model_cls`."""
+    import sys
+    import types
+
+    from rollout.models import qwen, registry
+
+    family = types.ModuleType(f"{architecture}_family")
+    family.MODEL, family.HF_NAMES = model_cls, qwen.HF_NAMES
+    monkeypatch.setitem(sys.modules, family.__name__, family)
+    monkeypatch.setitem(registry._FAMILIES, architecture, registry.Family("test", family.__name__, True, False))
+    return _config(architecture=architecture)
+
+
+def test_a_parameter_whose_axes_have_no_sharding_rule_is_refused_at_startup_naming_it(monkeypatch):
+    """A new family's parameter on an axis the rules do not know fails when the model is built."""
+    from flax import nnx
+
+    from rollout.models import qwen
+    from rollout.sharding import ShardingRuleError
+
+    class WithExperts(qwen.QwenForCausalLM):
+        def __init__(self, cfg, *, dtype, rngs):
+            super().__init__(cfg, dtype=dtype, rngs=rngs)
+            self.router = nnx.Param(jax.numpy.zeros((cfg.hidden_size, 8), dtype), axes=("embed", "experts"))
+
+    cfg = register_family(monkeypatch, "ExpertsForCausalLM", WithExperts)
+    with pytest.raises(ShardingRuleError, match=r"'router' has logical axes \('embed', 'experts'\).*'experts'"):
+        ModelDef.create(cfg)
+
+
+def test_a_parameter_without_declared_axes_is_refused_at_startup_naming_it(monkeypatch):
+    from flax import nnx
+
+    from rollout.models import qwen
+    from rollout.sharding import ShardingRuleError
+
+    class WithBareParam(qwen.QwenForCausalLM):
+        def __init__(self, cfg, *, dtype, rngs):
+            super().__init__(cfg, dtype=dtype, rngs=rngs)
+            self.scale = nnx.Param(jax.numpy.ones((cfg.hidden_size,), dtype))
+
+    cfg = register_family(monkeypatch, "BareForCausalLM", WithBareParam)
+    with pytest.raises(ShardingRuleError, match="'scale' declares no logical axes"):
+        ModelDef.create(cfg)
+
+
+def test_a_parameter_without_an_hf_name_is_refused_at_startup_naming_it(monkeypatch):
+    from flax import nnx
+
+    from rollout.models import qwen
+    from rollout.weights.hf_names import HFNameError
+
+    class WithUnnamedParam(qwen.QwenForCausalLM):
+        def __init__(self, cfg, *, dtype, rngs):
+            super().__init__(cfg, dtype=dtype, rngs=rngs)
+            self.scale = nnx.Param(jax.numpy.ones((cfg.hidden_size,), dtype), axes=("embed",))
+
+    cfg = register_family(monkeypatch, "UnnamedForCausalLM", WithUnnamedParam)
+    with pytest.raises(HFNameError, match="'scale' has no HF name"):
+        ModelDef.create(cfg)

@@ -1,4 +1,4 @@
-"""The coordinator's pack memory: two buckets when pipelined, not a copy of the model."""
+"""The coordinator's pack memory: two buckets, not a copy of the model."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from rollout.weights.spec import spec_of_leaves
 SPEC = spec_of_leaves([(f"layers.{i}.w", (256,), "float32") for i in range(7)])  # 1 KiB each
 
 
-def _sync(pipelined: bool) -> WeightSync:
+def _sync() -> WeightSync:
     fleet = Fleet(handles=[], registry=None, spec=SPEC, live_workers=list, worker_down=lambda i, err: None)
-    return WeightSync(fleet, bucket_bytes=2048, timeout_s=1.0, tie_word_embeddings=False, pipelined=pipelined)
+    return WeightSync(fleet, bucket_bytes=2048, timeout_s=1.0)
 
 
 def _owners(buffers: list[np.ndarray]) -> set[int]:
     return {id(b.base if b.base is not None else b) for b in buffers}
 
 
-def test_pipelined_buckets_take_turns_in_two_buffers_of_the_largest_bucket():
-    sync = _sync(pipelined=True)
+def test_buckets_take_turns_in_two_buffers_of_the_largest_bucket():
+    sync = _sync()
     buffers = sync.pack_buffers()
     assert [b.nbytes for b in buffers] == list(sync.layout.bucket_nbytes)
     assert len(buffers) == 4 and len(_owners(buffers)) == 2
@@ -28,7 +28,3 @@ def test_pipelined_buckets_take_turns_in_two_buffers_of_the_largest_bucket():
     assert np.shares_memory(buffers[0], buffers[2])
     assert sync.pack_buffers() is buffers  # kept for the next sync
 
-
-def test_without_pipelining_every_bucket_has_its_own_buffer():
-    buffers = _sync(pipelined=False).pack_buffers()
-    assert len(_owners(buffers)) == len(buffers) == 4

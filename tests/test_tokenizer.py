@@ -188,7 +188,9 @@ def test_incremental_detokenizer_skips_special_tokens(tokenizer: Tokenizer) -> N
     assert "".join(pieces) + tail == "assistant\nhello"
 
 
-def test_incremental_detokenizer_decodes_a_bounded_window(tokenizer: Tokenizer, monkeypatch) -> None:
+def test_incremental_detokenizer_pushes_without_decoding_the_whole_sequence(tokenizer: Tokenizer, monkeypatch) -> None:
+    """Each push decodes a short window in tokenizers' DecodeStream; a whole-sequence decode
+    happens only at flush, and only for a held-back tail."""
     lengths: list[int] = []
     real_decode = tokenizer.decode
 
@@ -200,10 +202,37 @@ def test_incremental_detokenizer_decodes_a_bounded_window(tokenizer: Tokenizer, 
     detok = IncrementalDetokenizer(tokenizer)
     monkeypatch.setattr(tokenizer, "decode", counting_decode)
     ids = tokenizer.encode("你是谁？我是一个助手。 The answer is 579. 😀 " * 20)
-    for i in ids:
-        detok.push(i)
+    pieces = [detok.push(i) for i in ids]
     assert len(ids) > 300
-    assert max(lengths) <= 8
+    assert lengths == []
+    assert detok.flush() == "" and lengths == []
+    assert "".join(pieces) == real_decode(ids)
+
+
+@pytest.mark.parametrize("text", [*TEXTS, "你是谁？我是一个助手。😀🚀👍🏽 naïve"])
+def test_incremental_text_after_every_token_is_transformers_decode_of_the_tokens_so_far(
+    tokenizer: Tokenizer, hf_tokenizer, text: str
+) -> None:
+    ids = tokenizer.encode(text)
+    detok = tokenizer.incremental_detokenizer()
+    emitted = ""
+    for n, token in enumerate(ids, 1):
+        emitted += detok.push(token)
+        theirs = hf_tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if theirs.endswith("\ufffd"):  # a character still incomplete: held back
+            assert theirs.startswith(emitted) and len(emitted) < len(theirs)
+        else:
+            assert emitted == theirs
+    assert emitted + detok.flush() == hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_incremental_detokenizer_equals_transformers_decode_for_random_ids(tokenizer: Tokenizer, hf_tokenizer) -> None:
+    rng = np.random.default_rng(1)
+    for length in [1, 3, 17, 64]:
+        for _ in range(10):
+            ids = rng.integers(0, tokenizer.vocab_size, size=length).tolist()
+            pieces, tail = _pushed(tokenizer, ids)
+            assert "".join(pieces) + tail == hf_tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_push_after_flush_raises(tokenizer: Tokenizer) -> None:

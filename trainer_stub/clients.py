@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from rollout.engine.config import EngineConfig
+from rollout.fleet import FleetConfig, service_configs
+
 
 class RolloutClient(Protocol):
     """The four calls the loop makes; the fleet and a local engine both provide them."""
@@ -28,17 +31,28 @@ class RolloutClient(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class FleetOptions:
-    """How to start the rollout (fleet or local engine). Per-worker sizes."""
+    """How to start the rollout (fleet or local engine). Per-worker sizes.
 
-    num_workers: int = 2
-    devices_per_worker: int = 2
-    max_batch: int = 64  # decode slots per worker; >= prompts x group size avoids queueing
-    max_seq_len: int = 128  # prompt + completion tokens per sample
-    dtype: str = "float32"  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
+    Every field but `worker_logs` is a rollout.init option of the same name; those that keep
+    rollout's default read it from FleetConfig / EngineConfig, the others say why they differ.
+    """
+
+    num_workers: int = FleetConfig.num_workers
+    devices_per_worker: int = 2  # the demo runs on a 2-core machine: 2 x 2 simulated devices
+    max_batch: int = EngineConfig.max_batch  # decode slots per worker; >= prompts x group size avoids queueing
+    max_seq_len: int = 128  # the toy task's prompt + completion tokens: a small KV cache
+    dtype: str = EngineConfig.dtype  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
     load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
-    accelerator: str = "cpu"
-    # Every field above is a rollout.init option of the same name; this one is the client's own.
-    worker_logs: bool = False  # stream the workers' logs to this console (noisy under a progress bar)
+    accelerator: str = "cpu"  # the demo's Ray is local; "auto" would also pick cpu there
+    worker_logs: bool = False  # the client's own: stream the workers' logs (noisy under a progress bar)
+
+    def engine_config(self) -> EngineConfig:
+        """The EngineConfig these options give (every engine field not set here keeps its default)."""
+        return service_configs(self.service_options())[1]
+
+    def service_options(self) -> dict[str, Any]:
+        """The rollout.init keyword options."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "worker_logs"}
 
 
 class FleetClient:
@@ -60,8 +74,7 @@ class FleetClient:
         if self._owns_ray:
             cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
             start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
-        service_options = {k: v for k, v in dataclasses.asdict(options).items() if k != "worker_logs"}
-        rollout.init(model=str(model), swap_policy="drain", **service_options)
+        rollout.init(model=str(model), **options.service_options())
 
     def sync_weights(self, params: Any) -> int:
         return self._rollout.sync_weights(params)
@@ -89,7 +102,6 @@ class LocalEngineClient:
     def __init__(self, model: str | os.PathLike[str], options: FleetOptions = FleetOptions()):
         import jax
 
-        from rollout.engine import EngineConfig
         from rollout.engine.engine import Engine
 
         devices = jax.devices()[: options.devices_per_worker]
@@ -99,13 +111,7 @@ class LocalEngineClient:
                 f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={options.devices_per_worker} before jax is imported"
             )
-        config = EngineConfig(
-            max_batch=options.max_batch,
-            max_seq_len=options.max_seq_len,
-            dtype=options.dtype,
-            load_format=options.load_format,
-        )
-        self.engine = Engine(model, config, devices)
+        self.engine = Engine(model, options.engine_config(), devices)
 
     def sync_weights(self, params: Any) -> int:
         version = self.engine.version + 1

@@ -24,6 +24,9 @@ import sys
 import time
 from typing import Any
 
+from rollout.engine.backend import BACKENDS
+from rollout.fleet import FleetConfig
+
 CHAT_PROMPT = [{"role": "user", "content": "你是谁"}]
 
 
@@ -36,21 +39,18 @@ def leaf_layout(params: dict[str, Any]) -> dict[str, tuple]:
     return {p: (tuple(a.shape), str(a.dtype), a.sharding) for p, a in params.items()}
 
 
-def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int = 256, engine: str = "native") -> int:
+def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int = 256, engine: str = FleetConfig.engine) -> int:
     import jax
 
     from rollout.engine import EngineConfig, SamplingParams
+    from rollout.engine.backend import engine_factory
 
-    backend = engine  # the name; `engine` below is the engine itself
-    if backend == "sglang-jax":
-        from rollout.engine.sglang import create_engine as Engine
-    else:
-        from rollout.engine.engine import Engine
+    backend = engine  # the backend's name; `engine` below is the engine itself
 
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, load_format="dummy")
     start = time.perf_counter()
-    with Engine(model, config, jax.devices()[:devices]) as engine:
+    with engine_factory(backend)(model, config, jax.devices()[:devices]) as engine:
         before = leaf_layout(engine.current_params())
         # Warm up under dummy weights with the very request served later, run to full length
         # (ignore_eos), so every shape bucket the real generate can hit is compiled now.
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=2, help="devices for the engine (simulated on CPU)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens to generate at most")
     p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--engine", default="native", choices=("native", "sglang-jax"),
+    p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS),
                    help="engine backend (sglang-jax needs Python >= 3.12 and the sglang extra)")
     args = p.parse_args(argv)
     from trainer_stub.clients import configure_devices

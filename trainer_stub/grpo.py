@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.models.bind import ModelDef
 
 Params = dict[str, jax.Array]
@@ -92,7 +92,7 @@ def token_logprobs(
     The rollout reports logprobs of the distribution it sampled from, log_softmax(logits / T),
     so the recompute divides by the same temperature.
     """
-    logits = qwen.forward_full(model_def.bind(params), tokens, attention_mask)  # (B, L, V) f32
+    logits = forward.forward_full(model_def.bind(params), tokens, attention_mask)  # (B, L, V) f32
     logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 

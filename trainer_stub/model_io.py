@@ -41,9 +41,7 @@ def load_params(model: str | os.PathLike[str], dtype: str = "float32") -> tuple[
     def place(path: str, array: np.ndarray) -> jax.Array:
         return jax.device_put(np.asarray(array).astype(np_dtype, copy=False), device)
 
-    params = load_checkpoint(
-        directory, model_def.spec, place, tie_word_embeddings=model_def.config.tie_word_embeddings
-    )
+    params = load_checkpoint(directory, model_def.spec, place)
     return model_def, params  # type: ignore[return-value]
 
 

@@ -298,7 +298,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--init", choices=("checkpoint", "fresh"), default="checkpoint",
         help="the trainer starts from the checkpoint's weights or from a random init",
     )
-    p.add_argument("--dtype", default=f.dtype, choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default=f.dtype, choices=("float32", "bfloat16"))  # what the trainer trains in
     p.add_argument("--max-batch", type=int, default=f.max_batch, help="decode slots per worker")
     p.add_argument("--accelerator", default=f.accelerator, help="cpu, tpu or gpu (passed to rollout.init)")
     p.add_argument("--worker-logs", action="store_true", help="stream the Ray workers' logs to the console")

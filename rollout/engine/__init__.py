@@ -4,7 +4,7 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 
-__all__ = ["Engine", "EngineConfig", "SamplingParams", "Completion", "EngineClosedError", "WeightSyncError"]
+__all__ = ["Completion", "Engine", "EngineClosedError", "EngineConfig", "SamplingParams", "WeightSyncError"]
 
 
 def __getattr__(name: str):

@@ -1,8 +1,13 @@
 """The engine boundary: what a worker needs from an inference engine, and nothing more.
 
-`rollout.engine.Engine` (the native JAX engine) is the one implementation today. Another
-backend (an sglang-jax adapter on TPU, say) plugs in by providing these members; the worker,
-the sync protocol and the tests of the weight state machine then apply to it unchanged.
+`rollout.engine.Engine` (the native JAX engine) and `rollout.engine.sglang` (an sglang-jax
+Engine, Python >= 3.12) implement it. A backend plugs in by providing these members and one line in
+BACKENDS (then `rollout.init(model, engine="<name>")` runs it); the worker, the sync protocol
+and the tests of the weight state machine then apply to it unchanged. The worker builds its
+engine with `engine_factory(FleetConfig.engine)`: the one place a backend is chosen.
+
+What a backend cannot do (logprobs, scoring) it declares in `capabilities` (EngineCapabilities);
+the coordinator refuses such requests up front from that declaration, never by backend name.
 
 Weight state machine (every backend): `stage(v, params)` validates and places a full update
 beside the serving weights (raises and keeps nothing on any mismatch); `commit(v)` swaps it in at
@@ -11,14 +16,70 @@ a step boundary under the in-flight policy; `abort(v)` drops it. Versions only g
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.prompts import Prompt
 from rollout.weights.spec import ParamSpec
+
+
+class EngineStatus(TypedDict):
+    """What `EngineBackend.status()` returns (a plain dict; workers add who they are to it)."""
+
+    alive: bool  # False once the scheduler died: the worker restarts its process
+    version: int  # committed (new requests run on it)
+    serving_version: int  # swapped in (older while a drain finishes)
+    staged_version: int | None
+    queue_depth: int
+    active_slots: int
+    max_batch: int
+    tokens_generated: int
+    requests_finished: int
+    swaps: int
+    compiled: int  # programs compiled so far
+    devices: int
+
+
+class FeatureUnavailableError(ValueError):
+    """A request asked for something the fleet's engine backend cannot do (EngineCapabilities)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCapabilities:
+    """What a backend can do beyond generating tokens and syncing weights. A backend declares it
+    as its `capabilities` attribute (none declared: everything, as the native engine); the
+    coordinator reads it once from a worker's ready reply and refuses what is missing before
+    anything is queued, with the backend's own reason. The backend refuses it too (single
+    process, no coordinator).
+
+    >>> EngineCapabilities(unavailable={"score": "not here; use engine='native'"}).require("score")
+    Traceback (most recent call last):
+    ...
+    rollout.engine.backend.FeatureUnavailableError: not here; use engine='native'
+    """
+
+    # feature ("logprobs": return_logprobs=True; "score": teacher-forced scoring) -> why it is
+    # unavailable and what to do instead (the refusal's message)
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def require(self, feature: str) -> None:
+        """Raise FeatureUnavailableError (the backend's reason) unless `feature` is available."""
+        if feature in self.unavailable:
+            raise FeatureUnavailableError(self.unavailable[feature])
+
+
+FULL_CAPABILITIES = EngineCapabilities()
+
+
+def capabilities_of(engine: Any) -> EngineCapabilities:
+    """`engine.capabilities`, or everything when the backend declares none."""
+    return getattr(engine, "capabilities", FULL_CAPABILITIES)
 
 
 @runtime_checkable
@@ -36,9 +97,12 @@ class EngineBackend(Protocol):
         """The version staged and not yet committed or aborted, if any."""
 
     def submit(
-        self, prompt: Prompt, sampling: SamplingParams = ..., *, prompt_index: int = 0, return_logprobs: bool = True
+        self, prompt: Prompt, sampling: SamplingParams = ..., *, prompt_index: int = 0, return_logprobs: bool = True,
+        sink: Any = None,
     ) -> Future[list[Completion]]:
-        """Queue one prompt; the future yields its n completions. Bad requests raise here."""
+        """Queue one prompt; the future yields its n completions. Bad requests raise here.
+        `sink` (streaming): call `sink.update(sample)` whenever a sample gains tokens or finishes,
+        before the future resolves (see rollout.engine.streaming.TokenSink for what it reads)."""
 
     def cancel(self, future: Future[list[Completion]]) -> bool:
         """Finish a submitted request early with finish_reason "abort"."""
@@ -56,8 +120,45 @@ class EngineBackend(Protocol):
     def abort(self, version: int | None = None) -> bool:
         """Drop the staged update; False if there was none."""
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EngineStatus:
         """Health and counters: alive, version, queue depth, active slots, tokens generated, ..."""
 
     def shutdown(self) -> None:
         """Stop serving; queued and running requests fail with EngineClosedError."""
+
+
+# (model: HF directory or repo id, config, the worker's devices) -> a started engine
+EngineFactory = Callable[[str, Any, Sequence[Any]], EngineBackend]
+
+# The backends a fleet can run, by the name given as `engine=` (FleetConfig.engine): "module:attr"
+# of a callable with EngineFactory's signature, imported in the worker process only (so the
+# driver never imports jax or a backend's dependencies). One line per backend.
+BACKENDS: dict[str, str] = {
+    "native": "rollout.engine.engine:Engine",
+    "sglang-jax": "rollout.engine.sglang:create_engine",
+}
+
+
+def check_engine(engine: str | EngineFactory) -> None:
+    """Raise ValueError unless `engine` names a registered backend or is a factory callable.
+
+    >>> check_engine("native")
+    """
+    if isinstance(engine, str) and engine in BACKENDS:
+        return
+    if not isinstance(engine, str) and callable(engine):
+        return
+    raise ValueError(
+        f"engine={engine!r}: expected a registered backend, one of {sorted(BACKENDS)}, or a callable "
+        "(model, EngineConfig, devices) -> EngineBackend; a new backend is registered in "
+        "rollout.engine.backend.BACKENDS"
+    )
+
+
+def engine_factory(engine: str | EngineFactory) -> EngineFactory:
+    """The factory of `engine` (a registered name, imported now; or a factory, returned as is)."""
+    check_engine(engine)
+    if not isinstance(engine, str):
+        return engine
+    module, attr = BACKENDS[engine].split(":")
+    return getattr(importlib.import_module(module), attr)

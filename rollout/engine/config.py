@@ -1,4 +1,8 @@
-"""EngineConfig: how one engine serves (batching, lengths, dtype, swap policy)."""
+"""EngineConfig: how one engine serves (batching, lengths, dtype, swap policy).
+
+Its field defaults are the defaults of `rollout.init`, `RolloutService` and the command line
+(each reads them from here); the README's options table lists them (a test compares).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import dataclasses
 
 SWAP_POLICIES = ("drain", "recompute", "continue")
 LOAD_FORMATS = ("auto", "dummy")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 16  # decode slots; KV cache memory grows linearly with it
-    max_seq_len: int = 1024  # prompt + new tokens per sample; KV cache grows linearly with it
+    # KV cache memory = layers x 2 x max_batch x kv_heads x max_seq_len x head_dim x dtype size,
+    # e.g. Qwen3-0.6B in bfloat16 at 64 x 2048: 14 GiB (one TPU host); size both to the workload
+    max_batch: int = 64  # decode slots; more = more samples decoded per step
+    max_seq_len: int = 2048  # prompt + new tokens per sample
     dtype: str = "float32"  # parameter and KV dtype: float32 on CPU, bfloat16 on TPU
     decode_steps: int = 4  # decode steps per host round trip: fewer trips vs. wasted steps at stops
     max_prefill_batch: int = 8  # prompts prefilled together; bounds prefill latency per step
@@ -24,8 +31,8 @@ class EngineConfig:
             raise ValueError(f"swap_policy={self.swap_policy!r}: expected one of {SWAP_POLICIES}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}: expected one of {LOAD_FORMATS}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
         for name in ("max_batch", "max_seq_len", "decode_steps", "max_prefill_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")

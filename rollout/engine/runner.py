@@ -15,12 +15,14 @@ from jax.sharding import Mesh
 
 from rollout.engine import placement
 from rollout.engine.sampling import SlotSampling, sample
-from rollout.models import qwen
+from rollout.models import forward
 from rollout.models.bind import ModelDef
-from rollout.sharding import cache_sharding, param_sharding, replicated
+from rollout.sharding import cache_sharding, logical_sharding
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]  # serving-only leaves computed from Params (see ModelRunner.derive)
+
+MIN_PREFILL_LEN = 16  # the shortest prompt bucket: shorter prompts share one executable
 
 
 def pow2_at_least(n: int, floor: int = 1) -> int:
@@ -38,33 +40,29 @@ class ModelRunner:
         max_batch: int,
         max_seq_len: int,
         decode_steps: int,
-        min_prefill_len: int = 16,
     ):
         self.model_def = model_def
-        self.mesh = mesh
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.decode_steps = decode_steps
-        self.min_prefill_len = min_prefill_len
         cfg = model_def.config
-        self.param_shardings = {p: param_sharding(p, mesh, cfg) for p in model_def.paths}
-        self._cache_sharding = cache_sharding(mesh, cfg)
-        self._replicated = replicated(mesh)
-        shape = qwen.cache_shape(cfg, max_batch, max_seq_len)
+        self.param_shardings = model_def.shardings(mesh)
+        kv_sharding = cache_sharding(mesh, cfg)
+        shape = forward.cache_shape(cfg, max_batch, max_seq_len)
         make = jax.jit(
             lambda: tuple(
                 (jnp.zeros(shape, model_def.dtype), jnp.zeros(shape, model_def.dtype))
                 for _ in range(cfg.num_layers)
             ),
-            out_shardings=tuple((self._cache_sharding, self._cache_sharding) for _ in range(cfg.num_layers)),
+            out_shardings=tuple((kv_sharding, kv_sharding) for _ in range(cfg.num_layers)),
         )
-        self.cache = make()
+        self.cache = make()  # per layer (k, v), each (max_batch, kv_heads, max_seq_len, head_dim)
         self.params: Params | None = None
         self.derived: Derived = {}
         self._transpose_head = None
         if cfg.tie_word_embeddings and mesh.devices.flat[0].platform == "cpu":
             # The sharding an untied (hidden, vocab) lm_head kernel gets: vocab-parallel.
-            head_sharding = param_sharding("lm_head.kernel", mesh, cfg)
+            head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)
             self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("kv_len",))
@@ -73,7 +71,7 @@ class ModelRunner:
 
     def _prefill_impl(self, params, derived, cache, tokens, lengths, dst_slots, src_rows, sampling: SlotSampling):
         model = self.model_def.bind(params)
-        logits, cache = qwen.prefill(model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"))
+        logits, cache = forward.prefill(model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"))
         row_logits = logits[src_rows]  # (M, V): each destination slot samples its own first token
         new_tokens, logprobs = sample(row_logits, sampling, lengths[src_rows])
         return new_tokens, logprobs, cache
@@ -86,7 +84,7 @@ class ModelRunner:
 
         def step(carry, _):
             cache, tok, pos = carry
-            logits, cache = qwen.decode(
+            logits, cache = forward.decode(
                 model, cache, slot_ids, tok, pos, kv_len, derived.get("head_t"), in_place=in_place
             )
             nxt, lp = sample(logits, sampling, pos + 1)
@@ -129,7 +127,7 @@ class ModelRunner:
         """
         assert self.params is not None, "set_params() before generating"
         b = pow2_at_least(len(prompts))
-        p = min(pow2_at_least(max(len(x) for x in prompts), self.min_prefill_len), self.max_seq_len)
+        p = min(pow2_at_least(max(len(x) for x in prompts), MIN_PREFILL_LEN), self.max_seq_len)
         tokens = np.zeros((b, p), np.int32)
         lengths = np.zeros((b,), np.int32)
         for i, ids in enumerate(prompts):
@@ -152,7 +150,7 @@ class ModelRunner:
         slots, tokens, positions (B,) with B from `decode_batch`; padding rows carry slot id
         max_batch. With B == max_batch, row i must be slot i and idle slots are the padding
         (position max_seq_len): every slot decodes in place, without gathering its keys and
-        values (see `qwen.decode`). `sampling` has B rows. Returns tokens and logprobs (K, B).
+        values (see `forward.decode`). `sampling` has B rows. Returns tokens and logprobs (K, B).
         """
         assert self.params is not None, "set_params() before generating"
         if len(slots) == self.max_batch and not np.array_equal(slots, np.arange(self.max_batch)):

@@ -1,20 +1,55 @@
-"""Sampling parameters and the on-device sampler.
+"""Per-slot sampling values and the on-device sampler.
 
 Logprobs are those of the distribution actually sampled from: log_softmax(logits / temperature),
-before top-k/top-p truncation; at temperature 0 (greedy), the raw log_softmax. Every sample draws
-its randomness from a key derived from (seed, sample index, absolute position), so a seeded
-request gets the same tokens for the same weights whatever else is in the batch.
+before top-k/top-p truncation; at temperature 0 (greedy), the raw log_softmax. Sampling works
+on the logits shifted by their maximum *before* the division by the temperature
+(`shifted_logits`), so tokens and logprobs stay right, and logprobs finite and <= 0, at any
+temperature > 0: as the temperature goes to 0 the tokens become the greedy ones and the logprob
+of each goes to 0 (the sampled distribution becomes a point mass; -log(k) for a k-way exact
+tie). A positive temperature below float32's smallest normal number (~1.18e-38) is served as
+that number: devices flush smaller (subnormal) float32 values to zero, which would silently
+turn the request greedy on some devices and not on others.
+
+Every sample draws its randomness from a key derived from (seed, sample index, absolute
+position), so a seeded request gets the same tokens for the same weights whatever else is in
+the batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rollout.engine.sampling_params import SamplingParams  # noqa: F401  (re-export)
+from rollout.engine.sampling_params import SamplingParams
+
+# The smallest normal float32: positive temperatures below it are served as it (see above).
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """One slot's sampling values on the host: a row of `SlotSampling`. The default is the
+    greedy row that idle slots hold."""
+
+    temperature: float = 0.0  # 0 = greedy, else >= MIN_TEMPERATURE
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    sample_index: int = 0
+
+    @classmethod
+    def of(cls, sampling: SamplingParams, seed: int, sample_index: int) -> SamplingRow:
+        temperature = float(sampling.temperature)
+        if 0.0 < temperature < MIN_TEMPERATURE:
+            temperature = MIN_TEMPERATURE
+        return cls(temperature, int(sampling.top_k), float(sampling.top_p), seed, sample_index)
+
+
+IDLE_ROW = SamplingRow()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +81,7 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     """logits (S, V) float32, position (S,) of the token being sampled -> (tokens, logprobs) (S,)."""
     greedy = params.temperature <= 0.0
     temp = jnp.where(greedy, 1.0, params.temperature)[:, None]
-    scaled = logits / temp
+    scaled = shifted_logits(logits, temp)
 
     def draw(scaled: jax.Array) -> jax.Array:
         needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
@@ -59,8 +94,22 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     # An all-greedy batch skips the noise and the sort entirely.
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
     # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
-    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
-    return tokens, chosen
+    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - jnp.log(jnp.sum(jnp.exp(scaled), axis=-1))
+
+
+def shifted_logits(logits: jax.Array, temp: jax.Array) -> jax.Array:
+    """(logits - their row maximum) / temp: logits / temp up to a per-row constant, which
+    neither the draw nor log_softmax sees, but <= 0 and exactly 0 at the maximum for any
+    temp > 0. So exp() never overflows, the softmax sum is in [1, V], logprobs are finite and
+    <= 0, and the maximum stays exactly 0 (an argmax) wherever XLA recomputes the division.
+
+    Dividing the raw logits instead gave +-inf logprobs from temp ~1e-8 down: XLA:CPU
+    recomputes `logits / temp` as a multiplication inside each fusion, and at magnitudes of 1e9
+    and more the copies differ by more than exp() can take; below ~1e-37 logits / temp
+    overflows to +-inf and the draw picks the first such token.
+    """
+    return (logits - jnp.max(logits, axis=-1, keepdims=True)) / temp  # (S, V)
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -92,18 +141,13 @@ def _truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arra
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def stack_sampling(rows: Sequence[tuple[float, int, float, int, int]], slots: int) -> SlotSampling:
-    """Host rows (temperature, top_k, top_p, seed, sample_index) padded to `slots` rows."""
-    import numpy as np
-
-    arr = np.zeros((slots, 5), dtype=np.float64)
-    arr[:, 2] = 1.0
-    for i, row in enumerate(rows):
-        arr[i] = row
+def stack_sampling(rows: Sequence[SamplingRow], slots: int) -> SlotSampling:
+    """Host rows padded with idle (greedy) rows to `slots` rows, as device arrays."""
+    rows = list(rows) + [IDLE_ROW] * (slots - len(rows))
     return SlotSampling(
-        temperature=jnp.asarray(arr[:, 0], jnp.float32),
-        top_k=jnp.asarray(arr[:, 1], jnp.int32),
-        top_p=jnp.asarray(arr[:, 2], jnp.float32),
-        seed=jnp.asarray(arr[:, 3], jnp.int32),
-        sample_index=jnp.asarray(arr[:, 4], jnp.int32),
+        temperature=jnp.asarray([r.temperature for r in rows], jnp.float32),
+        top_k=jnp.asarray([r.top_k for r in rows], jnp.int32),
+        top_p=jnp.asarray([r.top_p for r in rows], jnp.float32),
+        seed=jnp.asarray([r.seed for r in rows], jnp.int32),
+        sample_index=jnp.asarray([r.sample_index for r in rows], jnp.int32),
     )

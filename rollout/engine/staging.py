@@ -1,30 +1,36 @@
-"""Staging new weights: validate, cast, check finiteness, and place them on devices.
+"""Weights onto the engine's devices: validate, cast, check finiteness, and place them.
 
-Staged buffers are fresh device arrays: they never alias caller memory (an object-store buffer,
-a trainer's array), so the caller may free or mutate its copy as soon as staging returns.
+Three sources, one result (a dict path -> device array in the engine's shardings): a tree from
+a caller or a sync (`place_params`), an HF checkpoint on disk (`load_params`), and shapes alone
+(`dummy_params`). Placed buffers are fresh device arrays: they never alias caller memory (an
+object-store buffer, a trainer's array), so the caller may free or mutate its copy as soon as
+placing returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
 from rollout.weights.buckets import numpy_dtype
 from rollout.weights.finite import count_non_finite, non_finite_error
+from rollout.weights.loader import load_checkpoint
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params
+
+Place = Callable[[str, np.ndarray], jax.Array]  # (path, host array) -> device array, never aliasing
 
 
 @dataclasses.dataclass(frozen=True)
 class StagedWeights:
     version: int
     params: dict[str, jax.Array]
-    nbytes: int
-    seconds: float
-    derived: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # see ModelRunner.derive
+    derived: dict[str, jax.Array]  # see ModelRunner.derive
+    seconds: float  # to build, place and derive the copy
 
 
 def check_host_leaf(path: str, array: Any, want_dtype: str, *, check_finite: bool = True) -> np.ndarray:
@@ -44,14 +50,7 @@ def check_host_leaf(path: str, array: Any, want_dtype: str, *, check_finite: boo
     return host
 
 
-def stage_params(
-    version: int,
-    params: Any,
-    spec: ParamSpec,
-    place: Callable[[str, np.ndarray], jax.Array],
-    *,
-    finite_checked: bool = False,
-) -> StagedWeights:
+def place_params(params: Any, spec: ParamSpec, place: Place, *, finite_checked: bool = False) -> dict[str, jax.Array]:
     """Validate `params` (any accepted tree) against `spec` and place every leaf.
 
     Raises SpecMismatchError (tree, shape, dtype kind) or NonFiniteWeightsError before any
@@ -59,13 +58,34 @@ def stage_params(
     `finite_checked`: the values were counted finite already (a packer did, and a checksum
     proves these are its bytes); skips that pass unless a leaf must be cast.
     """
-    start = time.perf_counter()
-    flat = flatten_params(params)
+    flat = flatten_params(params, spec)
     spec.check(ParamSpec.of(flat))
     want = spec.by_path()
-    placed: dict[str, jax.Array] = {}
-    for path in spec.paths:
-        host = check_host_leaf(path, flat[path], want[path].dtype, check_finite=not finite_checked)
-        placed[path] = place(path, host)
-    jax.block_until_ready(placed)
-    return StagedWeights(version, placed, spec.nbytes, time.perf_counter() - start)
+    return {
+        path: place(path, check_host_leaf(path, flat[path], want[path].dtype, check_finite=not finite_checked))
+        for path in spec.paths
+    }
+
+
+def load_params(directory: Path, spec: ParamSpec, place: Place, *, progress: bool = False) -> dict[str, jax.Array]:
+    """The weights of an HF checkpoint directory, read one tensor at a time onto the devices
+    (cast to the engine dtype and checked finite on the way)."""
+    want = spec.by_path()
+
+    def place_checked(path: str, array: np.ndarray) -> jax.Array:
+        return place(path, check_host_leaf(path, array, want[path].dtype))
+
+    return load_checkpoint(  # type: ignore[return-value]  (place_checked returns device arrays)
+        directory, spec, place_checked, progress=progress
+    )
+
+
+def dummy_params(spec: ParamSpec, shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+    """Parameters of the right tree, shapes, dtypes and shardings, from shapes alone: zeros,
+    and ones for norm weights. Generation runs (uniform logits) until a real sync."""
+    out = {}
+    for leaf in spec.leaves:
+        fill = jax.numpy.ones if leaf.path.endswith("norm.weight") else jax.numpy.zeros
+        make = jax.jit(lambda f=fill, l=leaf: f(l.shape, l.dtype), out_shardings=shardings[leaf.path])
+        out[leaf.path] = make()
+    return out

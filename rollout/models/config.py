@@ -48,17 +48,6 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def num_params(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        if self.qkv_bias:
-            attn += d * (self.num_heads + 2 * self.num_kv_heads)
-        if self.qk_norm:
-            attn += 2 * d
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * layer + h + head
-
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], eos_token_ids: tuple[int, ...] = ()) -> "ModelConfig":
         from rollout.models.registry import family_for
@@ -66,9 +55,9 @@ class ModelConfig:
         arch = _architecture(hf)
         family = family_for(arch)
         _refuse_unsupported(hf)
-        if family.name == "qwen3" and hf.get("attention_bias"):
+        if hf.get("attention_bias") and not family.qkv_bias:
             raise UnsupportedConfigError(
-                f"attention_bias={hf['attention_bias']!r} is not implemented for Qwen3; expected false"
+                f"attention_bias={hf['attention_bias']!r} is not implemented for {arch}; expected false"
             )
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])

@@ -1,24 +1,36 @@
-"""Registry of model families keyed by the HF `architectures` name."""
+"""Registry of model families keyed by the HF `architectures` name: one line per architecture.
+
+A family is one module (its NNX modules with the logical axes of every parameter, `MODEL`, and
+its HF name table, `HF_NAMES`; see rollout/models/qwen.py) plus a line here saying which
+architecture it serves and with which config flags. This file imports no jax: the driver reads
+configs with it, and the family's module is imported only when a model is built.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from types import ModuleType
 
 from rollout.models.config import UnsupportedConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """What distinguishes one member of the Qwen decoder family from another."""
+    """An architecture's family module and the config flags it sets."""
 
     name: str
+    module: str  # defines MODEL (the NNX model class) and HF_NAMES (rollout.weights.hf_names.HFNames)
     qk_norm: bool  # RMSNorm over each q/k head before RoPE
     qkv_bias: bool  # bias on the q/k/v projections
 
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
 
 _FAMILIES: dict[str, Family] = {
-    "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, qkv_bias=False),
-    "Qwen2ForCausalLM": Family("qwen2", qk_norm=False, qkv_bias=True),
+    "Qwen3ForCausalLM": Family("qwen3", "rollout.models.qwen", qk_norm=True, qkv_bias=False),
+    "Qwen2ForCausalLM": Family("qwen2", "rollout.models.qwen", qk_norm=False, qkv_bias=True),
 }
 
 

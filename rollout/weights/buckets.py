@@ -21,12 +21,19 @@ whose checksums match holds those very bytes and need not count again.
 
 Each bucket carries a checksum that every reader checks before staging. Two algorithms:
 
-    sum64  (default) 64-bit word sums of 512 KiB blocks, combined with odd per-block weights and
-           the length: catches any changed word, truncation, moved blocks and wrong objects; it
-           runs at memory speed (~35 GB/s here; the packer sums each window from cache). Not
-           cryptographic, and blind to words reordered inside one block.
-    crc32  zlib's CRC-32 (~3 GB/s here): catches every burst error up to 32 bits and reorderings,
-           at ~0.3 s per GiB on the coordinator and again on every worker.
+    xxh3_64  (default) xxHash's XXH3 (64-bit) of each 4 MiB window (WINDOW) of the bucket, then
+             XXH3 of those digests and the length. The packer hashes each window right after
+             copying it, while it is in cache, in the same thread pool task, so windows are
+             packed and hashed in parallel and no pass re-reads the bucket; a single streaming
+             hash state would force the windows through one thread in order. Catches changed,
+             reordered, moved or missing bytes and wrong objects; runs at memory speed. Not
+             cryptographic.
+    crc32    zlib's CRC-32 (~3 GB/s here) over the whole bucket, after packing: catches every
+             burst error up to 32 bits, at ~0.3 s per GiB on the coordinator and on every worker.
+
+The manifest format is versioned (MANIFEST_FORMAT): a reader refuses another format with an
+error that names both, e.g. a worker of an older rollout release reading a newer coordinator's
+update (the checksum of format 1 was a 64-bit word sum, blind to words reordered in a block).
 """
 
 from __future__ import annotations
@@ -38,18 +45,19 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import msgpack
 import numpy as np
+import xxhash
 
 from rollout.weights.finite import count_non_finite, is_floating, non_finite_error
 from rollout.weights.spec import LeafSpec, ParamSpec
 
-MANIFEST_FORMAT = "rollout.buckets/1"
+MANIFEST_FORMAT = "rollout.buckets/2"  # 2: xxh3_64 windows replaced format 1's sum64
 ALIGN = 64  # leaf offsets are multiples of this, so every view is aligned for any dtype
-CHECKSUMS = ("sum64", "crc32")
-_BLOCK_WORDS = 1 << 16  # sum64 block: 512 KiB
-WINDOW = 4 << 20  # bytes a pack task copies, checks and sums at a time (whole sum64 blocks)
-_NO_SUMS = np.empty(0, np.uint64)
+CHECKSUMS = ("xxh3_64", "crc32")
+DEFAULT_CHECKSUM = "xxh3_64"
+# bytes a pack task copies, checks and hashes at a time; part of the xxh3_64 checksum's
+# definition (changing it changes every checksum: bump MANIFEST_FORMAT)
+WINDOW = 4 << 20
 _CRC_CHUNK = 256 << 20  # zlib.crc32 takes at most 4 GiB per call; chunks also keep the GIL free
-_MASK64 = (1 << 64) - 1
 
 
 class BucketChecksumError(ValueError):
@@ -95,7 +103,7 @@ class Manifest:
     layout: BucketLayout
     # One per bucket; None while streaming: that bucket's checksum travels with the bucket.
     checksums: tuple[int | None, ...]
-    checksum: str = "sum64"  # the algorithm, one of CHECKSUMS
+    checksum: str = DEFAULT_CHECKSUM  # the algorithm, one of CHECKSUMS
     # True when the packer counted every floating value finite: a reader whose checksums
     # match may skip its own finiteness pass.
     finite: bool = False
@@ -126,7 +134,12 @@ class Manifest:
             raise ManifestError(f"expected msgpack manifest bytes, could not parse them: {err}") from err
         if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
             got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise ManifestError(f"expected a manifest of format {MANIFEST_FORMAT!r}, got {got!r}")
+            hint = (
+                "; the coordinator and the workers run different rollout releases: install the same one on every node"
+                if isinstance(got, str) and got.startswith("rollout.buckets/")
+                else ""
+            )
+            raise ManifestError(f"expected a manifest of format {MANIFEST_FORMAT!r}, got {got!r}{hint}")
         n = len(raw["paths"])
         if not (len(raw["shapes"]) == len(raw["dtypes"]) == len(raw["slots"]) == n):
             raise ManifestError("manifest lists paths, shapes, dtypes and slots of different lengths")
@@ -187,10 +200,10 @@ class Packer:
     buckets, casting to each slot's dtype, one bucket at a time, so a caller can hand bucket k
     on while packing bucket k+1.
 
-    A bucket is packed in windows of WINDOW bytes, spread over `threads` threads (numpy
-    releases the GIL): each window's stretch of every leaf is copied, then counted finite and
-    summed for the checksum while it is still in cache, so packing reads each source byte from
-    memory once. A leaf with NaN or Inf fails the bucket with NonFiniteWeightsError.
+    A bucket is packed in windows of WINDOW bytes, spread over `threads` threads (numpy and
+    xxhash release the GIL): each window's stretch of every leaf is copied, then counted finite
+    and hashed for the checksum while it is still in cache, so packing reads each source byte
+    from memory once. A leaf with NaN or Inf fails the bucket with NonFiniteWeightsError.
 
     `buffers` may pass preallocated buckets of the right sizes to reuse (fresh host memory is
     slow to touch the first time); their previous content is overwritten.
@@ -202,7 +215,7 @@ class Packer:
         layout: BucketLayout,
         buffers: Sequence[np.ndarray] | None = None,
         *,
-        checksum_algo: str = "sum64",
+        checksum_algo: str = DEFAULT_CHECKSUM,
         threads: int = 2,
     ):
         if checksum_algo not in CHECKSUMS:
@@ -248,15 +261,15 @@ class Packer:
         if bad:
             path = next(slot.path for slot in slots if slot.path in bad)  # the first in spec order
             raise non_finite_error(path, bad[path])
-        if self.checksum_algo == "sum64":
-            return _combine_sum64(np.concatenate([sums for sums, _ in windows]), buffer.nbytes)
+        if self.checksum_algo == "xxh3_64":
+            return _combine_windows([digest for digest, _ in windows], buffer.nbytes)
         return checksum(buffer, self.checksum_algo)
 
     def _pack_window(
         self, buffer: np.ndarray, lo: int, slots: list[LeafSlot], sources: list[np.ndarray | None],
         padding: list[tuple[int, int]],
-    ) -> tuple[np.ndarray, list[tuple[str, int]]]:
-        """Copy, count and sum bytes [lo, lo + WINDOW) of `buffer`: (block sums, [(path, non-finite)])."""
+    ) -> tuple[int, list[tuple[str, int]]]:
+        """Copy, count and hash bytes [lo, lo + WINDOW) of `buffer`: (xxh3 digest or 0, [(path, non-finite)])."""
         hi = min(lo + WINDOW, buffer.nbytes)
         for start, stop in padding:  # alignment gaps: zeroed so checksums are reproducible
             if start < hi and stop > lo:
@@ -276,8 +289,8 @@ class Packer:
                 count = count_non_finite(dst)
                 if count:
                     bad.append((slot.path, count))
-        sums = _sum64_blocks(buffer[lo:hi], last=hi == buffer.nbytes) if self.checksum_algo == "sum64" else _NO_SUMS
-        return sums, bad
+        digest = xxhash.xxh3_64_intdigest(buffer[lo:hi]) if self.checksum_algo == "xxh3_64" else 0
+        return digest, bad
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -295,7 +308,7 @@ def pack(
     version: int,
     buffers: Sequence[np.ndarray] | None = None,
     *,
-    checksum_algo: str = "sum64",
+    checksum_algo: str = DEFAULT_CHECKSUM,
     threads: int = 2,
 ) -> PackedUpdate:
     """Pack every bucket (see Packer) and return them with their manifest."""
@@ -304,10 +317,13 @@ def pack(
     return PackedUpdate(Manifest(version, layout, tuple(sums), checksum_algo, finite=True), packer.buffers)
 
 
-def checksum(buffer: np.ndarray, algo: str = "sum64") -> int:
+def checksum(buffer: np.ndarray, algo: str = DEFAULT_CHECKSUM) -> int:
     """The checksum of one bucket (see the module docstring for the algorithms).
 
     >>> checksum(np.zeros(8, np.uint8)) != checksum(np.zeros(16, np.uint8))  # length counts
+    True
+    >>> words = np.arange(4, dtype=np.uint64)
+    >>> checksum(words.view(np.uint8)) != checksum(words[[1, 0, 2, 3]].view(np.uint8))  # so does order
     True
     """
     if algo == "crc32":
@@ -315,34 +331,15 @@ def checksum(buffer: np.ndarray, algo: str = "sum64") -> int:
         for lo in range(0, buffer.nbytes, _CRC_CHUNK):
             crc = zlib.crc32(buffer[lo : lo + _CRC_CHUNK], crc)
         return crc
-    if algo != "sum64":
+    if algo != "xxh3_64":
         raise ValueError(f"unknown checksum {algo!r}: expected one of {CHECKSUMS}")
-    return _combine_sum64(_sum64_blocks(buffer, last=True), buffer.nbytes)
+    digests = [xxhash.xxh3_64_intdigest(buffer[lo : lo + WINDOW]) for lo in range(0, max(buffer.nbytes, 1), WINDOW)]
+    return _combine_windows(digests, buffer.nbytes)
 
 
-def _sum64_blocks(data: np.ndarray, last: bool) -> np.ndarray:
-    """sum64's block sums of `data`, a stretch of a bucket that starts on a block boundary:
-    one per whole 512 KiB block; if `last` (the stretch ends the bucket), then also the sum of
-    the words of the final partial block and the trailing < 8 bytes as one number. A stretch
-    that is not `last` must be whole blocks."""
-    n8 = data.nbytes // 8 * 8
-    words = data[:n8].view(np.uint64)
-    full = words.size // _BLOCK_WORDS * _BLOCK_WORDS
-    if not last and (full != words.size or n8 != data.nbytes):
-        raise ValueError(f"a stretch of {data.nbytes} bytes is not whole {_BLOCK_WORDS * 8}-byte blocks")
-    sums = np.empty(full // _BLOCK_WORDS + (2 if last else 0), np.uint64)
-    sums[: full // _BLOCK_WORDS] = words[:full].reshape(-1, _BLOCK_WORDS).sum(axis=1, dtype=np.uint64)
-    if last:
-        sums[-2] = words[full:].sum(dtype=np.uint64)
-        sums[-1] = int.from_bytes(data[n8:].tobytes(), "little")  # the last < 8 bytes
-    return sums
-
-
-def _combine_sum64(sums: np.ndarray, nbytes: int) -> int:
-    weights = np.arange(1, 2 * sums.size, 2, dtype=np.uint64)  # odd: a changed block always shows
-    with np.errstate(over="ignore"):
-        total = int((sums * weights).sum(dtype=np.uint64))
-    return (total + nbytes * 0x9E3779B97F4A7C15) & _MASK64
+def _combine_windows(digests: Sequence[int], nbytes: int) -> int:
+    """xxh3_64 of the windows' digests in order, then the bucket's length."""
+    return xxhash.xxh3_64_intdigest(np.array([*digests, nbytes], np.uint64).tobytes())
 
 
 def verify_bucket(manifest: Manifest, index: int, buffer: np.ndarray, expected: int | None = None) -> None:

@@ -1,5 +1,6 @@
 """Loading HF checkpoints: resolve a repo id or directory, read safetensors one tensor at a time,
-map names through the name table with strict checks, and place each tensor on its devices.
+map names through the model's name table (`spec.hf`) with strict checks, and place each tensor
+on its devices. `checkpoint_spec` reads the same mapping from the safetensors headers alone.
 
 `load_format="dummy"` builds the same tree from shapes alone so an engine can start and compile
 before real weights arrive through a weight sync.
@@ -10,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from rollout.weights.hf_names import IGNORED, hf_to_path, path_to_hf, to_engine_layout
-from rollout.weights.spec import ParamSpec
+from rollout.weights.hf_names import HFNameError, HFNames, stream_to_engine, to_engine_layout
+from rollout.weights.spec import ParamSpec, SpecMismatchError, spec_of_leaves
 
 ALLOW_PATTERNS = (
     "*.safetensors",
@@ -75,74 +76,77 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
 
     for file in safetensors_files(directory):
         with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
 
 
-def count_tensors(directory: Path) -> int:
+def tensor_names(directory: Path) -> list[str]:
+    """The names of every tensor of a checkpoint, from the safetensors headers alone."""
     from safetensors import safe_open
 
-    total = 0
+    names: list[str] = []
     for file in safetensors_files(directory):
         with safe_open(str(file), framework="numpy") as f:
-            total += len(list(f.keys()))
-    return total
+            names += list(f.keys())
+    return names
 
 
 Place = Callable[[str, np.ndarray], object]
 
 
-def load_checkpoint(
-    directory: Path,
-    spec: ParamSpec,
-    place: Place,
-    *,
-    tie_word_embeddings: bool,
-    progress: bool = False,
-) -> dict[str, object]:
+def _names_of(spec: ParamSpec) -> HFNames:
+    if spec.hf is None:
+        raise ValueError("the spec carries no HF name table; use the engine's spec (ModelDef.spec)")
+    return spec.hf
+
+
+def load_checkpoint(directory: Path, spec: ParamSpec, place: Place, *, progress: bool = False) -> dict[str, object]:
     """Read every tensor, check it against `spec`, and `place(path, array)` it on devices.
 
     Raises CheckpointError naming the tensor for: a name that maps to no parameter, a parameter
-    set twice, a wrong shape (both shapes given), and parameters left unset.
+    set twice, a wrong shape (both shapes given), parameters left unset, and, in a model with
+    tied embeddings, an output head that differs from the embedding (an equal copy is skipped).
     """
+    names = _names_of(spec)
     want = spec.by_path()
     out: dict[str, object] = {}
     source: dict[str, str] = {}
-    bar = tqdm(total=count_tensors(directory), desc="loading weights", unit="tensor", disable=not progress)
-    for name, array in iter_tensors(directory):
-        bar.update(1)
-        target = hf_to_path(name)
-        if target is None:
-            if IGNORED.search(name):
-                continue
-            raise CheckpointError(
-                f"tensor {name!r} {tuple(array.shape)} maps to no parameter of this model; "
-                "expected HF Qwen names (is this the right architecture?)"
-            )
-        path, transpose = target
-        if path == "lm_head.kernel" and tie_word_embeddings:
-            continue  # tied checkpoints sometimes store a copy; the embedding is what counts
-        if path not in want:
-            raise CheckpointError(
+    all_names = tensor_names(directory)
+    bar = tqdm(total=len(all_names), desc="loading weights", unit="tensor", disable=not progress)
+
+    def unknown(name: str, array: np.ndarray, path: str) -> CheckpointError:
+        if path:
+            return CheckpointError(
                 f"tensor {name!r} maps to {path!r}, which this model config does not have "
                 "(check tie_word_embeddings, num_hidden_layers and the architecture in config.json)"
             )
-        if path in out:
-            raise CheckpointError(f"tensor {name!r} sets {path!r} twice (also set by {source[path]!r})")
-        array = to_engine_layout(array, transpose)
-        expected = want[path].shape
-        if tuple(array.shape) != expected:
-            hf_expected = expected[::-1] if transpose else expected
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(array.shape)[::-1] if transpose else tuple(array.shape)}, "
-                f"expected {hf_expected} from config.json"
-            )
-        out[path] = place(path, array)
-        source[path] = name
-    bar.close()
+        return CheckpointError(
+            f"tensor {name!r} {tuple(array.shape)} maps to no parameter of this model; expected HF "
+            f"names of its family, such as {names.to_hf(spec.paths[0])[0]!r} (is this the right architecture?)"
+        )
+
+    try:
+        for name, path, transform, array in stream_to_engine(
+            _counted(iter_tensors(directory), bar), names, want, all_names, unknown
+        ):
+            if path in out:
+                raise CheckpointError(f"tensor {name!r} sets {path!r} twice (also set by {source[path]!r})")
+            array = to_engine_layout(array, transform)
+            expected = want[path].shape
+            if tuple(array.shape) != expected:
+                flip = (lambda s: s[::-1]) if transform != "none" else (lambda s: s)
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {flip(tuple(array.shape))}, expected {flip(expected)} from config.json"
+                )
+            out[path] = place(path, array)
+            source[path] = name
+    except HFNameError as err:
+        raise CheckpointError(str(err)) from err
+    finally:
+        bar.close()
     unset = [p for p in spec.paths if p not in out]
     if unset:
-        missing = [path_to_hf(p)[0] for p in unset[:5]]
+        missing = [names.to_hf(p)[0] for p in unset[:5]]
         more = f" and {len(unset) - 5} more" if len(unset) > 5 else ""
         raise CheckpointError(
             f"{len(unset)} parameter(s) left unset by the checkpoint: no tensor {missing}{more} "
@@ -150,3 +154,36 @@ def load_checkpoint(
             "(check num_hidden_layers and tie_word_embeddings in config.json)"
         )
     return {p: out[p] for p in spec.paths}
+
+
+def _counted(tensors: Iterator[tuple[str, np.ndarray]], bar: Any) -> Iterator[tuple[str, np.ndarray]]:
+    for item in tensors:
+        bar.update(1)
+        yield item
+
+
+def checkpoint_spec(directory: Path, spec: ParamSpec) -> ParamSpec:
+    """The engine-path spec of an HF checkpoint directory, read from the safetensors headers
+    alone with `spec.hf`, to compare with `spec` before any worker reads a byte. A tied head
+    is left out (its values are compared with the embedding when the checkpoint is loaded)."""
+    from safetensors import safe_open
+
+    names = _names_of(spec)
+    paths = spec.by_path()
+    leaves = []
+    for file in safetensors_files(directory):
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                kind, path, transform = names.classify(name, paths)
+                if kind in ("ignored", "tied"):
+                    continue
+                if kind == "unknown" and not path:
+                    raise SpecMismatchError(f"checkpoint tensor {name!r} maps to no parameter of this model")
+                piece = f.get_slice(name)
+                shape = tuple(piece.get_shape())
+                leaves.append((path, shape[::-1] if transform != "none" else shape, _SAFETENSORS_DTYPES.get(
+                    piece.get_dtype(), piece.get_dtype().lower())))
+    return spec_of_leaves(leaves)
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

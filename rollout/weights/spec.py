@@ -2,7 +2,9 @@
 
 Every parameter tree the product accepts (an nnx.State, a nested dict in engine layout, a flat
 dict of dotted engine paths, or a flat dict of HF tensor names) is first flattened to
-`{path: array}` with dotted engine paths, e.g. `layers.0.self_attn.q_proj.kernel`.
+`{path: array}` with dotted engine paths, e.g. `layers.0.self_attn.q_proj.kernel`. An engine's
+spec carries its family's HF name table (`spec.hf`), so whoever holds the spec (the coordinator
+included, which has no jax) maps HF names exactly as the engine's loader does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from rollout.weights.hf_names import IGNORED, hf_to_path, to_engine_layout
+from rollout.weights.hf_names import HFNameError, HFNames, hf_to_engine
 
 
 class SpecMismatchError(ValueError):
@@ -32,9 +34,12 @@ class LeafSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """Ordered leaf specs; the order is the order of the engine's parameter leaves."""
+    """Ordered leaf specs; the order is the order of the engine's parameter leaves. `hf`: the
+    name table of the model's family (an engine's spec has one; a spec derived from an incoming
+    tree or a manifest has none)."""
 
     leaves: tuple[LeafSpec, ...]
+    hf: HFNames | None = None
 
     @classmethod
     def of(cls, flat: Mapping[str, Any]) -> "ParamSpec":
@@ -115,8 +120,11 @@ def _dtype_ok(want: str, got: str, cast_floats: bool) -> bool:
     return cast_floats and is_floating(want) and is_floating(got)
 
 
-def flatten_params(params: Any) -> dict[str, Any]:
+def flatten_params(params: Any, spec: ParamSpec | None = None) -> dict[str, Any]:
     """Any accepted parameter tree -> `{dotted engine path: array}` (arrays are not copied).
+
+    A flat dict of HF tensor names is mapped with `spec.hf` (the model's name table), onto
+    `spec`'s paths.
 
     >>> flatten_params({"layers": {0: {"mlp": {"up_proj": {"kernel": 1}}}}, "norm": {"weight": 2}})
     {'layers.0.mlp.up_proj.kernel': 1, 'norm.weight': 2}
@@ -130,8 +138,17 @@ def flatten_params(params: Any) -> dict[str, Any]:
         )
     flat: dict[str, Any] = {}
     _flatten_into(params, "", flat)
-    if any(_looks_hf(k) for k in flat):
-        return hf_flat_to_engine(flat)
+    names = spec.hf if spec is not None else None
+    if any(_looks_hf(k, names) for k in flat):
+        if spec is None or names is None:
+            raise SpecMismatchError(
+                "got HF tensor names (e.g. model.embed_tokens.weight) but no model spec to map them "
+                "with; pass the engine's spec (engine.spec), or send engine paths"
+            )
+        try:
+            return hf_to_engine(flat, names, spec.by_path())
+        except HFNameError as err:
+            raise SpecMismatchError(str(err)) from err
     return flat
 
 
@@ -146,28 +163,10 @@ def _flatten_into(node: Mapping[Any, Any], prefix: str, out: dict[str, Any]) -> 
             out[path] = value
 
 
-def _looks_hf(name: str) -> bool:
+def _looks_hf(name: str, names: HFNames | None) -> bool:
+    if names is not None:
+        return names.to_path(name) is not None
     return name.startswith("model.") or name == "lm_head.weight"
-
-
-def hf_flat_to_engine(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """`{hf_name: array}` -> `{engine path: array}` in engine layout (linear weights transposed)."""
-    out: dict[str, Any] = {}
-    unmapped: list[str] = []
-    for name, array in flat.items():
-        target = hf_to_path(name)
-        if target is None:
-            if not IGNORED.search(name):
-                unmapped.append(name)
-            continue
-        path, transpose = target
-        out[path] = to_engine_layout(array, transpose) if transpose else array
-    if unmapped:
-        raise SpecMismatchError(
-            f"{len(unmapped)} tensor name(s) map to no parameter: {_short(unmapped, 8)}; expected "
-            "HF Qwen names such as model.layers.0.self_attn.q_proj.weight"
-        )
-    return out
 
 
 def spec_of_leaves(items: Iterable[tuple[str, tuple[int, ...], str]]) -> ParamSpec:

@@ -1,8 +1,9 @@
 """Fixtures of the reliability suite.
 
 One fleet (2 workers x 2 simulated CPU devices, on the session's local Ray) serves the whole
-package: starting workers costs seconds on a small machine. It is synced once at start, so it
-serves version 1 (and a version can go backwards). Cases that destroy a service (shutdown,
+package: starting workers costs seconds on a small machine. Its workers are FaultyWorkers (the
+product's worker with faults the tests arm; see fault_worker.py). It is synced once at start, so
+it serves version 1 (and a version can go backwards). Cases that destroy a service (shutdown,
 garbage collection) get small services of their own from `make_small_service`.
 """
 
@@ -16,7 +17,7 @@ import pytest
 
 import rollout
 
-from .cases import FLEET, SMALL_FLEET, engine_params
+from .harness import FLEET, SMALL_FLEET, engine_params
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,8 +48,9 @@ def fleet(shared_fleet: rollout.RolloutService):
     """The shared fleet, whole again (no worker down) before each test; faults cleared after."""
     assert shared_fleet.wait_for_workers(timeout=180), f"a worker did not come back: {shared_fleet.status()['workers']}"
     yield shared_fleet
-    for handle in shared_fleet.workers:
-        handle.clear_faults.remote()
+    import ray
+
+    ray.get([handle.clear_faults.remote() for handle in shared_fleet.workers], timeout=60)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 import rollout
 
-from .cases import BAD_REQUESTS, GOOD_REQUEST, INVALID_SAMPLING_FIELDS, try_bad_request
+from .bad_requests import BAD_REQUESTS, GOOD_REQUEST, INVALID_SAMPLING_FIELDS, try_bad_request
 
 pytestmark = pytest.mark.ray
 

@@ -8,15 +8,19 @@ import pytest
 
 import rollout
 
-from .cases import BAD_UPDATES, fingerprint, try_bad_update
+from .bad_updates import BAD_UPDATES, try_bad_update
+from .harness import fingerprint
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def baseline(shared_fleet):
-    """Every worker's greedy outputs before any bad update."""
+def baseline(shared_fleet, params):
+    """Every worker's greedy outputs on `params`, before any bad update. The fleet is synced to
+    `params` first: a module that ran earlier in the session may have left it on other weights
+    (test_faults.py commits `other_params`), and the last test here syncs `params` again."""
     assert shared_fleet.wait_for_workers(timeout=180)
+    shared_fleet.sync_weights(params)
     return fingerprint(shared_fleet)
 
 

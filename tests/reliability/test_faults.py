@@ -13,8 +13,7 @@ import pytest
 
 import rollout
 
-from .cases import (
-    SYNC_TIMEOUT_S,
+from .faults import (
     collect_while_generating,
     feed_before_stage,
     hang_in_stage,
@@ -22,6 +21,7 @@ from .cases import (
     kill_worker_mid_sync,
     shutdown_while_generating,
 )
+from .harness import SYNC_TIMEOUT_S
 
 pytestmark = pytest.mark.ray
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pickle
 
-import msgpack
-import numpy as np
 import pytest
 
-from .cases import (
-    fingerprint,
+from .harness import fingerprint
+from .security import (
+    committed_update_is_plain,
     is_loopback,
     listening_sockets_of_owned_ray,
     malicious_pickle,
@@ -31,23 +30,10 @@ def test_a_local_ray_started_by_rollout_listens_on_loopback_only(tiny_qwen3):
     assert not exposed, f"{len(exposed)} of {len(sockets)} listening sockets are not on loopback: {exposed}"
 
 
-def plain(value) -> bool:
-    """Only what msgpack's plain types map to: no extension types, no objects."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and plain(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(plain(v) for v in value)
-    return isinstance(value, (str, int, float, bool, bytes)) or value is None
-
-
 def test_the_update_manifest_is_msgpack_of_plain_values_and_its_buckets_are_raw_bytes(fleet):
-    import ray
-
-    update = fleet._sync.last_update  # the last committed update, as the registry holds it
-    assert update["kind"] == "buckets" and isinstance(update["manifest"], bytes)
-    assert plain(msgpack.unpackb(update["manifest"], raw=False, strict_map_key=True))
-    for bucket in ray.get(list(update["refs"])):
-        assert isinstance(bucket, np.ndarray) and bucket.dtype == np.uint8 and bucket.ndim == 1
+    checks = committed_update_is_plain(fleet)  # the last committed update, as the registry holds it
+    assert checks == {"bucket_update": True, "manifest_is_bytes": True, "manifest_is_plain": True,
+                      "buckets_are_raw": True}
 
 
 def test_a_pickle_sent_as_the_manifest_is_refused_and_never_run(fleet, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .cases import RSS_TOLERANCE_MIB, soak
+from .soak import RSS_TOLERANCE_MIB, soak
 
 pytestmark = [pytest.mark.ray, pytest.mark.soak]
 

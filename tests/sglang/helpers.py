@@ -36,10 +36,13 @@ def trainer_pytree(path: Path) -> dict[str, Any]:
     """A nested dict of jax arrays in rollout's engine layout, as a JAX trainer holds them."""
     import jax.numpy as jnp
 
-    from rollout.weights.spec import hf_flat_to_engine
+    from rollout.models.bind import ModelDef
+    from rollout.models.config import ModelConfig
+    from rollout.weights.spec import flatten_params
 
+    spec = ModelDef.create(ModelConfig.from_pretrained(path), "float32").spec  # its HF name table
     tree: dict[str, Any] = {}
-    for dotted, array in hf_flat_to_engine(hf_flat(path)).items():
+    for dotted, array in flatten_params(hf_flat(path), spec).items():
         node = tree
         *parents, leaf = dotted.split(".")
         for key in parents:

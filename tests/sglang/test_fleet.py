@@ -44,11 +44,36 @@ def test_fleet_syncs_every_form_and_serves_each_version(fleet, refs, ckpt_a, ckp
 
 
 def test_fleet_refuses_logprobs_on_the_caller(fleet, refs):
-    from rollout.engine.sglang.requirements import LogprobsUnavailableError
+    from rollout.engine.backend import FeatureUnavailableError
 
-    with pytest.raises(LogprobsUnavailableError, match="return_logprobs=False"):
+    with pytest.raises(FeatureUnavailableError, match="return_logprobs=True is not available.*return_logprobs=False"):
         fleet.generate(refs["prompts"][:1], greedy(4))
     assert len(fleet.generate(refs["prompts"][:1], greedy(4), return_logprobs=False)[0].token_ids) == 4
+
+
+def test_fleet_refuses_score_on_the_caller_from_the_backends_capabilities(fleet, refs):
+    from rollout.engine.backend import FeatureUnavailableError
+
+    assert set(fleet.capabilities.unavailable) == {"logprobs", "score"}
+    with pytest.raises(FeatureUnavailableError, match=r"score\(\) is not available with engine='sglang-jax'"):
+        fleet.score(refs["prompts"][:1], [[1, 2, 3]])
+
+
+def test_fleet_streams_each_sample_whole_when_it_finishes(fleet, refs):
+    import asyncio
+
+    prompt = refs["prompts"][0]
+    want = fleet.generate([prompt], greedy(8), return_logprobs=False)[0]
+
+    async def stream() -> list:
+        async with fleet.generate_stream(prompt, greedy(8), return_logprobs=False) as deltas:
+            return [d async for batch in deltas for d in batch]
+
+    deltas = asyncio.run(stream())
+    assert [t for d in deltas for t in d.token_ids] == list(want.token_ids)
+    assert deltas[-1].finish_reason == want.finish_reason
+    completions = asyncio.run(fleet.agenerate(prompt, greedy(8), return_logprobs=False))
+    assert list(completions[0].token_ids) == list(want.token_ids)
 
 
 def test_fleet_refuses_a_mismatched_update_and_keeps_its_version(fleet, ckpt_a):

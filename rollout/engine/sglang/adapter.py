@@ -14,7 +14,10 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
   requests finish on the old weights, then the swap happens and the waiting requests start on
   the new ones. So every request runs on one version, recorded when it is admitted.
 - Logprobs: sglang-jax 0.0.2 crashes on CPU when asked for them, so `return_logprobs=True`
-  raises LogprobsUnavailableError before anything is queued; the engine keeps serving.
+  raises LogprobsUnavailableError before anything is queued; the engine keeps serving. Scoring
+  is refused likewise. Both are declared in `capabilities` (rollout.engine.backend), which the
+  coordinator reads once to refuse them before anything reaches a worker.
+- Streaming: a sink gets each sample once, when it finishes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -32,6 +36,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from rollout.engine.backend import FeatureUnavailableError
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.sglang import requirements, workarounds
@@ -90,6 +95,24 @@ def _mesh_over(module: Any, devices: Sequence[Any]) -> Iterator[None]:
         module.create_device_mesh = real
 
 
+@dataclasses.dataclass(frozen=True)
+class _Text:
+    text: str
+    cut: bool = True  # final: nothing held back for a stop string
+
+
+class _FinishedSample:
+    """A finished completion in the shape a streaming sink reads (rollout.engine.streaming)."""
+
+    def __init__(self, completion: Completion):
+        self.index = completion.sample_index
+        self.tokens = list(completion.token_ids)
+        self.logprobs: list[float] = []
+        self.versions = list(completion.token_versions)
+        self.text = _Text(completion.text)
+        self.finish_reason = completion.finish_reason
+
+
 class _Staged:
     def __init__(self, version: int, leaves: list[Any], nbytes: int, seconds: float):
         self.version, self.leaves, self.nbytes, self.seconds = version, leaves, nbytes, seconds
@@ -141,6 +164,8 @@ class SglangEngine:
         self.compiles = CompileCounter.install()
         devices = list(devices) if devices is not None else jax.local_devices()[:1]
         self.devices = devices
+        # what it cannot do: the coordinator reads this once and refuses those requests up front
+        self.capabilities = requirements.capabilities(self.sglang_version, devices[0].platform)
         self._spec = ModelDef.create(self.model_config, config.dtype).spec
         self._engine = self._start_sglang(devices, engine_options or {})
         self._scheduler = self._engine.scheduler_info["scheduler"]
@@ -336,10 +361,7 @@ class SglangEngine:
         self._check_forward(version)
         want = self._spec.by_path()
         host = load_checkpoint(
-            resolve_checkpoint(model),
-            self._spec,
-            lambda path, array: check_host_leaf(path, array, want[path].dtype),
-            tie_word_embeddings=self.model_config.tie_word_embeddings,
+            resolve_checkpoint(model), self._spec, lambda path, array: check_host_leaf(path, array, want[path].dtype)
         )
         return self.stage(version, host, finite_checked=True)
 
@@ -391,8 +413,11 @@ class SglangEngine:
         *,
         prompt_index: int = 0,
         return_logprobs: bool = True,
+        sink: Any = None,
     ) -> "Future[list[Completion]]":
-        """Queue one prompt; the future yields its n completions. Bad requests raise here."""
+        """Queue one prompt; the future yields its n completions. Bad requests raise here.
+        `sink` (streaming) gets each sample once, when it finishes (sglang-jax's tokens are read
+        from its scheduler at the end of a request)."""
         if return_logprobs:
             raise logprobs_unavailable(self.sglang_version, self.devices[0].platform)
         ids = self.encode_prompt(prompt)
@@ -414,8 +439,11 @@ class SglangEngine:
                 self._rids.pop(id(future), None)
             if f.exception() is not None:
                 future.set_exception(f.exception())
-            else:
-                future.set_result(f.result())
+                return
+            if sink is not None:
+                for completion in f.result():
+                    sink.update(_FinishedSample(completion))
+            future.set_result(f.result())
 
         running.add_done_callback(done)
         return future
@@ -434,6 +462,10 @@ class SglangEngine:
         encoded = self.prompts.encode_all(prompts, sampling)
         futures = [self.submit(ids, sampling, prompt_index=i, return_logprobs=False) for i, ids in enumerate(encoded)]
         return [c for f in futures for c in f.result(timeout)]
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
+        """Not available on this backend (see `capabilities`): raises FeatureUnavailableError."""
+        raise FeatureUnavailableError(requirements.score_message(self.sglang_version))
 
     def cancel(self, future: "Future[list[Completion]]") -> bool:
         with self._lock:

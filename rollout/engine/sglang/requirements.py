@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+from rollout.engine.backend import EngineCapabilities, FeatureUnavailableError
 from rollout.models.config import ModelConfig
 
 SUPPORTED_VERSIONS = ("0.0.2",)
@@ -27,16 +28,32 @@ class BackendUnavailableError(RuntimeError):
     """The sglang-jax backend cannot run here (Python, package, or module versions)."""
 
 
-class LogprobsUnavailableError(ValueError):
+class LogprobsUnavailableError(FeatureUnavailableError):
     """The installed sglang-jax cannot return logprobs on this platform."""
 
 
-def logprobs_unavailable(version: str = "0.0.2", platform: str = "cpu") -> LogprobsUnavailableError:
-    return LogprobsUnavailableError(
+def logprobs_message(version: str = "0.0.2", platform: str = "cpu") -> str:
+    return (
         f"return_logprobs=True is not available with engine='sglang-jax' (sglang-jax {version} crashes its "
         f"scheduler when asked for logprobs on {platform}); pass return_logprobs=False, or use "
         "engine='native' for logprobs"
     )
+
+
+def logprobs_unavailable(version: str = "0.0.2", platform: str = "cpu") -> LogprobsUnavailableError:
+    return LogprobsUnavailableError(logprobs_message(version, platform))
+
+
+def score_message(version: str = "0.0.2") -> str:
+    return (
+        f"score() is not available with engine='sglang-jax' (sglang-jax {version} has no teacher-forced "
+        "logprob call, and its logprob path crashes on CPU); score on a fleet with engine='native'"
+    )
+
+
+def capabilities(version: str, platform: str) -> EngineCapabilities:
+    """What this backend cannot do, and why (the coordinator refuses those requests up front)."""
+    return EngineCapabilities(unavailable={"logprobs": logprobs_message(version, platform), "score": score_message(version)})
 
 
 def check_python(version_info: tuple[int, ...] = tuple(sys.version_info)) -> None:

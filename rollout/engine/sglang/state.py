@@ -9,7 +9,8 @@ reused because every new leaf has the serving leaf's shape, dtype and sharding.
 
 The common currency between the two engines is the HF tensor name: sglang-jax's model says which
 HF name fills each of its leaves (its weight mappings, with a transpose flag), and
-`rollout.weights.hf_names` says which rollout path (and layout) each HF name is. The backend's
+the family's name table (`spec.hf`, rollout.weights.hf_names) says which rollout path (and layout)
+each HF name is. The backend's
 `spec` is therefore the native engine's spec for the same checkpoint, and an update that fits one
 fits the other.
 """
@@ -23,7 +24,7 @@ import jax
 
 from rollout.engine.placement import place
 from rollout.engine.staging import check_host_leaf
-from rollout.weights.hf_names import hf_to_path
+from rollout.weights.hf_names import TRANSPOSE
 from rollout.weights.spec import ParamSpec, flatten_params
 
 
@@ -101,12 +102,13 @@ class ModelState:
         if len(index) != len(self.leaves):
             raise StateMappingError(f"{len(self.leaves)} state leaves but {len(index)} distinct paths")
         want = self.spec.by_path()
+        names = self.spec.hf  # the model family's HF name table
         table: list[LeafMap] = []
         for hf_name, mapping in _weight_mappings(model).items():
-            target = hf_to_path(hf_name)
+            target = names.to_path(hf_name) if names is not None else None
             if target is None:
                 raise StateMappingError(f"sglang-jax loads HF tensor {hf_name!r}, which rollout's name table does not know")
-            path, ours_transposed = target
+            path, ours_transposed = target[0], target[1] == TRANSPOSE
             if path not in want:
                 raise StateMappingError(f"sglang-jax loads {hf_name!r} -> {path!r}, which the checkpoint's spec lacks")
             if mapping.target_path not in index:
@@ -149,7 +151,7 @@ class ModelState:
         Raises SpecMismatchError (the native engine's wording) or NonFiniteWeightsError before
         anything is placed; each leaf lands on its serving leaf's sharding, in fresh memory.
         """
-        flat = flatten_params(params)
+        flat = flatten_params(params, self.spec)
         self.spec.check(ParamSpec.of(flat))
         dtypes = self.spec.by_path()
         serving = self.leaves

@@ -1,0 +1,232 @@
+"""The scheduler: the one thread that runs the model, and the queue callers feed it.
+
+Each pass it (1) finishes cancelled requests, (2) applies a committed weight swap if the swap
+policy allows it now, (3) admits waiting requests into free slots and prefills them in one batch
+(the n samples of a prompt share it), and (4) runs `decode_steps` decode steps for every
+running slot. A burst of requests that arrives while nothing decodes is prefilled chunk after
+chunk before its first decode step, so it decodes as one batch.
+
+Swap policies, applied at a step boundary after `commit`:
+- drain (default): running sequences finish on the old weights; new ones wait for the swap.
+- recompute: swap now; running sequences re-prefill prompt + generated tokens on the new weights.
+- continue: swap now and keep their KV cache; each token records the version that produced it.
+
+What each thread owns is stated once, in `rollout.engine.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+
+from rollout.engine.config import EngineConfig
+from rollout.engine.runner import ModelRunner
+from rollout.engine.sampling import stack_sampling
+from rollout.engine.sequence import Request, Sequence
+from rollout.engine.slots import SlotTable
+from rollout.engine.types import Completion, EngineClosedError
+from rollout.engine.weight_state import PendingSwap, WeightState
+
+log = logging.getLogger("rollout.engine")
+
+
+class Scheduler:
+    def __init__(self, lock: threading.Condition, runner: ModelRunner, weights: WeightState, config: EngineConfig):
+        self._lock = lock
+        self._runner = runner
+        self._weights = weights
+        self._config = config
+        self.slots = SlotTable(config.max_batch, config.max_seq_len)
+        self.waiting: deque[Request] = deque()
+        self._cancelled: set[int] = set()  # id() of futures to abort at the next pass
+        self.closed = False
+        self.error: BaseException | None = None  # why the thread died, if it did
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self._thread = threading.Thread(target=self._loop, name="rollout-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ---------------------------------------------------------------
+
+    def submit(self, requests: list[Request]) -> None:
+        with self._lock:
+            self.check_open()
+            self.waiting.extend(requests)
+            self._lock.notify_all()
+
+    def cancel(self, future: Future[list[Completion]]) -> bool:
+        with self._lock:
+            if future.done():
+                return False
+            self._cancelled.add(id(future))
+            self._lock.notify_all()
+            return True
+
+    def wait_serving(self, version: int, timeout: float | None) -> None:
+        """Block until the runner serves `version` (or the engine stops)."""
+        with self._lock:
+            ok = self._lock.wait_for(
+                lambda: self._weights.serving >= version or self.closed or self.error is not None, timeout
+            )
+        if not ok:
+            raise TimeoutError(f"version {version} was committed but not swapped in within {timeout}s")
+
+    def check_open(self) -> None:
+        if self.error is not None:
+            raise EngineClosedError(f"the engine's scheduler died: {self.error!r}") from self.error
+        if self.closed:
+            raise EngineClosedError("the engine is shut down; create a new one")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def shutdown(self) -> None:
+        """Stop the thread; queued and running requests fail with EngineClosedError."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._lock.notify_all()
+        self._thread.join(timeout=60)
+        self._fail_all(EngineClosedError("the engine was shut down before the request finished"))
+
+    # -- the scheduler thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        burst = False  # requests were prefilled while nothing decoded (max_prefill_batch bounds
+        # the prefill latency seen by *running* sequences; during a burst none are waiting on it)
+        try:
+            while True:
+                with self._lock:
+                    self._lock.wait_for(
+                        lambda: self.closed or self.waiting or self._weights.pending or self._cancelled
+                        or self.slots.active()
+                    )
+                    if self.closed:
+                        return
+                    cancelled = self._take_cancelled()
+                    swap = self._weights.take_swap(running=self.slots.active() > 0)
+                    admitted = [] if self._weights.pending else self._admit()
+                for seq in cancelled:
+                    self._finish(seq, "abort")
+                if swap is not None:
+                    self._swap(swap)
+                if admitted:
+                    # a burst starts when the admitted sequences are all that runs
+                    burst = burst or self.slots.active() == sum(r.sampling.n for r in admitted)
+                    self._prefill([r.prompt_ids for r in admitted], [r.sequences for r in admitted])
+                    if burst:
+                        continue  # the next pass admits more of it, or decodes when none fits
+                burst = False
+                if self.slots.active():
+                    self._decode()
+        except BaseException as err:  # surface scheduler crashes to every caller
+            log.exception("scheduler crashed")
+            with self._lock:
+                self.error = err
+            self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
+
+    def _take_cancelled(self) -> list[Sequence]:
+        """Sequences of cancelled requests, waiting ones included (they finish with no tokens).
+        Under the lock."""
+        if not self._cancelled:
+            return []
+        hit, self._cancelled = self._cancelled, set()
+        out = [s for s in self.slots.running() if id(s.request.future) in hit]
+        for request in [r for r in self.waiting if id(r.future) in hit]:
+            self.waiting.remove(request)
+            out += request.sequences
+        return out
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free slots, first come first served. Under the lock."""
+        free = len(self.slots.free())
+        admitted: list[Request] = []
+        while self.waiting and len(admitted) < self._config.max_prefill_batch:
+            n = self.waiting[0].sampling.n
+            if n > free:
+                break  # do not starve large groups
+            admitted.append(self.waiting.popleft())
+            self.slots.occupy(admitted[-1].sequences)
+            free -= n
+        return admitted
+
+    def _swap(self, swap: PendingSwap) -> None:
+        self._runner.set_params(swap.weights.params, swap.weights.derived)  # the old leaves go here
+        with self._lock:
+            self._weights.swapped(swap.weights.version)
+        log.info(json.dumps({"event": "weights_swapped", "version": swap.weights.version, "policy": swap.policy}))
+        if swap.policy == "recompute":
+            running = self.slots.running()
+            chunk = self._config.max_prefill_batch
+            for start in range(0, len(running), chunk):
+                seqs = running[start : start + chunk]
+                self._prefill([s.context() for s in seqs], [[s] for s in seqs])
+
+    def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
+        """Prefill each context once into the slots of its group; sample each slot's next token."""
+        dst, src, rows = [], [], []
+        for row, group in enumerate(groups):
+            for seq in group:
+                dst.append(seq.slot)
+                src.append(row)
+                rows.append(seq.sampling)
+        tokens, logprobs = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
+        m = 0
+        for group in groups:
+            for seq in group:
+                self._accept(seq, int(tokens[m]), float(logprobs[m]))
+                m += 1
+
+    def _decode(self) -> None:
+        batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
+        tokens, logprobs = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # (K, B)
+        sequences = self.slots.sequences
+        for row, slot in enumerate(batch.order):
+            seq = sequences[slot] if slot < self.slots.max_batch else None
+            if seq is None:
+                continue
+            for k in range(len(tokens)):
+                if self._accept(seq, tokens[k][row], logprobs[k][row]):
+                    break
+
+    def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
+        """Record a sampled token; finish the sequence if a stop fires. True if it finished.
+        Every token of every sequence passes here once (the place for a per-token stream)."""
+        reason = seq.append(token, logprob, self._weights.serving)
+        self.tokens_generated += 1
+        if reason is None:
+            self.slots.advance(seq, token)
+            if seq.request.sink is not None:
+                seq.request.sink.update(seq)
+            return False
+        self._finish(seq, reason)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.request.sink is not None:  # before the future resolves: its reader drains first
+            seq.request.sink.update(seq)
+        if seq.slot >= 0:
+            with self._lock:
+                self.slots.release(seq)
+                self._lock.notify_all()
+        request = seq.request
+        if request.finished:
+            self.requests_finished += 1
+            request.future.set_result([s.completion(self._weights.serving) for s in request.sequences])
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every queued and running request (the thread has stopped or is stopping)."""
+        with self._lock:
+            requests = list(self.waiting) + list({id(s.request): s.request for s in self.slots.clear()}.values())
+            self.waiting.clear()
+            self._lock.notify_all()  # commit(wait=True) stops waiting for a swap
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)

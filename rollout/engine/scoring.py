@@ -1,0 +1,131 @@
+"""Scoring: per-token logprobs of given completions after given prompts, teacher-forced.
+
+RL trainers need the log-probabilities of tokens they did not sample here: the reference model's
+and the old policy's, for KL terms and importance ratios. `Scorer.score` runs each (prompt,
+completion) pair as one right-padded row of a batched full-sequence forward (the same attention
+as a prefill; no KV cache is touched) and reads, at every position of the completion, the
+log-softmax of the logits that predicted it.
+
+The jitted forward takes the parameter leaves as arguments, like the runner's, so weight swaps
+never recompile it; shapes are bucketed (rows and length to powers of two) so the number of
+executables stays small. The logits are computed over the vocabulary in chunks of positions, so a
+long row never materializes a (rows, length, vocab) array. At temperature T the numbers are
+`log_softmax(logits / T)`, the distribution `generate` samples from; at T = 1 they equal
+`generate`'s logprobs of the tokens it sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rollout.engine.runner import pow2_at_least
+from rollout.models import forward
+from rollout.models.bind import ModelDef
+from rollout.scores import Scores, check_temperature, encode_pairs
+
+if TYPE_CHECKING:
+    from rollout.engine.engine import Engine
+
+# Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
+# to ~this many vocab-sized float32 rows whatever the row length.
+_HEAD_POSITIONS = 256
+
+
+def score_on_engine(
+    engine: "Engine",
+    encode: Callable[[Any], list[int]],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    temperature: float,
+) -> Scores:
+    """`Engine.score`: validate (`encode`: a prompt to token ids, refusing bad ones), take one
+    consistent weight version, run the Scorer on it."""
+    prompt_ids, completion_ids = encode_pairs(
+        encode,
+        prompts,
+        completions,
+        vocab_size=engine.model_config.vocab_size,
+        max_seq_len=engine.config.max_seq_len,
+    )
+    temperature = check_temperature(temperature)
+    version, params, derived = engine.weights_snapshot()
+    logprobs = engine.scorer.score(params, derived, prompt_ids, completion_ids, temperature)
+    return Scores(tuple(logprobs), version)
+
+
+class Scorer:
+    """The jitted scoring forward of one model on one mesh; parameters come with each call."""
+
+    def __init__(self, model_def: ModelDef, *, max_rows: int, max_seq_len: int, min_len: int = 16):
+        self.model_def = model_def
+        self.max_rows = max_rows
+        self.max_seq_len = max_seq_len
+        self.min_len = min_len
+        self._forward = jax.jit(self._forward_impl)
+
+    def _forward_impl(self, params, derived, tokens, lengths, temperature):
+        """tokens (B, L) right-padded, lengths (B,) -> (B, L) float32: at column t, the logprob of
+        tokens[:, t + 1] given tokens[:, : t + 1] (the last column is meaningless)."""
+        model = self.model_def.bind(params)
+        b, length = tokens.shape
+        real = jnp.arange(length)[None, :] < lengths[:, None]
+        mask = forward.causal_padding_mask(real)
+        positions = jnp.broadcast_to(jnp.arange(length)[None, :], (b, length))
+        h = model.hidden(
+            tokens, positions, lambda i, q, k, v: forward.attention(q, forward.head_major(k), forward.head_major(v), mask)
+        )
+        targets = jnp.roll(tokens, -1, axis=1)
+        chunk = min(length, max(1, _HEAD_POSITIONS // b))  # both powers of two: divides length
+        hc = h.reshape(b, length // chunk, chunk, -1).transpose(1, 0, 2, 3)  # (chunks, B, C, hidden)
+        tc = targets.reshape(b, length // chunk, chunk).transpose(1, 0, 2)
+
+        def one(args):
+            h_chunk, t_chunk = args
+            logits = model.logits(h_chunk, derived.get("head_t")) / temperature  # (B, C, V) float32
+            chosen = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
+            return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+        out = jax.lax.map(one, (hc, tc))  # (chunks, B, C)
+        return out.transpose(1, 0, 2).reshape(b, length)
+
+    def score(
+        self,
+        params: dict[str, jax.Array],
+        derived: dict[str, jax.Array],
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        temperature: float = 1.0,
+    ) -> list[np.ndarray]:
+        """Logprobs of each completion's tokens, one float32 array per pair (validated pairs).
+
+        Pairs run `max_rows` at a time (the engine's prefill batch: the same activation memory as
+        one prefill), each batch one forward on the given parameters.
+        """
+        out: list[np.ndarray] = [np.zeros((0,), np.float32)] * len(prompts)
+        rows = [i for i, c in enumerate(completions) if c]  # empty completions score nothing
+        # Similar lengths together, so a batch's length bucket fits most of its rows.
+        rows.sort(key=lambda i: len(prompts[i]) + len(completions[i]))
+        temp = jnp.asarray(temperature, jnp.float32)  # traced: no recompile per temperature
+        for start in range(0, len(rows), self.max_rows):
+            batch = rows[start : start + self.max_rows]
+            seqs = [prompts[i] + completions[i] for i in batch]
+            b = pow2_at_least(len(seqs))
+            length = min(pow2_at_least(max(map(len, seqs)), self.min_len), pow2_at_least(self.max_seq_len))
+            tokens = np.zeros((b, length), np.int32)
+            lengths = np.zeros((b,), np.int32)
+            for r, seq in enumerate(seqs):
+                tokens[r, : len(seq)] = seq
+                lengths[r] = len(seq)
+            table = np.asarray(self._forward(params, derived, tokens, lengths, temp))
+            for r, i in enumerate(batch):
+                first = len(prompts[i]) - 1  # the column that predicts the first completion token
+                out[i] = table[r, first : first + len(completions[i])].astype(np.float32)
+        return out
+
+    def compiled_count(self) -> int:
+        return self._forward._cache_size()

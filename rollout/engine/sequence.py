@@ -1,0 +1,85 @@
+"""Requests and their sequences: what the engine keeps for each prompt and each of its samples.
+
+A `Request` is one prompt with its sampling parameters and the future its caller holds; it
+has `n` `Sequence`s (the samples), which share its prefill. A sequence is everything one sample
+has produced (tokens, logprobs, the weight version of each token, its text) plus the slot it
+decodes in while it runs (-1 while it waits or once it finished). The scheduler thread is the
+only writer of both while the request runs; the caller only sees the `Completion`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future
+from typing import Any
+
+from rollout.engine.sampling import SamplingRow
+from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.text import TextOutput
+from rollout.engine.types import Completion
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt_index: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    return_logprobs: bool
+    stop_ids: frozenset[int]  # stop_token_ids, plus the EOS ids unless ignore_eos
+    future: Future[list[Completion]] = dataclasses.field(default_factory=Future)
+    sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    sink: Any = None  # a streaming.TokenSink fed as tokens are accepted (streamed requests only)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # sample index within the request
+    sampling: SamplingRow  # what its slot's row of the sampler holds
+    text: TextOutput
+    slot: int = -1
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)  # weight version of each token
+    finish_reason: str | None = None
+
+    def context(self) -> list[int]:
+        """Prompt + generated tokens: what a re-prefill of this sequence reads."""
+        return self.request.prompt_ids + self.tokens
+
+    @property
+    def position(self) -> int:
+        """Position of the last token (sampled, not yet in the KV cache)."""
+        return len(self.request.prompt_ids) + len(self.tokens) - 1
+
+    def append(self, token: int, logprob: float, version: int) -> str | None:
+        """Record a sampled token; the finish reason if a stop fires ("stop" | "length"), else None."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.versions.append(version)
+        if self.text.push(token) or token in self.request.stop_ids:
+            reason = "stop"
+        elif len(self.tokens) >= self.request.sampling.max_tokens:
+            reason = "length"
+        else:
+            return None
+        self.text.finish()
+        return reason
+
+    def completion(self, serving_version: int) -> Completion:
+        request = self.request
+        return Completion(
+            prompt_index=request.prompt_index,
+            sample_index=self.index,
+            prompt_token_ids=tuple(request.prompt_ids),
+            token_ids=tuple(self.tokens),
+            text=self.text.text,
+            logprobs=tuple(self.logprobs) if request.return_logprobs else None,
+            finish_reason=self.finish_reason or "abort",
+            weight_version=self.versions[-1] if self.versions else serving_version,
+            token_versions=tuple(self.versions),
+        )

@@ -1,0 +1,1 @@
+"""Adapters that let other RL frameworks drive the fleet (`tunix`: Tunix's rollout backend)."""

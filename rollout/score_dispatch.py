@@ -1,0 +1,142 @@
+"""Scoring on the fleet: the pairs of one `score` call, split over live workers, on one version.
+
+Each part (a run of pairs) is one Ray call to one worker, whose engine scores it on its
+committed version (`Engine.score`). A part whose worker died is sent again to another worker.
+Parts can come back from different versions when a sync commits while they run (workers commit
+one after the other); the parts of an older version are then sent again to a worker that
+reported the newest one (versions only go forward), until every part has the same version. The
+result is `Scores(logprobs, weight_version)` for the whole call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import ray
+
+from rollout.dispatch import is_worker_failure
+from rollout.scores import Scores
+from rollout.errors import ServiceClosedError, WorkerUnavailableError
+from rollout.routing import UP, Router
+from rollout.sync import describe_error
+
+_MIN_PART = 8  # pairs: smaller calls are not worth a second worker
+_MAX_VERSION_ROUNDS = 16  # re-sends for version agreement (each needs a sync committing meanwhile)
+
+
+@dataclasses.dataclass
+class _Part:
+    rows: list[int]  # indices into the caller's pairs
+    cost: int
+    worker: int = -1
+    epoch: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+    result: Scores | None = None
+
+
+def split(n: int, live: int) -> list[list[int]]:
+    """Contiguous parts of range(n), one per live worker at most, each >= _MIN_PART pairs.
+
+    >>> split(20, 2), split(5, 4), split(0, 2)
+    ([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]], [[0, 1, 2, 3, 4]], [])
+    """
+    if n == 0:
+        return []
+    parts = max(1, min(live, n // _MIN_PART))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(parts)]
+
+
+def score_on_fleet(
+    *,
+    handles: Sequence[Any],
+    router: Router,
+    worker_down: Callable[[int, BaseException, int | None], None],
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    temperature: float,
+    timeout: float | None,
+    max_retries: int,
+    min_version: int = 0,
+) -> Scores:
+    """Score validated token-id pairs on the fleet; every logprob comes from one version
+    (>= `min_version`, the fleet's committed version when the call started)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    parts = [
+        _Part(rows, sum(len(prompts[i]) + len(completions[i]) for i in rows))
+        for rows in split(len(prompts), max(1, len(router.workers_in(UP))))
+    ]
+    if not parts:
+        return Scores((), min_version)
+    pending: dict[ray.ObjectRef, _Part] = {}
+
+    def remaining() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def send(part: _Part, *, worker: int | None = None, avoid: frozenset[int] = frozenset()) -> None:
+        try:
+            index = router.acquire(part.cost, worker=worker, avoid=avoid, timeout=remaining())
+        except LookupError as err:
+            if router.closed:
+                raise ServiceClosedError("the rollout service was shut down while scoring") from err
+            raise WorkerUnavailableError(f"score: {err}; check `ray status`") from err
+        part.worker, part.epoch = index, router.epoch(index)
+        ref = handles[index].score.remote(
+            [prompts[i] for i in part.rows], [completions[i] for i in part.rows], temperature
+        )
+        pending[ref] = part
+
+    def collect() -> None:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining())
+            if not ready:
+                raise TimeoutError(f"score did not finish within its timeout ({len(pending)} parts left)")
+            part = pending.pop(ready[0])
+            router.release(part.worker, part.cost)
+            try:
+                part.result = ray.get(ready[0])
+            except Exception as err:  # noqa: BLE001
+                if not is_worker_failure(err):
+                    raise
+                worker_down(part.worker, err, part.epoch)
+                part.failures.append(f"worker {part.worker}: {describe_error(err)}")
+                if len(part.failures) > max_retries:
+                    raise WorkerUnavailableError(
+                        f"score: a part of {len(part.rows)} pairs failed {len(part.failures)} times as its "
+                        f"workers died: {part.failures}; check `ray status` and the worker logs"
+                    ) from err
+                send(part, avoid=frozenset([part.worker]))
+
+    try:
+        for part in parts:
+            send(part)
+        collect()
+        for _ in range(_MAX_VERSION_ROUNDS):
+            newest = max(p.result.weight_version for p in parts)
+            stale = [p for p in parts if p.result.weight_version != newest]
+            if not stale:
+                break
+            at_newest = next(p.worker for p in parts if p.result.weight_version == newest)
+            for part in stale:
+                send(part, worker=at_newest)
+            collect()
+        else:
+            raise RuntimeError(
+                f"score: parts kept coming back from different versions over {_MAX_VERSION_ROUNDS} rounds "
+                "(a sync committed during each); retry the call"
+            )
+    except BaseException:
+        for ref, part in pending.items():
+            router.release(part.worker, part.cost)
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - already finished or its worker is gone
+                pass
+        raise
+    logprobs: list[Any] = [None] * len(prompts)
+    for part in parts:
+        for row, values in zip(part.rows, part.result.logprobs):
+            logprobs[row] = values
+    return Scores(tuple(logprobs), parts[0].result.weight_version)

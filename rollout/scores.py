@@ -1,0 +1,91 @@
+"""What scoring returns, and the checks of its inputs: plain Python and numpy (no jax), so the
+driver validates a `score` call before anything is sent (the engine runs the same checks).
+
+Scoring (`rollout.score`, `RolloutService.score`, `Engine.score`) returns the per-token
+logprobs of given completion tokens after given prompts, teacher-forced; the forward itself is
+`rollout.engine.scoring.Scorer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Per-token logprobs of each completion (float32, one array per pair, in input order) and
+    the weight version that computed all of them."""
+
+    logprobs: tuple[np.ndarray, ...]
+    weight_version: int
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+
+def encode_completion(completion: Any) -> list[int]:
+    """A completion as token ids (a list, tuple or 1-D integer array)."""
+    if isinstance(completion, np.ndarray):
+        if completion.ndim != 1:
+            raise TypeError(f"a completion must be a 1-D array of token ids, got shape {completion.shape}")
+        completion = completion.tolist()
+    if isinstance(completion, (str, bytes)) or not isinstance(completion, Sequence):
+        raise TypeError(
+            f"a completion must be a list of token ids, got {type(completion).__name__}; tokenize it "
+            "first (text does not round-trip to the ids a model generated)"
+        )
+    bad = [t for t in completion if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+    if bad:
+        raise TypeError(f"completion token ids must be integers; got {type(bad[0]).__name__} ({bad[0]!r})")
+    return [int(t) for t in completion]
+
+
+def validate_pairs(
+    prompts: Sequence[list[int]], completions: Sequence[list[int]], *, vocab_size: int, max_seq_len: int
+) -> None:
+    """Raise ValueError for pairs a Scorer cannot run, naming the first bad pair."""
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"score needs one completion per prompt: got {len(prompts)} prompts and {len(completions)} completions"
+        )
+    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        where = f"pair {index}: " if len(prompts) > 1 else ""
+        if not prompt:
+            raise ValueError(f"{where}empty prompt: the first completion token needs at least one token before it")
+        oov = [t for t in (*prompt, *completion) if not 0 <= t < vocab_size]
+        if oov:
+            raise ValueError(f"{where}token id {oov[0]} is outside the vocabulary [0, {vocab_size})")
+        total = len(prompt) + len(completion)
+        if total > max_seq_len:
+            raise ValueError(
+                f"{where}prompt of {len(prompt)} + completion of {len(completion)} tokens = {total} "
+                f"exceeds max_seq_len={max_seq_len}; start the engine with a larger max_seq_len"
+            )
+
+
+def check_temperature(temperature: Any) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a number > 0 (1 = the model's own distribution)")
+    return float(temperature)
+
+
+def encode_pairs(
+    encode_prompt: Callable[[Any], list[int]],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    vocab_size: int,
+    max_seq_len: int,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts (strings, chat messages or token ids) and completions (token ids) -> validated
+    token-id lists. Raises TypeError/ValueError before anything runs."""
+    for name, seq in (("prompts", prompts), ("completions", completions)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+            raise TypeError(f"{name} must be a list (one entry per pair), got {type(seq).__name__}")
+    prompt_ids = [encode_prompt(p) for p in prompts]
+    completion_ids = [encode_completion(c) for c in completions]
+    validate_pairs(prompt_ids, completion_ids, vocab_size=vocab_size, max_seq_len=max_seq_len)
+    return prompt_ids, completion_ids

@@ -1,0 +1,93 @@
+"""`rollout serve MODEL [fleet options] [--host 127.0.0.1] [--port 8000] [--api-key KEY]`.
+
+Starts a fleet and the OpenAI-compatible server in the foreground; Ctrl-C (SIGINT) or SIGTERM
+stops the server, then the fleet. The api key may also come from $ROLLOUT_API_KEY, so it need
+not appear in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server on a fleet (completions, chat, streaming, weight sync, metrics)",
+        description=(
+            "Start a rollout fleet on MODEL and serve it over HTTP: POST /v1/completions and "
+            "/v1/chat/completions (streaming with \"stream\": true), GET /v1/models, POST /v1/weights "
+            "(sync from an HF directory or repo id), GET /v1/status, GET /health, GET /metrics "
+            "(Prometheus). Binds 127.0.0.1 unless --host says otherwise; any other address needs "
+            "--api-key. Needs the `serve` extra: pip install \"rollout[serve]\"."
+        ),
+    )
+    p.add_argument("model", help="HF checkpoint directory or repo id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("ROLLOUT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ROLLOUT_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    p.add_argument("--workers", type=int, default=1, help="engines (Ray workers)")
+    p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, tpu or gpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-batch", type=int, default=64, help="decode slots per engine")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + new tokens per sample")
+    p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
+    p.add_argument("--swap-policy", default="drain", choices=("drain", "recompute", "continue"))
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rollout.server.auth import check_bind
+
+    try:
+        check_bind(args.host, args.api_key)  # before a fleet is started
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    if args.accelerator in ("cpu", "auto"):
+        from trainer_stub.clients import configure_devices
+
+        configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
+    try:  # fail before starting a fleet, with the install hint
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        sys.exit(f"error: `rollout serve` needs the server libraries ({err.name} is missing): "
+                 'pip install "rollout[serve]"')
+    from rollout.server.handle import Server
+    from rollout.service import RolloutService
+
+    service = RolloutService(
+        args.model, args.workers, args.devices_per_worker, accelerator=args.accelerator, dtype=args.dtype,
+        max_batch=args.max_batch, max_seq_len=args.max_seq_len, decode_steps=args.decode_steps,
+        load_format=args.load_format, swap_policy=args.swap_policy,
+    )
+    try:
+        server = Server(service, owns_service=True, host=args.host, port=args.port, api_key=args.api_key or None,
+                        model_name=args.served_model_name or args.model, log_level=args.log_level)
+    except BaseException:
+        service.shutdown()
+        raise
+    print(json.dumps({"event": "serving", "url": server.url, "model": server.state.model_name,
+                      "workers": args.workers, "api_key": bool(server.state.api_key)}), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print(json.dumps({"event": "stopping", "url": server.url}), flush=True)
+        server.shutdown()  # the HTTP server, then the fleet
+    return 0

@@ -1,0 +1,106 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic), with rollout's extra fields.
+
+The standard fields follow OpenAI's API. Extra fields (sent by the `openai` client through
+`extra_body`): `top_k`, `stop_token_ids`, `ignore_eos`, `return_token_ids` (each choice then
+carries `prompt_token_ids`, `token_ids` and `token_versions`), and for chat
+`chat_template_kwargs` / `enable_thinking` (passed to the chat template, like transformers'
+`apply_chat_template(**kwargs)`). Unknown fields are ignored, as OpenAI-compatible servers do;
+known OpenAI features this server does not implement are refused with a 400 rather than
+silently ignored (see `unsupported`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = 1
+    temperature: float | None = None  # None: 1.0, as OpenAI
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # OpenAI features not implemented here (refused when set to a non-default value)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # rollout / vLLM-style extras
+    top_k: int | None = None  # 0 or -1: off
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+
+    def unsupported(self) -> list[str]:
+        out = []
+        if self.presence_penalty:
+            out.append("presence_penalty")
+        if self.frequency_penalty:
+            out.append("frequency_penalty")
+        if self.logit_bias:
+            out.append("logit_bias")
+        return out
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None  # N: the chosen token plus the N most likely (only 0 is served)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> list[str]:
+        out = super().unsupported()
+        if self.echo:
+            out.append("echo")
+        if self.suffix:
+            out.append("suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            out.append("best_of")
+        return out
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = None  # None: up to the context length
+    max_completion_tokens: int | None = None  # wins over max_tokens (OpenAI's newer name)
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (only 0 is served)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    add_generation_prompt: bool = True
+
+    def unsupported(self) -> list[str]:
+        out = super().unsupported()
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            out.append("response_format")
+        if self.tool_choice not in (None, "none", "auto"):
+            out.append("tool_choice (only 'none' and 'auto': tools reach the chat template; calls are "
+                       "returned as text, not parsed)")
+        return out
+
+
+class WeightsRequest(BaseModel):
+    """`POST /v1/weights`: sync the fleet from an HF checkpoint directory or repo id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, description="HF checkpoint directory or repo id, readable on every worker")
+
+
+Endpoint = Literal["completions", "chat.completions"]

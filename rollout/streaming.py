@@ -1,0 +1,365 @@
+"""Fleet-level asynchronous generation of one prompt: token streams and awaitable completions.
+
+    async with svc.generate_stream(prompt, SamplingParams(n=2, max_tokens=64)) as stream:
+        async for deltas in stream:          # lists of rollout.engine.streaming.TokenDelta
+            ...
+    stream.completions()                     # the n Completions, assembled from the deltas
+
+    outs = await svc.agenerate(prompt, sampling)   # the n Completions, one Ray call
+
+Both run on the caller's event loop (Ray object refs are awaited, no thread per request), route
+the prompt to the least-loaded live worker, and cancel the request on its worker at the next
+engine step when the caller stops early (closes the stream or cancels the task).
+
+Worker death: a request whose worker dies before anything of it reached the caller is sent
+again to another live worker (like `generate`). Once deltas were delivered, each unfinished
+sample is continued instead: its prompt plus the tokens already delivered go to another worker
+as a new prompt, for the tokens still allowed. The driver detokenizes the continued samples
+itself and checks their stop strings across the seam, so the caller gets exactly one copy of
+every token and text that reads as if one worker had made it all. (A continued sample draws
+its randomness afresh, and its later tokens may come from a newer weight version; each
+token's version is in `token_versions`.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import ray
+
+from rollout.dispatch import is_worker_failure
+from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.streaming import TokenDelta
+from rollout.engine.types import Completion
+from rollout.errors import ServiceClosedError, WorkerUnavailableError
+from rollout.routing import Router, request_cost
+from rollout.sync import describe_error
+from rollout.tokenizer import IncrementalDetokenizer
+
+_MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worker to be up)
+_POLL_S = 0.05  # while no worker is up
+
+
+@dataclasses.dataclass
+class _SampleState:
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class FleetRequest:
+    """One prompt (with its n samples) on the fleet: routing, re-sends and cancellation."""
+
+    def __init__(
+        self,
+        *,
+        handles: Sequence[Any],
+        router: Router,
+        worker_down: Callable[[int, BaseException, int | None], None],
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        return_logprobs: bool,
+        max_retries: int,
+        prompt_index: int = 0,
+        tokenizer: Any = None,
+    ):
+        self._handles = handles
+        self._router = router
+        self._worker_down = worker_down
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.return_logprobs = return_logprobs
+        self.prompt_index = prompt_index
+        self.tokenizer = tokenizer  # to continue samples whose worker died mid-stream
+        self._max_retries = max_retries
+        self._cost = request_cost(len(prompt_ids), sampling.max_tokens, sampling.n)
+        self._failures: list[str] = []
+        self._attempts = 0
+        self._unavailable = 0
+
+    async def _acquire(self, avoid: frozenset[int]) -> int:
+        try:
+            while True:
+                try:
+                    return self._router.acquire(self._cost, avoid=avoid, timeout=0)
+                except TimeoutError:
+                    # no worker up right now: poll on the loop (a thread blocked in acquire would
+                    # take a worker's share after its caller was cancelled, and never give it back)
+                    await asyncio.sleep(_POLL_S)
+        except LookupError as err:
+            if self._router.closed:
+                raise ServiceClosedError(
+                    "the rollout service was shut down; create a new one (rollout.init) and resubmit"
+                ) from err
+            raise WorkerUnavailableError(f"{err}; check `ray status`") from err
+
+    def _failed(self, worker: int, epoch: int, err: BaseException) -> None:
+        """Record a worker failure; raise if the request has used up its re-sends."""
+        self._worker_down(worker, err, epoch)
+        self._failures.append(f"worker {worker}: {describe_error(err)}")
+        if isinstance(err, ray.exceptions.ActorUnavailableError):
+            self._unavailable += 1
+        else:
+            self._attempts += 1
+        if self._attempts > self._max_retries or self._unavailable > _MAX_UNAVAILABLE:
+            raise WorkerUnavailableError(
+                f"the request failed {len(self._failures)} times as its workers died: {self._failures}; "
+                "check `ray status` and the worker logs"
+            ) from err
+
+    async def completions(self) -> list[Completion]:
+        """The n completions, from one `generate` call on a worker (re-sent if it dies)."""
+        avoid: frozenset[int] = frozenset()
+        while True:
+            worker = await self._acquire(avoid)
+            epoch = self._router.epoch(worker)
+            ref = self._handles[worker].generate.remote(
+                self.prompt_ids, self.sampling, self.prompt_index, self.return_logprobs
+            )
+            try:
+                return await ref
+            except asyncio.CancelledError:
+                ray.cancel(ref)  # the worker cancels the engine request
+                raise
+            except Exception as err:
+                if not is_worker_failure(err):
+                    raise
+                self._failed(worker, epoch, err)
+                avoid = frozenset([worker])
+            finally:
+                self._router.release(worker, self._cost)
+
+    def continuation(self, token_ids: list[int]) -> FleetRequest:
+        """One sample continued after `token_ids`: n=1, the tokens left, the retries left."""
+        return FleetRequest(
+            handles=self._handles, router=self._router, worker_down=self._worker_down,
+            prompt_ids=self.prompt_ids + token_ids,
+            sampling=dataclasses.replace(self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids)),
+            return_logprobs=self.return_logprobs, max_retries=max(0, self._max_retries - self._attempts),
+            prompt_index=self.prompt_index, tokenizer=self.tokenizer,
+        )
+
+
+class TokenStream:
+    """The deltas of one prompt's samples as the fleet generates them (`async for`).
+
+    Each item is a list of TokenDelta (one per sample that progressed). After the iteration
+    ended, `completions()` gives the n Completions the deltas add up to. `aclose()` (or leaving
+    `async with`) cancels the request on its worker if it is still running.
+    """
+
+    def __init__(self, request: FleetRequest):
+        self._request = request
+        self._samples = [_SampleState() for _ in range(request.sampling.n)]
+        self._delivered = False
+        self._iter: AsyncIterator[list[TokenDelta]] | None = None
+        self.worker: int | None = None
+
+    def __aiter__(self) -> AsyncIterator[list[TokenDelta]]:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    async def aclose(self) -> None:
+        if self._iter is not None:
+            await self._iter.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncIterator[list[TokenDelta]]:
+        request = self._request
+        avoid: frozenset[int] = frozenset()
+        died_mid_stream = False
+        while not died_mid_stream:
+            worker = await request._acquire(avoid)
+            self.worker = worker
+            epoch = request._router.epoch(worker)
+            gen = request._handles[worker].generate_stream.options(num_returns="streaming").remote(
+                request.prompt_ids, request.sampling, request.prompt_index, request.return_logprobs
+            )
+            finished = False
+            try:
+                async for ref in gen:
+                    deltas = await ref
+                    self._absorb(deltas)
+                    self._delivered = True
+                    yield deltas
+                finished = True
+                return
+            except Exception as err:
+                if not is_worker_failure(err):
+                    finished = True
+                    raise
+                request._failed(worker, epoch, err)  # raises once the retries are used up
+                avoid = frozenset([worker])
+                died_mid_stream = finished = self._delivered
+                if died_mid_stream and request.tokenizer is None:
+                    raise WorkerUnavailableError(
+                        f"worker {worker} died after part of this request was streamed; the partial output "
+                        f"stands, send the request again for a complete one ({describe_error(err)})"
+                    ) from err
+            finally:
+                request._router.release(worker, request._cost)
+                if not finished:  # the caller stopped early: stop the request on its worker
+                    try:
+                        ray.cancel(gen)
+                    except Exception:  # noqa: BLE001 - already finished or its worker is gone
+                        pass
+        async for deltas in self._continue():
+            yield deltas
+
+    async def _continue(self) -> AsyncIterator[list[TokenDelta]]:
+        """Continue every unfinished sample on other workers (see the module docstring)."""
+        request = self._request
+        seams, streams = [], []
+        for index, state in enumerate(self._samples):
+            if state.finish_reason is None and len(state.token_ids) < request.sampling.max_tokens:
+                seams.append(_Seam(index, state, request.tokenizer, request.sampling))
+                streams.append(TokenStream(request.continuation(state.token_ids)))
+        merged = StreamMerge(streams)
+        try:
+            async for i, deltas in merged:
+                out = [d for d in (seams[i].feed(delta) for delta in deltas) if d is not None]
+                if seams[i].done:
+                    merged.stop(i)  # e.g. a stop string across the seam: its worker can stop
+                if out:
+                    self._absorb(out)
+                    yield out
+        finally:
+            await merged.aclose()
+
+    def _absorb(self, deltas: list[TokenDelta]) -> None:
+        for d in deltas:
+            s = self._samples[d.sample_index]
+            s.token_ids += d.token_ids
+            s.logprobs += d.logprobs or ()
+            s.versions += d.token_versions
+            s.text += d.text
+            s.finish_reason = d.finish_reason or s.finish_reason
+
+    def completions(self) -> list[Completion]:
+        """The n Completions made of the deltas streamed so far (finish_reason "abort" for a
+        sample that did not finish)."""
+        request = self._request
+        return [
+            Completion(
+                prompt_index=request.prompt_index,
+                sample_index=i,
+                prompt_token_ids=tuple(request.prompt_ids),
+                token_ids=tuple(s.token_ids),
+                text=s.text,
+                logprobs=tuple(s.logprobs) if request.return_logprobs else None,
+                finish_reason=s.finish_reason or "abort",
+                weight_version=s.versions[-1] if s.versions else -1,
+                token_versions=tuple(s.versions),
+            )
+            for i, s in enumerate(self._samples)
+        ]
+
+
+class _Seam:
+    """The text side of one sample continued on another worker.
+
+    The continuing worker sees the delivered tokens as prompt, so its text starts at the seam
+    and its stop strings cannot look across it. Here the sample's tokens are detokenized as
+    one sequence and stop strings checked as the engine does (and text that may begin one held
+    back), so the caller's text is what an uninterrupted sample would have had.
+    """
+
+    def __init__(self, index: int, state: _SampleState, tokenizer: Any, sampling: SamplingParams):
+        self.index = index
+        self.stops = sampling.stop
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text = "".join(self.detok.push(t) for t in state.token_ids)
+        self.sent = len(state.text)  # a prefix of self.text: the rest was held back
+        self.done = False
+
+    def feed(self, delta: TokenDelta) -> TokenDelta | None:
+        """The caller's delta for what the continuation's worker sent (None once finished)."""
+        if self.done:
+            return None
+        taken, reason, cut = len(delta.token_ids), delta.finish_reason, False
+        for k, token in enumerate(delta.token_ids):
+            piece = self.detok.push(token)
+            self.text += piece
+            if self.stops and self._cut_stop(len(piece)):
+                taken, reason, cut = k + 1, "stop", True
+                break
+        if reason is not None:
+            if not cut:
+                self.text += self.detok.flush()
+            self.done = True
+        visible = len(self.text) if self.done else max(0, len(self.text) - self.holdback)
+        text = self.text[self.sent:visible] if visible > self.sent else ""
+        self.sent = max(self.sent, visible)
+        return TokenDelta(
+            sample_index=self.index,
+            token_ids=delta.token_ids[:taken],
+            logprobs=None if delta.logprobs is None else delta.logprobs[:taken],
+            token_versions=delta.token_versions[:taken],
+            text=text,
+            finish_reason=reason,
+        )
+
+    def _cut_stop(self, new_chars: int) -> bool:
+        longest = max(len(s) for s in self.stops)
+        start = max(0, len(self.text) - new_chars - longest + 1)
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+
+class StreamMerge:
+    """(index, deltas) from several TokenStreams as they come (`async for`); `stop(i)` stops
+    stream i (its request is cancelled on its worker); `aclose()` stops all of them."""
+
+    def __init__(self, streams: Sequence[TokenStream]):
+        self._streams = list(streams)
+        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._active = set(range(len(self._streams)))
+        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(self._streams)]
+
+    async def _pump(self, i: int, stream: TokenStream) -> None:
+        try:
+            async for deltas in stream:
+                await self._queue.put((i, deltas))
+        except Exception as err:  # noqa: BLE001 - handed to the reader
+            await self._queue.put((i, err))
+            return
+        await self._queue.put((i, None))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, list[TokenDelta]]]:
+        while self._active:
+            i, item = await self._queue.get()
+            if i not in self._active:
+                continue  # stopped meanwhile
+            if item is None:
+                self._active.discard(i)
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+
+    def stop(self, i: int) -> None:
+        self._active.discard(i)
+        self._tasks[i].cancel()
+
+    async def aclose(self) -> None:
+        self._active.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stream in self._streams:
+            await stream.aclose()

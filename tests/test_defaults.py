@@ -1,0 +1,78 @@
+"""Defaults are defined once: FleetConfig and EngineConfig hold them, and rollout.init,
+RolloutService, the command line, the demo's client and the README's options table agree."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from rollout.engine.config import EngineConfig
+from rollout.fleet import FleetConfig, service_configs
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_option_defaults() -> dict[str, object]:
+    """{option: default} from the README's options table (`a`, `b` | d1, d2 | ...)."""
+    text = README.read_text()
+    table = text[text.index("| option | default |"):]
+    table = table[: table.index("\n\n")]
+    out: dict[str, object] = {}
+    for row in table.splitlines()[2:]:
+        names_cell, defaults_cell = [c.strip() for c in row.strip("|").split("|")[:2]]
+        names = re.findall(r"`(\w+)`", names_cell)
+        defaults = [d.strip().strip("`") for d in re.split(r",\s*(?![^{]*})", defaults_cell)]
+        assert len(names) == len(defaults), row
+        for name, default in zip(names, defaults):
+            default = re.sub(r"^(\d+) MiB$", lambda m: str(int(m.group(1)) << 20), default)
+            out[name] = ast.literal_eval(default)
+    return out
+
+
+def test_the_readme_options_table_shows_every_config_default():
+    documented = readme_option_defaults()
+    defaults = {f.name: getattr(cfg, f.name) for cfg in (FleetConfig(), EngineConfig()) for f in dataclasses.fields(cfg)}
+    assert sorted(documented) == sorted(defaults)
+    assert {k: documented[k] for k in defaults} == defaults
+
+
+def test_a_service_without_options_gets_the_configs_defaults():
+    assert service_configs({}) == (FleetConfig(), EngineConfig())
+
+
+def test_init_and_the_service_take_their_explicit_defaults_from_fleet_config():
+    import rollout
+    from rollout.service import RolloutService
+
+    for fn in (rollout.init, RolloutService.__init__):
+        params = inspect.signature(fn).parameters
+        assert params["num_workers"].default == FleetConfig.num_workers
+        assert params["devices_per_worker"].default == FleetConfig.devices_per_worker
+
+
+def test_an_unknown_option_is_refused_listing_the_known_ones():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_batches'\].*max_batch"):
+        service_configs({"max_batches": 4})
+
+
+def test_the_generate_command_defaults_to_the_engine_config():
+    from rollout.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "some/model", "hi"])
+    assert (args.max_seq_len, args.dtype) == (EngineConfig.max_seq_len, EngineConfig.dtype)
+
+
+def test_every_demo_client_option_is_a_service_option_and_unchanged_ones_keep_the_defaults():
+    from trainer_stub.clients import FleetOptions
+
+    options = FleetOptions()
+    fleet, engine = service_configs(options.service_options())  # raises on a non-option
+    assert (fleet.num_workers, engine.max_batch, engine.dtype) == (
+        FleetConfig.num_workers, EngineConfig.max_batch, EngineConfig.dtype
+    )
+    assert options.engine_config() == engine
