@@ -85,7 +85,8 @@ def init(
     """Start the default rollout service and return it.
 
     The arguments are RolloutService's: the fields of FleetConfig and EngineConfig (load_format,
-    dtype, max_batch, max_seq_len, swap_policy, accelerator, bucket_bytes, ...), each defaulting
+    dtype, max_batch, max_seq_len, swap_policy, accelerator, engine ("native" or
+    "sglang-jax", see rollout.engine.backend.BACKENDS), bucket_bytes, ...), each defaulting
     to its field's default. Starts a local Ray, listening on loopback only, if none is initialized;
     otherwise joins it (e.g. after `ray.init(address="auto")`).
     """

@@ -2,7 +2,7 @@
 
     rollout demo                      GRPO on a toy task against a local Ray fleet (the main job)
     rollout generate MODEL PROMPT...  load a checkpoint, generate, print one JSON line per sample
-    rollout bench NAME [...]          run a benchmark of rollout.bench (engine, sync, serve, fanout)
+    rollout bench NAME [...]          run a benchmark of rollout.bench (engine, sync, serve, fanout, backends)
     rollout serve MODEL [...]         OpenAI-compatible HTTP server on a fleet (rollout/server/)
 
 JAX reads XLA_FLAGS once, at import, so this module imports nothing heavy at the top: each
@@ -17,7 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rollout.engine.backend import BACKENDS
 from rollout.engine.config import DTYPES, EngineConfig
+from rollout.fleet import FleetConfig
 
 # -- demo ---------------------------------------------------------------------------------------
 
@@ -97,6 +99,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + new tokens per sample")
     p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
     p.add_argument("--accelerator", default="cpu", help="cpu, tpu or gpu")
+    p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS),
+                   help="engine backend (sglang-jax: Python >= 3.12, the sglang extra; no --logprobs)")
     p.set_defaults(run=_run_generate)
 
 
@@ -135,6 +139,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             max_batch=max_batch,
             max_seq_len=args.max_seq_len,
             accelerator=args.accelerator,
+            engine=args.engine,
         )
         try:
             outs = rollout.generate(prompts, sampling=sampling, return_logprobs=args.logprobs)
@@ -143,11 +148,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         import jax
 
-        from rollout.engine.engine import Engine
+        from rollout.engine.backend import engine_factory, generating_engine
 
         config = EngineConfig(max_batch=max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype)
-        with Engine(args.model, config, jax.devices()[: args.devices_per_worker]) as engine:
+        engine = generating_engine(engine_factory(args.engine)(args.model, config, jax.devices()[: args.devices_per_worker]))
+        try:
             outs = engine.generate(prompts, sampling, return_logprobs=args.logprobs)
+        finally:
+            engine.shutdown()
     for o in outs:
         record = {
             "prompt_index": o.prompt_index,
@@ -171,7 +179,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (engine, sync, serve, fanout)",
+        help="run a benchmark (engine, sync, serve, fanout, backends)",
         description=(
             "Run the benchmark NAME (a module of rollout.bench) with the remaining arguments, e.g. "
             "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows its own options."

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from rollout.engine.backend import EngineStatus
+from rollout.engine.backend import FULL_CAPABILITIES, EngineCapabilities, EngineStatus
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.weights.spec import ParamSpec
@@ -87,6 +87,8 @@ class WorkerReady:
     pid: int
     node_ip: str
     devices: int
+    # what its engine backend cannot do (the coordinator refuses those requests up front)
+    capabilities: EngineCapabilities = FULL_CAPABILITIES
 
 
 class WorkerStatus(EngineStatus):

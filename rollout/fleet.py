@@ -57,8 +57,10 @@ class FleetConfig:
     # Extra environment of worker processes, e.g. {"JAX_COMPILATION_CACHE_DIR": "/cache"} so a
     # restarted worker reuses compiled programs instead of compiling again.
     env_vars: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    # The engine backend of every worker: a name in rollout.engine.backend.BACKENDS, or a
-    # factory (model, EngineConfig, devices) -> EngineBackend (picklable; built in the worker).
+    # The engine backend of every worker: a name in rollout.engine.backend.BACKENDS ("native":
+    # rollout's engine; "sglang-jax": an sglang-jax Engine, Python >= 3.12 and the `sglang` extra,
+    # drain swaps only, no logprobs or scoring: see README), or a factory (model, EngineConfig,
+    # devices) -> EngineBackend (picklable; built in the worker).
     engine: str | Callable[..., Any] = "native"
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rollout.contract import WorkerStatus
 from rollout.dispatch import Dispatch, GenerationStream
+from rollout.engine.backend import EngineCapabilities
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.errors import PlacementError, ServiceClosedError, describe_error
@@ -70,7 +71,7 @@ class RolloutService:
 
     `model` is an HF directory or repo id (the driver reads its config and tokenizer to validate
     prompts; each worker loads the weights, or only shapes with load_format="dummy"). The
-    keyword options are the fields of FleetConfig (accelerator, bucket_bytes, checksum,
+    keyword options are the fields of FleetConfig (accelerator, engine, bucket_bytes, checksum,
     max_restarts, env_vars, ...) and EngineConfig (load_format, dtype, max_batch, max_seq_len,
     swap_policy, ...); an option not given keeps its field's default (rollout.fleet.service_configs). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
     running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
@@ -163,9 +164,10 @@ class RolloutService:
         start = time.monotonic()
         probes = {h.ready.remote(): i for i, h in enumerate(self._handles)}
         done, pending = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.ready_timeout_s)
+        replies = []
         for ref in done:
             try:
-                ray.get(ref)
+                replies.append(ray.get(ref))
             except Exception as err:  # say which worker and why
                 raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
         if pending:
@@ -177,6 +179,9 @@ class RolloutService:
                 + f" Workers not ready: {sorted(probes[r] for r in pending)}."
             )
         self.spec: ParamSpec = ray.get(self._handles[0].spec.remote())
+        # What the backend cannot do (logprobs, scoring): refused here before anything is queued.
+        # Every worker runs the same backend, so one reply says it for all.
+        self.capabilities: EngineCapabilities = replies[0].capabilities
         log.info(json.dumps({"event": "fleet_ready", "workers": cfg.num_workers, "accelerator": self.accelerator,
                              "devices_per_worker": cfg.devices_per_worker, "seconds": round(time.monotonic() - start, 3)}))
 
@@ -263,6 +268,8 @@ class RolloutService:
         self._check_open()
         if worker is not None and not (isinstance(worker, int) and 0 <= worker < self.fleet_config.num_workers):
             raise ValueError(f"worker={worker!r}: expected None or an index in [0, {self.fleet_config.num_workers})")
+        if return_logprobs:
+            self.capabilities.require("logprobs")
         encoded = self._validator.encode_all(prompts, sampling)
         dispatch = Dispatch(
             handles=self._handles,
@@ -297,6 +304,8 @@ class RolloutService:
         from rollout.streaming import FleetRequest
 
         self._check_open()
+        if return_logprobs:
+            self.capabilities.require("logprobs")
         ids = self._validator.encode_all([prompt], sampling)[0]
         return FleetRequest(
             handles=self._handles, router=self._router, worker_down=self._worker_down, prompt_ids=ids,
@@ -321,6 +330,7 @@ class RolloutService:
         from rollout.scores import check_temperature, encode_pairs
 
         self._check_open()
+        self.capabilities.require("score")
         prompt_ids, completion_ids = encode_pairs(
             self._validator.encode, prompts, completions,
             vocab_size=self.model_config.vocab_size, max_seq_len=self.engine_config.max_seq_len,

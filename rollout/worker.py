@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from rollout.contract import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
-from rollout.engine.backend import EngineBackend, ScoringBackend, engine_factory
+from rollout.engine.backend import EngineBackend, ScoringBackend, capabilities_of, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta, stream_request
@@ -119,6 +119,7 @@ class RolloutWorker:
             pid=os.getpid(),
             node_ip=ray.util.get_node_ip_address(),
             devices=self.host.engine.status()["devices"],
+            capabilities=capabilities_of(self.host.engine),
         )
 
     async def spec(self) -> ParamSpec:

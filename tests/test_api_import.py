@@ -98,8 +98,10 @@ def test_the_removed_pipelined_sync_option_says_so_before_anything_starts():
 def test_an_unregistered_engine_is_refused_with_the_registered_ones():
     import rollout
 
-    with pytest.raises(ValueError, match=r"engine='sglang-jax': expected a registered backend, one of \['native'\]"):
-        rollout.FleetConfig(engine="sglang-jax")
+    with pytest.raises(
+        ValueError, match=r"engine='vllm': expected a registered backend, one of \['native', 'sglang-jax'\]"
+    ):
+        rollout.FleetConfig(engine="vllm")
 
 
 def test_a_worker_class_that_is_not_a_rollout_worker_is_refused_before_anything_starts():

@@ -1,6 +1,6 @@
 """Start an engine on dummy weights, swap the real ones in place, and generate with them.
 
-    python -m trainer_stub.dummy_then_real --model DIR_OR_REPO
+    python -m trainer_stub.dummy_then_real --model DIR_OR_REPO [--engine sglang-jax]
 
 This is how an RL job starts when the trainer owns the weights: the engine comes up from shapes
 alone (`load_format="dummy"`), compiles, and the real weights arrive later by a weight sync.
@@ -24,6 +24,9 @@ import sys
 import time
 from typing import Any
 
+from rollout.engine.backend import BACKENDS
+from rollout.fleet import FleetConfig
+
 CHAT_PROMPT = [{"role": "user", "content": "你是谁"}]
 
 
@@ -36,25 +39,28 @@ def leaf_layout(params: dict[str, Any]) -> dict[str, tuple]:
     return {p: (tuple(a.shape), str(a.dtype), a.sharding) for p, a in params.items()}
 
 
-def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int = 256) -> int:
+def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int = 256, engine: str = FleetConfig.engine) -> int:
     import jax
 
     from rollout.engine import EngineConfig, SamplingParams
-    from rollout.engine.engine import Engine
+    from rollout.engine.backend import engine_factory
+
+    backend = engine  # the backend's name; `engine` below is the engine itself
 
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, load_format="dummy")
     start = time.perf_counter()
-    with Engine(model, config, jax.devices()[:devices]) as engine:
+    with engine_factory(backend)(model, config, jax.devices()[:devices]) as engine:
         before = leaf_layout(engine.current_params())
         # Warm up under dummy weights with the very request served later, run to full length
         # (ignore_eos), so every shape bucket the real generate can hit is compiled now.
         warmup = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        engine.generate([CHAT_PROMPT], warmup)
+        engine.generate([CHAT_PROMPT], warmup, return_logprobs=False)
         compiled_before = engine.status()["compiled"]
         emit(
             {
                 "phase": "engine_ready_dummy",
+                "engine": backend,
                 "model": str(engine.checkpoint),
                 "leaves": len(before),
                 "parameters": sum(int(_prod(s)) for s, _, _ in before.values()),
@@ -84,7 +90,7 @@ def run(model: str, *, devices: int = 2, max_tokens: int = 32, max_seq_len: int 
             }
         )
 
-        out = engine.generate([CHAT_PROMPT], greedy)[0]
+        out = engine.generate([CHAT_PROMPT], greedy, return_logprobs=False)[0]
         compiled_after = engine.status()["compiled"]
         emit(
             {
@@ -118,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=2, help="devices for the engine (simulated on CPU)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens to generate at most")
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS),
+                   help="engine backend (sglang-jax needs Python >= 3.12 and the sglang extra)")
     args = p.parse_args(argv)
     from trainer_stub.clients import configure_devices
 
     configure_devices(args.devices)
-    return run(args.model, devices=args.devices, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)
+    return run(args.model, devices=args.devices, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len, engine=args.engine)
 
 
 if __name__ == "__main__":

@@ -8,5 +8,6 @@ BENCHMARKS = {
     "sync": "rollout.bench.sync",  # sync_weights against a put + get + place floor and per-tensor calls
     "paged": "rollout.bench.paged",  # paged vs contiguous KV on one memory budget; both against transformers
     "serve": "rollout.bench.serve",  # the HTTP server against the Python API (needs the serve extra)
+    "backends": "rollout.bench.backends",  # native vs sglang-jax vs transformers, same checkpoint (head_dim 128)
     "fanout": "rollout.bench.fanout",  # bytes the coordinator's node sends per sync to 1/2/4 worker nodes, relay off/on
 }

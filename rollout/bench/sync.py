@@ -20,6 +20,8 @@ the synced values are random. Each measurement is repeated; the median is report
 
     rollout bench sync                               # 1 GiB, 2 workers x 2 devices
     rollout bench sync --size-gib 0.1 --repeats 1    # quick
+    rollout bench sync --engine sglang-jax --head-dim 128 --skip-per-tensor
+                                     # the sglang-jax backend (in the root: .ci/sglang_root.sh run ...)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rollout.engine.backend import BACKENDS
+from rollout.fleet import FleetConfig
 from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
 
 
@@ -55,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-preallocate", action="store_true",
                    help="do not populate the object store's memory when Ray starts (Ray's default; "
                         "puts then fault in fresh shared-memory pages now and then)")
+    p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS), help="the workers' engine backend")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head dim (sglang-jax needs a multiple of 128)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -62,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the model ---------------------------------------------------------------------------------
 
 
-def model_dims(size_bytes: float, layers: int) -> dict[str, int]:
+def model_dims(size_bytes: float, layers: int, head_dim: int = 64) -> dict[str, int]:
     """Qwen3 dims with `layers` layers whose float32 parameters come to about `size_bytes`.
 
     The parameter count is linear in intermediate_size (3 MLP matrices per layer), so two
@@ -70,9 +76,9 @@ def model_dims(size_bytes: float, layers: int) -> dict[str, int]:
     """
     target = size_bytes / 4
     for hidden in (2048, 1536, 1024, 768, 512, 384, 256, 128):
-        heads = max(2, hidden // 64)
+        heads = max(2, hidden // head_dim)
         dims = dict(vocab_size=32000 if hidden >= 512 else 4096, hidden_size=hidden, num_hidden_layers=layers,
-                    num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64)
+                    num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim)
         fixed = num_params({**dims, "intermediate_size": 0})
         per_unit = num_params({**dims, "intermediate_size": 1}) - fixed
         if fixed < 0.6 * target:
@@ -216,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     import rollout
-    from rollout.fleet import FleetConfig, worker_env
+    from rollout.fleet import worker_env
     from rollout.local_ray import start_local_ray
     from rollout.weights.buckets import pack, plan_buckets
 
     extra_env = dict(item.split("=", 1) for item in args.worker_env)
     size = args.size_gib * 2**30
-    dims = model_dims(size, args.layers)
+    dims = model_dims(size, args.layers, args.head_dim)
     ckpt = make_config_only_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-sync-")) / "model", dims)
     store = int(max(2 * 2**30, 5 * size))
     start_local_ray(num_cpus=max(4, args.workers * 2), object_store_memory=store, include_dashboard=False,
@@ -230,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     svc = rollout.RolloutService(
         ckpt, num_workers=args.workers, devices_per_worker=args.devices_per_worker, accelerator="cpu",
         load_format="dummy", max_batch=2, max_seq_len=64, bucket_bytes=args.bucket_mib << 20,
-        checksum=args.checksum, env_vars=extra_env,
+        checksum=args.checksum, env_vars=extra_env, engine=args.engine,
     )
     spec = svc.spec
-    print(f"model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
+    print(f"engine: {args.engine}; model: {dims}\n  {len(spec.leaves)} leaves, {spec.nbytes / 2**30:.3f} GiB float32; "
           f"{args.workers} workers x {args.devices_per_worker} CPU devices; bucket {args.bucket_mib} MiB; "
           f"checksum {args.checksum}; "
           f"{os.cpu_count()} host cores; object store {store / 2**30:.1f} GiB, "

@@ -1,10 +1,13 @@
 """The engine boundary: what a worker needs from an inference engine, and nothing more.
 
-`rollout.engine.Engine` (the native JAX engine) is the one implementation today. Another
-backend (an sglang-jax adapter on TPU, say) plugs in by providing these members and one line in
+`rollout.engine.Engine` (the native JAX engine) and `rollout.engine.sglang` (an sglang-jax
+Engine, Python >= 3.12) implement it. A backend plugs in by providing these members and one line in
 BACKENDS (then `rollout.init(model, engine="<name>")` runs it); the worker, the sync protocol
 and the tests of the weight state machine then apply to it unchanged. The worker builds its
 engine with `engine_factory(FleetConfig.engine)`: the one place a backend is chosen.
+
+What a backend cannot do (logprobs, scoring) it declares in `capabilities` (EngineCapabilities);
+the coordinator refuses such requests up front from that declaration, never by backend name.
 
 Weight state machine (every backend): `stage(v, params)` validates and places a full update
 beside the serving weights (raises and keeps nothing on any mismatch); `commit(v)` swaps it in at
@@ -13,6 +16,7 @@ a step boundary under the in-flight policy; `abort(v)` drops it. Versions only g
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -41,6 +45,42 @@ class EngineStatus(TypedDict):
     compiled: int  # programs compiled so far
     devices: int
     kv: NotRequired[dict[str, Any]]  # KV cache: "layout"; paged: pool use, shared pages, preemptions
+
+
+class FeatureUnavailableError(ValueError):
+    """A request asked for something the fleet's engine backend cannot do (EngineCapabilities)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCapabilities:
+    """What a backend can do beyond generating tokens and syncing weights. A backend declares it
+    as its `capabilities` attribute (none declared: everything, as the native engine); the
+    coordinator reads it once from a worker's ready reply and refuses what is missing before
+    anything is queued, with the backend's own reason. The backend refuses it too (single
+    process, no coordinator).
+
+    >>> EngineCapabilities(unavailable={"score": "not here; use engine='native'"}).require("score")
+    Traceback (most recent call last):
+    ...
+    rollout.engine.backend.FeatureUnavailableError: not here; use engine='native'
+    """
+
+    # feature ("logprobs": return_logprobs=True; "score": teacher-forced scoring) -> why it is
+    # unavailable and what to do instead (the refusal's message)
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def require(self, feature: str) -> None:
+        """Raise FeatureUnavailableError (the backend's reason) unless `feature` is available."""
+        if feature in self.unavailable:
+            raise FeatureUnavailableError(self.unavailable[feature])
+
+
+FULL_CAPABILITIES = EngineCapabilities()
+
+
+def capabilities_of(engine: Any) -> EngineCapabilities:
+    """`engine.capabilities`, or everything when the backend declares none."""
+    return getattr(engine, "capabilities", FULL_CAPABILITIES)
 
 
 @runtime_checkable
@@ -97,6 +137,25 @@ class ScoringBackend(Protocol):
         """Logprobs of each completion after its prompt on the committed version (a Scores)."""
 
 
+@runtime_checkable
+class GeneratingBackend(EngineBackend, Protocol):
+    """A backend that also generates for a batch of prompts in one blocking call (both built-in
+    backends do); what the single-process CLI and the benchmarks use, not the worker."""
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingParams = ..., *, return_logprobs: bool = True,
+        timeout: float | None = None,
+    ) -> list[Completion]:
+        """Completions of every prompt, ordered by (prompt_index, sample_index)."""
+
+
+def generating_engine(engine: EngineBackend) -> GeneratingBackend:
+    """`engine` as a GeneratingBackend, or a TypeError naming what it lacks."""
+    if not isinstance(engine, GeneratingBackend):
+        raise TypeError(f"{type(engine).__name__} has no generate(prompts, sampling); this command needs one")
+    return engine
+
+
 # (model: HF directory or repo id, config, the worker's devices) -> a started engine
 EngineFactory = Callable[[str, Any, Sequence[Any]], EngineBackend]
 
@@ -105,6 +164,7 @@ EngineFactory = Callable[[str, Any, Sequence[Any]], EngineBackend]
 # driver never imports jax or a backend's dependencies). One line per backend.
 BACKENDS: dict[str, str] = {
     "native": "rollout.engine.engine:Engine",
+    "sglang-jax": "rollout.engine.sglang:create_engine",
 }
 
 
