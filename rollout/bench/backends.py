@@ -114,24 +114,14 @@ def measure(runs: dict[str, Callable[[list], list]], prompts: list, args: argpar
     return out
 
 
-def sglang_here() -> bool:
-    """Whether this Python can run sglang-jax itself (>= 3.12, sglang-jax installed)."""
-    from rollout.engine.sglang import requirements
-
-    try:
-        requirements.check_python()
-        requirements.installed_version()
-    except requirements.BackendUnavailableError:
-        return False
-    return True
-
-
 def run_sglang_side(ckpt_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The sglang-jax side in a child process: this Python if it can, else the Python 3.13 root
     (the checkpoint's directory bound at /refs there)."""
     side = ["--side", "sglang-jax", "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
             "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
-    if sglang_here():
+    from rollout.engine.sglang.requirements import runs_here
+
+    if runs_here():
         cmd = [sys.executable, "-m", "rollout.bench.backends", *side,
                "--checkpoint", str(ckpt_dir / "ckpt"), "--out", str(ckpt_dir / "sglang.json")]
         env = dict(os.environ)

@@ -16,20 +16,9 @@ from typing import Any
 
 import pytest
 
+from rollout.engine.sglang.requirements import runs_here
 
-def _backend_can_run_here() -> bool:
-    """Python >= 3.12 with sglang-jax installed: what the root provides and a host usually lacks."""
-    from rollout.engine.sglang import requirements
-
-    try:
-        requirements.check_python()
-        requirements.installed_version()
-    except requirements.BackendUnavailableError:
-        return False
-    return True
-
-
-if not _backend_can_run_here():  # the README's host run; `.ci/run` runs them in the root after it
+if not runs_here():  # the README's host run; `.ci/run` runs them in the root after it
     collect_ignore_glob = ["test_*.py"]
 
 REFS_HINT = (

@@ -79,6 +79,17 @@ def installed_version() -> str:
     return version
 
 
+def runs_here() -> bool:
+    """Whether this Python can run sglang-jax itself (>= 3.12 with sglang-jax installed): what the
+    Python 3.13 root provides and a Python 3.11 host lacks."""
+    try:
+        check_python()
+        installed_version()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
 def check_msgpack() -> None:
     import msgpack
 
