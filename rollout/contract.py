@@ -19,11 +19,12 @@ No jax, no Ray import: the driver loads this module.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from rollout.engine.backend import FULL_CAPABILITIES, EngineCapabilities, EngineStatus
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
 from rollout.weights.spec import ParamSpec
 
@@ -117,6 +118,16 @@ class WorkerCalls(Protocol):
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
     ) -> list[Completion]:
         """One prompt's n completions."""
+
+    def generate_stream(
+        self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
+    ) -> AsyncIterator[list[TokenDelta]]:
+        """The same request token by token (a Ray streaming generator: call it with
+        `.options(num_returns="streaming")`); cancelling the stream cancels the request."""
+
+    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
+        """Per-token logprobs of each completion after its prompt on the committed version (a
+        rollout.scores.Scores); refused by a backend without scoring (see its capabilities)."""
 
     async def node_id(self) -> str:
         """The Ray node this worker runs on (the coordinator plans a sync's relay by node)."""

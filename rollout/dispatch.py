@@ -30,15 +30,34 @@ _MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worke
 
 
 @dataclasses.dataclass
+class Resends:
+    """The re-send budget of one request (generate, stream or score part): `max_retries` sends that
+    ended with the worker dead or its engine closed, and up to _MAX_UNAVAILABLE sends that found
+    the worker restarting (nothing of such an attempt survives; each waits for a worker to be up)."""
+
+    max_retries: int
+    attempts: int = 0
+    unavailable: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def failed(self, worker: int, err: BaseException) -> bool:
+        """Count a send to `worker` that failed with `err`; True if the request may go again."""
+        self.failures.append(f"worker {worker}: {describe_error(err)}")
+        if isinstance(err, ray.exceptions.ActorUnavailableError):
+            self.unavailable += 1
+        else:
+            self.attempts += 1
+        return self.attempts <= self.max_retries and self.unavailable <= _MAX_UNAVAILABLE
+
+
+@dataclasses.dataclass
 class _Request:
     index: int  # position in the caller's prompt list
     ids: list[int]
     cost: int
+    resends: Resends
     worker: int = -1
     epoch: int = 0  # the worker's router epoch when sent
-    attempts: int = 0  # sends that ended with the worker dead or its engine closed
-    unavailable: int = 0  # sends that found the worker restarting
-    failures: list[str] = dataclasses.field(default_factory=list)
 
 
 def is_worker_failure(err: BaseException) -> bool:
@@ -77,7 +96,8 @@ class Dispatch:
         self.num_prompts = len(prompts)
         try:
             for index, ids in enumerate(prompts):
-                self._send(_Request(index, ids, request_cost(len(ids), sampling.max_tokens, sampling.n)))
+                cost = request_cost(len(ids), sampling.max_tokens, sampling.n)
+                self._send(_Request(index, ids, cost, Resends(self._max_retries)))
         except BaseException:
             self.cancel()
             raise
@@ -106,17 +126,12 @@ class Dispatch:
                         self.cancel()
                         raise
                     self._worker_down(request.worker, err, request.epoch)
-                    request.failures.append(f"worker {request.worker}: {describe_error(err)}")
-                    if isinstance(err, ray.exceptions.ActorUnavailableError):
-                        # restarting: nothing of this attempt survives; retry once it is back
-                        request.unavailable += 1
-                    else:
-                        request.attempts += 1
-                    if request.attempts > self._max_retries or request.unavailable > _MAX_UNAVAILABLE:
+                    if not request.resends.failed(request.worker, err):
                         self.cancel()
+                        failures = request.resends.failures
                         raise WorkerUnavailableError(
-                            f"prompt {request.index} failed {len(request.failures)} times as its workers "
-                            f"died: {request.failures}; check `ray status` and the worker logs"
+                            f"prompt {request.index} failed {len(failures)} times as its workers "
+                            f"died: {failures}; check `ray status` and the worker logs"
                         ) from err
                     self._send(request, avoid=frozenset([request.worker]))
             raise StopIteration

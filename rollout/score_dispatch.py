@@ -17,11 +17,10 @@ from typing import Any
 
 import ray
 
-from rollout.dispatch import is_worker_failure
+from rollout.dispatch import Resends, is_worker_failure
 from rollout.errors import ServiceClosedError, WorkerUnavailableError
 from rollout.routing import UP, Router
 from rollout.scores import Scores
-from rollout.sync import describe_error
 
 _MIN_PART = 8  # pairs: smaller calls are not worth a second worker
 _MAX_VERSION_ROUNDS = 16  # re-sends for version agreement (each needs a sync committing meanwhile)
@@ -31,9 +30,9 @@ _MAX_VERSION_ROUNDS = 16  # re-sends for version agreement (each needs a sync co
 class _Part:
     rows: list[int]  # indices into the caller's pairs
     cost: int
+    resends: Resends
     worker: int = -1
     epoch: int = 0
-    failures: list[str] = dataclasses.field(default_factory=list)
     result: Scores | None = None
 
     def scores(self) -> Scores:
@@ -72,7 +71,7 @@ def score_on_fleet(
     (>= `min_version`, the fleet's committed version when the call started)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     parts = [
-        _Part(rows, sum(len(prompts[i]) + len(completions[i]) for i in rows))
+        _Part(rows, sum(len(prompts[i]) + len(completions[i]) for i in rows), Resends(max_retries))
         for rows in split(len(prompts), max(1, len(router.workers_in(UP))))
     ]
     if not parts:
@@ -108,11 +107,11 @@ def score_on_fleet(
                 if not is_worker_failure(err):
                     raise
                 worker_down(part.worker, err, part.epoch)
-                part.failures.append(f"worker {part.worker}: {describe_error(err)}")
-                if len(part.failures) > max_retries:
+                if not part.resends.failed(part.worker, err):
+                    failures = part.resends.failures
                     raise WorkerUnavailableError(
-                        f"score: a part of {len(part.rows)} pairs failed {len(part.failures)} times as its "
-                        f"workers died: {part.failures}; check `ray status` and the worker logs"
+                        f"score: a part of {len(part.rows)} pairs failed {len(failures)} times as its "
+                        f"workers died: {failures}; check `ray status` and the worker logs"
                     ) from err
                 send(part, avoid=frozenset([part.worker]))
 
@@ -122,6 +121,11 @@ def score_on_fleet(
         collect()
         for _ in range(_MAX_VERSION_ROUNDS):
             newest = max(p.scores().weight_version for p in parts)
+            if newest < min_version:  # a worker is marked up only once it caught up: never expected
+                raise RuntimeError(
+                    f"score: the workers answered on version {newest}, older than version {min_version} "
+                    "committed when the call started; retry the call and report this"
+                )
             stale = [p for p in parts if p.scores().weight_version != newest]
             if not stale:
                 break

@@ -30,16 +30,14 @@ from typing import Any, Self
 
 import ray
 
-from rollout.dispatch import is_worker_failure
+from rollout.dispatch import Resends, is_worker_failure
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
-from rollout.errors import ServiceClosedError, WorkerUnavailableError
+from rollout.errors import ServiceClosedError, WorkerUnavailableError, describe_error
 from rollout.routing import Router, request_cost
-from rollout.sync import describe_error
 from rollout.tokenizer import IncrementalDetokenizer
 
-_MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worker to be up)
 _POLL_S = 0.05  # while no worker is up
 
 
@@ -78,9 +76,7 @@ class FleetRequest:
         self.tokenizer = tokenizer  # to continue samples whose worker died mid-stream
         self._max_retries = max_retries
         self._cost = request_cost(len(prompt_ids), sampling.max_tokens, sampling.n)
-        self._failures: list[str] = []
-        self._attempts = 0
-        self._unavailable = 0
+        self._resends = Resends(max_retries)
 
     async def _acquire(self, avoid: frozenset[int]) -> int:
         try:
@@ -101,14 +97,10 @@ class FleetRequest:
     def _failed(self, worker: int, epoch: int, err: BaseException) -> None:
         """Record a worker failure; raise if the request has used up its re-sends."""
         self._worker_down(worker, err, epoch)
-        self._failures.append(f"worker {worker}: {describe_error(err)}")
-        if isinstance(err, ray.exceptions.ActorUnavailableError):
-            self._unavailable += 1
-        else:
-            self._attempts += 1
-        if self._attempts > self._max_retries or self._unavailable > _MAX_UNAVAILABLE:
+        if not self._resends.failed(worker, err):
+            failures = self._resends.failures
             raise WorkerUnavailableError(
-                f"the request failed {len(self._failures)} times as its workers died: {self._failures}; "
+                f"the request failed {len(failures)} times as its workers died: {failures}; "
                 "check `ray status` and the worker logs"
             ) from err
 
@@ -140,7 +132,7 @@ class FleetRequest:
             handles=self._handles, router=self._router, worker_down=self._worker_down,
             prompt_ids=self.prompt_ids + token_ids,
             sampling=dataclasses.replace(self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids)),
-            return_logprobs=self.return_logprobs, max_retries=max(0, self._max_retries - self._attempts),
+            return_logprobs=self.return_logprobs, max_retries=max(0, self._max_retries - self._resends.attempts),
             prompt_index=self.prompt_index, tokenizer=self.tokenizer,
         )
 

@@ -125,6 +125,19 @@ def test_versions_only_go_forward(engine, tiny_qwen3):
         engine.commit(engine.version + 5)
 
 
+def test_an_older_stage_does_not_replace_a_newer_staged_copy(engine, tiny_qwen3, tiny_qwen3_perturbed):
+    newer = engine.version + 2
+    engine.stage(newer, hf_flat(tiny_qwen3_perturbed))
+    try:
+        with pytest.raises(WeightSyncError, match=f"version {newer} is already staged"):
+            engine.stage(newer - 1, hf_flat(tiny_qwen3))
+        assert engine.staged_version == newer
+        engine.stage(newer, hf_flat(tiny_qwen3_perturbed))  # the same version again: a retry, accepted
+        assert engine.staged_version == newer
+    finally:
+        engine.abort(newer)
+
+
 @pytest.mark.parametrize("source", ["tree", "checkpoint"])
 def test_a_stage_overtaken_by_a_commit_meanwhile_is_refused(engine, tiny_qwen3, source, monkeypatch):
     """Both sources share one staging path: a commit of a newer version that lands while the

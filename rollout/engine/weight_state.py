@@ -32,6 +32,21 @@ class PendingSwap:
     policy: str  # drain | recompute | continue
 
 
+def check_stage_version(version: object, committed: int, staged: int | None) -> None:
+    """Versions only go forward: a stage must be newer than the committed version and not older
+    than the one already staged (the same version again is a retry and replaces it)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version <= committed:
+        raise WeightSyncError(
+            f"cannot stage version {version!r}: versions only go forward and version "
+            f"{committed} is already committed; stage a larger version"
+        )
+    if staged is not None and version < staged:
+        raise WeightSyncError(
+            f"cannot stage version {version}: version {staged} is already staged and versions only go "
+            f"forward; commit or abort {staged} first, or stage a version >= {staged}"
+        )
+
+
 class WeightState:
     def __init__(self, lock: threading.Condition, runner: Runner):
         self._lock = lock
@@ -48,16 +63,14 @@ class WeightState:
         return None if staged is None else staged.version
 
     def stage(self, version: int, build: Callable[[], Params]) -> StagedWeights:
-        """Stage the parameters `build()` places as `version`; a newer stage replaces an older one.
+        """Stage the parameters `build()` places as `version`; a newer stage (or a retry of the same
+        version) replaces the staged copy, an older one is refused.
 
         On any error (`build`'s included) nothing changes. The serving-only leaves are derived
         here too, off the swap's critical path.
         """
-        if not isinstance(version, int) or isinstance(version, bool) or version <= self.committed:
-            raise WeightSyncError(
-                f"cannot stage version {version!r}: versions only go forward and version "
-                f"{self.committed} is already committed; stage a larger version"
-            )
+        with self._lock:
+            check_stage_version(version, self.committed, self.staged_version)
         start = time.perf_counter()
         params = jax.block_until_ready(build())
         derived = jax.block_until_ready(self._runner.derive(params))
@@ -68,6 +81,7 @@ class WeightState:
                     f"version {version} was overtaken by the commit of version {self.committed} while "
                     "it was staged; stage a larger version"
                 )
+            check_stage_version(version, self.committed, self.staged_version)  # a newer stage meanwhile
             self.staged = staged  # drops any older staged copy: one staged copy at most
         return staged
 

@@ -45,6 +45,7 @@ from rollout.engine.sglang.compiles import CompileCounter
 from rollout.engine.sglang.requirements import LogprobsUnavailableError, logprobs_unavailable  # noqa: F401 (re-exported)
 from rollout.engine.staging import check_host_leaf
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
+from rollout.engine.weight_state import check_stage_version
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
@@ -365,11 +366,8 @@ class SglangEngine:
         return self.stage(version, host, finite_checked=True)
 
     def _check_forward(self, version: int) -> None:
-        if not isinstance(version, int) or version <= self._committed_version:
-            raise WeightSyncError(
-                f"cannot stage version {version!r}: versions only go forward and version "
-                f"{self._committed_version} is already committed; stage a larger version"
-            )
+        staged = self._staged
+        check_stage_version(version, self._committed_version, None if staged is None else staged.version)
 
     def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
         """Swap the staged `version` in at the scheduler's next round (drain: after the running
