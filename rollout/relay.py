@@ -102,6 +102,10 @@ class _SyncCopies:
         self.changed = asyncio.Event()
         self.relayed = 0  # buckets fetched from the parent's relay copies
         self.fallbacks = 0  # buckets fetched from the coordinator after the parent's copy failed
+        # Why the parent's copies are no longer asked for: after one failure every later bucket
+        # of the sync comes from the coordinator (a restarted parent would make each ask wait
+        # out the unknown-sync grace).
+        self.parent_failed: str | None = None
 
     def notify(self) -> None:
         self.changed.set()
@@ -174,7 +178,12 @@ class RelayPoint:
         from `original`, the coordinator's ref. A relaying worker then puts its relay copy."""
         copies = self._syncs.get(sync_id)
         buffer = None
-        if copies is not None and copies.parent_calls is not None and self._copy_from is not None:
+        if (
+            copies is not None
+            and copies.parent_calls is not None
+            and copies.parent_failed is None
+            and self._copy_from is not None
+        ):
             try:
                 ref = await asyncio.wait_for(self._copy_from(copies.parent_calls, sync_id, index), self.timeout_s)
                 buffer = await self._fetch(ref)
@@ -183,8 +192,11 @@ class RelayPoint:
             except Exception as err:  # noqa: BLE001 - any failure: the coordinator's copy
                 buffer = None
                 copies.fallbacks += 1
+                copies.parent_failed = f"{type(err).__name__}: {err}"[:300]
                 log.warning(json.dumps({"event": "relay_fallback", "sync": sync_id, "bucket": index,
                                         "parent": copies.parent, "error": f"{type(err).__name__}: {err}"[:300]}))
+        elif copies is not None and copies.parent_calls is not None and copies.parent_failed is not None:
+            copies.fallbacks += 1  # the parent failed an earlier bucket: not asked again
         if buffer is None:
             buffer = await self._fetch(original)
             await verify(buffer)

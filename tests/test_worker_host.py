@@ -435,6 +435,26 @@ def test_a_parent_whose_stage_fails_sends_its_waiting_children_to_the_coordinato
     asyncio.run(run())
 
 
+def test_after_one_failed_ask_a_child_takes_the_rest_of_the_sync_from_the_coordinator():
+    asks: list[int] = []
+
+    async def failing_ask(parent: WorkerHost, sync_id: str, index: int) -> np.ndarray:
+        asks.append(index)
+        raise RuntimeError("the parent restarted and never heard of this sync")
+
+    async def run():
+        parent, child, engine, from_coordinator = relay_hosts(child_ask=failing_ask)
+        update = coordinator_update(1)
+        child_stage = asyncio.ensure_future(child.stage("s1", streaming(update), child_of(parent)))
+        await asyncio.sleep(0)  # the stage call is in: feeds now fetch one after the other
+        await feed_all(child, "s1", update)
+        report = await asyncio.wait_for(child_stage, 10)
+        assert asks == [0]  # not once per bucket
+        assert report.relay_fallbacks == 3 and len(from_coordinator) == 3 and engine.staged_version == 1
+
+    asyncio.run(run())
+
+
 def test_a_parent_that_never_hears_of_the_sync_answers_after_a_grace_and_the_child_falls_back(monkeypatch):
     monkeypatch.setattr(rollout.relay, "UNKNOWN_SYNC_GRACE_S", 0.2)  # a restarted parent: no stage call comes
 
