@@ -53,7 +53,8 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         self._config = config
         self.slots = SlotTable(config.max_batch, config.max_seq_len)
         self.waiting: deque[Request] = deque()
-        self._cancelled: set[int] = set()  # id() of futures to abort at the next pass
+        # futures to abort at the next pass (held, not their id(): a freed future's id can be reused)
+        self._cancelled: set[Future[list[Completion]]] = set()
         self.closed = False
         self.error: BaseException | None = None  # why the thread died, if it did
         self.tokens_generated = 0
@@ -73,7 +74,7 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         with self._lock:
             if future.done():
                 return False
-            self._cancelled.add(id(future))
+            self._cancelled.add(future)
             self._lock.notify_all()
             return True
 
@@ -150,8 +151,8 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         if not self._cancelled:
             return []
         hit, self._cancelled = self._cancelled, set()
-        out = [s for s in self.slots.running() if id(s.request.future) in hit]
-        for request in [r for r in self.waiting if id(r.future) in hit]:
+        out = [s for s in self.slots.running() if s.request.future in hit]
+        for request in [r for r in self.waiting if r.future in hit]:
             self.waiting.remove(request)
             out += request.sequences
         return out

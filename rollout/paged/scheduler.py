@@ -131,7 +131,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
 
     def _take_cancelled(self) -> list[Sequence]:
         hit = set(self._cancelled)  # the base class takes the set; parked sequences are ours
-        parked = [s for s in self.parked if id(s.request.future) in hit]
+        parked = [s for s in self.parked if s.request.future in hit]
         for seq in parked:
             self.parked.remove(seq)
         return super()._take_cancelled() + parked
