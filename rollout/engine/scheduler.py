@@ -110,6 +110,10 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
     # -- the scheduler thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        """One pass: cancel, swap (under its policy), resume held sequences, admit new requests
+        and prefill them, decode. Sequences a layout holds outside the slots (`_held`: the paged
+        layout's preempted ones) keep the loop awake, count as running for `drain`, and are
+        resumed before new requests are admitted."""
         burst = False  # requests were prefilled while nothing decoded (max_prefill_batch bounds
         # the prefill latency seen by *running* sequences; during a burst none are waiting on it)
         try:
@@ -117,33 +121,53 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
                 with self._lock:
                     self._lock.wait_for(
                         lambda: self.closed or self.waiting or self._weights.pending or self._cancelled
-                        or self.slots.active()
+                        or self.slots.active() or self._held()
                     )
                     if self.closed:
                         return
                     cancelled = self._take_cancelled()
-                    swap = self._weights.take_swap(running=self.slots.active() > 0)
-                    # nothing is admitted in a pass that swaps: a recompute swap re-prefills the
-                    # running slots, and a request admitted before it would be prefilled twice
-                    admitted = [] if swap is not None or self._weights.pending else self._admit()
+                    swap = self._weights.take_swap(running=self.slots.active() > 0 or self._held())
+                    # nothing joins in a pass that swaps: a recompute swap re-prefills the running
+                    # sequences, and one admitted or resumed before it would be prefilled twice
+                    resumed = self._resume() if swap is None else []
+                    admitted = [] if swap is not None or self._weights.pending or self._held() else self._admit()
+                    self._publish()  # with the slots just occupied: status sees both at once
                 for seq in cancelled:
                     self._finish(seq, "abort")
                 if swap is not None:
                     self._swap(swap)
+                if resumed:
+                    self._prefill([s.context() for s in resumed], [[s] for s in resumed])
                 if admitted:
                     # a burst starts when the admitted sequences are all that runs
                     burst = burst or self.slots.active() == sum(r.sampling.n for r in admitted)
                     self._prefill([r.prompt_ids for r in admitted], [r.sequences for r in admitted])
                     if burst:
+                        self._publish()
                         continue  # the next pass admits more of it, or decodes when none fits
                 burst = False
                 if self.slots.active():
                     self._decode()
+                self._publish()
         except BaseException as err:  # surface scheduler crashes to every caller
             log.exception("scheduler crashed")
             with self._lock:
                 self.error = err
             self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
+
+    # -- hooks of a layout that holds sequences outside the slots (paged: preempted, parked) ----
+
+    def _held(self) -> bool:
+        """Whether sequences wait outside the slots to be resumed. Under the lock."""
+        return False
+
+    def _resume(self) -> list[Sequence]:
+        """Held sequences put back into slots now (each is re-prefilled from its context).
+        Under the lock."""
+        return []
+
+    def _publish(self) -> None:
+        """After each pass (and under the lock once admission is done): the layout's status."""
 
     def _take_cancelled(self) -> list[Sequence]:
         """Sequences of cancelled requests, waiting ones included (they finish with no tokens).

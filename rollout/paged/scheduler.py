@@ -33,7 +33,6 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.sampling import stack_sampling
 from rollout.engine.scheduler import BaseScheduler
 from rollout.engine.sequence import Request, Sequence
-from rollout.engine.types import EngineClosedError
 from rollout.engine.weight_state import PendingSwap, WeightState
 from rollout.paged.pool import PagePool, pages_for
 from rollout.paged.runner import PagedRunner
@@ -82,48 +81,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
 
     # -- the scheduler thread -----------------------------------------------------------------
 
-    def _loop(self) -> None:
-        """The base loop, with parked sequences: they keep the loop awake, count as running for
-        `drain`, and are resumed before new requests are admitted (even while a swap waits)."""
-        burst = False
-        try:
-            while True:
-                with self._lock:
-                    self._lock.wait_for(
-                        lambda: self.closed or self.waiting or self._weights.pending or self._cancelled
-                        or self.slots.active() or self.parked
-                    )
-                    if self.closed:
-                        return
-                    cancelled = self._take_cancelled()
-                    swap = self._weights.take_swap(running=self.slots.active() > 0 or bool(self.parked))
-                    # Nothing joins in a pass that swaps: a recompute swap re-prefills the running
-                    # sequences, and a sequence admitted before it would be prefilled twice.
-                    resumed = self._resume() if swap is None else []
-                    admitted = [] if swap is not None or self._weights.pending or self.parked else self._admit()
-                    self._publish()  # with the slots just occupied: status sees both at once
-                for seq in cancelled:
-                    self._finish(seq, "abort")
-                if swap is not None:
-                    self._swap(swap)
-                if resumed:
-                    self._prefill([s.context() for s in resumed], [[s] for s in resumed])
-                if admitted:
-                    # a burst starts when the admitted sequences are all that runs
-                    burst = burst or self.slots.active() == sum(r.sampling.n for r in admitted)
-                    self._prefill([r.prompt_ids for r in admitted], [r.sequences for r in admitted])
-                    if burst:
-                        self._publish()
-                        continue
-                burst = False
-                if self.slots.active():
-                    self._decode()
-                self._publish()
-        except BaseException as err:
-            log.exception("scheduler crashed")
-            with self._lock:
-                self.error = err
-            self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
+    def _held(self) -> bool:
+        return bool(self.parked)
 
     def _publish(self) -> None:
         self.peak_active = max(self.peak_active, self.slots.active())
