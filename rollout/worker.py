@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -143,11 +143,8 @@ class RolloutWorker:
         version (`Engine.score`: a Scores with the version). Runs off the event loop."""
         await self._start()
         loop = asyncio.get_running_loop()
-        engine = self.host.engine
-        if not isinstance(engine, ScoringBackend):
-            raise NotImplementedError(
-                f"score: the {type(engine).__name__} backend has no score method; score on a fleet of the native engine"
-            )
+        capabilities_of(self.host.engine).require("score")  # the coordinator's refusal, word for word
+        engine = cast(ScoringBackend, self.host.engine)
         return await loop.run_in_executor(None, lambda: engine.score(prompts, completions, temperature=temperature))
 
     async def generate_stream(

@@ -5,7 +5,8 @@ Its weights are host numpy arrays of a given spec; it keeps the weight state mac
 backend (stage validates and copies a full update, commit swaps, abort drops, versions only go
 forward). A request completes at once with one token per sample: the committed version, so a
 test sees which weights answered. `hold_stage()` makes the next stage wait until released, to
-catch a worker in the middle of staging.
+catch a worker in the middle of staging. `FakeScoringEngine` also scores: the logprob of each
+completion token is minus the committed version.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from rollout.engine.backend import EngineStatus
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
+from rollout.scores import Scores
 from rollout.weights.spec import ParamSpec
 
 
@@ -128,3 +130,11 @@ class FakeEngine:
         for future in self._queued:
             future.set_exception(EngineClosedError("the engine was shut down"))
         self._queued.clear()
+
+
+class FakeScoringEngine(FakeEngine):
+    """A FakeEngine that also scores: each completion token's logprob is minus the committed version."""
+
+    def score(self, prompts: Any, completions: Any, *, temperature: float = 1.0) -> Scores:
+        version = self._version
+        return Scores(tuple(np.full(len(c), -float(version), np.float32) for c in completions), version)

@@ -17,7 +17,7 @@ import pytest
 
 import rollout.relay
 from rollout.contract import BucketUpdate, CheckpointUpdate, RelayRole, StageReport, WorkerCalls
-from rollout.engine.backend import EngineBackend, engine_factory
+from rollout.engine.backend import FULL_CAPABILITIES, EngineBackend, EngineCapabilities, capabilities_of, engine_factory
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import WeightSyncError
 from rollout.registry import UpdateRegistry
@@ -26,7 +26,7 @@ from rollout.weights.buckets import BucketChecksumError, PackedUpdate, pack, pla
 from rollout.weights.spec import spec_of_leaves
 from rollout.worker_host import EARLY_SYNCS, SyncAbortedError, WorkerHost
 
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, FakeScoringEngine
 
 SPEC = spec_of_leaves([(f"layers.{i}.w", (64,), "float32") for i in range(6)])  # 256 B each
 BUCKET_BYTES = 512  # 3 buckets of 2 leaves
@@ -283,6 +283,17 @@ def test_a_cancelled_generate_cancels_its_request_in_the_engine():
         assert engine.cancelled == 1 and engine.status()["queue_depth"] == 0
 
     asyncio.run(run())
+
+
+def test_capabilities_of_a_backend_drop_score_only_when_it_has_no_score_method():
+    assert capabilities_of(FakeScoringEngine(SPEC, weights(0))) is FULL_CAPABILITIES
+    assert set(capabilities_of(FakeEngine(SPEC, weights(0))).unavailable) == {"score"}
+    declared = EngineCapabilities(unavailable={"logprobs": "no logprobs here", "score": "not here either"})
+    engine = FakeEngine(SPEC, weights(0))
+    engine.capabilities = declared  # type: ignore[attr-defined]
+    assert capabilities_of(engine) == declared  # a declared reason is kept as it is
+    engine.capabilities = EngineCapabilities(unavailable={"logprobs": "no logprobs here"})  # type: ignore[attr-defined]
+    assert set(capabilities_of(engine).unavailable) == {"logprobs", "score"}
 
 
 def test_an_unknown_engine_name_lists_the_registered_backends():
