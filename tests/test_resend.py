@@ -187,6 +187,14 @@ def workers(ray_local):
         ray.kill(h)
 
 
+def stats_once_cancelled(worker, timeout_s: float = 30.0) -> tuple[int, int]:
+    """The worker's (calls, cancelled calls) once it counted a cancel, or when `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while ray.get(worker.stats.remote())[1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ray.get(worker.stats.remote())
+
+
 def stream_start(handles, n: int, **kwargs):
     return lambda worker: handles[worker].stream.options(num_returns="streaming").remote(n, **kwargs)
 
@@ -222,10 +230,7 @@ def test_calls_past_their_deadline_raise_timeout_and_cancel_cancels_on_the_worke
         calls.next()
     calls.cancel()
     assert calls.next() is None and router.snapshot()[1]["inflight_requests"] == 0
-    deadline = time.monotonic() + 30
-    while ray.get(workers[1].stats.remote())[1] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ray.get(workers[1].stats.remote()) == (1, 1)
+    assert stats_once_cancelled(workers[1]) == (1, 1)
 
 
 def test_a_call_on_a_loop_whose_worker_dies_is_answered_by_the_other(workers):
@@ -253,7 +258,7 @@ def test_a_stream_whose_worker_dies_after_an_item_raises_died_mid_stream_with_th
 
     async def run():
         async for item in resending(r, stream_start(workers, 3, fail_after=1)):
-            got.append(item)
+            got.append(item)  # noqa: PERF401 - keeps what arrived before the failure
 
     with pytest.raises(DiedMidStream) as info:
         asyncio.run(run())
@@ -273,7 +278,4 @@ def test_a_stream_closed_early_is_cancelled_on_its_worker_and_its_cost_released(
 
     assert asyncio.run(run()) == (1, 0)
     assert router.snapshot()[1]["inflight_requests"] == 0
-    deadline = time.monotonic() + 30
-    while ray.get(workers[1].stats.remote())[1] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ray.get(workers[1].stats.remote()) == (1, 1)
+    assert stats_once_cancelled(workers[1]) == (1, 1)
