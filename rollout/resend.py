@@ -245,9 +245,10 @@ async def resending(route: Route, start: Callable[[int], Any]) -> AsyncGenerator
     """
     while True:
         worker = await route.acquire_async()
-        call = start(worker)
+        call: Any = None
         delivered = ended = False
         try:
+            call = start(worker)
             if isinstance(call, ray.ObjectRef):
                 result = await call
                 delivered = ended = True
@@ -266,7 +267,7 @@ async def resending(route: Route, start: Callable[[int], Any]) -> AsyncGenerator
                 raise DiedMidStream(worker, err) from err
         finally:
             route.release()
-            if not ended:  # the caller stopped early: stop the request on its worker
+            if not ended and call is not None:  # the caller stopped early: stop the request on its worker
                 _cancel(call)
 
 

@@ -124,6 +124,17 @@ def test_on_an_event_loop_acquire_polls_until_a_worker_comes_up():
     assert asyncio.run(run()) == 0
 
 
+def test_a_call_that_cannot_be_made_raises_and_gives_its_cost_back():
+    router = Router(1)
+
+    def start(worker: int):
+        raise TypeError("bad arguments")
+
+    with pytest.raises(TypeError, match="bad arguments"):
+        asyncio.run(call_resending(route(router), start))
+    assert router.snapshot()[0]["inflight_requests"] == 0
+
+
 # -- sending and waiting, against actors that fail as workers do -------------------------------------
 
 
