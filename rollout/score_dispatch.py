@@ -1,7 +1,8 @@
 """Scoring on the fleet: the pairs of one `score` call, split over live workers, on one version.
 
 Each part (a run of pairs) is one Ray call to one worker, whose engine scores it on its
-committed version (`Engine.score`). A part whose worker died is sent again to another worker.
+committed version (`Engine.score`). A part whose worker died is sent again to another worker
+(rollout.resend, as generate's prompts are).
 Parts can come back from different versions when a sync commits while they run (workers commit
 one after the other); the parts of an older version are then sent again to a worker that
 reported the newest one (versions only go forward), until every part has the same version. The
@@ -17,8 +18,7 @@ from typing import Any
 
 import ray
 
-from rollout.dispatch import Resends, is_worker_failure
-from rollout.errors import ServiceClosedError, WorkerUnavailableError
+from rollout.resend import Calls, Route, WorkerDown
 from rollout.routing import UP, Router
 from rollout.scores import Scores
 
@@ -29,10 +29,8 @@ _MAX_VERSION_ROUNDS = 16  # re-sends for version agreement (each needs a sync co
 @dataclasses.dataclass
 class _Part:
     rows: list[int]  # indices into the caller's pairs
-    cost: int
-    resends: Resends
-    worker: int = -1
-    epoch: int = 0
+    route: Route
+    call: Callable[[int], ray.ObjectRef]  # worker index -> its score call
     result: Scores | None = None
 
     def scores(self) -> Scores:
@@ -59,7 +57,7 @@ def score_on_fleet(
     *,
     handles: Sequence[Any],
     router: Router,
-    worker_down: Callable[[int, BaseException, int | None], None],
+    worker_down: WorkerDown,
     prompts: Sequence[list[int]],
     completions: Sequence[list[int]],
     temperature: float,
@@ -69,55 +67,26 @@ def score_on_fleet(
 ) -> Scores:
     """Score validated token-id pairs on the fleet; every logprob comes from one version
     (>= `min_version`, the fleet's committed version when the call started)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    parts = [
-        _Part(rows, sum(len(prompts[i]) + len(completions[i]) for i in rows), Resends(max_retries))
-        for rows in split(len(prompts), max(1, len(router.workers_in(UP))))
-    ]
+
+    def part(rows: list[int]) -> _Part:
+        cost = sum(len(prompts[i]) + len(completions[i]) for i in rows)
+        route = Route(router, worker_down, cost=cost, max_retries=max_retries,
+                      name=f"score: a part of {len(rows)} pairs")
+        ps, cs = [prompts[i] for i in rows], [completions[i] for i in rows]
+        return _Part(rows, route, lambda worker: handles[worker].score.remote(ps, cs, temperature))
+
+    parts = [part(rows) for rows in split(len(prompts), max(1, len(router.workers_in(UP))))]
     if not parts:
         return Scores((), min_version)
-    pending: dict[ray.ObjectRef, _Part] = {}
-
-    def remaining() -> float | None:
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    def send(part: _Part, *, worker: int | None = None, avoid: frozenset[int] = frozenset()) -> None:
-        try:
-            index = router.acquire(part.cost, worker=worker, avoid=avoid, timeout=remaining())
-        except LookupError as err:
-            if router.closed:
-                raise ServiceClosedError("the rollout service was shut down while scoring") from err
-            raise WorkerUnavailableError(f"score: {err}; check `ray status`") from err
-        part.worker, part.epoch = index, router.epoch(index)
-        ref = handles[index].score.remote(
-            [prompts[i] for i in part.rows], [completions[i] for i in part.rows], temperature
-        )
-        pending[ref] = part
+    calls: Calls[int] = Calls("score", "parts", None if timeout is None else time.monotonic() + timeout)
 
     def collect() -> None:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining())
-            if not ready:
-                raise TimeoutError(f"score did not finish within its timeout ({len(pending)} parts left)")
-            part = pending.pop(ready[0])
-            router.release(part.worker, part.cost)
-            try:
-                part.result = ray.get(ready[0])
-            except Exception as err:
-                if not is_worker_failure(err):
-                    raise
-                worker_down(part.worker, err, part.epoch)
-                if not part.resends.failed(part.worker, err):
-                    failures = part.resends.failures
-                    raise WorkerUnavailableError(
-                        f"score: a part of {len(part.rows)} pairs failed {len(failures)} times as its "
-                        f"workers died: {failures}; check `ray status` and the worker logs"
-                    ) from err
-                send(part, avoid=frozenset([part.worker]))
+        while (done := calls.next()) is not None:
+            parts[done[0]].result = done[1]
 
     try:
-        for part in parts:
-            send(part)
+        for k, p in enumerate(parts):
+            calls.send(k, p.route, p.call)
         collect()
         for _ in range(_MAX_VERSION_ROUNDS):
             newest = max(p.scores().weight_version for p in parts)
@@ -126,12 +95,12 @@ def score_on_fleet(
                     f"score: the workers answered on version {newest}, older than version {min_version} "
                     "committed when the call started; retry the call and report this"
                 )
-            stale = [p for p in parts if p.scores().weight_version != newest]
+            stale = [k for k, p in enumerate(parts) if p.scores().weight_version != newest]
             if not stale:
                 break
-            at_newest = next(p.worker for p in parts if p.scores().weight_version == newest)
-            for part in stale:
-                send(part, worker=at_newest)
+            at_newest = next(p.route.worker for p in parts if p.scores().weight_version == newest)
+            for k in stale:
+                calls.send(k, parts[k].route, parts[k].call, worker=at_newest)
             collect()
         else:
             raise RuntimeError(
@@ -139,15 +108,10 @@ def score_on_fleet(
                 "(a sync committed during each); retry the call"
             )
     except BaseException:
-        for ref, part in pending.items():
-            router.release(part.worker, part.cost)
-            try:
-                ray.cancel(ref)
-            except Exception:  # noqa: BLE001 - already finished or its worker is gone
-                pass
+        calls.cancel()
         raise
     logprobs: list[Any] = [None] * len(prompts)
-    for part in parts:
-        for row, values in zip(part.rows, part.scores().logprobs):
+    for p in parts:
+        for row, values in zip(p.rows, p.scores().logprobs):
             logprobs[row] = values
     return Scores(tuple(logprobs), parts[0].scores().weight_version)

@@ -12,7 +12,7 @@ the prompt to the least-loaded live worker, and cancel the request on its worker
 engine step when the caller stops early (closes the stream or cancels the task).
 
 Worker death: a request whose worker dies before anything of it reached the caller is sent
-again to another live worker (like `generate`). Once deltas were delivered, each unfinished
+again to another live worker (like `generate`; both send through rollout.resend). Once deltas were delivered, each unfinished
 sample is continued instead: its prompt plus the tokens already delivered go to another worker
 as a new prompt, for the tokens still allowed. The driver detokenizes the continued samples
 itself and checks their stop strings across the seam, so the caller gets exactly one copy of
@@ -24,21 +24,18 @@ token's version is in `token_versions`.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Self
 
-import ray
-
-from rollout.dispatch import Resends, is_worker_failure
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
-from rollout.errors import ServiceClosedError, WorkerUnavailableError, describe_error
+from rollout.errors import WorkerUnavailableError, describe_error
+from rollout.resend import DiedMidStream, Route, WorkerDown, call_resending, resending
 from rollout.routing import Router, request_cost
 from rollout.tokenizer import IncrementalDetokenizer
-
-_POLL_S = 0.05  # while no worker is up
 
 
 @dataclasses.dataclass
@@ -51,14 +48,15 @@ class _SampleState:
 
 
 class FleetRequest:
-    """One prompt (with its n samples) on the fleet: routing, re-sends and cancellation."""
+    """One prompt (with its n samples) on the fleet; its sends, re-sends and cancellation go
+    through its `route` (rollout.resend)."""
 
     def __init__(
         self,
         *,
         handles: Sequence[Any],
         router: Router,
-        worker_down: Callable[[int, BaseException, int | None], None],
+        worker_down: WorkerDown,
         prompt_ids: list[int],
         sampling: SamplingParams,
         return_logprobs: bool,
@@ -74,57 +72,23 @@ class FleetRequest:
         self.return_logprobs = return_logprobs
         self.prompt_index = prompt_index
         self.tokenizer = tokenizer  # to continue samples whose worker died mid-stream
-        self._max_retries = max_retries
-        self._cost = request_cost(len(prompt_ids), sampling.max_tokens, sampling.n)
-        self._resends = Resends(max_retries)
+        self.route = Route(router, worker_down, cost=request_cost(len(prompt_ids), sampling.max_tokens, sampling.n),
+                           max_retries=max_retries, name="the request")
 
-    async def _acquire(self, avoid: frozenset[int]) -> int:
-        try:
-            while True:
-                try:
-                    return self._router.acquire(self._cost, avoid=avoid, timeout=0)
-                except TimeoutError:
-                    # no worker up right now: poll on the loop (a thread blocked in acquire would
-                    # take a worker's share after its caller was cancelled, and never give it back)
-                    await asyncio.sleep(_POLL_S)
-        except LookupError as err:
-            if self._router.closed:
-                raise ServiceClosedError(
-                    "the rollout service was shut down; create a new one (rollout.init) and resubmit"
-                ) from err
-            raise WorkerUnavailableError(f"{err}; check `ray status`") from err
-
-    def _failed(self, worker: int, epoch: int, err: BaseException) -> None:
-        """Record a worker failure; raise if the request has used up its re-sends."""
-        self._worker_down(worker, err, epoch)
-        if not self._resends.failed(worker, err):
-            failures = self._resends.failures
-            raise WorkerUnavailableError(
-                f"the request failed {len(failures)} times as its workers died: {failures}; "
-                "check `ray status` and the worker logs"
-            ) from err
+    def _args(self) -> tuple[Any, ...]:
+        return self.prompt_ids, self.sampling, self.prompt_index, self.return_logprobs
 
     async def completions(self) -> list[Completion]:
         """The n completions, from one `generate` call on a worker (re-sent if it dies)."""
-        avoid: frozenset[int] = frozenset()
-        while True:
-            worker = await self._acquire(avoid)
-            epoch = self._router.epoch(worker)
-            ref = self._handles[worker].generate.remote(
-                self.prompt_ids, self.sampling, self.prompt_index, self.return_logprobs
-            )
-            try:
-                return await ref
-            except asyncio.CancelledError:
-                ray.cancel(ref)  # the worker cancels the engine request
-                raise
-            except Exception as err:
-                if not is_worker_failure(err):
-                    raise
-                self._failed(worker, epoch, err)
-                avoid = frozenset([worker])
-            finally:
-                self._router.release(worker, self._cost)
+        return await call_resending(self.route, lambda worker: self._handles[worker].generate.remote(*self._args()))
+
+    def deltas(self) -> AsyncGenerator[list[TokenDelta], None]:
+        """The request's TokenDeltas from one `generate_stream` call on a worker (re-sent if it
+        dies before the first; DiedMidStream if it dies after)."""
+        return resending(
+            self.route,
+            lambda worker: self._handles[worker].generate_stream.options(num_returns="streaming").remote(*self._args()),
+        )
 
     def continuation(self, token_ids: list[int]) -> FleetRequest:
         """One sample continued after `token_ids`: n=1, the tokens left, the retries left."""
@@ -132,7 +96,7 @@ class FleetRequest:
             handles=self._handles, router=self._router, worker_down=self._worker_down,
             prompt_ids=self.prompt_ids + token_ids,
             sampling=dataclasses.replace(self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids)),
-            return_logprobs=self.return_logprobs, max_retries=max(0, self._max_retries - self._resends.attempts),
+            return_logprobs=self.return_logprobs, max_retries=self.route.resends.retries_left,
             prompt_index=self.prompt_index, tokenizer=self.tokenizer,
         )
 
@@ -142,15 +106,18 @@ class TokenStream:
 
     Each item is a list of TokenDelta (one per sample that progressed). After the iteration
     ended, `completions()` gives the n Completions the deltas add up to. `aclose()` (or leaving
-    `async with`) cancels the request on its worker if it is still running.
+    `async with`) cancels the request on its worker if it is still running. `worker` is the
+    worker of its latest send (None before the first).
     """
 
     def __init__(self, request: FleetRequest):
         self._request = request
         self._samples = [_SampleState() for _ in range(request.sampling.n)]
-        self._delivered = False
         self._iter: AsyncGenerator[list[TokenDelta], None] | None = None
-        self.worker: int | None = None
+
+    @property
+    def worker(self) -> int | None:
+        return self._request.route.worker
 
     def __aiter__(self) -> AsyncIterator[list[TokenDelta]]:
         if self._iter is None:
@@ -168,46 +135,20 @@ class TokenStream:
         await self.aclose()
 
     async def _run(self) -> AsyncGenerator[list[TokenDelta], None]:
-        request = self._request
-        avoid: frozenset[int] = frozenset()
-        died_mid_stream = False
-        while not died_mid_stream:
-            worker = await request._acquire(avoid)
-            self.worker = worker
-            epoch = request._router.epoch(worker)
-            gen = request._handles[worker].generate_stream.options(num_returns="streaming").remote(
-                request.prompt_ids, request.sampling, request.prompt_index, request.return_logprobs
-            )
-            finished = False
-            try:
-                async for ref in gen:
-                    deltas = await ref
-                    self._absorb(deltas)
-                    self._delivered = True
-                    yield deltas
-                finished = True
-                return
-            except Exception as err:
-                if not is_worker_failure(err):
-                    finished = True
-                    raise
-                request._failed(worker, epoch, err)  # raises once the retries are used up
-                avoid = frozenset([worker])
-                died_mid_stream = finished = self._delivered
-                if died_mid_stream and request.tokenizer is None:
-                    raise WorkerUnavailableError(
-                        f"worker {worker} died after part of this request was streamed; the partial output "
-                        f"stands, send the request again for a complete one ({describe_error(err)})"
-                    ) from err
-            finally:
-                request._router.release(worker, request._cost)
-                if not finished:  # the caller stopped early: stop the request on its worker
-                    try:
-                        ray.cancel(gen)
-                    except Exception:  # noqa: BLE001 - already finished or its worker is gone
-                        pass
-        async for deltas in self._continue():
-            yield deltas
+        try:
+            async with contextlib.aclosing(self._request.deltas()) as deltas:
+                async for batch in deltas:
+                    self._absorb(batch)
+                    yield batch
+            return
+        except DiedMidStream as died:
+            if self._request.tokenizer is None:
+                raise WorkerUnavailableError(
+                    f"worker {died.worker} died after part of this request was streamed; the partial output "
+                    f"stands, send the request again for a complete one ({describe_error(died.cause)})"
+                ) from died.cause
+        async for batch in self._continue():
+            yield batch
 
     async def _continue(self) -> AsyncIterator[list[TokenDelta]]:
         """Continue every unfinished sample on other workers (see the module docstring)."""

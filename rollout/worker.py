@@ -3,9 +3,9 @@
 The actor builds its engine with the backend's factory (`FleetConfig.engine`, see
 rollout.engine.backend), counts its starts in the registry, and before it serves its first
 call catches up with the fleet's committed update, so a restarted worker never serves an older
-version than the fleet's. Everything else (sync bookkeeping, buckets, catching up, generation)
-is `rollout.worker_host.WorkerHost`, tested without Ray. Its remote calls are
-`rollout.contract.WorkerCalls`. What the host needs from Ray is injected: fetching a bucket
+version than the fleet's. Everything else (sync bookkeeping, buckets, catching up; serving:
+generate, generate_stream, score) is `rollout.worker_host.WorkerHost`, tested without Ray, to
+which each remote call delegates. Its remote calls are `rollout.contract.WorkerCalls`. What the host needs from Ray is injected: fetching a bucket
 from the object store, the registry's committed update, and for the relay between nodes
 (rollout.relay) putting a relay copy into this node's object store and asking a parent
 worker for its copy.
@@ -26,10 +26,10 @@ from typing import Any
 import ray
 
 from rollout.contract import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
-from rollout.engine.backend import EngineBackend, ScoringBackend, capabilities_of, engine_factory
+from rollout.engine.backend import EngineBackend, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.streaming import TokenDelta, stream_request
+from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion, EngineClosedError
 from rollout.fleet import FleetConfig
 from rollout.weights.spec import ParamSpec
@@ -119,7 +119,7 @@ class RolloutWorker:
             pid=os.getpid(),
             node_ip=ray.util.get_node_ip_address(),
             devices=self.host.engine.status()["devices"],
-            capabilities=capabilities_of(self.host.engine),
+            capabilities=self.host.capabilities,
         )
 
     async def spec(self) -> ParamSpec:
@@ -139,28 +139,19 @@ class RolloutWorker:
             raise
 
     async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
-        """Per-token logprobs of each completion after its prompt on this engine's committed
-        version (`Engine.score`: a Scores with the version). Runs off the event loop."""
+        """Per-token logprobs of each completion after its prompt (WorkerHost.score)."""
         await self._start()
-        loop = asyncio.get_running_loop()
-        engine = self.host.engine
-        if not isinstance(engine, ScoringBackend):
-            raise NotImplementedError(
-                f"score: the {type(engine).__name__} backend has no score method; score on a fleet of the native engine"
-            )
-        return await loop.run_in_executor(None, lambda: engine.score(prompts, completions, temperature=temperature))
+        return await self.host.score(prompts, completions, temperature)
 
     async def generate_stream(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
     ) -> AsyncIterator[list[TokenDelta]]:
         """Streaming generator (call with `.options(num_returns="streaming")`): the request's
-        TokenDeltas as the engine accepts them. Cancelling the stream (`ray.cancel`) stops the
-        request at the engine's next step boundary; see rollout.engine.streaming."""
+        TokenDeltas (WorkerHost.generate_stream). Cancelling the stream (`ray.cancel`) stops the
+        request at the engine's next step boundary."""
         await self._start()
         try:
-            stream = stream_request(
-                self.host.engine, prompt_ids, sampling, prompt_index=prompt_index, return_logprobs=return_logprobs
-            )
+            stream = self.host.generate_stream(prompt_ids, sampling, prompt_index, return_logprobs)
             async with contextlib.aclosing(stream):  # closing it cancels the request
                 async for deltas in stream:
                     yield deltas

@@ -10,10 +10,16 @@ drive a WorkerHost on an asyncio loop with a fake engine, real buckets and a rea
     await host.abort(sync_id, version)
     await host.catch_up()                            # load the registry's committed update
     await host.relay_copy(sync_id, index)            # a relay copy for a worker below this one
+    await host.generate(ids, sampling, index, logprobs)           # one prompt's completions
+    async for deltas in host.generate_stream(ids, sampling, index, logprobs): ...   # token by token
+    await host.score(prompts, completions, temperature)           # teacher-forced logprobs
 
-Generation awaits engine futures on the event loop, so many requests are in flight at once;
-weight work (staging, committing, catching up) runs in a one-thread executor, so serving goes on
-while an update is staged.
+Generation awaits engine futures on the event loop, so many requests are in flight at once; a
+request whose caller goes away (a cancelled call, a closed stream) is cancelled in the engine.
+Scoring runs in the default executor (a forward pass of its own, beside serving); a backend
+that cannot score is refused before its engine is called (`capabilities_of`). Weight work
+(staging, committing, catching up) runs in a one-thread executor, so serving goes on while an
+update is staged.
 
 Receiving an update: `stage` starts `engine.stage` on a BucketInbox tree at once; each bucket
 that `feed` delivers is fetched (at most `max_inflight_buckets` at a time) and its checksum
@@ -38,18 +44,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, ObjectRef, RelayRole, StageReport
-from rollout.engine.backend import EngineBackend
+from rollout.engine.backend import EngineBackend, ScoringBackend, capabilities_of
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.streaming import TokenDelta, stream_request
 from rollout.engine.types import Completion, WeightSyncError
 from rollout.relay import RelayPoint
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
@@ -111,6 +120,7 @@ class WorkerHost:
         relay_copy_from: Callable[[Any, str, int], Awaitable[ObjectRef]] | None = None,
     ):
         self.engine = engine
+        self.capabilities = capabilities_of(engine)  # what the worker's ready reply declares
         self._fetch = fetch
         self.relay = RelayPoint(fetch, put=put_relay_copy, copy_from=relay_copy_from, timeout_s=sync_timeout_s)
         self._latest_update = latest_update
@@ -140,6 +150,28 @@ class WorkerHost:
         except asyncio.CancelledError:
             self.engine.cancel(future)
             raise
+
+    async def generate_stream(
+        self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool
+    ) -> AsyncGenerator[list[TokenDelta], None]:
+        """One prompt's TokenDeltas as the engine accepts them (rollout.engine.streaming); closing
+        or cancelling the iteration cancels the request at the engine's next step boundary.
+        Engine errors (EngineClosedError) are raised after the deltas that came before them."""
+        stream = stream_request(
+            self.engine, prompt_ids, sampling, prompt_index=prompt_index, return_logprobs=return_logprobs
+        )
+        async with contextlib.aclosing(stream):  # closing it cancels the request
+            async for deltas in stream:
+                yield deltas
+
+    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
+        """Per-token logprobs of each completion after its prompt on the engine's committed
+        version (a rollout.scores.Scores). FeatureUnavailableError, before the engine is called,
+        if the backend cannot score (`capabilities_of`: the same refusal as the coordinator's)."""
+        self.capabilities.require("score")
+        engine = cast(ScoringBackend, self.engine)  # capabilities_of checked that it scores
+        score = functools.partial(engine.score, prompts, completions, temperature=temperature)
+        return await asyncio.get_running_loop().run_in_executor(None, score)
 
     # -- phase 1 ------------------------------------------------------------------------------
 

@@ -4,12 +4,15 @@ host) without compiling anything.
 Its weights are host numpy arrays of a given spec; it keeps the weight state machine of every
 backend (stage validates and copies a full update, commit swaps, abort drops, versions only go
 forward). A request completes at once with one token per sample: the committed version, so a
-test sees which weights answered. `hold_stage()` makes the next stage wait until released, to
-catch a worker in the middle of staging.
+test sees which weights answered; a streamed request (`sink`) gets that token through its sink
+first, as the scheduler streams it. `hold_stage()` makes the next stage wait until released, to
+catch a worker in the middle of staging. `FakeScoringEngine` also scores: the logprob of each
+completion token is minus the committed version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,7 +23,26 @@ import numpy as np
 from rollout.engine.backend import EngineStatus
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
+from rollout.scores import Scores
 from rollout.weights.spec import ParamSpec
+
+
+@dataclasses.dataclass
+class _Text:
+    text: str = ""
+    cut: bool = False
+
+
+@dataclasses.dataclass
+class _Sample:
+    """What a TokenSink reads of a sample (the engine's Sequence has the same fields)."""
+
+    index: int
+    tokens: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str | None
+    text: _Text = dataclasses.field(default_factory=_Text)
 
 
 class FakeEngine:
@@ -50,13 +72,18 @@ class FakeEngine:
         return None if self._staged is None else self._staged[0]
 
     def submit(
-        self, prompt: Any, sampling: SamplingParams = SamplingParams(), *, prompt_index: int = 0, return_logprobs: bool = True
+        self, prompt: Any, sampling: SamplingParams = SamplingParams(), *, prompt_index: int = 0,
+        return_logprobs: bool = True, sink: Any = None,
     ) -> Future[list[Completion]]:
         if self._closed:
             raise EngineClosedError("the engine was shut down")
         future: Future[list[Completion]] = Future()
         if self._answer:
-            future.set_result([self._completion(prompt, prompt_index, i, "length") for i in range(sampling.n)])
+            completions = [self._completion(prompt, prompt_index, i, "length") for i in range(sampling.n)]
+            for c in completions if sink is not None else ():  # before the future resolves, as the scheduler does
+                sink.update(_Sample(c.sample_index, list(c.token_ids), [0.0] * len(c.token_ids),
+                                    list(c.token_versions), c.finish_reason))
+            future.set_result(completions)
         else:
             self._queued.append(future)
         return future
@@ -128,3 +155,11 @@ class FakeEngine:
         for future in self._queued:
             future.set_exception(EngineClosedError("the engine was shut down"))
         self._queued.clear()
+
+
+class FakeScoringEngine(FakeEngine):
+    """A FakeEngine that also scores: each completion token's logprob is minus the committed version."""
+
+    def score(self, prompts: Any, completions: Any, *, temperature: float = 1.0) -> Scores:
+        version = self._version
+        return Scores(tuple(np.full(len(c), -float(version), np.float32) for c in completions), version)

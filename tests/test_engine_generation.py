@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +203,45 @@ def test_cancel_ends_a_running_request_with_abort_and_keeps_its_tokens(engine):
     assert all(len(o.token_ids) < 100 for o in outs)
     assert engine.status()["active_slots"] == 0
     assert not engine.cancel(future)
+
+
+class _HoldingSink:
+    """A stream sink that holds the scheduler thread inside its update for token `at_token`
+    until `go` is set: the request is caught in the middle of accepting a step's tokens."""
+
+    def __init__(self, at_token: int):
+        self.at_token = at_token
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def update(self, sample) -> None:
+        if len(sample.tokens) == self.at_token and not self.reached.is_set():
+            self.reached.set()
+            self.go.wait(30)
+
+
+def _submit_held(engine, max_tokens: int, at_token: int):
+    sink = _HoldingSink(at_token)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    future = engine.submit([7, 8, 9], sampling, sink=sink)
+    assert sink.reached.wait(30)
+    return future, sink
+
+
+def test_a_cancel_that_returns_true_wins_over_the_token_that_would_have_finished_the_request(engine):
+    # held after token 2 of 3, inside the decode call (4 steps) that also sampled token 3, whose
+    # acceptance would end the request with "length" before the scheduler sees the cancel
+    future, sink = _submit_held(engine, 3, at_token=2)
+    assert engine.cancel(future)
+    sink.go.set()
+    (out,) = future.result(30)
+    assert out.finish_reason == "abort" and len(out.token_ids) == 2
+
+
+def test_a_cancel_after_the_last_token_was_accepted_returns_false_and_the_result_stands(engine):
+    future, sink = _submit_held(engine, 1, at_token=1)  # its only token is accepted: finished
+    assert not future.done()  # caught before the future resolves
+    assert not engine.cancel(future)
+    sink.go.set()
+    (out,) = future.result(30)
+    assert out.finish_reason == "length" and len(out.token_ids) == 1

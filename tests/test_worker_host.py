@@ -17,16 +17,23 @@ import pytest
 
 import rollout.relay
 from rollout.contract import BucketUpdate, CheckpointUpdate, RelayRole, StageReport, WorkerCalls
-from rollout.engine.backend import EngineBackend, engine_factory
+from rollout.engine.backend import (
+    FULL_CAPABILITIES,
+    EngineBackend,
+    EngineCapabilities,
+    FeatureUnavailableError,
+    capabilities_of,
+    engine_factory,
+)
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.types import WeightSyncError
+from rollout.engine.types import EngineClosedError, WeightSyncError
 from rollout.registry import UpdateRegistry
 from rollout.relay import RelayClosed
 from rollout.weights.buckets import BucketChecksumError, PackedUpdate, pack, plan_buckets
 from rollout.weights.spec import spec_of_leaves
 from rollout.worker_host import EARLY_SYNCS, SyncAbortedError, WorkerHost
 
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, FakeScoringEngine
 
 SPEC = spec_of_leaves([(f"layers.{i}.w", (64,), "float32") for i in range(6)])  # 256 B each
 BUCKET_BYTES = 512  # 3 buckets of 2 leaves
@@ -51,8 +58,11 @@ async def fetch(ref: np.ndarray) -> np.ndarray:
     return ref
 
 
-def make_host(registry: UpdateRegistry | None = None, *, timeout_s: float = 10.0, answer: bool = True, **relay):
-    engine = FakeEngine(SPEC, weights(0), answer=answer)
+def make_host(
+    registry: UpdateRegistry | None = None, *, timeout_s: float = 10.0, answer: bool = True,
+    engine_class: type[FakeEngine] = FakeEngine, **relay,
+):
+    engine = engine_class(SPEC, weights(0), answer=answer)
     registry = registry or UpdateRegistry()
 
     async def latest_update():
@@ -283,6 +293,91 @@ def test_a_cancelled_generate_cancels_its_request_in_the_engine():
         assert engine.cancelled == 1 and engine.status()["queue_depth"] == 0
 
     asyncio.run(run())
+
+
+def test_a_stream_yields_the_deltas_that_add_up_to_the_engines_completions():
+    async def run():
+        host, _ = make_host()
+        sampling = SamplingParams(max_tokens=4, n=2)
+        deltas = [d async for batch in host.generate_stream([1, 2, 3], sampling, 5, True) for d in batch]
+        outs = await host.generate([1, 2, 3], sampling, 5, True)
+        for out in outs:
+            mine = [d for d in deltas if d.sample_index == out.sample_index]
+            assert sum((d.token_ids for d in mine), ()) == out.token_ids
+            assert sum((d.token_versions for d in mine), ()) == out.token_versions
+            assert mine[-1].finish_reason == out.finish_reason
+
+    asyncio.run(run())
+
+
+def test_closing_a_stream_cancels_its_request_in_the_engine():
+    async def run():
+        host, engine = make_host(answer=False)
+        stream = host.generate_stream([1, 2], SamplingParams(max_tokens=4), 0, True)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert engine.status()["queue_depth"] == 1 and engine.cancelled == 0
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await stream.aclose()
+        assert engine.cancelled == 1 and engine.status()["queue_depth"] == 0
+
+    asyncio.run(run())
+
+
+def test_a_stream_whose_engine_shuts_down_raises_engine_closed():
+    async def run():
+        host, engine = make_host(answer=False)
+
+        async def drain():
+            return [batch async for batch in host.generate_stream([1, 2], SamplingParams(max_tokens=4), 0, True)]
+
+        task = asyncio.ensure_future(drain())
+        await asyncio.sleep(0.05)
+        engine.shutdown()
+        with pytest.raises(EngineClosedError):
+            await task
+
+    asyncio.run(run())
+
+
+def test_score_returns_the_engines_scores_on_its_committed_version():
+    async def run():
+        host, engine = make_host(engine_class=FakeScoringEngine)
+        update = packed(1)
+        stage = asyncio.ensure_future(host.stage("s1", update.manifest.to_bytes()))
+        await feed_all(host, "s1", update)
+        await stage
+        await host.commit("s1", 1)
+        scores = await host.score([[1, 2], [3]], [[4, 5, 6], [7]], 1.0)
+        assert scores.weight_version == engine.version == 1
+        assert [s.tolist() for s in scores.logprobs] == [[-1.0] * 3, [-1.0]]
+
+    asyncio.run(run())
+
+
+def test_score_on_a_backend_without_score_is_refused_with_the_capabilities_reason():
+    async def run():
+        host, _ = make_host()
+        reason = capabilities_of(host.engine).unavailable["score"]
+        assert host.capabilities.unavailable["score"] == reason
+        with pytest.raises(FeatureUnavailableError, match=r"^score\(\) is not available with the FakeEngine backend") as info:
+            await host.score([[1, 2]], [[3]], 1.0)
+        assert str(info.value) == reason
+
+    asyncio.run(run())
+
+
+def test_capabilities_of_a_backend_drop_score_only_when_it_has_no_score_method():
+    assert capabilities_of(FakeScoringEngine(SPEC, weights(0))) is FULL_CAPABILITIES
+    assert set(capabilities_of(FakeEngine(SPEC, weights(0))).unavailable) == {"score"}
+    declared = EngineCapabilities(unavailable={"logprobs": "no logprobs here", "score": "not here either"})
+    engine = FakeEngine(SPEC, weights(0))
+    engine.capabilities = declared  # type: ignore[attr-defined]
+    assert capabilities_of(engine) == declared  # a declared reason is kept as it is
+    engine.capabilities = EngineCapabilities(unavailable={"logprobs": "no logprobs here"})  # type: ignore[attr-defined]
+    assert set(capabilities_of(engine).unavailable) == {"logprobs", "score"}
 
 
 def test_an_unknown_engine_name_lists_the_registered_backends():

@@ -7,7 +7,9 @@ and the tests of the weight state machine then apply to it unchanged. The worker
 engine with `engine_factory(FleetConfig.engine)`: the one place a backend is chosen.
 
 What a backend cannot do (logprobs, scoring) it declares in `capabilities` (EngineCapabilities);
-the coordinator refuses such requests up front from that declaration, never by backend name.
+a backend without a `score` method cannot score, declared or not. `capabilities_of(engine)` is
+the one place both are read: the worker refuses from it, and the coordinator refuses up front from
+the same answer (a worker's ready reply), never by backend name.
 
 Weight state machine (every backend): `stage(v, params)` validates and places a full update
 beside the serving weights (raises and keeps nothing on any mismatch); `commit(v)` swaps it in at
@@ -79,8 +81,22 @@ FULL_CAPABILITIES = EngineCapabilities()
 
 
 def capabilities_of(engine: Any) -> EngineCapabilities:
-    """`engine.capabilities`, or everything when the backend declares none."""
-    return getattr(engine, "capabilities", FULL_CAPABILITIES)
+    """What `engine` can do: its declared `capabilities` (everything when it declares none), less
+    scoring when the backend has no `score` method (ScoringBackend). The worker and the
+    coordinator both refuse from this answer, so a refusal reads the same wherever it happens.
+    (Anything that is not an EngineBackend is taken at its declaration.)"""
+    declared: EngineCapabilities = getattr(engine, "capabilities", FULL_CAPABILITIES)
+    if "score" in declared.unavailable or not isinstance(engine, EngineBackend) or isinstance(engine, ScoringBackend):
+        return declared
+    return dataclasses.replace(declared, unavailable={**declared.unavailable, "score": no_score_message(engine)})
+
+
+def no_score_message(engine: Any) -> str:
+    """Why a backend without a `score` method is refused scoring, and what to do instead."""
+    return (
+        f"score() is not available with the {type(engine).__name__} backend (it has no score method); "
+        "score on a fleet with engine='native'"
+    )
 
 
 @runtime_checkable
@@ -130,8 +146,8 @@ class EngineBackend(Protocol):
 
 @runtime_checkable
 class ScoringBackend(Protocol):
-    """A backend that also scores (per-token logprobs of given completions); optional: the
-    worker's `score` checks for it."""
+    """A backend that also scores (per-token logprobs of given completions); optional: one that
+    does not is refused scoring by `capabilities_of`."""
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
         """Logprobs of each completion after its prompt on the committed version (a Scores)."""

@@ -26,6 +26,9 @@ sampler rows, the running sequences' tokens and text, and the counters tokens_ge
 requests_finished, which other threads read without the lock (a step stale at worst). Once the
 thread has stopped, `shutdown` fails and releases what it left. Staging builds its copy without
 the lock, so serving goes on meanwhile; versions read without the lock are at worst stale.
+Each request's future has a small lock of its own (`RequestFuture.cancel_lock`): the scheduler
+accepts the request's tokens under it and `cancel` claims the request under it, so a cancel and
+the request's last token never both win.
 
 Once `commit` returns, no request is admitted under an older version.
 """
@@ -222,8 +225,11 @@ class Engine:
         return [c for r in requests for c in r.future.result(timeout)]
 
     def cancel(self, future: Future[list[Completion]]) -> bool:
-        """Stop a submitted request at the next step boundary. Its samples end with
-        finish_reason "abort" and keep the tokens generated so far. False if already done."""
+        """Stop a submitted request. True if it is cancelled: no token of it is accepted after
+        this returns, and its unfinished samples end with finish_reason "abort" at the next step
+        boundary, keeping the tokens they had (samples that had finished keep their own reason).
+        False if it had finished already (every sample: its normal result comes, even if the
+        future has not resolved yet), or failed, or is not a request of this engine."""
         return self._scheduler.cancel(future)
 
     # -- scoring (rollout.engine.scoring) -------------------------------------------------------

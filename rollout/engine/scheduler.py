@@ -32,7 +32,7 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.runner import ModelRunner
 from rollout.engine.runner_api import Runner
 from rollout.engine.sampling import stack_sampling
-from rollout.engine.sequence import Request, Sequence
+from rollout.engine.sequence import Request, RequestFuture, Sequence
 from rollout.engine.slots import SlotTable
 from rollout.engine.types import Completion, EngineClosedError
 from rollout.engine.weight_state import PendingSwap, WeightState
@@ -71,12 +71,15 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             self._lock.notify_all()
 
     def cancel(self, future: Future[list[Completion]]) -> bool:
+        """Cancel the request of `future`: True if it is cancelled (no token of it is accepted
+        after this; its unfinished samples end "abort" at the next pass), False if every sample
+        finished first or it is not a request of this engine (RequestFuture.claim_cancel)."""
+        if not isinstance(future, RequestFuture) or not future.claim_cancel():
+            return False
         with self._lock:
-            if future.done():
-                return False
             self._cancelled.add(future)
             self._lock.notify_all()
-            return True
+        return True
 
     def wait_serving(self, version: int, timeout: float | None) -> None:
         """Block until the runner serves `version` (or the engine stops)."""
@@ -229,9 +232,16 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
                     break
 
     def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
-        """Record a sampled token; finish the sequence if a stop fires. True if it finished.
+        """Record a sampled token; finish the sequence if a stop fires. True if it finished (or
+        its request was cancelled: the token is dropped, the next pass ends the sequence "abort").
         Every token of every sequence passes here once (the place for a per-token stream)."""
-        reason = seq.append(token, logprob, self._weights.serving)
+        future = seq.request.future
+        with future.cancel_lock:  # against Engine.cancel: see RequestFuture
+            if future.cancel_asked:
+                return True
+            reason = seq.append(token, logprob, self._weights.serving)
+            if reason is not None and all(s.finish_reason is not None for s in seq.request.sequences if s is not seq):
+                future.settled = True  # the last sample finished by itself: a cancel now is refused
         self.tokens_generated += 1
         if reason is None:
             self.slots.advance(seq, token)

@@ -5,11 +5,15 @@ has `n` `Sequence`s (the samples), which share its prefill. A sequence is everyt
 has produced (tokens, logprobs, the weight version of each token, its text) plus the slot it
 decodes in while it runs (-1 while it waits or once it finished). The scheduler thread is the
 only writer of both while the request runs; the caller only sees the `Completion`s.
+
+A request's future is a `RequestFuture`: it also holds the request's cancel state, decided under
+its own lock so that `Engine.cancel` answers truthfully when a request finishes at that instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from concurrent.futures import Future
 from typing import Any
 
@@ -19,6 +23,30 @@ from rollout.engine.text import TextOutput
 from rollout.engine.types import Completion
 
 
+class RequestFuture(Future[list[Completion]]):
+    """The future of one request, and whether it was cancelled or finished by itself first.
+
+    Both are decided under `cancel_lock`: the scheduler thread accepts each token of the request
+    under it (`accepting`), and `Engine.cancel` claims the request under it (`claim_cancel`).
+    So either the cancel comes first and no token is accepted after it (the unfinished samples
+    end "abort"), or every sample finished first and the cancel is refused: never both.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel_lock = threading.Lock()
+        self.cancel_asked = False
+        self.settled = False  # every sample finished by itself: its result is on the way
+
+    def claim_cancel(self) -> bool:
+        """Mark the request cancelled; False if it finished (or failed) first."""
+        with self.cancel_lock:
+            if self.settled or self.done():
+                return False
+            self.cancel_asked = True
+            return True
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     prompt_index: int
@@ -26,7 +54,7 @@ class Request:
     sampling: SamplingParams
     return_logprobs: bool
     stop_ids: frozenset[int]  # stop_token_ids, plus the EOS ids unless ignore_eos
-    future: Future[list[Completion]] = dataclasses.field(default_factory=Future)
+    future: RequestFuture = dataclasses.field(default_factory=RequestFuture)
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
     sink: Any = None  # a streaming.TokenSink fed as tokens are accepted (streamed requests only)
 
