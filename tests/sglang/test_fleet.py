@@ -98,3 +98,25 @@ def test_dummy_then_real_prints_one_json_line_per_phase(ckpt_a):
     assert ready["engine"] == "sglang-jax" and ready["version"] == 0
     assert swapped["version"] == 1 and swapped["leaves_unchanged"] and swapped["shapes_unchanged"]
     assert result["weight_version"] == 1 and not result["recompiled"] and result["token_ids"]
+
+
+# -- a worker that dies (kills the fleet's only worker: runs last) ------------------------------
+
+
+def test_a_restarted_worker_comes_back_at_the_committed_version_before_serving(fleet, refs, ckpt_b):
+    """The fleet's one restart path (Ray restarts the actor, the worker catches up with the last
+    committed update before it reports ready) brings an sglang-jax worker back on the committed
+    weights: same greedy tokens as before the kill, same version, nothing served by dummy weights."""
+    import ray
+
+    version = fleet.sync_weights(hf_flat(ckpt_b))
+    before = _tokens(fleet, refs)
+    assert before == (refs["greedy"]["b"], {version})
+    restarts = fleet.status()["workers"][0]["restarts"]
+    ray.kill(fleet.workers[0], no_restart=False)
+    after = _tokens(fleet, refs)  # waits for the restart; must be served by `version`
+    assert after == before
+    worker = fleet.status()["workers"][0]
+    assert worker["restarts"] == restarts + 1
+    assert worker["version"] == worker["serving_version"] == version and fleet.version == version
+    assert worker["backend"] == "sglang-jax"
