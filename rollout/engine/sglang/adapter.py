@@ -17,6 +17,10 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
   raises LogprobsUnavailableError before anything is queued; the engine keeps serving. Scoring
   is refused likewise. Both are declared in `capabilities` (rollout.engine.backend), which the
   coordinator reads once to refuse them before anything reaches a worker.
+- Sampling seeds: sglang-jax's deterministic sampling is on, so each sample draws from its own
+  seed (a hash of seed and position per token, independent of the batch it runs in): a request's
+  `seed` makes its n samples reproducible (sample i gets a seed derived from (seed, i)); without
+  one each sample gets a fresh random seed.
 - Streaming: a sink gets each sample once, when it finishes.
 """
 
@@ -28,10 +32,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import signal
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -123,6 +129,19 @@ class _Staged:
 _CONTEXT_HEADROOM = 6
 
 
+def sample_seed(seed: int | None, index: int) -> int:
+    """The sglang-jax sampling seed of sample `index` of a request: derived from the request's
+    `seed` (reproducible, distinct per sample), or fresh and random without one. int32, as
+    sglang-jax holds it.
+
+    >>> sample_seed(7, 0) == sample_seed(7, 0) != sample_seed(7, 1)
+    True
+    """
+    if seed is None:
+        return random.SystemRandom().randrange(2**31)
+    return zlib.crc32(f"rollout-seed:{seed}:{index}".encode()) & 0x7FFFFFFF
+
+
 def _paddings(limit: int, start: int) -> list[int]:
     out, n = [], start
     while n < limit:
@@ -204,6 +223,9 @@ class SglangEngine:
 
         platform = devices[0].platform
         cfg = self.config
+        # one prefill holds at most max_prefill_batch prompts of max_seq_len; sglang-jax's default
+        # (16384 tokens) would also precompile (and run, in its warm-up) a 16384-token extend
+        prefill_tokens = max(64, cfg.max_prefill_batch * cfg.max_seq_len)
         options: dict[str, Any] = dict(
             model_path=str(self.checkpoint),
             load_format=cfg.load_format,
@@ -219,7 +241,10 @@ class SglangEngine:
             # context_length - 6; rollout allows prompt + max_tokens == max_seq_len
             context_length=cfg.max_seq_len + _CONTEXT_HEADROOM,
             precompile_bs_paddings=_paddings(cfg.max_batch, 1),
-            precompile_token_paddings=_paddings(max(64, cfg.max_prefill_batch * cfg.max_seq_len), 64),
+            precompile_token_paddings=_paddings(prefill_tokens, 64),
+            max_prefill_tokens=prefill_tokens,
+            # per-request seeds (SamplingParams.seed): each sample samples with its own seed
+            enable_deterministic_sampling=True,
             chunked_prefill_size=-1,
             disable_overlap_schedule=True,  # a swap must happen where no step is in flight
             skip_server_warmup=True,
@@ -498,7 +523,7 @@ class SglangEngine:
         n = len(rids)
         request = GenerateReqInput(
             input_ids=[list(ids) for _ in range(n)],
-            sampling_params=[dict(params) for _ in range(n)],
+            sampling_params=[{**params, "sampling_seed": sample_seed(sampling.seed, i)} for i in range(n)],
             rid=list(rids),
             return_logprob=False,
         )
