@@ -59,21 +59,23 @@ def test_fleet_refuses_score_on_the_caller_from_the_backends_capabilities(fleet,
         fleet.score(refs["prompts"][:1], [[1, 2, 3]])
 
 
-def test_fleet_streams_each_sample_whole_when_it_finishes(fleet, refs):
+def test_fleet_streams_deltas_that_add_up_to_the_completion(fleet, refs):
     import asyncio
 
     prompt = refs["prompts"][0]
-    want = fleet.generate([prompt], greedy(8), return_logprobs=False)[0]
+    want = fleet.generate([prompt], greedy(24), return_logprobs=False)[0]
 
     async def stream() -> list:
-        async with fleet.generate_stream(prompt, greedy(8), return_logprobs=False) as deltas:
+        async with fleet.generate_stream(prompt, greedy(24), return_logprobs=False) as deltas:
             return [d async for batch in deltas for d in batch]
 
     deltas = asyncio.run(stream())
     assert [t for d in deltas for t in d.token_ids] == list(want.token_ids)
+    assert "".join(d.text for d in deltas) == want.text
     assert deltas[-1].finish_reason == want.finish_reason
+    assert {v for d in deltas for v in d.token_versions} == {want.weight_version}
     completions = asyncio.run(fleet.agenerate(prompt, greedy(8), return_logprobs=False))
-    assert list(completions[0].token_ids) == list(want.token_ids)
+    assert list(completions[0].token_ids) == list(want.token_ids[:8])
 
 
 def test_fleet_refuses_a_mismatched_update_and_keeps_its_version(fleet, ckpt_a):

@@ -21,7 +21,11 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
   seed (a hash of seed and position per token, independent of the batch it runs in): a request's
   `seed` makes its n samples reproducible (sample i gets a seed derived from (seed, i)); without
   one each sample gets a fresh random seed.
-- Streaming: a sink gets each sample once, when it finishes.
+- Streaming: a streamed request's sink is fed from sglang-jax's scheduler thread after every step
+  that adds tokens (the request's exact token ids, as the scheduler holds them; the text decoded by
+  rollout, an incomplete trailing character held back), then once more with the finished sample.
+  sglang-jax's own streamed output is not used: its detokenizer re-sends ids around incomplete
+  characters.
 """
 
 from __future__ import annotations
@@ -107,6 +111,18 @@ def _mesh_over(module: Any, devices: Sequence[Any]) -> Iterator[None]:
 class _Text:
     text: str
     cut: bool = True  # final: nothing held back for a stop string
+
+
+class _RunningSample:
+    """A sample still decoding, in the shape a streaming sink reads (rollout.engine.streaming)."""
+
+    def __init__(self, index: int, tokens: list[int], version: int, text: str):
+        self.index = index
+        self.tokens = tokens
+        self.logprobs: list[float] = []
+        self.versions = [version] * len(tokens)
+        self.text = _Text(text.rstrip("\ufffd"), cut=False)  # a character whose bytes are not all here yet
+        self.finish_reason = None
 
 
 class _FinishedSample:
@@ -204,6 +220,7 @@ class SglangEngine:
         self._admitted: dict[str, int] = {}  # rid -> version it was admitted under
         self._rids: dict[int, list[str]] = {}  # id(future) -> its sglang-jax request ids
         self._final_ids: dict[str, list[int]] = {}  # rid -> its tokens, recorded by the scheduler
+        self._streams: dict[str, tuple[Any, int]] = {}  # rid of a streamed sample -> (its sink, sample index)
         self._closed = False
         self._error: BaseException | None = None
         self._park = threading.Event()
@@ -292,12 +309,30 @@ class SglangEngine:
         def stream_output(reqs: list[Any], *args: Any, **kwargs: Any) -> Any:
             # A finished request's token ids, straight from the scheduler: 0.0.2's detokenizer
             # path repeats ids of non-streamed requests longer than 50 tokens in `output_ids`.
+            # Streamed samples get their tokens so far here too, after every step.
             for req in reqs:
-                if req.finished() and str(req.rid).startswith("rollout-"):
+                if not str(req.rid).startswith("rollout-"):
+                    continue
+                if req.finished():
                     self._final_ids[req.rid] = [int(t) for t in req.output_ids]
+                elif req.rid in self._streams:
+                    self._feed(req)
             return original_stream(reqs, *args, **kwargs)
 
         scheduler.stream_output = stream_output
+
+    def _feed(self, req: Any) -> None:
+        """Give a streamed sample's sink its tokens so far (scheduler thread)."""
+        entry = self._streams.get(req.rid)
+        if entry is None or not req.output_ids:
+            return
+        sink, index = entry
+        tokens = [int(t) for t in req.output_ids]
+        version = self._admitted.get(req.rid, self._serving_version)
+        try:
+            sink.update(_RunningSample(index, tokens, version, self.tokenizer.decode(tokens)))
+        except Exception:  # a consumer's failure must not stop the scheduler
+            log.exception("streaming sink of %s failed", req.rid)
 
     def _drain_then_swap(self, original: Any) -> Any:
         """drain: decode what runs with nothing new admitted; once nothing runs, swap and admit."""
@@ -438,8 +473,8 @@ class SglangEngine:
         sink: Any = None,
     ) -> Future[list[Completion]]:
         """Queue one prompt; the future yields its n completions. Bad requests raise here.
-        `sink` (streaming) gets each sample once, when it finishes (sglang-jax's tokens are read
-        from its scheduler at the end of a request)."""
+        `sink` (streaming) gets each sample's tokens so far after every step that adds some (from
+        the scheduler thread), then the finished sample."""
         if return_logprobs:
             raise logprobs_unavailable(self.sglang_version, self.devices[0].platform)
         ids = self.encode_prompt(prompt)
@@ -454,11 +489,15 @@ class SglangEngine:
         rids = [f"rollout-{uuid.uuid4().hex}-{i}" for i in range(sampling.n)]
         with self._lock:
             self._rids[id(future)] = rids
+            if sink is not None:
+                self._streams.update({rid: (sink, i) for i, rid in enumerate(rids)})
         running = asyncio.run_coroutine_threadsafe(self._generate(ids, sampling, rids, prompt_index), self._loop)
 
         def done(f: Any) -> None:
             with self._lock:
                 self._rids.pop(id(future), None)
+                for rid in rids:
+                    self._streams.pop(rid, None)
             if f.exception() is not None:
                 future.set_exception(f.exception())
                 return
