@@ -208,23 +208,6 @@ def test_a_streamed_request_gets_its_tokens_after_every_step_and_they_add_up_to_
     assert set(deltas[0].token_versions) == {version}
 
 
-def _sampled(engine, prompts, seed):
-    sampling = SamplingParams(max_tokens=16, temperature=1.5, n=4, seed=seed, ignore_eos=True)
-    return [c.token_ids for c in engine.generate(prompts, sampling, return_logprobs=False, timeout=TIMEOUT)]
-
-
-def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(engine, refs, ckpt_a):
-    """sglang-jax's per-request sampling seed (deterministic sampling): a seed reproduces its
-    request's n samples alone or batched with others; the n samples differ from each other."""
-    sync(engine, ckpt_a)
-    prompt = refs["prompts"][0]
-    alone = _sampled(engine, [prompt], seed=11)
-    beside = _sampled(engine, [refs["prompts"][1], prompt, refs["prompts"][2]], seed=11)
-    assert alone == _sampled(engine, [prompt], seed=11) == beside[4:8]
-    assert len(set(alone)) > 1  # each sample has its own seed
-    assert _sampled(engine, [prompt], seed=12) != alone
-
-
 def test_bad_requests_raise_before_queueing(engine):
     with pytest.raises(ValueError):
         engine.submit([], greedy(4), return_logprobs=False)

@@ -17,10 +17,10 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
   raises LogprobsUnavailableError before anything is queued; the engine keeps serving. Scoring
   is refused likewise. Both are declared in `capabilities` (rollout.engine.backend), which the
   coordinator reads once to refuse them before anything reaches a worker.
-- Sampling seeds: sglang-jax's deterministic sampling is on, so each sample draws from its own
-  seed (a hash of seed and position per token, independent of the batch it runs in): a request's
-  `seed` makes its n samples reproducible (sample i gets a seed derived from (seed, i)); without
-  one each sample gets a fresh random seed.
+- Sampling seeds: not reproducible per request. 0.0.2 takes a per-request seed only with its
+  deterministic sampling, whose CPU path samples almost uniformly (it applies softmax to
+  probabilities) and whose hash-based noise is biased even on logits; RL on such samples does not
+  learn (measured: see the README). So it stays off and `seed` is not passed on.
 - Streaming: a streamed request's sink is fed from sglang-jax's scheduler thread after every step
   that adds tokens (the request's exact token ids, as the scheduler holds them; the text decoded by
   rollout, an incomplete trailing character held back), then once more with the finished sample.
@@ -36,12 +36,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import signal
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -143,19 +141,6 @@ class _Staged:
 
 
 _CONTEXT_HEADROOM = 6
-
-
-def sample_seed(seed: int | None, index: int) -> int:
-    """The sglang-jax sampling seed of sample `index` of a request: derived from the request's
-    `seed` (reproducible, distinct per sample), or fresh and random without one. int32, as
-    sglang-jax holds it.
-
-    >>> sample_seed(7, 0) == sample_seed(7, 0) != sample_seed(7, 1)
-    True
-    """
-    if seed is None:
-        return random.SystemRandom().randrange(2**31)
-    return zlib.crc32(f"rollout-seed:{seed}:{index}".encode()) & 0x7FFFFFFF
 
 
 def _paddings(limit: int, start: int) -> list[int]:
@@ -260,8 +245,9 @@ class SglangEngine:
             precompile_bs_paddings=_paddings(cfg.max_batch, 1),
             precompile_token_paddings=_paddings(prefill_tokens, 64),
             max_prefill_tokens=prefill_tokens,
-            # per-request seeds (SamplingParams.seed): each sample samples with its own seed
-            enable_deterministic_sampling=True,
+            # its seeded sampling (the only per-request seed it has) does not sample from the
+            # model's distribution on CPU: off, so SamplingParams.seed is not reproducible here
+            enable_deterministic_sampling=False,
             chunked_prefill_size=-1,
             disable_overlap_schedule=True,  # a swap must happen where no step is in flight
             skip_server_warmup=True,
@@ -562,7 +548,7 @@ class SglangEngine:
         n = len(rids)
         request = GenerateReqInput(
             input_ids=[list(ids) for _ in range(n)],
-            sampling_params=[{**params, "sampling_seed": sample_seed(sampling.seed, i)} for i in range(n)],
+            sampling_params=[dict(params) for _ in range(n)],
             rid=list(rids),
             return_logprob=False,
         )
