@@ -34,7 +34,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "step generates n samples per prompt, checks the rollout's logprobs against the "
             "trainer's recompute under the same weights, updates, and syncs the new weights. "
             "Shows a progress bar, then a summary table; writes a reward plot (PNG) and a "
-            "JSON-lines step log to --out-dir."
+            "JSON-lines step log to --out-dir. --engine sglang-jax runs it on sglang-jax workers "
+            "(Python >= 3.12): a head_dim-128 tiny model, and no logprob check (it returns no "
+            "logprobs on CPU; the demo says so)."
         ),
     )
     p.add_argument("--model", default=None, help="HF directory or repo id instead of the built-in tiny Qwen3")
@@ -47,7 +49,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from trainer_stub import train
 
-    train.configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
+    devices = args.devices_per_worker or train.FleetOptions.devices_per_worker  # the backend may take fewer
+    train.configure_devices(devices, "cpu" if args.accelerator == "cpu" else None)
+    why = train.engine_unavailable(args.engine)
+    if why is not None:
+        sys.exit(f"error: --engine {args.engine} cannot run here: {why}")
     if args.backend == "fleet":
         _require_fleet()
     summary = train.run_demo(*train.options_from_args(args))

@@ -69,3 +69,54 @@ def test_rollout_bench_backends_help_comes_from_the_package():
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rollout bench backends" in proc.stdout and "--side" in proc.stdout
+
+
+# -- the demo's engine option ------------------------------------------------------------------
+
+
+def _demo_options(*argv: str):
+    from rollout.cli import build_parser
+    from trainer_stub.train import options_from_args
+
+    return options_from_args(build_parser().parse_args(["demo", *argv]))
+
+
+def test_demo_engine_option_reaches_the_fleet_and_sizes_the_built_in_model_for_the_backend():
+    from trainer_stub.train import head_dim_for
+
+    _, fleet, _ = _demo_options("--engine", "sglang-jax")
+    assert fleet.engine == "sglang-jax" and fleet.service_options()["engine"] == "sglang-jax"
+    assert fleet.devices_per_worker == 1  # the backend's DEMO_DEVICES_PER_WORKER
+    assert head_dim_for("sglang-jax") == 128
+    _, fleet, _ = _demo_options("--engine", "sglang-jax", "--devices-per-worker", "2")
+    assert fleet.devices_per_worker == 2
+
+
+def test_the_default_demo_is_unchanged_native_on_two_devices_with_the_head_dim_32_model():
+    from trainer_stub.clients import FleetOptions
+    from trainer_stub.train import head_dim_for
+
+    _, fleet, _ = _demo_options()
+    assert fleet == FleetOptions() and fleet.engine == "native" and fleet.devices_per_worker == 2
+    assert head_dim_for("native") == 32
+
+
+@host_only
+@pytest.mark.parametrize("command", [["rollout.cli", "demo"], ["trainer_stub.train"]])
+def test_demo_on_sglang_jax_is_refused_before_anything_starts_where_it_cannot_run(command, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", *command, "--engine", "sglang-jax", "--out-dir", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: --engine sglang-jax cannot run here: engine='sglang-jax' needs Python >= 3.12")
+    assert "Traceback" not in proc.stderr and "sglang_root.sh build" in proc.stderr
+    assert not any(tmp_path.iterdir())  # no checkpoint made, no log written
+
+
+def test_demo_help_offers_the_engine_backends():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "rollout.cli", "demo", "--help"], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "--engine {native,sglang-jax}" in proc.stdout

@@ -1,8 +1,9 @@
 """How the RL loop reaches the rollout: the Ray fleet or one in-process engine.
 
-`RolloutClient` is the four calls the loop makes. `FleetClient` drives the fleet through the
-module-level `rollout.init / sync_weights / generate`; `LocalEngineClient` drives one Engine in
-this process (no Ray), with the same stage + commit per sync that each fleet worker runs.
+`RolloutClient` is the calls the loop makes. `FleetClient` drives the fleet through the
+module-level `rollout.init / sync_weights / generate`; `LocalEngineClient` drives one engine of
+the chosen backend in this process (no Ray), with the same stage + commit per sync that each fleet
+worker runs. Both say what the backend cannot do (`capabilities`, declared by the backend).
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from rollout.engine.backend import EngineCapabilities, capabilities_of, engine_factory, generating_engine
 from rollout.engine.config import EngineConfig
 from rollout.fleet import FleetConfig, service_configs
 
 
 class RolloutClient(Protocol):
-    """The four calls the loop makes; the fleet and a local engine both provide them."""
+    """The calls the loop makes; the fleet and a local engine both provide them."""
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """What the engine backend cannot do (e.g. return logprobs), as the backend declares it."""
+        ...
 
     def sync_weights(self, params: Any) -> int: ...
 
@@ -44,6 +51,7 @@ class FleetOptions:
     dtype: str = EngineConfig.dtype  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
     load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
     accelerator: str = "cpu"  # the demo's Ray is local; "auto" would also pick cpu there
+    engine: str = "native"  # the engine backend, a name in rollout.engine.backend.BACKENDS (FleetConfig's default)
     worker_logs: bool = False  # the client's own: stream the workers' logs (noisy under a progress bar)
 
     def engine_config(self) -> EngineConfig:
@@ -74,7 +82,11 @@ class FleetClient:
         if self._owns_ray:
             cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
             start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
-        rollout.init(model=str(model), **options.service_options())
+        self._service = rollout.init(model=str(model), **options.service_options())
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self._service.capabilities
 
     def sync_weights(self, params: Any) -> int:
         return self._rollout.sync_weights(params)
@@ -94,15 +106,14 @@ class FleetClient:
 
 
 class LocalEngineClient:
-    """One in-process Engine on the first `devices_per_worker` local devices (no Ray).
+    """One in-process engine of `options.engine`'s backend on the first `devices_per_worker`
+    local devices (no Ray).
 
     sync_weights = stage(next version) + commit(wait=True), the protocol the fleet runs per worker.
     """
 
     def __init__(self, model: str | os.PathLike[str], options: FleetOptions = FleetOptions()):
         import jax
-
-        from rollout.engine.engine import Engine
 
         devices = jax.devices()[: options.devices_per_worker]
         if len(devices) < options.devices_per_worker:
@@ -111,7 +122,11 @@ class LocalEngineClient:
                 f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={options.devices_per_worker} before jax is imported"
             )
-        self.engine = Engine(model, options.engine_config(), devices)
+        self.engine = generating_engine(engine_factory(options.engine)(str(model), options.engine_config(), devices))
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return capabilities_of(self.engine)
 
     def sync_weights(self, params: Any) -> int:
         version = self.engine.version + 1
@@ -122,7 +137,7 @@ class LocalEngineClient:
         return self.engine.generate(prompts, sampling, return_logprobs=return_logprobs)
 
     def status(self) -> dict[str, Any]:
-        return self.engine.status()
+        return dict(self.engine.status())
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -15,14 +15,23 @@ def summarize(result: LoopResult, loop: LoopConfig, *, wall_s: float, startup_s:
 
     recs = result.records
     k = min(5, len(recs))
-    on_policy = [r.logprob_diff for r in recs if r.version_ok and r.step not in _unsynced_steps(loop, len(recs))]
+    unavailable = result.logprob_check_unavailable
+    diffs = [r.logprob_diff for r in recs if r.logprob_diff is not None]
+    on_policy = [
+        r.logprob_diff for r in recs
+        if r.logprob_diff is not None and r.version_ok and r.step not in _unsynced_steps(loop, len(recs))
+    ]
     syncs = [r.sync_ms for r in recs if r.synced]
+    nan = float("nan")
     return {
         "steps": len(recs),
-        "first5_reward": float(np.mean([r.mean_reward for r in recs[:k]])) if recs else float("nan"),
-        "last5_reward": float(np.mean([r.mean_reward for r in recs[-k:]])) if recs else float("nan"),
-        "max_logprob_diff_on_policy": max(on_policy) if on_policy else float("nan"),
-        "max_logprob_diff": max((r.logprob_diff for r in recs), default=float("nan")),
+        "first5_reward": float(np.mean([r.mean_reward for r in recs[:k]])) if recs else nan,
+        "last5_reward": float(np.mean([r.mean_reward for r in recs[-k:]])) if recs else nan,
+        # None (JSON null) where the backend returns no logprobs: the check did not run
+        "logprob_check": "unavailable" if unavailable is not None else "on-policy",
+        "logprob_check_unavailable_reason": unavailable,
+        "max_logprob_diff_on_policy": None if unavailable is not None else (max(on_policy) if on_policy else nan),
+        "max_logprob_diff": None if unavailable is not None else max(diffs, default=nan),
         "versions_ok": all(r.version_ok for r in recs),
         "final_version": recs[-1].new_version if recs else 0,
         "median_sync_ms": float(np.median(syncs)) if syncs else float("nan"),
@@ -50,15 +59,22 @@ def summary_table(records: Sequence[StepRecord], summary: dict[str, Any], rows: 
     for i in picks:
         r = records[i]
         example = r.example.replace("\n", " ")[:22]
+        diff = "n/a" if r.logprob_diff is None else f"{r.logprob_diff:.2e}"
         lines.append(
             f"{r.step:>5} {r.mean_reward:>7.3f} {r.weight_version:>8} {r.sync_ms:>8.1f} "
-            f"{r.logprob_diff:>13.2e} {r.tokens_per_s:>8.0f}  {example!r}"
+            f"{diff:>13} {r.tokens_per_s:>8.0f}  {example!r}"
         )
     lines.append("-" * 78)
+    reason = summary.get("logprob_check_unavailable_reason")
+    check = (
+        f"UNAVAILABLE on this engine backend: {reason}"
+        if reason is not None
+        else f"{summary['max_logprob_diff_on_policy']:.2e}"
+    )
     lines += [
         f"mean reward, first 5 steps      {summary['first5_reward']:.3f}",
         f"mean reward, last 5 steps       {summary['last5_reward']:.3f}",
-        f"max logprob diff (on-policy)    {summary['max_logprob_diff_on_policy']:.2e}",
+        f"max logprob diff (on-policy)    {check}",
         f"every sample from synced weights {summary['versions_ok']}",
         f"weight version at the end       {summary['final_version']}",
         f"median sync                     {summary['median_sync_ms']:.1f} ms",
@@ -83,9 +99,14 @@ def plot_rewards(records: Sequence[StepRecord], path: Path) -> Path:
     top.set_ylim(-0.02, 1.02)
     top.legend(loc="lower right")
     top.set_title("rollout demo: GRPO on a tiny Qwen3")
-    bottom.semilogy(steps, [max(r.logprob_diff, 1e-12) for r in records], marker=".", color="tab:red")
-    bottom.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="on-policy bound 1e-4")
-    bottom.legend(loc="upper right")
+    checked = [r for r in records if r.logprob_diff is not None]
+    if checked:
+        bottom.semilogy([r.step for r in checked], [max(r.logprob_diff or 0.0, 1e-12) for r in checked], marker=".", color="tab:red")
+        bottom.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="on-policy bound 1e-4")
+        bottom.legend(loc="upper right")
+    else:
+        bottom.text(0.5, 0.5, "logprob check unavailable on this engine backend", ha="center", va="center",
+                    transform=bottom.transAxes)
     bottom.set_ylabel("|logprob diff|")
     bottom.set_xlabel("step")
     fig.tight_layout()

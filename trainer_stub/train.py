@@ -11,7 +11,10 @@ On-policy, the trainer's recomputed logprobs and the rollout's agree to float32 
 (about 1e-6 here), because both use the very same weights. A missed sync, or a sync that did not
 take effect, shows at once as a large difference; the loop reports it every step and also checks
 that every completion carries the version the trainer last synced. `skip_sync_at` and
-`sync_every` skip syncs on purpose, to see the check fail.
+`sync_every` skip syncs on purpose, to see the check fail. Where the engine backend declares
+that it cannot return logprobs (its EngineCapabilities; sglang-jax 0.0.2 on CPU), the loop asks
+for none and says the logprob check is unavailable, with the backend's reason; the version check
+still runs every step.
 
 The loop talks to the rollout through a small client (trainer_stub/clients.py): the Ray fleet
 or one in-process engine. `run_demo` adds a progress bar, JSON-lines logs, a summary table and a
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rollout.engine.backend import BACKENDS, FeatureUnavailableError
 from trainer_stub.clients import FleetOptions, RolloutClient, configure_devices, make_client
 from trainer_stub.report import plot_rewards, printer, progress_bar, status_line, summarize, summary_table
 
@@ -62,8 +66,8 @@ class StepRecord:
     weight_version: int  # the version that generated this step's samples (max over samples)
     expected_version: int  # the version the trainer last synced
     version_ok: bool  # every sample came from expected_version
-    logprob_diff: float  # mean |trainer - rollout| logprob over completion tokens
-    logprob_max_diff: float
+    logprob_diff: float | None  # mean |trainer - rollout| logprob over completion tokens; None: unavailable
+    logprob_max_diff: float | None
     loss: float
     grad_norm: float
     tokens: int  # generated tokens this step
@@ -84,6 +88,17 @@ class LoopResult:
     records: list[StepRecord]
     params: dict[str, Any]
     initial_sync_ms: float
+    logprob_check_unavailable: str | None = None  # why the backend returns no logprobs; None: checked
+
+
+def logprob_check_unavailable(client: RolloutClient) -> str | None:
+    """Why the on-policy logprob check cannot run on `client`'s backend (its declared reason), or
+    None when the backend returns logprobs."""
+    try:
+        client.capabilities.require("logprobs")
+    except FeatureUnavailableError as err:
+        return str(err)
+    return None
 
 
 def run_loop(
@@ -105,6 +120,7 @@ def run_loop(
     from rollout.engine.sampling_params import SamplingParams
     from trainer_stub import grpo
 
+    unavailable = logprob_check_unavailable(client)
     start = time.perf_counter()
     version = _checked_sync(client, params, previous=-1)
     initial_sync_ms = (time.perf_counter() - start) * 1e3
@@ -117,7 +133,7 @@ def run_loop(
             max_tokens=config.max_tokens, temperature=config.temperature, n=config.group_size, seed=config.seed + step
         )
         t0 = time.perf_counter()
-        outs = client.generate(list(task.prompts), sampling, return_logprobs=True)
+        outs = client.generate(list(task.prompts), sampling, return_logprobs=unavailable is None)
         generate_s = time.perf_counter() - t0
 
         rewards = np.array([task.reward(o.token_ids) for o in outs], np.float32)
@@ -130,7 +146,10 @@ def run_loop(
         t0 = time.perf_counter()
         params, opt_state, metrics = train_step(params, opt_state, grpo.batch_arrays(batch))
         # metrics["logprobs"] are under the params before this update: the ones synced as `version`.
-        diff_mean, diff_max = grpo.logprob_diff(batch, np.asarray(metrics["logprobs"]))
+        diff_mean: float | None = None
+        diff_max: float | None = None
+        if unavailable is None:
+            diff_mean, diff_max = grpo.logprob_diff(batch, np.asarray(metrics["logprobs"]))
         jax.block_until_ready(params)
         train_s = time.perf_counter() - t0
 
@@ -167,7 +186,7 @@ def run_loop(
         records.append(record)
         if on_step is not None:
             on_step(record)
-    return LoopResult(records, params, initial_sync_ms)
+    return LoopResult(records, params, initial_sync_ms, unavailable)
 
 
 def _checked_sync(client: RolloutClient, params: Any, previous: int) -> int:
@@ -182,27 +201,69 @@ def _checked_sync(client: RolloutClient, params: Any, previous: int) -> int:
 
 # -- the demo: setup, progress, logs, summary, plot ----------------------------------------------
 
-# The demo's built-in model: the tiny Qwen3 of rollout.testing (2 layers, hidden 64, vocab 512).
+# The demo's built-in model: the tiny Qwen3 of rollout.testing (2 layers, hidden 64, vocab 512,
+# head_dim 32), its head_dim rounded up to what the engine backend can hold (sglang-jax: 128).
 DEMO_MODEL_SEED = 0
+TINY_HEAD_DIM = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
     model: str | None = None  # HF directory or repo id; None = make the built-in tiny Qwen3
-    backend: str = "fleet"
+    backend: str = "fleet"  # "fleet" (Ray workers) or "local" (one engine in this process)
     init: str = "checkpoint"  # "checkpoint": start from the model's weights; "fresh": random init
     out_dir: Path | None = None  # None = a new temporary directory
     log_file: Path | None = None  # None = out_dir / "steps.jsonl"
     progress: bool = True
 
 
-def builtin_checkpoint(directory: Path, seed: int = DEMO_MODEL_SEED) -> Path:
+def builtin_checkpoint(directory: Path, seed: int = DEMO_MODEL_SEED, head_dim: int = TINY_HEAD_DIM) -> Path:
     """The demo's tiny Qwen3 (rollout.testing.make_tiny_checkpoint), written once into `directory`."""
     from rollout.testing import make_tiny_checkpoint
 
     if not (directory / "config.json").is_file():
-        make_tiny_checkpoint(directory, "Qwen3ForCausalLM", seed=seed)
+        sizes = {} if head_dim == TINY_HEAD_DIM else {"head_dim": head_dim}
+        make_tiny_checkpoint(directory, "Qwen3ForCausalLM", seed=seed, **sizes)
     return directory
+
+
+def engine_unavailable(engine: str) -> str | None:
+    """Why `engine`'s backend cannot run in this Python (its module's `check_available()`; none
+    declared: it can), or None. The demo's workers run this Python (a local Ray), so this is
+    checked before anything starts."""
+    check = getattr(_backend_module(engine), "check_available", None)
+    try:
+        if check is not None:
+            check()
+    except (RuntimeError, ImportError) as err:
+        return str(err)
+    return None
+
+
+def _backend_module(engine: str) -> Any:
+    """The module of `engine`'s factory, where a backend declares what the demo must know before it
+    starts (HEAD_DIM_MULTIPLE, DEMO_DEVICES_PER_WORKER, check_available). Imports jax for the
+    native engine: call it after configure_devices."""
+    import importlib
+
+    return importlib.import_module(BACKENDS[engine].split(":")[0])
+
+
+def head_dim_for(engine: str) -> int:
+    """The built-in model's head_dim on `engine`'s backend: the tiny model's 32, rounded up to the
+    multiple the backend's module declares it can hold (`HEAD_DIM_MULTIPLE`; none declared: any)."""
+    multiple = int(getattr(_backend_module(engine), "HEAD_DIM_MULTIPLE", 1))
+    return -(-TINY_HEAD_DIM // multiple) * multiple
+
+
+def devices_per_worker_for(engine: str) -> int:
+    """The demo's devices per worker on `engine`'s backend when not given: its module's
+    DEMO_DEVICES_PER_WORKER, else FleetOptions' (2)."""
+    return int(getattr(_backend_module(engine), "DEMO_DEVICES_PER_WORKER", FleetOptions.devices_per_worker))
+
+
+def builtin_model_dir(out_dir: Path, head_dim: int) -> Path:
+    return out_dir / ("tiny-qwen3" if head_dim == TINY_HEAD_DIM else f"tiny-qwen3-hd{head_dim}")
 
 
 def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[str, Any]:
@@ -212,18 +273,25 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
     """
     import tempfile
 
+    why = engine_unavailable(fleet.engine)
+    if why is not None:
+        raise RuntimeError(f"the demo cannot run with engine={fleet.engine!r} here: {why}")
     wall0 = time.perf_counter()
     out_dir = Path(demo.out_dir) if demo.out_dir else Path(tempfile.mkdtemp(prefix="rollout-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(demo.log_file) if demo.log_file else out_dir / "steps.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    model = demo.model or builtin_checkpoint(out_dir / "tiny-qwen3")
+    if demo.model:
+        model: str | Path = demo.model
+    else:
+        head_dim = head_dim_for(fleet.engine)
+        model = builtin_checkpoint(builtin_model_dir(out_dir, head_dim), head_dim=head_dim)
     say = printer(demo.progress)
     say(f"model: {model}")
     say(
-        f"rollout: {fleet.num_workers} worker(s) x {fleet.devices_per_worker} device(s)"
+        f"rollout: {fleet.num_workers} worker(s) x {fleet.devices_per_worker} device(s), engine {fleet.engine}"
         if demo.backend == "fleet"
-        else f"rollout: one local engine on {fleet.devices_per_worker} device(s) (no Ray)"
+        else f"rollout: one local {fleet.engine} engine on {fleet.devices_per_worker} device(s) (no Ray)"
     )
 
     from rollout.tokenizer import Tokenizer
@@ -242,14 +310,21 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
         task = DigitsTask.for_tokenizer(Tokenizer.from_pretrained(directory))
         say(f"task: make the completion digits ({len(task.prompts)} prompts x {loop.group_size} samples, "
             f"{loop.max_tokens} tokens, reward = digit fraction)")
+        unavailable = logprob_check_unavailable(client)
+        check = logprob_check_record(fleet.engine, unavailable)
+        if unavailable is not None:
+            say(f"on-policy logprob check: UNAVAILABLE on engine {fleet.engine!r}: {unavailable}. "
+                "Only the version check (every sample from the weights synced last) runs.")
         with open(log_path, "w", encoding="utf-8") as log, progress_bar(loop.steps, demo.progress) as bar:
+            log.write(json.dumps(check, ensure_ascii=False) + "\n")
 
             def on_step(r: StepRecord) -> None:
                 log.write(r.to_json() + "\n")
                 log.flush()
+                lp = "n/a" if r.logprob_diff is None else f"{r.logprob_diff:.1e}"
                 bar.set_postfix_str(
                     f"reward={r.mean_reward:.2f} v={r.new_version} sync={r.sync_ms:.0f}ms "
-                    f"lp_diff={r.logprob_diff:.1e} tok/s={r.tokens_per_s:.0f}",
+                    f"lp_diff={lp} tok/s={r.tokens_per_s:.0f}",
                     refresh=False,
                 )
                 bar.update(1)
@@ -257,7 +332,7 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
             result = run_loop(client, model_def, params, task, loop, on_step=on_step)
             status = client.status()
             summary = summarize(result, loop, wall_s=time.perf_counter() - wall0, startup_s=startup_s)
-            summary.update(log_file=str(log_path), plot=str(out_dir / "reward.png"), model=str(model))
+            summary.update(log_file=str(log_path), plot=str(out_dir / "reward.png"), model=str(model), engine=fleet.engine)
             log.write(json.dumps({"event": "summary", **summary}) + "\n")
     finally:
         client.shutdown()
@@ -270,6 +345,11 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
     return summary
 
 
+def logprob_check_record(engine: str, unavailable: str | None) -> dict[str, Any]:
+    """The JSON-lines log's first record: whether the on-policy logprob check runs, and if not why."""
+    return {"event": "logprob_check", "engine": engine, "available": unavailable is None, "reason": unavailable}
+
+
 # -- command line -------------------------------------------------------------------------------
 
 
@@ -278,7 +358,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d, f = LoopConfig(), FleetOptions()
     p.add_argument("--steps", type=int, default=d.steps, help="RL steps (default %(default)s)")
     p.add_argument("--workers", type=int, default=f.num_workers, help="rollout workers (Ray actors)")
-    p.add_argument("--devices-per-worker", type=int, default=f.devices_per_worker, help="devices per worker (simulated on CPU)")
+    p.add_argument(
+        "--devices-per-worker", type=int, default=None,
+        help=f"devices per worker (simulated on CPU; default {f.devices_per_worker}, 1 with --engine sglang-jax)",
+    )
     p.add_argument("--group-size", type=int, default=d.group_size, help="samples per prompt (GRPO group)")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed of step 0 (step s uses seed + s)")
     p.add_argument("--out-dir", type=Path, default=None, help="where the checkpoint, plot and log go (default: a new temp dir)")
@@ -293,6 +376,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--backend", choices=("fleet", "local"), default="fleet", help="Ray fleet, or one engine in this process"
+    )
+    p.add_argument(
+        "--engine", default=f.engine, choices=sorted(BACKENDS),
+        help="engine backend of the rollout (sglang-jax: Python >= 3.12 and the sglang extra; it returns no "
+        "logprobs on CPU, so the on-policy logprob check is unavailable there, and the built-in model gets "
+        "head_dim 128)",
     )
     p.add_argument(
         "--init", choices=("checkpoint", "fresh"), default="checkpoint",
@@ -318,11 +407,12 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
     )
     fleet = FleetOptions(
         num_workers=args.workers,
-        devices_per_worker=args.devices_per_worker,
+        devices_per_worker=args.devices_per_worker or devices_per_worker_for(args.engine),
         max_batch=args.max_batch,
         dtype=args.dtype,
         accelerator=args.accelerator,
         worker_logs=args.worker_logs,
+        engine=args.engine,
     )
     demo = DemoOptions(
         model=getattr(args, "model", None),
@@ -343,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="HF directory or repo id (default: the built-in tiny Qwen3)")
     add_arguments(p)
     args = p.parse_args(argv)
-    configure_devices(args.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
+    configure_devices(args.devices_per_worker or FleetOptions.devices_per_worker, "cpu" if args.accelerator == "cpu" else None)
+    why = engine_unavailable(args.engine)
+    if why is not None:
+        sys.exit(f"error: --engine {args.engine} cannot run here: {why}")
     summary = run_demo(*options_from_args(args))
     return 0 if summary["versions_ok"] else 1
 

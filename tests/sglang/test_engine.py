@@ -176,6 +176,38 @@ def test_n_samples_and_stops_follow_the_request(engine, refs):
         engine.submit(refs["prompts"][0], SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=(first,)), return_logprobs=False)
 
 
+def test_a_streamed_request_gets_its_tokens_after_every_step_and_they_add_up_to_the_completion(engine, refs, ckpt_a):
+    import asyncio
+
+    from rollout.engine.streaming import TokenSink
+
+    class RecordingSink(TokenSink):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.seen: list[tuple[int, str | None]] = []
+
+        def update(self, sample):
+            self.seen.append((len(sample.tokens), sample.finish_reason))
+            super().update(sample)
+
+    version = sync(engine, ckpt_a)
+    prompt, sampling = refs["prompts"][1], greedy(24)
+    want = engine.generate([prompt], sampling, return_logprobs=False, timeout=TIMEOUT)[0]
+    loop = asyncio.new_event_loop()
+    try:
+        sink = RecordingSink(sampling, False, loop)
+        got = engine.submit(prompt, sampling, return_logprobs=False, sink=sink).result(TIMEOUT)[0]
+        deltas = sink.drain()
+    finally:
+        loop.close()
+    assert got.token_ids == want.token_ids
+    running = [n for n, reason in sink.seen if reason is None]
+    assert len(running) >= 12 and running == sorted(running) and running[-1] < 24  # step by step, before the end
+    assert sink.seen[-1] == (24, "length")
+    assert [d.token_ids for d in deltas] == [want.token_ids] and deltas[0].text == want.text
+    assert set(deltas[0].token_versions) == {version}
+
+
 def test_bad_requests_raise_before_queueing(engine):
     with pytest.raises(ValueError):
         engine.submit([], greedy(4), return_logprobs=False)

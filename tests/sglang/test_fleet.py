@@ -59,21 +59,23 @@ def test_fleet_refuses_score_on_the_caller_from_the_backends_capabilities(fleet,
         fleet.score(refs["prompts"][:1], [[1, 2, 3]])
 
 
-def test_fleet_streams_each_sample_whole_when_it_finishes(fleet, refs):
+def test_fleet_streams_deltas_that_add_up_to_the_completion(fleet, refs):
     import asyncio
 
     prompt = refs["prompts"][0]
-    want = fleet.generate([prompt], greedy(8), return_logprobs=False)[0]
+    want = fleet.generate([prompt], greedy(24), return_logprobs=False)[0]
 
     async def stream() -> list:
-        async with fleet.generate_stream(prompt, greedy(8), return_logprobs=False) as deltas:
+        async with fleet.generate_stream(prompt, greedy(24), return_logprobs=False) as deltas:
             return [d async for batch in deltas for d in batch]
 
     deltas = asyncio.run(stream())
     assert [t for d in deltas for t in d.token_ids] == list(want.token_ids)
+    assert "".join(d.text for d in deltas) == want.text
     assert deltas[-1].finish_reason == want.finish_reason
+    assert {v for d in deltas for v in d.token_versions} == {want.weight_version}
     completions = asyncio.run(fleet.agenerate(prompt, greedy(8), return_logprobs=False))
-    assert list(completions[0].token_ids) == list(want.token_ids)
+    assert list(completions[0].token_ids) == list(want.token_ids[:8])
 
 
 def test_fleet_refuses_a_mismatched_update_and_keeps_its_version(fleet, ckpt_a):
@@ -98,3 +100,25 @@ def test_dummy_then_real_prints_one_json_line_per_phase(ckpt_a):
     assert ready["engine"] == "sglang-jax" and ready["version"] == 0
     assert swapped["version"] == 1 and swapped["leaves_unchanged"] and swapped["shapes_unchanged"]
     assert result["weight_version"] == 1 and not result["recompiled"] and result["token_ids"]
+
+
+# -- a worker that dies (kills the fleet's only worker: runs last) ------------------------------
+
+
+def test_a_restarted_worker_comes_back_at_the_committed_version_before_serving(fleet, refs, ckpt_b):
+    """The fleet's one restart path (Ray restarts the actor, the worker catches up with the last
+    committed update before it reports ready) brings an sglang-jax worker back on the committed
+    weights: same greedy tokens as before the kill, same version, nothing served by dummy weights."""
+    import ray
+
+    version = fleet.sync_weights(hf_flat(ckpt_b))
+    before = _tokens(fleet, refs)
+    assert before == (refs["greedy"]["b"], {version})
+    restarts = fleet.status()["workers"][0]["restarts"]
+    ray.kill(fleet.workers[0], no_restart=False)
+    after = _tokens(fleet, refs)  # waits for the restart; must be served by `version`
+    assert after == before
+    worker = fleet.status()["workers"][0]
+    assert worker["restarts"] == restarts + 1
+    assert worker["version"] == worker["serving_version"] == version and fleet.version == version
+    assert worker["backend"] == "sglang-jax"

@@ -21,8 +21,26 @@ if TYPE_CHECKING:
     from rollout.engine.sglang.adapter import SglangEngine
 
 NAME = "sglang-jax"  # the value of the `engine` option that selects this backend
+# head_dim must be a multiple of this (sglang-jax pads smaller head dims, so no sync could fit);
+# refused at start (requirements.check_head_dim); the demo sizes its built-in model by it.
+HEAD_DIM_MULTIPLE = 128
+# Devices per worker the demo gives this backend unless told otherwise: tensor parallel over
+# simulated CPU devices (XLA's in-process all-reduce) hung in sglang-jax 0.0.2's precompile at
+# batch 64 on the 2-core dev VM (rendezvous timeout, process aborted); 1 device per worker ran.
+DEMO_DEVICES_PER_WORKER = 1
 
-__all__ = ["NAME", "SglangEngine", "create_engine"]
+__all__ = ["HEAD_DIM_MULTIPLE", "NAME", "SglangEngine", "check_available", "create_engine"]
+
+
+def check_available() -> None:
+    """Raise BackendUnavailableError (saying how to get it) unless this Python can run the backend:
+    >= 3.12, sglang-jax 0.0.2 installed, msgpack >= 1. Cheap (imports neither jax nor sgl_jax); a
+    driver calls it before starting workers of the same Python (the demo does)."""
+    from rollout.engine.sglang import requirements
+
+    requirements.check_python()
+    requirements.installed_version()
+    requirements.check_msgpack()
 
 
 def create_engine(model: str | Path, config: EngineConfig, devices: Sequence[Any] | None = None, **kwargs: Any) -> SglangEngine:

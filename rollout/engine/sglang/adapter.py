@@ -17,7 +17,15 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
   raises LogprobsUnavailableError before anything is queued; the engine keeps serving. Scoring
   is refused likewise. Both are declared in `capabilities` (rollout.engine.backend), which the
   coordinator reads once to refuse them before anything reaches a worker.
-- Streaming: a sink gets each sample once, when it finishes.
+- Sampling seeds: not reproducible per request. 0.0.2 takes a per-request seed only with its
+  deterministic sampling, whose CPU path samples almost uniformly (it applies softmax to
+  probabilities) and whose hash-based noise is biased even on logits; RL on such samples does not
+  learn (measured: see the README). So it stays off and `seed` is not passed on.
+- Streaming: a streamed request's sink is fed from sglang-jax's scheduler thread after every step
+  that adds tokens (the request's exact token ids, as the scheduler holds them; the text decoded by
+  rollout, an incomplete trailing character held back), then once more with the finished sample.
+  sglang-jax's own streamed output is not used: its detokenizer re-sends ids around incomplete
+  characters.
 """
 
 from __future__ import annotations
@@ -103,6 +111,18 @@ class _Text:
     cut: bool = True  # final: nothing held back for a stop string
 
 
+class _RunningSample:
+    """A sample still decoding, in the shape a streaming sink reads (rollout.engine.streaming)."""
+
+    def __init__(self, index: int, tokens: list[int], version: int, text: str):
+        self.index = index
+        self.tokens = tokens
+        self.logprobs: list[float] = []
+        self.versions = [version] * len(tokens)
+        self.text = _Text(text.rstrip("\ufffd"), cut=False)  # a character whose bytes are not all here yet
+        self.finish_reason = None
+
+
 class _FinishedSample:
     """A finished completion in the shape a streaming sink reads (rollout.engine.streaming)."""
 
@@ -185,6 +205,7 @@ class SglangEngine:
         self._admitted: dict[str, int] = {}  # rid -> version it was admitted under
         self._rids: dict[int, list[str]] = {}  # id(future) -> its sglang-jax request ids
         self._final_ids: dict[str, list[int]] = {}  # rid -> its tokens, recorded by the scheduler
+        self._streams: dict[str, tuple[Any, int]] = {}  # rid of a streamed sample -> (its sink, sample index)
         self._closed = False
         self._error: BaseException | None = None
         self._park = threading.Event()
@@ -204,6 +225,9 @@ class SglangEngine:
 
         platform = devices[0].platform
         cfg = self.config
+        # one prefill holds at most max_prefill_batch prompts of max_seq_len; sglang-jax's default
+        # (16384 tokens) would also precompile (and run, in its warm-up) a 16384-token extend
+        prefill_tokens = max(64, cfg.max_prefill_batch * cfg.max_seq_len)
         options: dict[str, Any] = dict(
             model_path=str(self.checkpoint),
             load_format=cfg.load_format,
@@ -219,7 +243,11 @@ class SglangEngine:
             # context_length - 6; rollout allows prompt + max_tokens == max_seq_len
             context_length=cfg.max_seq_len + _CONTEXT_HEADROOM,
             precompile_bs_paddings=_paddings(cfg.max_batch, 1),
-            precompile_token_paddings=_paddings(max(64, cfg.max_prefill_batch * cfg.max_seq_len), 64),
+            precompile_token_paddings=_paddings(prefill_tokens, 64),
+            max_prefill_tokens=prefill_tokens,
+            # its seeded sampling (the only per-request seed it has) does not sample from the
+            # model's distribution on CPU: off, so SamplingParams.seed is not reproducible here
+            enable_deterministic_sampling=False,
             chunked_prefill_size=-1,
             disable_overlap_schedule=True,  # a swap must happen where no step is in flight
             skip_server_warmup=True,
@@ -267,12 +295,30 @@ class SglangEngine:
         def stream_output(reqs: list[Any], *args: Any, **kwargs: Any) -> Any:
             # A finished request's token ids, straight from the scheduler: 0.0.2's detokenizer
             # path repeats ids of non-streamed requests longer than 50 tokens in `output_ids`.
+            # Streamed samples get their tokens so far here too, after every step.
             for req in reqs:
-                if req.finished() and str(req.rid).startswith("rollout-"):
+                if not str(req.rid).startswith("rollout-"):
+                    continue
+                if req.finished():
                     self._final_ids[req.rid] = [int(t) for t in req.output_ids]
+                elif req.rid in self._streams:
+                    self._feed(req)
             return original_stream(reqs, *args, **kwargs)
 
         scheduler.stream_output = stream_output
+
+    def _feed(self, req: Any) -> None:
+        """Give a streamed sample's sink its tokens so far (scheduler thread)."""
+        entry = self._streams.get(req.rid)
+        if entry is None or not req.output_ids:
+            return
+        sink, index = entry
+        tokens = [int(t) for t in req.output_ids]
+        version = self._admitted.get(req.rid, self._serving_version)
+        try:
+            sink.update(_RunningSample(index, tokens, version, self.tokenizer.decode(tokens)))
+        except Exception:  # a consumer's failure must not stop the scheduler
+            log.exception("streaming sink of %s failed", req.rid)
 
     def _drain_then_swap(self, original: Any) -> Any:
         """drain: decode what runs with nothing new admitted; once nothing runs, swap and admit."""
@@ -413,8 +459,8 @@ class SglangEngine:
         sink: Any = None,
     ) -> Future[list[Completion]]:
         """Queue one prompt; the future yields its n completions. Bad requests raise here.
-        `sink` (streaming) gets each sample once, when it finishes (sglang-jax's tokens are read
-        from its scheduler at the end of a request)."""
+        `sink` (streaming) gets each sample's tokens so far after every step that adds some (from
+        the scheduler thread), then the finished sample."""
         if return_logprobs:
             raise logprobs_unavailable(self.sglang_version, self.devices[0].platform)
         ids = self.encode_prompt(prompt)
@@ -429,11 +475,15 @@ class SglangEngine:
         rids = [f"rollout-{uuid.uuid4().hex}-{i}" for i in range(sampling.n)]
         with self._lock:
             self._rids[id(future)] = rids
+            if sink is not None:
+                self._streams.update({rid: (sink, i) for i, rid in enumerate(rids)})
         running = asyncio.run_coroutine_threadsafe(self._generate(ids, sampling, rids, prompt_index), self._loop)
 
         def done(f: Any) -> None:
             with self._lock:
                 self._rids.pop(id(future), None)
+                for rid in rids:
+                    self._streams.pop(rid, None)
             if f.exception() is not None:
                 future.set_exception(f.exception())
                 return

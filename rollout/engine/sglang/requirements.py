@@ -12,11 +12,11 @@ import sys
 from importlib import metadata
 
 from rollout.engine.backend import EngineCapabilities, FeatureUnavailableError
+from rollout.engine.sglang import HEAD_DIM_MULTIPLE
 from rollout.models.config import ModelConfig
 
 SUPPORTED_VERSIONS = ("0.0.2",)
 SWAP_POLICIES = ("drain",)  # what this backend can honour; see check_swap_policy
-HEAD_DIM_MULTIPLE = 128
 INSTALL_HINT = (
     'install it with `pip install -e ".[sglang]"` (or `pip install sglang-jax==0.0.2`) in a Python >= 3.12 '
     'environment, then `pip install --force-reinstall --no-deps "msgpack>=1.0,<2"`; on a host without '
