@@ -7,14 +7,9 @@ unpickles update data.
 
 A bucket has two forms with the same bytes and the same checksum: packed (one contiguous uint8
 array: each leaf at its offset, zeros in the alignment gaps; what `pack` makes) and parts (a
-list of 1-D uint8 arrays: each leaf's bytes in layout order, cut into pieces of PART_BYTES; what
-`rollout.weights.parts` makes without copying a leaf, and what a sync puts since format 3). The
-checksum is always of the packed bytes; a reader of parts hashes the same windows across the
-parts and the gaps. Why pieces of 1 MiB: `ray.put` copies every buffer above 1 MiB with a
-6-thread parallel memcpy that spawns its threads per buffer (a list of 6 MiB leaves put at a
-third of the speed of one array here), and one up to 1 MiB with a plain memcpy (as fast as one
-array). Ray writes the pieces of a leaf back to back, so a reader views a leaf in place
-(`join_parts`; a copy only if they are not adjacent).
+list of 1-D uint8 arrays, the bucket's leaves in layout order: what `rollout.weights.parts`
+makes without copying a leaf, and what a sync puts since format 3). The checksum is always of
+the packed bytes; a reader of parts hashes the same windows across the parts and the gaps.
 
     layout = plan_buckets(spec, bucket_bytes=256 << 20)  # leaves -> (bucket, offset, nbytes)
     packed = pack(flat, layout, version=3)               # buffers + a Manifest with checksums
@@ -71,9 +66,6 @@ DEFAULT_CHECKSUM = "xxh3_64"
 # bytes a pack task copies, checks and hashes at a time; part of the xxh3_64 checksum's
 # definition (changing it changes every checksum: bump MANIFEST_FORMAT)
 WINDOW = 4 << 20
-# the size of a leaf's parts (all but its last); part of the format: changing it changes what a
-# reader accepts (bump MANIFEST_FORMAT)
-PART_BYTES = 1 << 20
 _CRC_CHUNK = 256 << 20  # zlib.crc32 takes at most 4 GiB per call; chunks also keep the GIL free
 
 
@@ -124,30 +116,15 @@ class BucketLayout:
         return tuple(tuple(b) for b in out)  # layout order: increasing offsets (_check_layout)
 
     @functools.cached_property
-    def _first_part(self) -> dict[str, int]:
-        """path -> the index of the leaf's first part in its bucket's parts."""
-        out = {}
-        for bucket in self._by_bucket:
-            first = 0
-            for slot in bucket:
-                out[slot.path] = first
-                first += part_count(slot.nbytes)
-        return out
-
-    def part_counts(self, bucket: int) -> int:
-        return sum(part_count(slot.nbytes) for slot in self.leaves_of(bucket))
-
-    def leaf_parts(self, parts: Sequence[np.ndarray], slot: LeafSlot) -> Sequence[np.ndarray]:
-        first = self._first_part[slot.path]
-        return parts[first : first + part_count(slot.nbytes)]
+    def _position(self) -> dict[str, int]:
+        return {slot.path: i for bucket in self._by_bucket for i, slot in enumerate(bucket)}
 
     def view(self, bucket: Bucket, slot: LeafSlot) -> np.ndarray:
-        """The leaf of `slot` viewing `bucket`'s bytes (packed or parts; no copy unless its
-        parts are not adjacent in memory)."""
+        """The leaf of `slot` viewing `bucket`'s bytes (packed or parts; no copy)."""
         if isinstance(bucket, np.ndarray):
             return leaf_view(bucket, slot)
-        joined = join_parts(self.leaf_parts(bucket, slot), slot.nbytes)
-        return joined.view(numpy_dtype(slot.dtype)).reshape(slot.shape)
+        part = bucket[self._position[slot.path]]
+        return part.view(numpy_dtype(slot.dtype)).reshape(slot.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,8 +390,8 @@ def verify_bucket(manifest: Manifest, index: int, bucket: Bucket, expected: int 
             )
         got = checksum(bucket, manifest.checksum)
     else:
-        leaves = check_parts(manifest, index, bucket)
-        got = parts_checksum(manifest.layout, index, leaves, manifest.checksum)
+        parts = check_parts(manifest, index, bucket)
+        got = parts_checksum(manifest.layout, index, parts, manifest.checksum)
     if got != want:
         raise BucketChecksumError(
             f"bucket {index} of version {manifest.version}: {manifest.checksum} {got:#x} != "
@@ -422,88 +399,28 @@ def verify_bucket(manifest: Manifest, index: int, bucket: Bucket, expected: int 
         )
 
 
-def part_count(nbytes: int) -> int:
-    """How many parts a leaf of `nbytes` bytes is cut into (an empty leaf has one, empty)."""
-    return max(1, -(-nbytes // PART_BYTES))
-
-
-def split_leaf(data: np.ndarray) -> list[np.ndarray]:
-    """A leaf's bytes (1-D uint8) as its parts: views of PART_BYTES each, the last one shorter."""
-    return [data[lo : lo + PART_BYTES] for lo in range(0, max(data.nbytes, 1), PART_BYTES)]
-
-
-def join_parts(parts: Sequence[np.ndarray], nbytes: int) -> np.ndarray:
-    """A leaf's parts as one 1-D uint8 array: a view when they lie back to back in memory (as
-    Ray writes them, and as split_leaf leaves them), else a copy."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    start = first.ctypes.data
-    if all(p.ctypes.data == start + k * PART_BYTES for k, p in enumerate(parts)) and _same_owner(parts):
-        # one view over the adjacent parts; it keeps the first part, hence their common owner
-        # (the object-store buffer or the source array), alive
-        return np.lib.stride_tricks.as_strided(first, shape=(nbytes,), strides=(1,), writeable=False)
-    return np.concatenate(parts)
-
-
-def _same_owner(parts: Sequence[np.ndarray]) -> bool:
-    """Whether the adjacent parts belong to one buffer, so the bytes between them are that
-    buffer's too: one numpy array they all view, or one object-store object (the parts of a
-    bucket come from one `ray.get`; each part's SubBuffer keeps the whole object mapped)."""
-    owners = [_owner(p) for p in parts]
-    if all(type(o).__name__ == "SubBuffer" for o in owners):
-        return True
-    return all(o is owners[0] for o in owners)
-
-
-def _owner(array: np.ndarray) -> Any:
-    base: Any = array
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    return base
-
-
-def check_parts(manifest: Manifest, index: int, bucket: Any) -> list[list[np.ndarray]]:
-    """The parts of bucket `index`, per leaf: 1-D uint8 arrays of the sizes the manifest's
-    layout gives (see PART_BYTES), in layout order; raises BucketChecksumError naming what came
-    instead."""
-    layout = manifest.layout
-    slots = layout.leaves_of(index)
+def check_parts(manifest: Manifest, index: int, bucket: Any) -> list[np.ndarray]:
+    """The parts of bucket `index`: one 1-D uint8 array per leaf of the bucket, in layout order,
+    of the leaf's size; raises BucketChecksumError naming what came instead."""
+    slots = manifest.layout.leaves_of(index)
     parts = list(bucket) if isinstance(bucket, (list, tuple)) else None
-    want = layout.part_counts(index)
-    prefix = f"bucket {index} of version {manifest.version}: expected a packed uint8 array or {want} parts"
-    if parts is None or len(parts) != want:
+    prefix = f"bucket {index} of version {manifest.version}: expected a packed uint8 array or {len(slots)} leaf parts"
+    if parts is None or len(parts) != len(slots):
         got = f"{len(parts)} parts" if parts is not None else type(bucket).__name__
         raise BucketChecksumError(f"{prefix}, got {got}")
-    out = []
-    for slot in slots:
-        leaf = layout.leaf_parts(parts, slot)
-        for k, part in enumerate(leaf):
-            size = min(PART_BYTES, slot.nbytes - k * PART_BYTES)
-            if not isinstance(part, np.ndarray) or part.dtype != np.uint8 or part.ndim != 1 or part.nbytes != size:
-                got = f"{part.dtype} {part.shape}" if isinstance(part, np.ndarray) else type(part).__name__
-                raise BucketChecksumError(f"{prefix}; {slot.path} part {k}: expected {size} uint8 bytes, got {got}")
-        out.append(list(leaf))
-    return out
+    for slot, part in zip(slots, parts):
+        if not isinstance(part, np.ndarray) or part.dtype != np.uint8 or part.ndim != 1 or part.nbytes != slot.nbytes:
+            got = f"{part.dtype} {part.shape}" if isinstance(part, np.ndarray) else type(part).__name__
+            raise BucketChecksumError(f"{prefix}; {slot.path}: expected {slot.nbytes} uint8 bytes, got {got}")
+    return parts
 
 
-def leaf_pieces(parts: Sequence[np.ndarray], begin: int, end: int) -> Iterator[np.ndarray]:
-    """Bytes [begin, end) of a leaf given as its parts, as pieces of those parts."""
-    k = begin // PART_BYTES
-    while begin < end:
-        part = parts[k]
-        lo = k * PART_BYTES
-        stop = min(end, lo + part.nbytes)
-        yield part[begin - lo : stop - lo]
-        begin, k = stop, k + 1
-
-
-def window_segments(slots: Sequence[LeafSlot], leaves: Sequence[Sequence[np.ndarray]], lo: int, hi: int) -> list[Any]:
-    """The packed bucket's bytes [lo, hi) as pieces of `leaves` (the parts of each leaf of
-    `slots`, in offset order) and zeros for the gaps between them, in order."""
+def window_segments(slots: Sequence[LeafSlot], parts: Sequence[np.ndarray], lo: int, hi: int) -> list[Any]:
+    """The packed bucket's bytes [lo, hi) as pieces of `parts` (the leaves of `slots`, in offset
+    order) and zeros for the gaps between them, in order."""
     out: list[Any] = []
     pos = lo
-    for slot, parts in zip(slots, leaves):
+    for slot, part in zip(slots, parts):
         end = slot.offset + slot.nbytes
         if end <= pos or slot.nbytes == 0:
             continue
@@ -513,7 +430,7 @@ def window_segments(slots: Sequence[LeafSlot], leaves: Sequence[Sequence[np.ndar
         if start > pos:
             out.append(_zeros(start - pos))
         stop = min(hi, end)
-        out.extend(leaf_pieces(parts, start - slot.offset, stop - slot.offset))
+        out.append(part[start - slot.offset : stop - slot.offset])
         pos = stop
     if pos < hi:
         out.append(_zeros(hi - pos))
@@ -530,20 +447,20 @@ def segments_digest(segments: Sequence[Any]) -> int:
     return state.intdigest()
 
 
-def parts_checksum(layout: BucketLayout, index: int, leaves: Sequence[Sequence[np.ndarray]], algo: str = DEFAULT_CHECKSUM) -> int:
-    """The checksum of bucket `index` given as its leaves' parts: `checksum` of its packed form."""
+def parts_checksum(layout: BucketLayout, index: int, parts: Sequence[np.ndarray], algo: str = DEFAULT_CHECKSUM) -> int:
+    """The checksum of bucket `index` given as parts: the same as `checksum` of its packed form."""
     slots = layout.leaves_of(index)
     nbytes = layout.bucket_nbytes[index]
     if algo == "crc32":
         crc = 0
         for lo in range(0, nbytes, _CRC_CHUNK):
-            for segment in window_segments(slots, leaves, lo, min(lo + _CRC_CHUNK, nbytes)):
+            for segment in window_segments(slots, parts, lo, min(lo + _CRC_CHUNK, nbytes)):
                 crc = zlib.crc32(segment, crc)
         return crc
     if algo != "xxh3_64":
         raise ValueError(f"unknown checksum {algo!r}: expected one of {CHECKSUMS}")
     digests = [
-        segments_digest(window_segments(slots, leaves, lo, min(lo + WINDOW, nbytes)))
+        segments_digest(window_segments(slots, parts, lo, min(lo + WINDOW, nbytes)))
         for lo in range(0, max(nbytes, 1), WINDOW)
     ]
     return _combine_windows(digests, nbytes)

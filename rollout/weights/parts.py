@@ -1,10 +1,9 @@
 """PartsMaker: a bucket as the list of its leaves' bytes, checked and hashed without packing it.
 
-The coordinator of a sync puts each bucket into the object store as its parts (each leaf's
-bytes as 1-D uint8 views of PART_BYTES, in layout order; see rollout.weights.buckets): `ray.put`
-of that list copies every leaf once, straight from the caller's array into the object store, so
-nothing is packed into a host buffer first (a pack copy saved per byte, and no bucket-sized
-buffers kept). A leaf
+The coordinator of a sync puts each bucket into the object store as its parts (one 1-D uint8
+array per leaf, in layout order; see rollout.weights.buckets): `ray.put` of that list copies
+every leaf once, straight from the caller's array into the object store, so nothing is packed
+into a host buffer first (a pack copy saved per byte, and no bucket-sized buffers kept). A leaf
 whose dtype differs from the slot's, or that is not C-contiguous (e.g. a transposed HF weight),
 is cast into a fresh array first: that copy is the only one.
 
@@ -38,17 +37,15 @@ from rollout.weights.buckets import (
     LeafSlot,
     _cast_into,
     _combine_windows,
-    leaf_pieces,
     numpy_dtype,
     parts_checksum,
     segments_digest,
-    split_leaf,
     window_segments,
 )
 from rollout.weights.finite import count_non_finite, is_floating, non_finite_error
 
 
-def leaf_bytes(array: Any, slot: LeafSlot) -> np.ndarray:
+def leaf_part(array: Any, slot: LeafSlot) -> np.ndarray:
     """The bytes of `array` as `slot` holds them (its dtype, C order) as a 1-D uint8 array: a
     view when `array` is already so, else a cast copy."""
     source = np.asarray(array)
@@ -84,13 +81,12 @@ class PartsMaker:
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="rollout-parts")
 
     def bucket(self, index: int) -> tuple[list[np.ndarray], int]:
-        """Bucket `index` as parts (what ray.put takes), and its checksum. Raises
-        NonFiniteWeightsError."""
+        """Bucket `index` as parts, and its checksum. Raises NonFiniteWeightsError."""
         slots = self.layout.leaves_of(index)
-        leaves = list(self._pool.map(lambda slot: split_leaf(leaf_bytes(self.flat[slot.path], slot)), slots))
+        parts = list(self._pool.map(lambda slot: leaf_part(self.flat[slot.path], slot), slots))
         nbytes = self.layout.bucket_nbytes[index]
         windows = list(self._pool.map(
-            lambda lo: self._window(slots, leaves, lo, min(lo + WINDOW, nbytes)), range(0, max(nbytes, 1), WINDOW)
+            lambda lo: self._window(slots, parts, lo, min(lo + WINDOW, nbytes)), range(0, max(nbytes, 1), WINDOW)
         ))
         bad: dict[str, int] = {}
         for _, window_bad in windows:
@@ -99,30 +95,27 @@ class PartsMaker:
         if bad:
             path = next(slot.path for slot in slots if slot.path in bad)  # the first in spec order
             raise non_finite_error(path, bad[path])
-        parts = [part for leaf in leaves for part in leaf]
         if self.checksum_algo == "xxh3_64":
             return parts, _combine_windows([digest for digest, _ in windows], nbytes)
-        return parts, parts_checksum(self.layout, index, leaves, self.checksum_algo)
+        return parts, parts_checksum(self.layout, index, parts, self.checksum_algo)
 
     def _window(
-        self, slots: list[LeafSlot], leaves: list[list[np.ndarray]], lo: int, hi: int
+        self, slots: list[LeafSlot], parts: list[np.ndarray], lo: int, hi: int
     ) -> tuple[int, list[tuple[str, int]]]:
         """Count and hash bytes [lo, hi) of the packed bucket: (xxh3 digest or 0, [(path, non-finite)])."""
         bad: list[tuple[str, int]] = []
-        for slot, parts in zip(slots, leaves):
+        for slot, part in zip(slots, parts):
             begin, end = max(lo, slot.offset), min(hi, slot.offset + slot.nbytes)
             dtype = numpy_dtype(slot.dtype)
             if begin >= end or not is_floating(dtype):
                 continue
-            # offsets are ALIGN-aligned, windows WINDOW- and parts PART_BYTES-aligned: every
-            # piece starts and ends at a multiple of the itemsize
-            count = sum(count_non_finite(piece.view(dtype))
-                        for piece in leaf_pieces(parts, begin - slot.offset, end - slot.offset))
+            # offsets are ALIGN-aligned and windows WINDOW-aligned: both multiples of the itemsize
+            count = count_non_finite(part[begin - slot.offset : end - slot.offset].view(dtype))
             if count:
                 bad.append((slot.path, count))
         if self.checksum_algo != "xxh3_64":
             return 0, bad
-        return segments_digest(window_segments(slots, leaves, lo, hi)), bad
+        return segments_digest(window_segments(slots, parts, lo, hi)), bad
 
     def close(self) -> None:
         self._pool.shutdown()
