@@ -3,14 +3,12 @@
     flatten  the params to {engine path: array} (nnx.State, nested or flat dicts, HF names)
     check    their spec against the fleet's; a mismatch raises before any byte moves
     fetch    jax arrays to host numpy (all leaves in one device_get)
-    pack+put leaves grouped into buckets of at most bucket_bytes: each bucket's leaves (cast
-             to the fleet dtype only where they differ) are counted for NaN/Inf
-             (NonFiniteWeightsError: the update is refused, workers abort) and checksummed,
-             then put into the object store once as the bucket's parts (rollout.weights.parts:
-             a list of the leaves' bytes, copied once by the put; no pack buffer). Every live
+    pack+put leaves into buckets of at most bucket_bytes, cast to the fleet dtype, count
+             NaN/Inf (NonFiniteWeightsError: the update is refused, workers abort) and
+             checksum each, and put each bucket into the object store once. Every live
              worker is already staging (phase 1) and gets each bucket's ref and checksum as
              soon as it is in, so workers verify and place bucket k while bucket k+1 is
-             checked and put. Across nodes the buckets are relayed (rollout.relay): the
+             packed and put. Across nodes the buckets are relayed (rollout.relay): the
              workers' nodes, asked when the sync starts, give each worker a RelayRole with
              its stage call, so the coordinator's node sends about one model per sync
     stage    wait for every worker's stage; any failure or timeout -> abort on all, raise
@@ -43,9 +41,8 @@ import ray
 from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.errors import SyncError, describe_error, first_line
 from rollout.relay import plan_relay
-from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, plan_buckets
+from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.loader import checkpoint_spec
-from rollout.weights.parts import PartsMaker
 from rollout.weights.spec import ParamSpec, flatten_params
 
 log = logging.getLogger("rollout.sync")
@@ -105,6 +102,7 @@ class WeightSync:
         self.checksum = checksum
         self.timeout_s = timeout_s
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
+        self._buffers: list[np.ndarray] | None = None  # see pack_buffers
         self.committed: CommittedUpdate | None = None  # keeps the committed buckets alive
         self._died: set[int] = set()  # workers whose process died during the last stage phase
 
@@ -152,33 +150,33 @@ class WeightSync:
             host = to_host(flat)
         handles = [self.fleet.handles[i] for i in workers]
         relay = self._relay_roles(asked, workers)
-        maker = PartsMaker(host, self.layout, checksum_algo=self.checksum, threads=min(4, os.cpu_count() or 1))
+        packer = Packer(host, self.layout, self.pack_buffers(), checksum_algo=self.checksum,
+                        threads=min(4, os.cpu_count() or 1))
         refs: list[Any] = []
         buckets = range(len(self.layout.bucket_nbytes))
-        with maker:
+        with packer:
             # Workers start staging now on a manifest without checksums; each bucket is put as
-            # soon as it is checked and sent with its checksum, so workers verify and place
-            # bucket k while bucket k+1 is checked and put.
+            # soon as it is packed and sent with its checksum, so workers verify and place
+            # bucket k while bucket k+1 is packed and put.
             streaming = self._manifest(version, (None,) * len(buckets))
             calls = {h.stage.remote(sync_id, streaming, relay[i]): i for h, i in zip(handles, workers)}
             sums: list[int] = []
 
-            def put_and_feed(index: int, parts: list[np.ndarray]) -> None:
-                refs.append(ray.put(parts))  # one object per bucket: each leaf copied in once
+            def put_and_feed(index: int) -> None:
+                refs.append(ray.put(packer.buffers[index]))
                 for handle in handles:  # the ref inside a list: Ray passes it unresolved
                     handle.feed.remote(sync_id, index, [refs[-1]], sums[index])
 
             try:
                 with _phase(record, "pack+put"), ThreadPoolExecutor(1, thread_name_prefix="rollout-put") as putter:
-                    # bucket k is put while bucket k+1 is checked and hashed
+                    # bucket k is put while bucket k+1 is packed; bucket k+2 reuses bucket k's
+                    # buffer (pack_buffers), so its put must be over first
                     sent = None
                     for index in buckets:
-                        parts, total = maker.bucket(index)
-                        sums.append(total)
+                        sums.append(packer.pack_bucket(index))
                         if sent is not None:
                             sent.result()
-                        sent = putter.submit(put_and_feed, index, parts)
-                        del parts
+                        sent = putter.submit(put_and_feed, index)
                     if sent is not None:
                         sent.result()
             except BaseException:
@@ -222,6 +220,17 @@ class WeightSync:
     def _manifest(self, version: int, sums: tuple[int | None, ...]) -> bytes:
         """The manifest of a packed update (`finite`: the packer counted every value)."""
         return Manifest(version, self.layout, sums, self.checksum, finite=True).to_bytes()
+
+    def pack_buffers(self) -> list[np.ndarray]:
+        """A uint8 buffer per bucket to pack it into, kept from sync to sync (memory touched once
+        is fast to write again). Bucket k+2 is packed only after bucket k was put, so the
+        buckets take turns in two buffers of the largest bucket's size: the coordinator holds
+        2 x bucket_bytes, not a copy of the model."""
+        if self._buffers is None:
+            sizes = self.layout.bucket_nbytes
+            ring = [np.empty(max(sizes, default=0), np.uint8) for _ in range(min(2, len(sizes)))]
+            self._buffers = [ring[k % len(ring)][:n] for k, n in enumerate(sizes)]
+        return self._buffers
 
     def _stage_checkpoint(
         self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str

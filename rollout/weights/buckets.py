@@ -1,15 +1,9 @@
 """Buckets: a parameter update as a few large contiguous byte buffers plus a msgpack manifest.
 
 A weight sync puts each bucket into Ray's object store once; every worker reads the same
-buckets (zero-copy) and cuts them back into leaves with the manifest. Nothing is pickled: a
-bucket is raw bytes and the manifest is msgpack of plain numbers and strings, so a worker never
-unpickles update data.
-
-A bucket has two forms with the same bytes and the same checksum: packed (one contiguous uint8
-array: each leaf at its offset, zeros in the alignment gaps; what `pack` makes) and parts (a
-list of 1-D uint8 arrays, the bucket's leaves in layout order: what `rollout.weights.parts`
-makes without copying a leaf, and what a sync puts since format 3). The checksum is always of
-the packed bytes; a reader of parts hashes the same windows across the parts and the gaps.
+buckets (zero-copy: a bucket is one uint8 numpy array) and cuts them back into leaves with the
+manifest. Nothing is pickled: a bucket is raw bytes and the manifest is msgpack of plain
+numbers and strings, so a worker never unpickles update data.
 
     layout = plan_buckets(spec, bucket_bytes=256 << 20)  # leaves -> (bucket, offset, nbytes)
     packed = pack(flat, layout, version=3)               # buffers + a Manifest with checksums
@@ -39,14 +33,12 @@ Each bucket carries a checksum that every reader checks before staging. Two algo
 
 The manifest format is versioned (MANIFEST_FORMAT): a reader refuses another format with an
 error that names both, e.g. a worker of an older rollout release reading a newer coordinator's
-update (the checksum of format 1 was a 64-bit word sum, blind to words reordered in a block;
-format 2 readers take only packed buckets, and a format 3 coordinator puts parts).
+update (the checksum of format 1 was a 64-bit word sum, blind to words reordered in a block).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +51,7 @@ import xxhash
 from rollout.weights.finite import count_non_finite, is_floating, non_finite_error
 from rollout.weights.spec import LeafSpec, ParamSpec
 
-MANIFEST_FORMAT = "rollout.buckets/3"  # 2: xxh3_64 windows replaced sum64; 3: buckets may come as parts
+MANIFEST_FORMAT = "rollout.buckets/2"  # 2: xxh3_64 windows replaced format 1's sum64
 ALIGN = 64  # leaf offsets are multiples of this, so every view is aligned for any dtype
 CHECKSUMS = ("xxh3_64", "crc32")
 DEFAULT_CHECKSUM = "xxh3_64"
@@ -67,10 +59,6 @@ DEFAULT_CHECKSUM = "xxh3_64"
 # definition (changing it changes every checksum: bump MANIFEST_FORMAT)
 WINDOW = 4 << 20
 _CRC_CHUNK = 256 << 20  # zlib.crc32 takes at most 4 GiB per call; chunks also keep the GIL free
-
-
-# A bucket as a reader holds it: packed (one uint8 array) or parts (one uint8 array per leaf).
-Bucket = np.ndarray | Sequence[np.ndarray]
 
 
 class BucketChecksumError(ValueError):
@@ -105,26 +93,7 @@ class BucketLayout:
         return sum(self.bucket_nbytes)
 
     def leaves_of(self, bucket: int) -> list[LeafSlot]:
-        return list(self._by_bucket[bucket]) if 0 <= bucket < len(self.bucket_nbytes) else []
-
-    @functools.cached_property
-    def _by_bucket(self) -> tuple[tuple[LeafSlot, ...], ...]:
-        out: list[list[LeafSlot]] = [[] for _ in self.bucket_nbytes]
-        for slot in self.slots:
-            if 0 <= slot.bucket < len(out):
-                out[slot.bucket].append(slot)
-        return tuple(tuple(b) for b in out)  # layout order: increasing offsets (_check_layout)
-
-    @functools.cached_property
-    def _position(self) -> dict[str, int]:
-        return {slot.path: i for bucket in self._by_bucket for i, slot in enumerate(bucket)}
-
-    def view(self, bucket: Bucket, slot: LeafSlot) -> np.ndarray:
-        """The leaf of `slot` viewing `bucket`'s bytes (packed or parts; no copy)."""
-        if isinstance(bucket, np.ndarray):
-            return leaf_view(bucket, slot)
-        part = bucket[self._position[slot.path]]
-        return part.view(numpy_dtype(slot.dtype)).reshape(slot.shape)
+        return [s for s in self.slots if s.bucket == bucket]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,24 +343,19 @@ def _combine_windows(digests: Sequence[int], nbytes: int) -> int:
     return xxhash.xxh3_64_intdigest(np.array([*digests, nbytes], np.uint64).tobytes())
 
 
-def verify_bucket(manifest: Manifest, index: int, bucket: Bucket, expected: int | None = None) -> None:
-    """Raise BucketChecksumError unless bucket `index` (packed or parts) has the manifest's
-    sizes and checksum (or `expected`, the checksum that came with the bucket when the manifest
-    has none)."""
+def verify_bucket(manifest: Manifest, index: int, buffer: np.ndarray, expected: int | None = None) -> None:
+    """Raise BucketChecksumError unless bucket `index` has the manifest's size and checksum
+    (or `expected`, the checksum that came with the bucket when the manifest has none)."""
+    want_bytes = manifest.layout.bucket_nbytes[index]
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or buffer.nbytes != want_bytes:
+        raise BucketChecksumError(
+            f"bucket {index} of version {manifest.version}: expected a 1-D uint8 array of "
+            f"{want_bytes} bytes, got {buffer.dtype} {buffer.shape}"
+        )
     want = manifest.checksums[index] if manifest.checksums[index] is not None else expected
     if want is None:
         raise BucketChecksumError(f"bucket {index} of version {manifest.version} came without a checksum")
-    if isinstance(bucket, np.ndarray):
-        want_bytes = manifest.layout.bucket_nbytes[index]
-        if bucket.dtype != np.uint8 or bucket.ndim != 1 or bucket.nbytes != want_bytes:
-            raise BucketChecksumError(
-                f"bucket {index} of version {manifest.version}: expected a 1-D uint8 array of "
-                f"{want_bytes} bytes, got {bucket.dtype} {bucket.shape}"
-            )
-        got = checksum(bucket, manifest.checksum)
-    else:
-        parts = check_parts(manifest, index, bucket)
-        got = parts_checksum(manifest.layout, index, parts, manifest.checksum)
+    got = checksum(buffer, manifest.checksum)
     if got != want:
         raise BucketChecksumError(
             f"bucket {index} of version {manifest.version}: {manifest.checksum} {got:#x} != "
@@ -399,84 +363,7 @@ def verify_bucket(manifest: Manifest, index: int, bucket: Bucket, expected: int 
         )
 
 
-def check_parts(manifest: Manifest, index: int, bucket: Any) -> list[np.ndarray]:
-    """The parts of bucket `index`: one 1-D uint8 array per leaf of the bucket, in layout order,
-    of the leaf's size; raises BucketChecksumError naming what came instead."""
-    slots = manifest.layout.leaves_of(index)
-    parts = list(bucket) if isinstance(bucket, (list, tuple)) else None
-    prefix = f"bucket {index} of version {manifest.version}: expected a packed uint8 array or {len(slots)} leaf parts"
-    if parts is None or len(parts) != len(slots):
-        got = f"{len(parts)} parts" if parts is not None else type(bucket).__name__
-        raise BucketChecksumError(f"{prefix}, got {got}")
-    for slot, part in zip(slots, parts):
-        if not isinstance(part, np.ndarray) or part.dtype != np.uint8 or part.ndim != 1 or part.nbytes != slot.nbytes:
-            got = f"{part.dtype} {part.shape}" if isinstance(part, np.ndarray) else type(part).__name__
-            raise BucketChecksumError(f"{prefix}; {slot.path}: expected {slot.nbytes} uint8 bytes, got {got}")
-    return parts
-
-
-def window_segments(slots: Sequence[LeafSlot], parts: Sequence[np.ndarray], lo: int, hi: int) -> list[Any]:
-    """The packed bucket's bytes [lo, hi) as pieces of `parts` (the leaves of `slots`, in offset
-    order) and zeros for the gaps between them, in order."""
-    out: list[Any] = []
-    pos = lo
-    for slot, part in zip(slots, parts):
-        end = slot.offset + slot.nbytes
-        if end <= pos or slot.nbytes == 0:
-            continue
-        if slot.offset >= hi:
-            break
-        start = max(pos, slot.offset)
-        if start > pos:
-            out.append(_zeros(start - pos))
-        stop = min(hi, end)
-        out.append(part[start - slot.offset : stop - slot.offset])
-        pos = stop
-    if pos < hi:
-        out.append(_zeros(hi - pos))
-    return out
-
-
-def segments_digest(segments: Sequence[Any]) -> int:
-    """xxh3_64 of the concatenated segments (one window)."""
-    if len(segments) == 1:
-        return xxhash.xxh3_64_intdigest(segments[0])
-    state = xxhash.xxh3_64()
-    for segment in segments:
-        state.update(segment)
-    return state.intdigest()
-
-
-def parts_checksum(layout: BucketLayout, index: int, parts: Sequence[np.ndarray], algo: str = DEFAULT_CHECKSUM) -> int:
-    """The checksum of bucket `index` given as parts: the same as `checksum` of its packed form."""
-    slots = layout.leaves_of(index)
-    nbytes = layout.bucket_nbytes[index]
-    if algo == "crc32":
-        crc = 0
-        for lo in range(0, nbytes, _CRC_CHUNK):
-            for segment in window_segments(slots, parts, lo, min(lo + _CRC_CHUNK, nbytes)):
-                crc = zlib.crc32(segment, crc)
-        return crc
-    if algo != "xxh3_64":
-        raise ValueError(f"unknown checksum {algo!r}: expected one of {CHECKSUMS}")
-    digests = [
-        segments_digest(window_segments(slots, parts, lo, min(lo + WINDOW, nbytes)))
-        for lo in range(0, max(nbytes, 1), WINDOW)
-    ]
-    return _combine_windows(digests, nbytes)
-
-
-@functools.cache
-def _zero_block(n: int) -> memoryview:
-    return memoryview(bytes(n))
-
-
-def _zeros(n: int) -> memoryview:
-    """n zero bytes (alignment gaps are < ALIGN; a hand-made layout may leave larger ones)."""
-    return _zero_block(ALIGN)[:n] if n <= ALIGN else memoryview(bytes(n))
-
-
-def verify(manifest: Manifest, buffers: Sequence[Bucket]) -> None:
+def verify(manifest: Manifest, buffers: Sequence[np.ndarray]) -> None:
     if len(buffers) != len(manifest.layout.bucket_nbytes):
         raise BucketChecksumError(
             f"expected {len(manifest.layout.bucket_nbytes)} buckets for version "
@@ -486,15 +373,14 @@ def verify(manifest: Manifest, buffers: Sequence[Bucket]) -> None:
         verify_bucket(manifest, index, buffer)
 
 
-def unpack(manifest: Manifest, buffers: Sequence[Bucket]) -> dict[str, np.ndarray]:
-    """`{path: array}` views into the buckets, packed or parts (no copy; read-only if the
-    buckets are)."""
+def unpack(manifest: Manifest, buffers: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """`{path: array}` views into the buckets (no copy; read-only if the buckets are)."""
     return dict(iter_leaves(manifest, buffers))
 
 
-def iter_leaves(manifest: Manifest, buffers: Sequence[Bucket]) -> Iterator[tuple[str, np.ndarray]]:
+def iter_leaves(manifest: Manifest, buffers: Sequence[np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     for slot in manifest.layout.slots:
-        yield slot.path, manifest.layout.view(buffers[slot.bucket], slot)
+        yield slot.path, leaf_view(buffers[slot.bucket], slot)
 
 
 def leaf_view(bucket: np.ndarray, slot: LeafSlot) -> np.ndarray:
@@ -532,9 +418,7 @@ def _aligned(n: int) -> int:
 
 
 def _check_layout(layout: BucketLayout) -> None:
-    """Every slot inside its bucket, after the previous slot of its bucket, and matching its
-    shape and dtype (untrusted input)."""
-    ends: dict[int, int] = {}
+    """Every slot inside its bucket and matching its shape and dtype (untrusted input)."""
     for s in layout.slots:
         if not 0 <= s.bucket < len(layout.bucket_nbytes):
             raise ManifestError(f"{s.path}: bucket {s.bucket} does not exist ({len(layout.bucket_nbytes)} buckets)")
@@ -546,6 +430,3 @@ def _check_layout(layout: BucketLayout) -> None:
             raise ManifestError(f"{s.path}: unknown dtype {s.dtype!r}") from err
         if want != s.nbytes or s.offset % ALIGN:
             raise ManifestError(f"{s.path}: shape {s.shape} of {s.dtype} is {want} bytes, slot says {s.nbytes}")
-        if s.offset < ends.get(s.bucket, 0):
-            raise ManifestError(f"{s.path}: starts at {s.offset} in bucket {s.bucket}, inside the leaf before it")
-        ends[s.bucket] = s.offset + s.nbytes

@@ -22,20 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from rollout.weights.buckets import Bucket, LeafSlot, Manifest, numpy_dtype
+from rollout.weights.buckets import LeafSlot, Manifest, leaf_view, numpy_dtype
 
 
 class BucketInbox:
     def __init__(self, manifest: Manifest, timeout_s: float):
         self.manifest = manifest
         self.timeout_s = timeout_s
-        self._buffers: list[Bucket | None] = [None] * len(manifest.layout.bucket_nbytes)
+        self._buffers: list[np.ndarray | None] = [None] * len(manifest.layout.bucket_nbytes)
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self.wait_s = 0.0  # time readers spent waiting for buckets
 
-    def deliver(self, index: int, buffer: Bucket) -> None:
-        """Hand over verified bucket `index` (packed or parts: rollout.weights.buckets)."""
+    def deliver(self, index: int, buffer: np.ndarray) -> None:
+        """Hand over verified bucket `index`."""
         with self._cond:
             self._buffers[index] = buffer
             self._cond.notify_all()
@@ -47,7 +47,7 @@ class BucketInbox:
                 self._error = error
             self._cond.notify_all()
 
-    def bucket(self, index: int) -> Bucket:
+    def bucket(self, index: int) -> np.ndarray:
         """Bucket `index`, waiting for it; raises the inbox's failure or TimeoutError."""
         start = time.perf_counter()
         with self._cond:
@@ -92,7 +92,7 @@ class PendingLeaf:
         return len(self.shape)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        view = self._inbox.manifest.layout.view(self._inbox.bucket(self._slot.bucket), self._slot)
+        view = leaf_view(self._inbox.bucket(self._slot.bucket), self._slot)
         if dtype is not None and np.dtype(dtype) != view.dtype:
             return view.astype(dtype)
         return view.copy() if copy else view
