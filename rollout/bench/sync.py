@@ -16,7 +16,9 @@ against a floor and a per-tensor pattern measured in the same run on the same Ra
 
 The model is Qwen3-shaped with `--layers` layers (11 leaves each, 28 layers = 310 leaves) and a
 width solved for `--size-gib`; the engines start with load_format="dummy" (shapes only) and
-the synced values are random. Each measurement is repeated; the median is reported.
+the synced values are random. Each measurement is repeated; the median is reported, with the
+CPU seconds each process spent on it (driver, each worker; from /proc, Linux only): on a host
+with fewer cores than busy processes, a method's time follows its CPU total.
 
     rollout bench sync                               # 1 GiB, 2 workers x 2 devices
     rollout bench sync --size-gib 0.1 --repeats 1    # quick
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -119,6 +122,46 @@ def random_params(spec, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+# -- CPU accounting ------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process `pid` has used so far (None where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the driver and `pids` (the workers) over one measured run."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = [os.getpid(), *pids]
+
+    def __enter__(self) -> Self:
+        self.start = [cpu_seconds(p) for p in self.pids]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = [cpu_seconds(p) for p in self.pids]
+        self.used = {name: (None if a is None or b is None else b - a)
+                     for name, a, b in zip(self.names(), self.start, end)}
+
+    def names(self) -> list[str]:
+        return ["driver", *(f"worker{i}" for i in range(len(self.pids) - 1))]
+
+
+def median_cpu(runs: list[dict[str, float | None]]) -> dict[str, float]:
+    """Per process, the median CPU seconds of the runs (processes without /proc left out)."""
+    keys = [k for k in runs[0] if all(r.get(k) is not None for r in runs)]
+    out: dict[str, float] = {k: statistics.median(float(r[k] or 0.0) for r in runs) for k in keys}
+    if out:
+        out["total"] = sum(out.values())
+    return out
+
+
 # -- the floor and per-tensor receivers ----------------------------------------------------------
 
 
@@ -155,6 +198,9 @@ class Receiver:
         self.held = placed
         return time.perf_counter() - start
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def receive_leaf(self, path: str, array: np.ndarray) -> None:
         """Per-tensor: one call per leaf."""
         from rollout.engine.placement import place
@@ -168,14 +214,18 @@ class Receiver:
 # -- measurements -------------------------------------------------------------------------------
 
 
-def measure_ours(svc, params_by_seed: list[dict], repeats: int) -> tuple[list[float], dict]:
+def measure_ours(svc, params_by_seed: list[dict], repeats: int, cpu: list | None = None) -> tuple[list[float], dict]:
     from tqdm.auto import tqdm
 
     totals, phases = [], []
+    pids = [w["pid"] for w in svc.status()["workers"] if w.get("pid") is not None]
     for i in tqdm(range(repeats), desc="ours: sync_weights", unit="sync"):
         start = time.perf_counter()
-        svc.sync_weights(params_by_seed[i % 2])
+        with CpuMeter(pids) as meter:
+            svc.sync_weights(params_by_seed[i % 2])
         totals.append(time.perf_counter() - start)
+        if cpu is not None:
+            cpu.append(meter.used)
         record = svc.status()["syncs"][-1]
         phases.append({**record["seconds"], **{f"worker{w}.{k}": v for w, s in record["worker_seconds"].items()
                                                  for k, v in s.items()}})
@@ -184,19 +234,24 @@ def measure_ours(svc, params_by_seed: list[dict], repeats: int) -> tuple[list[fl
 
 
 def measure_floor(
-    receivers, buffers: list[np.ndarray], manifest_bytes: bytes, repeats: int, keep_previous: bool
+    receivers, buffers: list[np.ndarray], manifest_bytes: bytes, repeats: int, keep_previous: bool,
+    cpu: list | None = None,
 ) -> tuple[list[float], dict]:
     import ray
     from tqdm.auto import tqdm
 
     totals, puts, gets = [], [], []
     previous = None  # like a sync, keep the last update alive until the next one is in
+    pids = ray.get([r.pid.remote() for r in receivers])
     for _ in tqdm(range(repeats), desc="floor: put + get + place", unit="run"):
         start = time.perf_counter()
-        refs = [ray.put(b) for b in buffers]
-        put_done = time.perf_counter()
-        ray.get([r.receive_buckets.remote(manifest_bytes, refs, keep_previous) for r in receivers])
+        with CpuMeter(pids) as meter:
+            refs = [ray.put(b) for b in buffers]
+            put_done = time.perf_counter()
+            ray.get([r.receive_buckets.remote(manifest_bytes, refs, keep_previous) for r in receivers])
         totals.append(time.perf_counter() - start)
+        if cpu is not None:
+            cpu.append(meter.used)
         puts.append(put_done - start)
         gets.append(totals[-1] - puts[-1])
         previous = refs  # noqa: F841 - held on purpose
@@ -261,12 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     ours, per_tensor, ours_phases = [], [], []
     floors: dict[bool, list[float]] = {False: [], True: []}
     floor_phases: dict[bool, list[dict]] = {False: [], True: []}
+    cpu: dict[str, list] = {"floor, dropped first": [], "floor, resident": [], "ours": []}
     for i in range(args.repeats):
         for keep in (False, True):
-            times, phases = measure_floor(receivers, packed.buffers, manifest_bytes, 1, keep_previous=keep)
+            times, phases = measure_floor(receivers, packed.buffers, manifest_bytes, 1, keep_previous=keep,
+                                          cpu=cpu["floor, resident" if keep else "floor, dropped first"])
             floors[keep] += times
             floor_phases[keep].append(phases)
-        times, phases = measure_ours(svc, params[i % 2 :] + params[: i % 2], 1)
+        times, phases = measure_ours(svc, params[i % 2 :] + params[: i % 2], 1, cpu=cpu["ours"])
         ours += times
         ours_phases.append(phases)
         if not args.skip_per_tensor and i < max(1, args.repeats - 1):
@@ -296,11 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     for keep, name in ((False, "floor, dropped first"), (True, "floor, resident")):
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in floor_median[keep].items()))
     print("  ours:  " + ", ".join(f"{k} {v:.3f}" for k, v in ours_median.items()))
+    cpu_median = {name: median_cpu(runs) for name, runs in cpu.items()}
+    if all(cpu_median.values()):
+        floor_cpu = cpu_median["floor, resident" if keep_best else "floor, dropped first"]["total"]
+        print(f"\nCPU seconds per run, median (driver and each worker process; {os.cpu_count()} host cores):")
+        for name, used in cpu_median.items():
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in used.items()))
+        print(f"  ours / floor (the faster floor), CPU total: {cpu_median['ours']['total'] / floor_cpu:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"dims": dims, "leaves": len(spec.leaves), "bytes": spec.nbytes,
                                          "floor_dropped_first_s": floors[False], "floor_resident_s": floors[True],
                                          "ours_s": ours, "per_tensor_s": per_tensor,
-                                         "ours_phases": ours_median, "floor_phases": floor_median}, indent=2))
+                                         "ours_phases": ours_median, "floor_phases": floor_median,
+                                         "cpu_seconds": cpu_median}, indent=2))
     svc.shutdown()
     ray.shutdown()
     return 0
