@@ -8,8 +8,9 @@ against a floor and a per-tensor pattern measured in the same run on the same Ra
                 Measured twice: dropping the previous copy first (memory is reused warm) and
                 keeping it resident while placing (as serving weights are during a live sync);
                 ratios use the faster of the two.
-    ours        rollout's sync_weights: flatten, spec check, pack + checksum (--checksum), put, stage on both
-                workers (fetch, verify, engine.stage: checks, cast, finiteness, placement),
+    ours        rollout's sync_weights: flatten, spec check, pack + finiteness + checksum (--checksum),
+                put, stage on both workers (fetch, verify, engine.stage: checks, cast, placement;
+                no second finiteness pass: the checksum proves these are the packer's bytes),
                 publish, commit.
     per-tensor  one actor call per leaf per worker (each leaf shipped as the call's argument,
                 awaited leaf by leaf), placing it on the devices; the pattern buckets replace.
