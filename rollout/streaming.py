@@ -12,9 +12,9 @@ the prompt to the least-loaded live worker, and cancel the request on its worker
 engine step when the caller stops early (closes the stream or cancels the task).
 
 Worker death: a request whose worker dies before anything of it reached the caller is sent
-again to another live worker (like `generate`; both send through rollout.resend). Once deltas were delivered, each unfinished
-sample is continued instead: its prompt plus the tokens already delivered go to another worker
-as a new prompt, for the tokens still allowed. The driver detokenizes the continued samples
+again to another live worker (like `generate`; both send through rollout.resend). Once deltas
+were delivered, each unfinished sample is continued instead: its prompt plus the tokens already
+delivered go to another worker as a new prompt, for the tokens still allowed. The driver detokenizes the continued samples
 itself and checks their stop strings across the seam, so the caller gets exactly one copy of
 every token and text that reads as if one worker had made it all. (A continued sample draws
 its randomness afresh, and its later tokens may come from a newer weight version; each

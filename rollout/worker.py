@@ -5,10 +5,10 @@ rollout.engine.backend), counts its starts in the registry, and before it serves
 call catches up with the fleet's committed update, so a restarted worker never serves an older
 version than the fleet's. Everything else (sync bookkeeping, buckets, catching up; serving:
 generate, generate_stream, score) is `rollout.worker_host.WorkerHost`, tested without Ray, to
-which each remote call delegates. Its remote calls are `rollout.contract.WorkerCalls`. What the host needs from Ray is injected: fetching a bucket
-from the object store, the registry's committed update, and for the relay between nodes
-(rollout.relay) putting a relay copy into this node's object store and asking a parent
-worker for its copy.
+which each remote call delegates. Its remote calls are `rollout.contract.WorkerCalls`. What the
+host needs from Ray is injected: fetching a bucket from the object store, the registry's
+committed update, and for the relay between nodes (rollout.relay) putting a relay copy into
+this node's object store and asking a parent worker for its copy.
 
 When the engine's scheduler has died, the worker exits its process (`_restart_if_engine_died`)
 so that Ray restarts it with a fresh engine.
