@@ -67,6 +67,24 @@ def test_the_generate_command_defaults_to_the_engine_config():
     assert (args.max_seq_len, args.dtype) == (EngineConfig.max_seq_len, EngineConfig.dtype)
 
 
+def test_the_serve_command_defaults_to_the_engine_and_fleet_configs():
+    from rollout.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "some/model"])
+    assert (args.max_batch, args.max_seq_len, args.dtype, args.decode_steps, args.swap_policy, args.kv_layout) == (
+        EngineConfig.max_batch, EngineConfig.max_seq_len, EngineConfig.dtype, EngineConfig.decode_steps,
+        EngineConfig.swap_policy, EngineConfig.kv_layout,
+    )
+    assert (args.engine, args.accelerator) == (FleetConfig.engine, FleetConfig.accelerator)
+
+
+def test_the_serve_command_takes_the_engine_backend_and_kv_layout():
+    from rollout.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "some/model", "--engine", "sglang-jax", "--kv-layout", "paged"])
+    assert (args.engine, args.kv_layout) == ("sglang-jax", "paged")
+
+
 def test_every_demo_client_option_is_a_service_option_and_unchanged_ones_keep_the_defaults():
     from trainer_stub.clients import FleetOptions
 

@@ -51,7 +51,7 @@ class FleetOptions:
     dtype: str = EngineConfig.dtype  # float32 keeps the logprob check at ~1e-6; bfloat16 would be ~1e-2
     load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
     accelerator: str = "cpu"  # the demo's Ray is local; "auto" would also pick cpu there
-    engine: str = "native"  # the engine backend, a name in rollout.engine.backend.BACKENDS (FleetConfig's default)
+    engine: str = str(FleetConfig.engine)  # the engine backend, a name in rollout.engine.backend.BACKENDS (FleetConfig's default)
     worker_logs: bool = False  # the client's own: stream the workers' logs (noisy under a progress bar)
 
     def engine_config(self) -> EngineConfig:

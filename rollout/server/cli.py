@@ -34,15 +34,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--api-key", default=os.environ.get("ROLLOUT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ROLLOUT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    from rollout.engine.backend import BACKENDS
+    from rollout.engine.config import DTYPES, KV_LAYOUTS, LOAD_FORMATS, SWAP_POLICIES, EngineConfig
+    from rollout.fleet import FleetConfig
+
     p.add_argument("--workers", type=int, default=1, help="engines (Ray workers)")
     p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")
-    p.add_argument("--accelerator", default="auto", help="auto, cpu, tpu or gpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--max-batch", type=int, default=64, help="decode slots per engine")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + new tokens per sample")
-    p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip")
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    p.add_argument("--swap-policy", default="drain", choices=("drain", "recompute", "continue"))
+    p.add_argument("--accelerator", default=FleetConfig.accelerator, help="auto, cpu, tpu or gpu")
+    p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS),
+                   help="engine backend (sglang-jax: Python >= 3.12, the sglang extra; no logprobs)")
+    p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
+    p.add_argument("--max-batch", type=int, default=EngineConfig.max_batch, help="decode slots per engine")
+    p.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + new tokens per sample")
+    p.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps, help="decode steps per host round trip")
+    p.add_argument("--load-format", default=EngineConfig.load_format, choices=LOAD_FORMATS)
+    p.add_argument("--swap-policy", default=EngineConfig.swap_policy, choices=SWAP_POLICIES)
+    p.add_argument("--kv-layout", default=EngineConfig.kv_layout, choices=KV_LAYOUTS,
+                   help="contiguous (one max_seq_len region per slot) or paged (a shared pool of pages)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(run=run)
 
@@ -71,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     service = RolloutService(
         args.model, args.workers, args.devices_per_worker, accelerator=args.accelerator, dtype=args.dtype,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, decode_steps=args.decode_steps,
-        load_format=args.load_format, swap_policy=args.swap_policy,
+        load_format=args.load_format, swap_policy=args.swap_policy, engine=args.engine,
+        kv_layout=args.kv_layout,
     )
     try:
         server = Server(service, owns_service=True, host=args.host, port=args.port, api_key=args.api_key or None,
