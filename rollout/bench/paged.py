@@ -114,6 +114,11 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-paged-") as root:  # the checkpoint: removed after
+        return run(args, Path(root))
+
+
+def run(args: argparse.Namespace, root: Path) -> int:
     import jax
     import numpy as np
     from tqdm.auto import tqdm
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.testing import make_tiny_checkpoint
 
     shape = TINY_SHAPE if args.tiny else SHAPE
-    ckpt = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-paged-")) / "qwen3-hd128", **shape)
+    ckpt = make_tiny_checkpoint(root / "qwen3-hd128", **shape)
     cfg = ModelConfig.from_pretrained(ckpt)
     device = jax.devices()[:1]
     rng = np.random.default_rng(0)
