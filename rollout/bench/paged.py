@@ -13,11 +13,11 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
     the same bytes as pages, --paged-slots decode rows. Tokens/s, peak concurrent sequences,
     preemptions. Two references measured in the same run show what any layout could reach on
     this host (--no-ceiling skips them): "unlimited", the contiguous layout with --paged-slots
-    slots of prompt + L positions (KV memory no limit) on the same workload; and "peak rate", a
-    full batch of --paged-slots rows decoding --peak-new greedy tokens after a --prompt-len
-    prompt (short max_seq_len): the decode rate of that many rows, which bounds tokens/s of any
-    workload at that concurrency. When the host is compute-bound at that many rows, no KV
-    layout gains more than unlimited / contiguous.
+    slots of prompt + L positions (KV memory no limit) on the same workload; and "peak rate",
+    the decode rate of a full batch of --paged-slots rows with a short max_seq_len: two greedy
+    runs of --prompt-len prompts, one of decode-steps new tokens and one of --peak-new more,
+    rate = rows x peak-new / the difference of their times (prefill and start-up cancel). No
+    workload decodes faster at that concurrency, whatever its KV layout.
 (c) rollout (paged and contiguous) against transformers' `generate` at batch 1, 4, 16 (greedy,
     same prompts; identical tokens counted).
 
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paged-slots", type=int, default=128, help="(b): paged decode rows")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="(b): skip the two references (unlimited KV; the peak rate of --paged-slots rows)")
-    p.add_argument("--peak-new", type=int, default=32, help="(b): new tokens per row of the peak-rate reference")
+    p.add_argument("--peak-new", type=int, default=32, help="(b): decode tokens per row the peak rate is timed on")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="(c): batch sizes")
     p.add_argument("--new-tokens", type=int, default=64, help="(c): greedy new tokens")
     p.add_argument("--tiny", action="store_true", help="small model and workload (a smoke run)")
@@ -210,13 +210,18 @@ def run(args: argparse.Namespace, root: Path) -> int:
         row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
         row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
         if args.ceiling:
-            # The decode rate of a full batch of paged-slots rows, KV no limit (short sequences).
+            # The decode rate of a full batch of paged-slots rows, KV no limit (short sequences):
+            # the difference of a short and a long run, so the prefill and start-up cancel.
             peak_prompts = np.resize(np.asarray(prompts), (args.paged_slots, args.prompt_len)).tolist()
-            greedy = SamplingParams(max_tokens=args.peak_new, temperature=0.0, ignore_eos=True)
-            with engine(max_batch=args.paged_slots, max_seq_len=args.prompt_len + args.peak_new) as eng:
-                outs, seconds = timed(lambda: eng.generate(peak_prompts, greedy))
-            tokens = sum(len(o.token_ids) for o in outs)
-            row["peak_rate"] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens, rows=args.paged_slots)
+            short, long = args.decode_steps, args.decode_steps + args.peak_new
+            with engine(max_batch=args.paged_slots, max_seq_len=args.prompt_len + long) as eng:
+                times = {
+                    n: timed(lambda n=n: eng.generate(peak_prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))[1]
+                    for n in (short, long)
+                }
+            seconds = times[long] - times[short]
+            row["peak_rate"] = dict(tok_s=args.paged_slots * args.peak_new / seconds, seconds=seconds,
+                                    tokens=args.paged_slots * args.peak_new, rows=args.paged_slots)
             row["unlimited_ratio"] = row["unlimited"]["tok_s"] / row["contiguous"]["tok_s"]
             row["paged_of_unlimited"] = row["paged"]["tok_s"] / row["unlimited"]["tok_s"]
             row["peak_ratio"] = row["peak_rate"]["tok_s"] / row["contiguous"]["tok_s"]
@@ -280,8 +285,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
                 u, peak = r["unlimited"], r["peak_rate"]
                 print(f"ceiling, same run: unlimited KV ({args.paged_slots} contiguous slots, {u['kv_positions']} positions) "
                       f"{u['tok_s']:.1f} tok/s = {r['unlimited_ratio']:.2f}x contiguous (paged reaches "
-                      f"{r['paged_of_unlimited']:.2f}x of it); peak rate of {peak['rows']} rows (full batch, "
-                      f"{args.peak_new} new tokens) {peak['tok_s']:.1f} tok/s = {r['peak_ratio']:.2f}x contiguous")
+                      f"{r['paged_of_unlimited']:.2f}x of it); peak decode rate of {peak['rows']} rows (full "
+                      f"batch, prefill excluded) {peak['tok_s']:.1f} tok/s = {r['peak_ratio']:.2f}x contiguous")
     if "transformers" in results:
         print(f"\n(c) greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens")
         print(f"{'batch':>5} {'transformers':>13} {'paged':>9} {'ratio':>6} {'same':>6} {'contiguous':>11} {'ratio':>6} {'same':>6}")
