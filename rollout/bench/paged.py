@@ -11,13 +11,13 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
     L = --tail-max (its 8 samples share it), sampled at temperature 1 with a seed, EOS ignored.
     Contiguous: --contiguous-slots slots of prompt + L positions (that is the KV budget). Paged:
     the same bytes as pages, --paged-slots decode rows. Tokens/s, peak concurrent sequences,
-    preemptions. Two references measured in the same run show what any layout could reach on
-    this host (--no-ceiling skips them): "unlimited", the contiguous layout with --paged-slots
-    slots of prompt + L positions (KV memory no limit) on the same workload; and "peak rate",
-    the decode rate of a full batch of --paged-slots rows with a short max_seq_len: two greedy
-    runs of --prompt-len prompts, one of decode-steps new tokens and one of --peak-new more,
-    rate = rows x peak-new / the difference of their times (prefill and start-up cancel). No
-    workload decodes faster at that concurrency, whatever its KV layout.
+    preemptions. Two references measured in the same run (--no-ceiling skips them):
+    "unlimited", the contiguous layout with --paged-slots slots of prompt + L positions (KV
+    memory no limit) on the same workload, what memory alone gives the contiguous layout; and
+    "peak rate", the decode rate of a full batch of --paged-slots rows with a short
+    max_seq_len: two greedy runs of --prompt-len prompts, one of decode-steps new tokens and one
+    of --peak-new more, rate = rows x peak-new / the difference of their times (prefill and
+    start-up cancel). No workload decodes faster at that concurrency, whatever its KV layout.
 (c) rollout (paged and contiguous) against transformers' `generate` at batch 1, 4, 16 (greedy,
     same prompts; identical tokens counted).
 
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
             print(f"paged / contiguous: tokens/s {r['tok_s_ratio']:.2f}x, concurrency {r['concurrency_ratio']:.2f}x")
             if part == "tail" and "unlimited" in r:
                 u, peak = r["unlimited"], r["peak_rate"]
-                print(f"ceiling, same run: unlimited KV ({args.paged_slots} contiguous slots, {u['kv_positions']} positions) "
+                print(f"references, same run: unlimited KV ({args.paged_slots} contiguous slots, {u['kv_positions']} positions) "
                       f"{u['tok_s']:.1f} tok/s = {r['unlimited_ratio']:.2f}x contiguous (paged reaches "
                       f"{r['paged_of_unlimited']:.2f}x of it); peak decode rate of {peak['rows']} rows (full "
                       f"batch, prefill excluded) {peak['tok_s']:.1f} tok/s = {r['peak_ratio']:.2f}x contiguous")
