@@ -10,7 +10,9 @@ sharing its full pages, each with its own copy of the partial last page, in a fr
   full-sequence logits of our forward and of transformers, for both samples;
 - the paged runner's greedy continuation of every sample is transformers' `generate`;
 - the Pallas kernel (TPU interpret mode) and the XLA kernel give the same decode logits, up to
-  the kernel's bfloat16 K/V.
+  the kernel's bfloat16 K/V;
+- the runner's XLA decode call (pages gathered once into a dense block for all its steps) gives
+  the tokens, logprobs and page writes of its steps run one by one over the pages.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 from test_model_numerics import DEVICE_COUNTS, NEW_TOKENS, PROMPTS, RTOL, VARIANTS, reference, rel_err
 
-from rollout.engine.sampling import SlotSampling
+from rollout.engine.sampling import SlotSampling, sample
 from rollout.engine.staging import load_params
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
@@ -235,3 +237,46 @@ def test_decode_steps_past_a_rows_pages_and_padding_rows_write_nowhere(tiny_qwen
     for b, a in zip(before, after):
         assert np.array_equal(np.delete(b, own, axis=1), np.delete(a, own, axis=1))
         assert not np.array_equal(b[:, own], a[:, own])  # position 3 was written
+
+
+@pytest.mark.parametrize("n_devices", DEVICE_COUNTS)
+def test_a_decode_call_on_one_gathered_block_equals_its_steps_over_the_pages(checkpoints, n_devices):
+    """The XLA path gathers each row's pages once per call and runs the call's steps on that
+    dense block: its tokens, logprobs and the pages it writes are those of the same steps run
+    one at a time over the pages (`forward.decode`), rows at different positions, padded."""
+    runner = make_runner(checkpoints["qwen3-tied-gqa4"], n_devices)
+    assert runner.kernel == "xla"
+    pool = fragmented_pool()
+    groups = admit(pool, PROMPTS)
+    seqs = [s for g in groups for s in g][:-1]  # one padding row
+    first, _ = runner.prefill(PROMPTS, [[pool.table(s) for s in g] for g in groups], greedy_sampling([], MAX_BATCH))
+    positions = np.array([len(PROMPTS[r]) for r, _ in seqs], np.int32)
+    for seq, pos in zip(seqs, positions):
+        assert pool.grow(seq, int(pos) + runner.decode_steps)
+    tables = [pool.table(s) for s in seqs]
+    tokens = np.asarray(first)[: len(seqs)].astype(np.int32)
+    table, tok, pos, span = runner.decode_inputs(tables, tokens, positions)
+    sampling = greedy_sampling([], len(tok))
+    start = jax.device_get(runner.pool)
+
+    bind = runner.model_def.bind
+    step = jax.jit(lambda p, kv, tok, pos: forward.decode(bind(p), kv, table, tok, pos, span, kernel="xla", mesh=runner.mesh))
+    kv = jax.device_put(start, runner.pool_sharding)
+    want_tokens, want_logprobs = [], []
+    for _ in range(runner.decode_steps):
+        logits, kv = step(runner.params, kv, tok, pos)
+        tok, lp = jax.device_get(sample(logits, sampling, pos + 1))
+        want_tokens.append(tok)
+        want_logprobs.append(lp)
+        pos = pos + 1
+
+    got_tokens, got_logprobs = runner.decode(tables, tokens, positions, sampling)
+    rows = len(seqs)
+    assert np.array_equal(got_tokens[:, :rows], np.stack(want_tokens)[:, :rows])
+    np.testing.assert_allclose(got_logprobs[:, :rows], np.stack(want_logprobs)[:, :rows], rtol=1e-5, atol=1e-5)
+    for (gk, gv), (wk, wv), (sk, _) in zip(jax.device_get(runner.pool), jax.device_get(kv), start):
+        written = np.any(wk != sk, axis=(0, 2, 3))  # pages the steps wrote
+        assert written.any()
+        assert np.array_equal(np.any(gk != sk, axis=(0, 2, 3)), written)
+        np.testing.assert_allclose(gk, wk, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,13 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
     L = --tail-max (its 8 samples share it), sampled at temperature 1 with a seed, EOS ignored.
     Contiguous: --contiguous-slots slots of prompt + L positions (that is the KV budget). Paged:
     the same bytes as pages, --paged-slots decode rows. Tokens/s, peak concurrent sequences,
-    preemptions.
+    preemptions. Two references measured in the same run (--no-ceiling skips them):
+    "unlimited", the contiguous layout with --paged-slots slots of prompt + L positions (KV
+    memory no limit) on the same workload, what memory alone gives the contiguous layout; and
+    "peak rate", the decode rate of a full batch of --paged-slots rows with a short
+    max_seq_len: two greedy runs of --prompt-len prompts, one of decode-steps new tokens and one
+    of --peak-new more, rate = rows x peak-new / the difference of their times (prefill and
+    start-up cancel). No workload decodes faster at that concurrency, whatever its KV layout.
 (c) rollout (paged and contiguous) against transformers' `generate` at batch 1, 4, 16 (greedy,
     same prompts; identical tokens counted).
 
@@ -63,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tail-max", type=int, default=512, help="(b): the longest max_tokens, L")
     p.add_argument("--contiguous-slots", type=int, default=16, help="(b): contiguous slots (>= 8); sets the KV budget")
     p.add_argument("--paged-slots", type=int, default=128, help="(b): paged decode rows")
+    p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                   help="(b): skip the two references (unlimited KV; the peak rate of --paged-slots rows)")
+    p.add_argument("--peak-new", type=int, default=32, help="(b): decode tokens per row the peak rate is timed on")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="(c): batch sizes")
     p.add_argument("--new-tokens", type=int, default=64, help="(c): greedy new tokens")
     p.add_argument("--tiny", action="store_true", help="small model and workload (a smoke run)")
@@ -71,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.uniform_batch, args.uniform_new, args.groups, args.tail_max = 4, 16, 2, 64
         args.contiguous_slots, args.paged_slots, args.batches, args.new_tokens = 8, 32, [1, 4], 8
-        args.prompt_len, args.page_size, args.decode_steps = 8, 8, 4
+        args.prompt_len, args.page_size, args.decode_steps, args.peak_new = 8, 8, 4, 8
     return args
 
 
@@ -105,6 +114,11 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-paged-") as root:  # the checkpoint: removed after
+        return run(args, Path(root))
+
+
+def run(args: argparse.Namespace, root: Path) -> int:
     import jax
     import numpy as np
     from tqdm.auto import tqdm
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.testing import make_tiny_checkpoint
 
     shape = TINY_SHAPE if args.tiny else SHAPE
-    ckpt = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-paged-")) / "qwen3-hd128", **shape)
+    ckpt = make_tiny_checkpoint(root / "qwen3-hd128", **shape)
     cfg = ModelConfig.from_pretrained(ckpt)
     device = jax.devices()[:1]
     rng = np.random.default_rng(0)
@@ -149,17 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
         return row
 
+    # Every workload is drawn here, in one order, so a part run alone gets the full run's workload.
+    uniform_prompts = rng.integers(3, 400, (args.uniform_batch, args.prompt_len)).tolist()
+    L = args.tail_max
+    tail_lengths = rng.choice([max(1, L // 16), max(1, L // 4), L], size=args.groups, p=[0.7, 0.2, 0.1])
+    tail_lengths[0] = L  # at least one group runs to the limit
+    tail_prompts = rng.integers(3, 400, (args.groups, args.prompt_len)).tolist()
+    hf_prompts = rng.integers(3, 400, (max(args.batches), args.prompt_len)).tolist()
+
     if "uniform" in args.parts:
-        prompts = rng.integers(3, 400, (args.uniform_batch, args.prompt_len)).tolist()
+        prompts = uniform_prompts
         sampling = SamplingParams(max_tokens=args.uniform_new, temperature=0.0, ignore_eos=True)
         results["uniform"] = run_both("(a) uniform", prompts, sampling, args.uniform_batch, args.uniform_batch,
                                       args.prompt_len + args.uniform_new)
 
     if "tail" in args.parts:
-        L = args.tail_max
-        lengths = rng.choice([max(1, L // 16), max(1, L // 4), L], size=args.groups, p=[0.7, 0.2, 0.1])
-        lengths[0] = L  # at least one group runs to the limit
-        prompts = rng.integers(3, 400, (args.groups, args.prompt_len)).tolist()
+        lengths, prompts = tail_lengths, tail_prompts
         row: dict = {"max_tokens": lengths.tolist()}
         # One request per prompt with its own max_tokens: submit each, collect all.
         from concurrent.futures import wait
@@ -177,16 +196,35 @@ def main(argv: list[str] | None = None) -> int:
             "contiguous": dict(max_batch=args.contiguous_slots),
             "paged": dict(max_batch=args.paged_slots, kv_layout="paged", page_size=args.page_size, kv_pages=pages),
         }
+        if args.ceiling:  # the same workload with no KV limit: contiguous slots for every row
+            sides["unlimited"] = dict(max_batch=args.paged_slots)
         for side, kw in tqdm(sides.items(), desc="(b) long tail, n=8", unit="layout"):
             with engine(max_seq_len=args.prompt_len + L, **kw) as eng, PeakActive(eng) as peak:
                 outs, seconds = timed(lambda: run_tail(eng))
                 kv = eng.status()["kv"]
             tokens = sum(len(o.token_ids) for o in outs)
+            positions = pages * args.page_size if side != "unlimited" else args.paged_slots * (args.prompt_len + L)
             row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens,
                              peak_concurrent=max(peak.peak, kv.get("peak_active", 0)),
-                             preemptions=kv.get("preemptions", 0), kv_positions=pages * args.page_size)
+                             preemptions=kv.get("preemptions", 0), kv_positions=positions)
         row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
         row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
+        if args.ceiling:
+            # The decode rate of a full batch of paged-slots rows, KV no limit (short sequences):
+            # the difference of a short and a long run, so the prefill and start-up cancel.
+            peak_prompts = np.resize(np.asarray(prompts), (args.paged_slots, args.prompt_len)).tolist()
+            short, long = args.decode_steps, args.decode_steps + args.peak_new
+            with engine(max_batch=args.paged_slots, max_seq_len=args.prompt_len + long) as eng:
+                times = {
+                    n: timed(lambda n=n: eng.generate(peak_prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))[1]
+                    for n in (short, long)
+                }
+            seconds = times[long] - times[short]
+            row["peak_rate"] = dict(tok_s=args.paged_slots * args.peak_new / seconds, seconds=seconds,
+                                    tokens=args.paged_slots * args.peak_new, rows=args.paged_slots)
+            row["unlimited_ratio"] = row["unlimited"]["tok_s"] / row["contiguous"]["tok_s"]
+            row["paged_of_unlimited"] = row["paged"]["tok_s"] / row["unlimited"]["tok_s"]
+            row["peak_ratio"] = row["peak_rate"]["tok_s"] / row["contiguous"]["tok_s"]
         results["tail"] = row
 
     if "transformers" in args.parts:
@@ -196,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         top = max(args.batches)
-        prompts = rng.integers(3, 400, (top, args.prompt_len)).tolist()
+        prompts = hf_prompts
         sampling = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
         max_seq = args.prompt_len + args.new_tokens
 
@@ -235,12 +273,20 @@ def main(argv: list[str] | None = None) -> int:
             r = results[part]
             print(f"\n({'a' if part == 'uniform' else 'b'}) {part}: same KV budget "
                   f"({r['contiguous']['kv_positions']} positions)")
-            print(f"{'layout':>11} {'tok/s':>9} {'seconds':>8} {'tokens':>7} {'peak seqs':>10} {'preemptions':>12}")
-            for side in ("contiguous", "paged"):
-                s = r[side]
-                print(f"{side:>11} {s['tok_s']:>9.1f} {s['seconds']:>8.2f} {s['tokens']:>7} "
-                      f"{s['peak_concurrent']:>10} {s['preemptions']:>12}")
+            print(f"{'layout':>11} {'tok/s':>9} {'seconds':>8} {'tokens':>7} {'peak seqs':>10} {'preemptions':>12} "
+                  f"{'KV positions':>13}")
+            for side in ("contiguous", "paged", "unlimited"):
+                if side in r:
+                    s = r[side]
+                    print(f"{side:>11} {s['tok_s']:>9.1f} {s['seconds']:>8.2f} {s['tokens']:>7} "
+                          f"{s['peak_concurrent']:>10} {s['preemptions']:>12} {s['kv_positions']:>13}")
             print(f"paged / contiguous: tokens/s {r['tok_s_ratio']:.2f}x, concurrency {r['concurrency_ratio']:.2f}x")
+            if part == "tail" and "unlimited" in r:
+                u, peak = r["unlimited"], r["peak_rate"]
+                print(f"references, same run: unlimited KV ({args.paged_slots} contiguous slots, {u['kv_positions']} positions) "
+                      f"{u['tok_s']:.1f} tok/s = {r['unlimited_ratio']:.2f}x contiguous (paged reaches "
+                      f"{r['paged_of_unlimited']:.2f}x of it); peak decode rate of {peak['rows']} rows (full "
+                      f"batch, prefill excluded) {peak['tok_s']:.1f} tok/s = {r['peak_ratio']:.2f}x contiguous")
     if "transformers" in results:
         print(f"\n(c) greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens")
         print(f"{'batch':>5} {'transformers':>13} {'paged':>9} {'ratio':>6} {'same':>6} {'contiguous':>11} {'ratio':>6} {'same':>6}")

@@ -11,7 +11,14 @@ pages and attends:
   prompt's positions [start, start + page_size) of row src, into one page.
 - `decode`: one token per row; the new K/V go to (page_table[b, pos // S], pos % S), then the
   row attends over the first `span` pages of its table (a static bucket), by the XLA gather
-  kernel or the Pallas one.
+  kernel or the Pallas one. The Pallas path runs this every step (the kernel reads pages in
+  place).
+- `gather_rows` / `write_rows`: the XLA path of a multi-step decode call. The pages of every
+  row are gathered once per call into a dense working block (B, KVH, span x S, D) per layer,
+  the call's steps run on that block exactly as the contiguous decode runs on its cache
+  (`rollout.models.forward.decode`, in place), and the call's new positions are scattered into
+  the pages once at the end. Gathering every step instead copied every row's whole span per
+  layer, K and V, per step.
 """
 
 from __future__ import annotations
@@ -122,3 +129,37 @@ def decode(
 
     h = model.hidden(tokens[:, None], positions[:, None], attend)
     return model.logits(h[:, 0], head_t), tuple(new_pool)
+
+
+def gather_rows(pool: PagedKV, page_table: Array, span: int) -> model_forward.KVCache:
+    """Each row's first `span` pages, per layer: a dense (B, KVH, span x S, D) K and V block.
+
+    The block is laid out as the contiguous cache with one slot per row, so the contiguous
+    decode (`rollout.models.forward.decode` with `in_place`) runs on it unchanged. Unused
+    table entries (num_pages) read the last page; the decode's mask hides them.
+    """
+    table = jnp.minimum(page_table[:, :span], pool[0][0].shape[1] - 1)
+    return tuple((attention.gather(kp, table), attention.gather(vp, table)) for kp, vp in pool)
+
+
+def write_rows(pool: PagedKV, block: model_forward.KVCache, page_table: Array, start: Array, steps: int) -> PagedKV:
+    """Scatter positions [start[b], start[b] + steps) of each row's block into its pages.
+
+    Positions past the table's width, or on an unused entry (num_pages), are dropped: padding
+    rows and steps past a row's pages write nowhere.
+    """
+    num_pages, page_size = pool[0][0].shape[1:3]
+    b, width = page_table.shape
+    pos = start[:, None] + jnp.arange(steps)[None, :]  # (B, K)
+    real = pos < width * page_size
+    slot = jnp.minimum(pos // page_size, width - 1)
+    page = jnp.where(real, jnp.take_along_axis(page_table, slot, axis=1), num_pages)
+    offset = pos % page_size
+    rows = jnp.arange(b)[:, None]
+    new_pool = []
+    for (kp, vp), (kb, vb) in zip(pool, block):
+        # (row, :, position) takes a (B, K, KVH, D) block: advanced indices first, as in numpy.
+        k_new = kb.at[rows, :, pos].get(mode="clip")
+        v_new = vb.at[rows, :, pos].get(mode="clip")
+        new_pool.append((attention.write(kp, k_new, page, offset), attention.write(vp, v_new, page, offset)))
+    return tuple(new_pool)

@@ -8,6 +8,12 @@ page_size (rounded up) for every row, prompts and prefill batches are padded to 
 decode batches to powers of two up to max_batch, and the attention span to a power of two of
 pages. Which pages a sequence holds is the caller's business (`rollout.paged.pool.PagePool`):
 the runner takes page tables and trusts them.
+
+A decode call runs `decode_steps` steps. With the XLA kernel (CPU, float32 pools) it gathers
+every row's span of pages once into a dense block, runs the steps on it as the contiguous runner
+runs a full batch on its cache, and writes the call's new positions into the pages at the end
+(`forward.gather_rows` / `write_rows`): the block is scratch of rows x span positions per layer,
+K and V, for the call. With the Pallas kernel (TPU) every step reads the pages in place.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -22,10 +29,11 @@ from rollout.engine import placement
 from rollout.engine.jit_cache import compiled_executables
 from rollout.engine.runner import pow2_at_least
 from rollout.engine.sampling import SlotSampling, sample
+from rollout.models import forward as model_forward
 from rollout.models.bind import ModelDef
 from rollout.paged import attention, forward
 from rollout.paged.pool import pages_for
-from rollout.sharding import logical_sharding
+from rollout.sharding import cache_sharding, logical_sharding
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]
@@ -118,6 +126,7 @@ class PagedRunner:
         self.param_shardings = model_def.shardings(mesh)
         self.pool_sharding = attention.pool_sharding(mesh, cfg)
         self.pool = attention.init_pool(cfg, num_pages, page_size, model_def.dtype, self.pool_sharding)
+        self.block_sharding = cache_sharding(mesh, cfg)  # the XLA path's dense working block
         self.params: Params | None = None
         self.derived: Derived = {}
         self._transpose_head = None
@@ -140,6 +149,8 @@ class PagedRunner:
 
     def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
         model = self.model_def.bind(params)
+        if self.kernel == "xla":
+            return self._decode_block(model, derived, pool, page_table, tokens, positions, sampling, span)
 
         def step(carry, _):
             pool, tok, pos = carry
@@ -152,6 +163,24 @@ class PagedRunner:
 
         (pool, _, _), (toks, lps) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
         return toks, lps, pool  # (K, B) each
+
+    def _decode_block(self, model, derived, pool, page_table, tokens, positions, sampling: SlotSampling, span: int):
+        """The XLA path: gather the rows' pages once, run the call's steps on the dense block as
+        the contiguous decode does (row i is slot i, in place), write the new positions back."""
+        block = forward.gather_rows(pool, page_table, span)
+        if self.mesh.size > 1:  # laid out as the contiguous cache: by KV heads
+            block = jax.lax.with_sharding_constraint(block, self.block_sharding)
+        rows = jnp.arange(page_table.shape[0], dtype=jnp.int32)
+        kv_len = span * self.page_size
+
+        def step(carry, _):
+            block, tok, pos = carry
+            logits, block = model_forward.decode(model, block, rows, tok, pos, kv_len, derived.get("head_t"), in_place=True)
+            nxt, lp = sample(logits, sampling, pos + 1)
+            return (block, nxt, pos + 1), (nxt, lp)
+
+        (block, _, _), (toks, lps) = jax.lax.scan(step, (block, tokens, positions), None, length=self.decode_steps)
+        return toks, lps, forward.write_rows(pool, block, page_table, positions, self.decode_steps)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -204,6 +233,17 @@ class PagedRunner:
         decode_batch(len(tables)) rows. Returns tokens and logprobs (K, rows).
         """
         assert self.params is not None, "set_params() before generating"
+        table, tok, pos, span = self.decode_inputs(tables, tokens, positions)
+        toks, lps, self.pool = self._decode(
+            self.params, self.derived, self.pool, table, tok, pos, sampling, span=span
+        )
+        return np.asarray(toks), np.asarray(lps)
+
+    def decode_inputs(
+        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The padded arrays and span bucket `decode` runs: page table (rows, width), tokens and
+        positions (rows,), with rows = decode_batch(len(tables)), and the span in pages."""
         rows = self.decode_batch(len(tables))
         table = np.full((rows, self.width), self.num_pages, np.int32)  # unused entries: out of range
         tok = np.zeros((rows,), np.int32)
@@ -219,10 +259,7 @@ class PagedRunner:
             pos[i] = positions[i]
             top = max(top, int(positions[i]) + self.decode_steps)
         span = min(pow2_at_least(pages_for(top, self.page_size), self.min_span_pages), self.width)
-        toks, lps, self.pool = self._decode(
-            self.params, self.derived, self.pool, table, tok, pos, sampling, span=span
-        )
-        return np.asarray(toks), np.asarray(lps)
+        return table, tok, pos, span
 
     def decode_batch(self, active: int) -> int:
         """Rows a decode call runs for `active` sequences: the next power of two, <= max_batch."""
