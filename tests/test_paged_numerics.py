@@ -244,7 +244,28 @@ def test_a_decode_call_on_one_gathered_block_equals_its_steps_over_the_pages(che
     """The XLA path gathers each row's pages once per call and runs the call's steps on that
     dense block: its tokens, logprobs and the pages it writes are those of the same steps run
     one at a time over the pages (`forward.decode`), rows at different positions, padded."""
-    runner = make_runner(checkpoints["qwen3-tied-gqa4"], n_devices)
+    runner = make_runner(checkpoints["qwen3-tied-gqa4"], n_devices, block_budget_bytes=1 << 30)  # holds the block
+    check_decode_call_equals_its_steps(runner, gathers_once=True)
+
+
+def test_a_decode_call_whose_block_exceeds_the_budget_gathers_per_step_with_the_same_result(checkpoints):
+    """Above `block_budget_bytes` (default: the pool's bytes) the XLA path does not build the
+    dense block (it could outgrow the pool); it runs the steps over the pages, same results."""
+    check_decode_call_equals_its_steps(
+        make_runner(checkpoints["qwen3-tied-gqa4"], 1, block_budget_bytes=0), gathers_once=False
+    )
+
+
+def test_the_gathered_block_never_outgrows_the_pool_by_default(checkpoints):
+    runner = make_runner(checkpoints["qwen3-tied-gqa4"], 1)
+    pool_bytes = sum(k.nbytes + v.nbytes for k, v in runner.pool)
+    assert runner.block_budget_bytes == pool_bytes
+    assert runner.gathers_once(1, runner.num_pages)
+    assert not runner.gathers_once(2, runner.num_pages)
+    assert runner.block_bytes(2, runner.num_pages) == 2 * pool_bytes
+
+
+def check_decode_call_equals_its_steps(runner, *, gathers_once: bool) -> None:
     assert runner.kernel == "xla"
     pool = fragmented_pool()
     groups = admit(pool, PROMPTS)
@@ -256,6 +277,7 @@ def test_a_decode_call_on_one_gathered_block_equals_its_steps_over_the_pages(che
     tables = [pool.table(s) for s in seqs]
     tokens = np.asarray(first)[: len(seqs)].astype(np.int32)
     table, tok, pos, span = runner.decode_inputs(tables, tokens, positions)
+    assert runner.gathers_once(len(tok), span) is gathers_once
     sampling = greedy_sampling([], len(tok))
     start = jax.device_get(runner.pool)
 

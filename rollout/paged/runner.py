@@ -13,7 +13,9 @@ A decode call runs `decode_steps` steps. With the XLA kernel (CPU, float32 pools
 every row's span of pages once into a dense block, runs the steps on it as the contiguous runner
 runs a full batch on its cache, and writes the call's new positions into the pages at the end
 (`forward.gather_rows` / `write_rows`): the block is scratch of rows x span positions per layer,
-K and V, for the call. With the Pallas kernel (TPU) every step reads the pages in place.
+K and V, for the call. A call whose block would exceed `block_budget_bytes` (default: the pool's
+own bytes) gathers per step and layer instead, so the scratch never outgrows the pool. With the
+Pallas kernel (TPU) every step reads the pages in place.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class PagedRunner:
         interpret: bool = False,
         min_prefill_len: int = 16,
         min_span_tokens: int = 64,
+        block_budget_bytes: int | None = None,
     ):
         if kernel not in ("auto", *attention.KERNELS):
             raise ValueError(f"kernel={kernel!r}: expected 'auto', 'xla' or 'pallas'")
@@ -127,6 +130,11 @@ class PagedRunner:
         self.pool_sharding = attention.pool_sharding(mesh, cfg)
         self.pool = attention.init_pool(cfg, num_pages, page_size, model_def.dtype, self.pool_sharding)
         self.block_sharding = cache_sharding(mesh, cfg)  # the XLA path's dense working block
+        # The block holds every layer's K and V for rows x span positions, all at once: on long
+        # spans and many rows it would outgrow the pool itself (up to max_batch x max_seq_len,
+        # the contiguous layout's memory). Above this budget (default: the pool's own bytes) a
+        # call gathers per step and layer instead, which holds one layer's rows at a time.
+        self.block_budget_bytes = sum(k.nbytes + v.nbytes for k, v in self.pool) if block_budget_bytes is None else block_budget_bytes
         self.params: Params | None = None
         self.derived: Derived = {}
         self._transpose_head = None
@@ -149,7 +157,7 @@ class PagedRunner:
 
     def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
         model = self.model_def.bind(params)
-        if self.kernel == "xla":
+        if self.gathers_once(page_table.shape[0], span):
             return self._decode_block(model, derived, pool, page_table, tokens, positions, sampling, span)
 
         def step(carry, _):
@@ -163,6 +171,16 @@ class PagedRunner:
 
         (pool, _, _), (toks, lps) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
         return toks, lps, pool  # (K, B) each
+
+    def gathers_once(self, rows: int, span: int) -> bool:
+        """Whether a decode call of `rows` rows and `span` pages runs on one gathered block."""
+        return self.kernel == "xla" and self.block_bytes(rows, span) <= self.block_budget_bytes
+
+    def block_bytes(self, rows: int, span: int) -> int:
+        """Bytes of the XLA path's dense working block for `rows` rows of `span` pages."""
+        cfg = self.model_def.config
+        per_position = cfg.num_kv_heads * cfg.head_dim * np.dtype(self.model_def.dtype).itemsize
+        return 2 * cfg.num_layers * rows * span * self.page_size * per_position
 
     def _decode_block(self, model, derived, pool, page_table, tokens, positions, sampling: SlotSampling, span: int):
         """The XLA path: gather the rows' pages once, run the call's steps on the dense block as
