@@ -28,6 +28,8 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from rollout.engine.config import EngineConfig
 from rollout.engine.runner import ModelRunner
 from rollout.engine.runner_api import Runner
@@ -212,12 +214,17 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
     @abc.abstractmethod
     def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
         """Prefill each context once for the sequences of its group; sample each one's next
-        token and `_accept` it, in group order."""
+        token and `_accept_prefilled` them, in group order."""
 
     @abc.abstractmethod
     def _decode(self) -> None:
         """Run one decode call (`decode_steps` steps) for the running sequences and
         `_accept_decoded` its tokens."""
+
+    def _accept_prefilled(self, groups: list[list[Sequence]], tokens: np.ndarray, logprobs: np.ndarray) -> None:
+        """Accept a prefill call's first token of every sequence, in group order (one row each)."""
+        for m, seq in enumerate(seq for group in groups for seq in group):
+            self._accept(seq, int(tokens[m]), float(logprobs[m]))
 
     def _accept_decoded(self, order: tuple[int, ...], tokens: list[list[int]], logprobs: list[list[float]]) -> None:
         """Accept a decode call's (K, rows) tokens row by row (row i is slot order[i]); a
@@ -287,11 +294,7 @@ class Scheduler(BaseScheduler[ModelRunner]):
                 src.append(row)
                 rows.append(seq.sampling)
         tokens, logprobs = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
-        m = 0
-        for group in groups:
-            for seq in group:
-                self._accept(seq, int(tokens[m]), float(logprobs[m]))
-                m += 1
+        self._accept_prefilled(groups, tokens, logprobs)
 
     def _decode(self) -> None:
         batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))

@@ -160,11 +160,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         rows = [seq.sampling for group in groups for seq in group]
         tables = [[self.pool.table(seq) for seq in group] for group in groups]
         tokens, logprobs = self._runner.prefill(contexts, tables, stack_sampling(rows, self._config.max_batch))
-        m = 0
-        for group in groups:
-            for seq in group:
-                self._accept(seq, int(tokens[m]), float(logprobs[m]))
-                m += 1
+        self._accept_prefilled(groups, tokens, logprobs)
 
     def _grow_or_preempt(self) -> None:
         """Pages for one decode call of every running sequence, oldest first; the youngest are
