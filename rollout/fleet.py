@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rollout.cpu_malloc import CPU_MALLOC
 from rollout.engine.config import EngineConfig
 from rollout.errors import PlacementError
 from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
@@ -160,17 +161,8 @@ def actor_options(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, s
     return options
 
 
-# glibc malloc settings of a CPU worker, whose device buffers are host memory. With the defaults,
-# each stage's fresh gigabyte of buffers comes from new mmap()s (page faults and kernel zeroing on
-# every sync) and the buffers freed at the swap go back to the OS, or sit in another thread's
-# arena; one arena that keeps freed memory lets the next sync reuse it warm. Measured with
-# bench/bench_sync.py (1 GiB, 2 workers): sync_weights 0.84 s -> 0.34-0.42 s. RSS stays at its peak
-# (serving + staged copy) between syncs instead of dropping to one copy.
-CPU_WORKER_MALLOC = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
-}
+# glibc malloc settings of a CPU worker, whose device buffers are host memory (see rollout.cpu_malloc).
+CPU_WORKER_MALLOC = CPU_MALLOC
 
 
 def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]) -> dict[str, str]:

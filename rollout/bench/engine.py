@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rollout.cpu_malloc import keep_freed_memory
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -64,6 +66,7 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.cpu_malloc (before jax starts)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         import torch

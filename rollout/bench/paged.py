@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
+from rollout.cpu_malloc import keep_freed_memory
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SHAPE: dict[str, Any] = dict(  # model config overrides for make_tiny_checkpoint
@@ -114,6 +116,7 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.cpu_malloc (before jax starts)
     with tempfile.TemporaryDirectory(prefix="rollout-bench-paged-") as root:  # the checkpoint: removed after
         return run(args, Path(root))
 

@@ -10,9 +10,9 @@ tie). A positive temperature below float32's smallest normal number (~1.18e-38) 
 that number: devices flush smaller (subnormal) float32 values to zero, which would silently
 turn the request greedy on some devices and not on others.
 
-Every sample draws its randomness from a key derived from (seed, sample index, absolute
-position), so a seeded request gets the same tokens for the same weights whatever else is in
-the batch.
+Tokens are drawn by inverse transform sampling (`inverse_cdf`): one uniform number per row,
+from a key derived from (seed, sample index, absolute position), so a seeded request gets the
+same tokens for the same weights whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -87,11 +87,13 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
         needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
         truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, scaled, params.top_k, params.top_p)
         keys = sample_keys(params.seed, params.sample_index, position)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
-        # Truncation keeps each row's maximum, so greedy rows (no noise) still take their argmax.
-        return first_argmax(truncated + jnp.where(greedy[:, None], 0.0, gumbel))
+        uniform = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+        # A greedy row draws from a point mass on its maxima (exactly 0 in `scaled`) with u = 0:
+        # the first of them, as first_argmax takes.
+        weights = jnp.where(greedy[:, None], (scaled == 0.0).astype(jnp.float32), jnp.exp(truncated))
+        return inverse_cdf(weights, jnp.where(greedy, 0.0, uniform))
 
-    # An all-greedy batch skips the noise and the sort entirely.
+    # An all-greedy batch skips the draw and the sort entirely.
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
     # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
@@ -123,6 +125,47 @@ def first_argmax(x: jax.Array) -> jax.Array:
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
     return jnp.minimum(index, vocab - 1)
+
+
+CDF_BLOCK = 128  # inverse_cdf's inner block: the vocabulary is searched as blocks of this many tokens
+
+
+def inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:
+    """One draw per row from the distribution proportional to `weights` (S, V) >= 0, by
+    inverse transform sampling: the first token whose cumulative weight exceeds
+    uniform x total, with `uniform` (S,) in [0, 1). Returns int32 (S,). A zero weight is never
+    drawn; uniform 0 takes the first token of positive weight.
+
+    One uniform per row instead of the Gumbel-max trick's V noise values: at 128 rows x 32000
+    tokens the noise alone took ~20 ms of a ~110 ms decode step on CPU. The cumulative sum is
+    taken in two levels (block totals, then the chosen block's tokens), so each pass over the
+    (S, V) weights is a plain reduction. Rounding cannot pick a zero weight: the target stays
+    below the total, and the index found within the chosen block is capped at its last
+    positive weight.
+    """
+    rows, vocab = weights.shape
+    nblocks = -(-vocab // CDF_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, nblocks * CDF_BLOCK - vocab)))
+    blocks = padded.reshape(rows, nblocks, CDF_BLOCK)
+    block_sums = jnp.sum(blocks, axis=-1)  # (S, nblocks)
+    block_cum = _cumsum(block_sums)
+    total = block_cum[:, -1]
+    target = jnp.minimum(uniform * total, jnp.nextafter(total, 0.0))  # < total: some block exceeds it
+    block = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), nblocks - 1)  # (S,)
+    before = jnp.take_along_axis(block_cum - block_sums, block[:, None], axis=-1)[:, 0]
+    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # (S, CDF_BLOCK)
+    within = jnp.sum(_cumsum(inner) <= (target - before)[:, None], axis=-1)
+    last_positive = jnp.max(jnp.where(inner > 0.0, jnp.arange(CDF_BLOCK), 0), axis=-1)
+    return (block * CDF_BLOCK + jnp.minimum(within, last_positive)).astype(jnp.int32)
+
+
+def _cumsum(x: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum over the last axis as a product with a triangular matrix of ones,
+    in float32 on every platform: XLA:CPU runs jnp.cumsum as a reduce-window, ~12 ms per decode
+    step on 64 rows of 250 block totals, against well under 1 ms for the product."""
+    n = x.shape[-1]
+    upper = jnp.triu(jnp.ones((n, n), x.dtype))
+    return jnp.dot(x, upper, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
