@@ -24,9 +24,9 @@ when applied after `jax.devices()`, none when applied before).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
+import sys
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -37,35 +37,45 @@ CPU_MALLOC: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
 }
 
-# mallopt() parameters (glibc's malloc.h) of each environment variable above.
-_MALLOPT_PARAM = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}
-_INT_MAX = 2**31 - 1  # mallopt takes a C int
+# What keep_freed_memory sets for each variable above: (mallopt parameter, value), glibc's
+# malloc.h numbering. mallopt takes a C int, so instead of the thresholds (past 2 GiB) it turns
+# mmap() off for allocations (M_MMAP_MAX = 0) and trimming off (M_TRIM_THRESHOLD = -1, i.e. the
+# largest unsigned value), which works the same on every glibc, whatever it allows a threshold to be.
+_MALLOPT = {"MALLOC_ARENA_MAX": (-8, 1), "MALLOC_MMAP_THRESHOLD_": (-4, 0), "MALLOC_TRIM_THRESHOLD_": (-1, -1)}
 _applied: dict[str, int] | None = None
 
 
 def keep_freed_memory(env: Mapping[str, str] | None = None) -> dict[str, int]:
-    """Apply CPU_MALLOC to this process with mallopt(), once; settings named in `env` (default
-    os.environ) are left as glibc read them at start-up. Returns what was applied (empty where
-    the C library is not glibc)."""
+    """Apply CPU_MALLOC's effect to this process with mallopt(), once per process; variables
+    named in `env` (default os.environ) are left as glibc read them at start-up. Returns the
+    mallopt values applied, by variable (empty where the C library has no mallopt). Call it
+    before JAX initialises its backend: it warns if that has happened."""
     global _applied
     if _applied is not None:
         return _applied
     env = os.environ if env is None else env
     _applied = {}
-    libc_name = ctypes.util.find_library("c")
+    if _jax_started():
+        log.warning("keep_freed_memory() after JAX initialised its backend: JAX's threads keep their own "
+                    "malloc arenas, so large buffers still come from fresh mmap()s; call it before the "
+                    "first jax.devices() or set %s in the environment", ", ".join(CPU_MALLOC))
     try:
-        mallopt = ctypes.CDLL(libc_name).mallopt if libc_name else None
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        log.info("no glibc mallopt(): CPU malloc settings not applied in-process")
+        log.info("no mallopt() in this C library: CPU malloc settings not applied in-process")
         return _applied
-    for name, value in CPU_MALLOC.items():
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    for name, (param, value) in _MALLOPT.items():
         if name in env:
             continue
-        setting = min(int(value), _INT_MAX)
-        if mallopt(ctypes.c_int(_MALLOPT_PARAM[name]), ctypes.c_int(setting)) == 1:
-            _applied[name] = setting
+        if mallopt(param, value) == 1:
+            _applied[name] = value
         else:
-            log.info("mallopt refused %s=%d", name, setting)
+            log.warning("mallopt(%d, %d) for %s was refused: freed memory may be unmapped", param, value, name)
     return _applied
+
+
+def _jax_started() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    started = getattr(bridge, "backends_are_initialized", None)
+    return bool(started and started())

@@ -10,7 +10,7 @@ tie). A positive temperature below float32's smallest normal number (~1.18e-38) 
 that number: devices flush smaller (subnormal) float32 values to zero, which would silently
 turn the request greedy on some devices and not on others.
 
-Tokens are drawn by inverse transform sampling (`inverse_cdf`): one uniform number per row,
+Tokens are drawn by inverse transform sampling (`inverse_cdf`): two uniform numbers per row,
 from a key derived from (seed, sample index, absolute position), so a seeded request gets the
 same tokens for the same weights whatever else is in the batch.
 """
@@ -18,6 +18,7 @@ same tokens for the same weights whatever else is in the batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -87,11 +88,11 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
         needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
         truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, scaled, params.top_k, params.top_p)
         keys = sample_keys(params.seed, params.sample_index, position)
-        uniform = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+        uniform = jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys)  # (S, 2)
         # A greedy row draws from a point mass on its maxima (exactly 0 in `scaled`) with u = 0:
         # the first of them, as first_argmax takes.
         weights = jnp.where(greedy[:, None], (scaled == 0.0).astype(jnp.float32), jnp.exp(truncated))
-        return inverse_cdf(weights, jnp.where(greedy, 0.0, uniform))
+        return inverse_cdf(weights, jnp.where(greedy[:, None], 0.0, uniform))
 
     # An all-greedy batch skips the draw and the sort entirely.
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
@@ -127,36 +128,48 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(index, vocab - 1)
 
 
-CDF_BLOCK = 128  # inverse_cdf's inner block: the vocabulary is searched as blocks of this many tokens
+def cdf_block(vocab: int) -> int:
+    """inverse_cdf's block of tokens: about sqrt(vocab), a multiple of 128, so that both of its
+    cumulative sums (over the block totals, then over one block) stay near vocab per row."""
+    return 128 * max(1, math.ceil(math.sqrt(vocab) / 128))
 
 
 def inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:
     """One draw per row from the distribution proportional to `weights` (S, V) >= 0, by
-    inverse transform sampling: the first token whose cumulative weight exceeds
-    uniform x total, with `uniform` (S,) in [0, 1). Returns int32 (S,). A zero weight is never
-    drawn; uniform 0 takes the first token of positive weight.
+    inverse transform sampling in two levels: `uniform[:, 0]` (in [0, 1)) picks a block of
+    `cdf_block(V)` tokens in proportion to its total weight, `uniform[:, 1]` a token within it
+    in proportion to its weight. Returns int32 (S,).
 
-    One uniform per row instead of the Gumbel-max trick's V noise values: at 128 rows x 32000
-    tokens the noise alone took ~20 ms of a ~110 ms decode step on CPU. The cumulative sum is
-    taken in two levels (block totals, then the chosen block's tokens), so each pass over the
-    (S, V) weights is a plain reduction. Rounding cannot pick a zero weight: the target stays
-    below the total, and the index found within the chosen block is capped at its last
-    positive weight.
+    Two uniforms per row instead of the Gumbel-max trick's V noise values (at 128 rows x 32000
+    tokens the noise alone took ~20 ms of a ~110 ms decode step on CPU), and each level's
+    float32 uniform resolves its own level, so the draw is exact to ~1e-7 of a block's mass
+    rather than of the whole vocabulary's. A zero weight is never drawn, whatever the rounding:
+    each level takes the first entry of positive weight whose cumulative sum exceeds its
+    target, or its last entry of positive weight if rounding left none above. Uniforms of 0
+    take the first token of positive weight. A row whose total is not finite and positive (NaN
+    logits) gets the last token, as `first_argmax` gives it.
     """
     rows, vocab = weights.shape
-    nblocks = -(-vocab // CDF_BLOCK)
-    padded = jnp.pad(weights, ((0, 0), (0, nblocks * CDF_BLOCK - vocab)))
-    blocks = padded.reshape(rows, nblocks, CDF_BLOCK)
+    size = cdf_block(vocab)
+    nblocks = -(-vocab // size)
+    blocks = jnp.pad(weights, ((0, 0), (0, nblocks * size - vocab))).reshape(rows, nblocks, size)
     block_sums = jnp.sum(blocks, axis=-1)  # (S, nblocks)
-    block_cum = _cumsum(block_sums)
-    total = block_cum[:, -1]
-    target = jnp.minimum(uniform * total, jnp.nextafter(total, 0.0))  # < total: some block exceeds it
-    block = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), nblocks - 1)  # (S,)
-    before = jnp.take_along_axis(block_cum - block_sums, block[:, None], axis=-1)[:, 0]
-    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # (S, CDF_BLOCK)
-    within = jnp.sum(_cumsum(inner) <= (target - before)[:, None], axis=-1)
-    last_positive = jnp.max(jnp.where(inner > 0.0, jnp.arange(CDF_BLOCK), 0), axis=-1)
-    return (block * CDF_BLOCK + jnp.minimum(within, last_positive)).astype(jnp.int32)
+    total = jnp.sum(block_sums, axis=-1)
+    block = _first_above(_cumsum(block_sums), uniform[:, 0] * total, block_sums > 0.0)
+    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # (S, size)
+    mass = jnp.take_along_axis(block_sums, block[:, None], axis=-1)[:, 0]
+    token = block * size + _first_above(_cumsum(inner), uniform[:, 1] * mass, inner > 0.0)
+    return jnp.where(jnp.isfinite(total) & (total > 0.0), token, vocab - 1).astype(jnp.int32)
+
+
+def _first_above(cum: jax.Array, target: jax.Array, positive: jax.Array) -> jax.Array:
+    """Per row, the first index i with positive[i] and cum[i] > target; the last positive index
+    when rounding left none above the target (0 when there is none)."""
+    n = cum.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(positive & (cum > target[:, None]), index, n), axis=-1)
+    last = jnp.max(jnp.where(positive, index, 0), axis=-1)
+    return jnp.where(first < n, first, last)
 
 
 def _cumsum(x: jax.Array) -> jax.Array:
@@ -177,7 +190,9 @@ def _truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arra
     desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], desc, -jnp.inf)
     probs = jax.nn.softmax(desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]  # the smallest prefix whose mass reaches top_p
+    # The smallest prefix whose mass reaches top_p; top_p >= 1 keeps every token, also those
+    # whose float32 mass_before rounds to 1.
+    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
     pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
     threshold = jnp.maximum(kth, pth)
