@@ -14,10 +14,12 @@ import pytest
 from trainer_stub import clients, grpo, model_io, train
 from trainer_stub.tasks import DigitsTask
 
-# Measured on the built-in model (lr 5e-3, group 8, 16 tokens) for sampling seeds 0-3: the mean
-# of the first 3 steps is 0.01-0.07, and every step from 25 to 29 is >= 0.92.
+# Measured on the built-in model (lr 5e-3, group 8, 16 tokens) for sampling seeds 0-3, with the
+# inverse-transform sampler (2026-12-01): the untrained policy's step 0 scores 0.008-0.036 (the
+# mean of the first 3 steps 0.016-0.171: seed 0 learns fast), the mean of steps 25-29 is 0.99,
+# 0.94, 0.75 and 0.98 (seed 2 still climbing). The loop below runs seed 0.
 RL_STEPS = 30
-FIRST_STEPS_BELOW = 0.15
+FIRST_STEP_BELOW = 0.15
 LAST_STEPS_ABOVE = 0.85
 ON_POLICY_LOGPROB_DIFF = 1e-4  # measured ~2e-6 (float32, 2-device engine vs 1-device trainer)
 STALE_LOGPROB_DIFF = 1e-2  # measured ~1 after one skipped sync
@@ -108,7 +110,7 @@ def on_policy_run(client, demo_model, task) -> list[train.StepRecord]:
 
 def test_mean_reward_rises_clearly_over_the_loop(on_policy_run):
     rewards = [r.mean_reward for r in on_policy_run]
-    assert np.mean(rewards[:3]) < FIRST_STEPS_BELOW, rewards
+    assert rewards[0] < FIRST_STEP_BELOW, rewards  # the untrained policy
     assert np.mean(rewards[-5:]) > LAST_STEPS_ABOVE, rewards
 
 
