@@ -161,13 +161,9 @@ def actor_options(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, s
     return options
 
 
-# glibc malloc settings of a CPU worker, whose device buffers are host memory (see rollout.cpu_malloc).
-CPU_WORKER_MALLOC = CPU_MALLOC
-
-
 def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]) -> dict[str, str]:
     """Environment of a worker process. On CPU: N simulated devices, other XLA flags kept, and
-    malloc settings that reuse freed device buffers (CPU_WORKER_MALLOC; env_vars override them).
+    malloc settings that reuse freed device buffers (rollout.cpu_malloc.CPU_MALLOC; env_vars override them).
 
     >>> env = worker_env(FleetConfig(devices_per_worker=2), "cpu",
     ...                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
@@ -179,7 +175,7 @@ def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]
         kept = _DEVICE_COUNT_FLAG.sub("", driver_env.get("XLA_FLAGS", "")).split()
         flags = " ".join([*kept, f"--xla_force_host_platform_device_count={cfg.devices_per_worker}"])
         env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-        env.update({k: driver_env.get(k, v) for k, v in CPU_WORKER_MALLOC.items()})
+        env.update({k: driver_env.get(k, v) for k, v in CPU_MALLOC.items()})
     for key in _PASSED_THROUGH:  # workers resolve repo ids and cache compiles as the driver does
         if key in driver_env:
             env[key] = driver_env[key]

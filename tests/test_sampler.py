@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rollout.engine.sampling import SamplingRow, cdf_block, inverse_cdf, sample, stack_sampling
+from rollout.engine.sampling import SamplingRow, _truncate, cdf_block, inverse_cdf, sample, stack_sampling
 
 DRAWS = 40_000
 
@@ -121,8 +121,6 @@ def test_a_top_p_of_one_keeps_every_token_beside_rows_that_truncate():
     rows = [SamplingRow(temperature=1.0, top_p=1.0, seed=3, sample_index=i) for i in range(4)]
     rows.append(SamplingRow(temperature=1.0, top_p=0.5, seed=4))  # makes the batch truncate
     params = stack_sampling(rows, 5)
-    from rollout.engine.sampling import _truncate
-
     truncated = _truncate(jnp.asarray(np.broadcast_to(logits - logits.max(), (5, vocab))), params.top_k, params.top_p)
     assert bool(jnp.all(jnp.isfinite(truncated[:4])))
 

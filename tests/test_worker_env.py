@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from rollout.fleet import CPU_WORKER_MALLOC, FleetConfig, worker_env
+from rollout.cpu_malloc import CPU_MALLOC
+from rollout.fleet import FleetConfig, worker_env
 
 
 def test_cpu_workers_get_malloc_settings_that_reuse_freed_device_buffers():
     env = worker_env(FleetConfig(devices_per_worker=2), "cpu", {})
-    assert {k: env[k] for k in CPU_WORKER_MALLOC} == CPU_WORKER_MALLOC
+    assert {k: env[k] for k in CPU_MALLOC} == CPU_MALLOC
     assert env["MALLOC_ARENA_MAX"] == "1"
 
 
@@ -20,4 +21,4 @@ def test_malloc_settings_of_the_driver_or_env_vars_win_over_the_defaults():
 
 def test_tpu_workers_keep_the_default_malloc():
     env = worker_env(FleetConfig(devices_per_worker=4), "tpu", {})
-    assert not set(CPU_WORKER_MALLOC) & set(env)
+    assert not set(CPU_MALLOC) & set(env)

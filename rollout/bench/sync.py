@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
           f"checksum {args.checksum}; "
           f"{os.cpu_count()} host cores; object store {store / 2**30:.1f} GiB, "
           f"{'not ' if args.no_preallocate else ''}preallocated; extra worker env {extra_env or 'none'} "
-          "(CPU malloc defaults: rollout.fleet.CPU_WORKER_MALLOC)", flush=True)
+          "(CPU malloc defaults: rollout.cpu_malloc.CPU_MALLOC)", flush=True)
     params = [random_params(spec, 0), random_params(spec, 1)]
 
     env = worker_env(FleetConfig(devices_per_worker=args.devices_per_worker, env_vars=extra_env), "cpu", os.environ)
