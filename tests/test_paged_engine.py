@@ -30,8 +30,10 @@ def contiguous(tiny_qwen3):
 
 @pytest.fixture(scope="module")
 def tight(tiny_qwen3):
-    """A pool of 40 pages of 4 positions: 8 slots of 40+ tokens need ~90, so it preempts."""
-    with Engine(tiny_qwen3, EngineConfig(**BASE, kv_layout="paged", page_size=4, kv_pages=40)) as engine:
+    """A pool of 40 pages of 4 positions: 8 slots of 40+ tokens need ~90, and admission reserves
+    only the next decode call's pages (kv_admission_ratio=0), so it preempts."""
+    config = EngineConfig(**BASE, kv_layout="paged", page_size=4, kv_pages=40, kv_admission_ratio=0.0)
+    with Engine(tiny_qwen3, config) as engine:
         yield engine
 
 
@@ -55,6 +57,46 @@ def test_seeded_samples_are_unchanged_by_preemption(contiguous, tight):
     want = contiguous.generate(PROMPTS[:4], SAMPLED)
     got = tight.generate(PROMPTS[:4], SAMPLED)
     assert tokens(got) == tokens(want)
+
+
+def paged_engine(tiny_qwen3, ratio: float | None) -> Engine:
+    return Engine(tiny_qwen3, EngineConfig(**BASE, kv_layout="paged", page_size=4, kv_pages=40, kv_admission_ratio=ratio))
+
+
+def test_admission_at_ratio_one_never_preempts_and_matches_the_contiguous_layout(contiguous, tiny_qwen3):
+    with paged_engine(tiny_qwen3, 1.0) as engine:
+        got = engine.generate(PROMPTS, LONG)
+        kv = engine.status()["kv"]
+    assert tokens(got) == tokens(contiguous.generate(PROMPTS, LONG))
+    assert kv["preemptions"] == 0 and kv["pages_used"] == 0
+
+
+def test_learned_admission_stops_preempting_once_samples_ran_to_max_tokens(tiny_qwen3):
+    """The first round starts from the prior (most samples stop early), over-admits and
+    preempts; every sample runs to max_tokens, so the second round expects that and preempts none."""
+    with paged_engine(tiny_qwen3, None) as engine:
+        engine.generate(PROMPTS, LONG)
+        first = engine.status()["kv"]
+        engine.generate(PROMPTS, LONG)
+        second = engine.status()["kv"]
+    assert first["preemptions"] > 0, "the prior was meant to over-admit this workload"
+    assert first["admission_ratio"] == 1.0
+    assert second["preemptions"] == first["preemptions"]
+
+
+def test_short_samples_fill_the_pool_beside_a_long_one_without_preemption(tiny_qwen3):
+    """One prompt runs to 40 new tokens, 12 others to 4: a pool of 160 positions holds two
+    64-position sequences, but admission sees the short ones end and decodes 8 at once."""
+    requests = [([3, 4, 5], 40)] + [([6 + i, 7], 4) for i in range(12)]
+    with paged_engine(tiny_qwen3, 1.0) as engine:
+        futures = [
+            engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), prompt_index=i)
+            for i, (p, n) in enumerate(requests)
+        ]
+        outs = [c for f in futures for c in f.result(120)]
+        kv = engine.status()["kv"]
+    assert [len(o.token_ids) for o in outs] == [n for _, n in requests]
+    assert kv["peak_active"] == BASE["max_batch"] and kv["preemptions"] == 0
 
 
 def test_every_request_is_returned_once_when_many_compete_for_pages(tight):
@@ -84,7 +126,7 @@ def test_a_group_shares_its_prompt_pages_and_cancel_frees_them(tight):
 def test_status_shows_the_pool(tight):
     kv = tight.status()["kv"]
     assert kv["layout"] == "paged" and kv["pages"] == 40 and kv["page_size"] == 4
-    assert {"pool_use", "shared_pages", "preemptions", "parked", "peak_active"} <= kv.keys()
+    assert {"pool_use", "shared_pages", "preemptions", "parked", "peak_active", "admission_ratio"} <= kv.keys()
 
 
 def test_a_group_that_no_empty_pool_holds_fails_with_an_error(tiny_qwen3):
@@ -118,6 +160,7 @@ def test_the_default_pool_takes_the_contiguous_layouts_memory(tiny_qwen3):
         (dict(kv_pages=0), "kv_pages=0"),
         (dict(kv_pages=8, kv_memory_fraction=0.5), "not both"),
         (dict(kv_memory_fraction=1.5), "kv_memory_fraction=1.5"),
+        (dict(kv_admission_ratio=1.5), "kv_admission_ratio=1.5"),
         (dict(page_size=0), "page_size=0"),
     ],
 )

@@ -5,7 +5,8 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
 
 (a) uniform lengths: --uniform-batch prompts of --prompt-len tokens, --uniform-new greedy new
     tokens each (EOS ignored). Contiguous: max_batch = the batch, max_seq_len = prompt + new.
-    Paged: the same KV bytes as pages, the same max_batch. Tokens/s of each.
+    Paged: the same KV bytes as pages, the same max_batch. Both engines live side by side and
+    take turns for --repeats timed rounds; tokens/s of each one's median round.
 (b) long-tailed lengths with n = 8 samples per prompt: --groups prompts; each prompt's
     max_tokens is drawn once (seeded) from a long tail: 70% L/16, 20% L/4, 10% L, with
     L = --tail-max (its 8 samples share it), sampled at temperature 1 with a seed, EOS ignored.
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--uniform-batch", type=int, default=16)
     p.add_argument("--uniform-new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="(a): timed rounds per layout, alternating; the median is reported")
     p.add_argument("--groups", type=int, default=16, help="(b): prompts, 8 samples each")
     p.add_argument("--tail-max", type=int, default=512, help="(b): the longest max_tokens, L")
     p.add_argument("--contiguous-slots", type=int, default=16, help="(b): contiguous slots (>= 8); sets the KV budget")
@@ -82,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.uniform_batch, args.uniform_new, args.groups, args.tail_max = 4, 16, 2, 64
         args.contiguous_slots, args.paged_slots, args.batches, args.new_tokens = 8, 32, [1, 4], 8
-        args.prompt_len, args.page_size, args.decode_steps, args.peak_new = 8, 8, 4, 8
+        args.prompt_len, args.page_size, args.decode_steps, args.peak_new, args.repeats = 8, 8, 4, 8, 2
     return args
 
 
@@ -149,19 +151,34 @@ def run(args: argparse.Namespace, root: Path) -> int:
         return memory.pages_in_budget(cfg, args.page_size, "float32", budget)
 
     def run_both(name: str, prompts, sampling, contiguous_slots: int, paged_slots: int, max_seq_len: int) -> dict:
-        row = {}
+        """Both layouts side by side: a warm-up each, then --repeats rounds alternating the two
+        (drift of the host hits both alike); the median round of each is reported."""
+        row: dict[str, Any] = {}
         pages = same_budget_pages(contiguous_slots, max_seq_len)
         sides = {
             "contiguous": dict(max_batch=contiguous_slots),
             "paged": dict(max_batch=paged_slots, kv_layout="paged", page_size=args.page_size, kv_pages=pages),
         }
-        for side, kw in tqdm(sides.items(), desc=name, unit="layout"):
-            with engine(max_seq_len=max_seq_len, **kw) as eng, PeakActive(eng) as peak:
-                outs, seconds = timed(lambda: eng.generate(prompts, sampling))
-                kv = eng.status()["kv"]
-            tokens = sum(len(o.token_ids) for o in outs)
-            row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens, peak_concurrent=peak.peak,
-                             preemptions=kv.get("preemptions", 0), kv_positions=pages * args.page_size)
+        engines = {side: engine(max_seq_len=max_seq_len, **kw) for side, kw in sides.items()}
+        try:
+            for eng in engines.values():
+                eng.generate(prompts, sampling)  # warm-up: compiles every shape the timed runs use
+            runs: dict[str, list[tuple[float, int, int]]] = {side: [] for side in sides}
+            for _ in tqdm(range(args.repeats), desc=name, unit="round"):
+                for side, eng in engines.items():
+                    with PeakActive(eng) as peak:
+                        start = time.perf_counter()
+                        outs = eng.generate(prompts, sampling)
+                        seconds = time.perf_counter() - start
+                    runs[side].append((seconds, sum(len(o.token_ids) for o in outs), peak.peak))
+            for side, eng in engines.items():
+                seconds, tokens, peak_seqs = sorted(runs[side])[len(runs[side]) // 2]
+                row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens, peak_concurrent=peak_seqs,
+                                 preemptions=eng.status()["kv"].get("preemptions", 0),
+                                 kv_positions=pages * args.page_size, rounds=[round(r[0], 3) for r in runs[side]])
+        finally:
+            for eng in engines.values():
+                eng.shutdown()
         row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
         row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
         return row
@@ -222,8 +239,9 @@ def run(args: argparse.Namespace, root: Path) -> int:
                     n: timed(lambda n=n: eng.generate(peak_prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))[1]
                     for n in (short, long)
                 }
-            seconds = times[long] - times[short]
-            row["peak_rate"] = dict(tok_s=args.paged_slots * args.peak_new / seconds, seconds=seconds,
+            seconds = times[long] - times[short]  # not positive when the difference drowns in noise (--tiny)
+            rate = args.paged_slots * args.peak_new / seconds if seconds > 0 else float("nan")
+            row["peak_rate"] = dict(tok_s=rate, seconds=seconds,
                                     tokens=args.paged_slots * args.peak_new, rows=args.paged_slots)
             row["unlimited_ratio"] = row["unlimited"]["tok_s"] / row["contiguous"]["tok_s"]
             row["paged_of_unlimited"] = row["paged"]["tok_s"] / row["unlimited"]["tok_s"]

@@ -34,6 +34,10 @@ class EngineConfig:
     page_size: int = 16  # paged: positions per page (smaller: less waste per sequence, longer tables)
     kv_pages: int | None = None  # paged: pool size in pages
     kv_memory_fraction: float | None = None  # paged: pool = this fraction of device memory, less what is in use
+    # paged: the fraction of its remaining max_tokens a running sequence is expected to generate,
+    # for admission (rollout.paged.admission). None: learned from finished sequences. 1: never
+    # preempt (admits less); 0: admit on the next decode call's pages (more preemptions).
+    kv_admission_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.swap_policy not in SWAP_POLICIES:
@@ -50,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"kv_pages={self.kv_pages!r}: expected an integer >= 1")
         if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction={self.kv_memory_fraction!r}: expected a number in (0, 1]")
+        if self.kv_admission_ratio is not None and not 0.0 <= self.kv_admission_ratio <= 1.0:
+            raise ValueError(f"kv_admission_ratio={self.kv_admission_ratio!r}: expected a number in [0, 1], or None to learn it")
         for name in ("max_batch", "max_seq_len", "decode_steps", "max_prefill_batch", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")

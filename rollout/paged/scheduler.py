@@ -4,14 +4,18 @@ Decode slots are only rows of the decode batch here; KV memory is the pool's pag
 sequences through their page tables (`rollout.paged.pool.PagePool`). What changes against the
 contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
 
-- Admission: a request is admitted when it has n free slots and its prompt's pages fit (the n
-  samples share the prompt's full pages), keeping a reserve of one decode call's growth for
-  every running sequence. A group that cannot fit even in an empty pool fails with an error.
+- Admission: a request is admitted when it has n free slots, its prompt's pages fit (the n
+  samples share the prompt's full pages) and the projected page use of the running sequences
+  and the new ones, each growing to its expected length, stays within the pool
+  (`rollout.paged.admission`: the expected length is learned from finished sequences). A group
+  that cannot fit even in an empty pool fails with an error; one that comes to an idle engine
+  is admitted when its prompt pages fit.
 - Growth and preemption: before each decode call every running sequence's pages are grown to
   cover the call's positions, oldest first; when the pool is short, the youngest sequences are
   preempted: their pages are freed and they are *parked*, keeping their tokens. Parked
   sequences are recomputed (prefill of prompt + generated tokens into fresh pages) as soon as
-  they fit again, oldest first, before any new request: none is lost or returned twice.
+  they fit again (the same projection), oldest first, before any new request: none is lost or
+  returned twice. A preemption raises the expected lengths at once (see the admission module).
 - Finish and cancel free a sequence's pages (cancelling also reaches parked sequences).
 - Swaps: `drain` waits for running *and* parked sequences, which resume on the old weights;
   `recompute` drops every running sequence's pages (KV of the old weights) and re-prefills it on
@@ -34,6 +38,7 @@ from rollout.engine.sampling import stack_sampling
 from rollout.engine.scheduler import BaseScheduler
 from rollout.engine.sequence import Request, Sequence
 from rollout.engine.weight_state import PendingSwap, WeightState
+from rollout.paged.admission import LengthEstimate, PlanRow, PoolPlan
 from rollout.paged.pool import PagePool, pages_for
 from rollout.paged.runner import PagedRunner
 
@@ -53,7 +58,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         self.parked: list[Sequence] = []  # preempted, oldest first; recomputed when they fit
         self._age: dict[Sequence, int] = {}
         self._ticks = itertools.count()
-        self._growth = pages_for(config.decode_steps, pool.page_size)  # pages one decode call may add
+        self.estimate = LengthEstimate(fixed=config.kv_admission_ratio)
         self.peak_active = 0
         self._kv_status = self._snapshot()
         super().__init__(lock, runner, weights, config)
@@ -77,6 +82,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
             "preemptions": stats.preemptions,
             "parked": len(self.parked),
             "peak_active": self.peak_active,
+            "admission_ratio": round(self.estimate.ratio, 3),
         }
 
     # -- the scheduler thread -----------------------------------------------------------------
@@ -95,38 +101,77 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
             self.parked.remove(seq)
         return super()._take_cancelled() + parked
 
-    def _reserve(self, extra_sequences: int) -> int:
-        """Free pages to keep after an admission: one decode call's growth per sequence."""
-        return (self.slots.active() + extra_sequences) * self._growth
+    def _limit(self, seq: Sequence) -> int:
+        """Positions `seq` may reach: prompt + max_tokens."""
+        return len(seq.request.prompt_ids) + seq.request.sampling.max_tokens
+
+    def _plan(self) -> PoolPlan:
+        """The running sequences' projected page use, for an admission. Under the lock."""
+        plan = PoolPlan(self.pool.num_pages, self.pool.page_size, self._config.decode_steps)
+        steps = self._config.decode_steps
+        for seq in self.slots.running():
+            table = self.pool.table(seq)
+            refs = [self.pool.refcount(page) for page in table]
+            prefix = next((i for i, r in enumerate(refs) if r == 1), len(refs))  # only prompt pages are shared
+            plan.rows.append(PlanRow(
+                position=seq.position, end=self.estimate.end(seq.position, self._limit(seq), steps),
+                prefix=prefix, prefix_share=sum(1 / r for r in refs[:prefix]), own=len(table) - prefix,
+            ))
+        return plan
+
+    def _request_rows(self, request: Request) -> list[PlanRow]:
+        """Plan rows of a request's n samples right after their prefill."""
+        prompt, n = len(request.prompt_ids), request.sampling.n
+        end = self.estimate.end(prompt, prompt + request.sampling.max_tokens, self._config.decode_steps)
+        if n == 1:
+            row = PlanRow(position=prompt, end=end, prefix=0, prefix_share=0.0, own=pages_for(prompt, self.pool.page_size))
+        else:
+            full, tail = divmod(prompt, self.pool.page_size)
+            row = PlanRow(position=prompt, end=end, prefix=full, prefix_share=full / n, own=int(tail > 0))
+        return [row] * n
+
+    def _resumed_row(self, seq: Sequence) -> PlanRow:
+        """The plan row of a parked sequence right after its recompute."""
+        length = len(seq.context())
+        end = self.estimate.end(length, self._limit(seq), self._config.decode_steps)
+        return PlanRow(position=length, end=end, prefix=0, prefix_share=0.0, own=pages_for(length, self.pool.page_size))
 
     def _resume(self) -> list[Sequence]:
         """Parked sequences that fit again, oldest first, into free slots. Under the lock."""
         resumed: list[Sequence] = []
         free = len(self.slots.free())
+        plan = self._plan() if self.parked else None
         while self.parked and len(resumed) < min(free, self._config.max_prefill_batch):
+            assert plan is not None
             seq = self.parked[0]
+            rows = [self._resumed_row(seq)]
             alone = self.slots.active() == 0 and not resumed
-            if not self.pool.admit_group([seq], len(seq.context()), reserve=0 if alone else self._reserve(1)):
+            if not (alone or plan.admit(rows)) or not self.pool.admit_group([seq], len(seq.context())):
                 break
+            if alone:
+                plan.rows += rows
             self.parked.pop(0)
             self.slots.occupy([seq])
             resumed.append(seq)
         return resumed
 
     def _admit(self) -> list[Request]:
-        """Waiting requests whose samples fit in free slots and whose prompt pages fit in the
+        """Waiting requests whose samples fit in free slots and whose projected pages fit in the
         pool, first come first served. Under the lock."""
         free = len(self.slots.free())
         admitted: list[Request] = []
+        plan = self._plan() if self.waiting else None
         while self.waiting and len(admitted) < self._config.max_prefill_batch:
+            assert plan is not None
             request = self.waiting[0]
             n = request.sampling.n
             if n > free:
                 break
             seqs = request.sequences
+            rows = self._request_rows(request)
             alone = self.slots.active() == 0 and not admitted
-            if not self.pool.admit_group(seqs, len(request.prompt_ids), reserve=0 if alone else self._reserve(n)):
-                if alone:  # an empty pool cannot hold it: it never will
+            if not (alone or plan.admit(rows)) or not self.pool.admit_group(seqs, len(request.prompt_ids)):
+                if alone:  # an empty pool cannot hold its prompt: it never will
                     self.waiting.popleft()
                     need = self.pool.group_pages(len(request.prompt_ids), n)
                     request.future.set_exception(PoolTooSmallError(
@@ -136,6 +181,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                     ))
                     continue
                 break
+            if alone:
+                plan.rows += rows
             self.waiting.popleft()
             for seq in seqs:
                 self._age[seq] = next(self._ticks)
@@ -170,8 +217,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         for seq in running:
             if seq.slot < 0:
                 continue  # preempted for an older one in this pass
-            limit = len(seq.request.prompt_ids) + seq.request.sampling.max_tokens
-            need = min(seq.position + steps, limit)
+            need = min(seq.position + steps, self._limit(seq))
             while not self.pool.grow(seq, need):
                 youngest_first = [s for s in reversed(running) if s.slot >= 0]
                 extra = pages_for(need, self.pool.page_size) - len(self.pool.table(seq))
@@ -186,7 +232,9 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                     break
 
     def _park(self, seq: Sequence) -> None:
-        """Take `seq` off its slot (its pages are already gone); it waits to be recomputed."""
+        """Take `seq` off its slot (its pages are already gone); it waits to be recomputed. The
+        expected lengths were too short: they go up (LengthEstimate.preempted)."""
+        self.estimate.preempted()
         with self._lock:
             self.slots.release(seq)
             self.parked.append(seq)
@@ -197,6 +245,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         self._grow_or_preempt()
         if not self.slots.active():
             return
+        self.estimate.decoded()
         batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
         sequences = self.slots.sequences
         tables = [
@@ -209,6 +258,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.pool:
             self.pool.free(seq)
+        if reason != "abort":
+            self.estimate.finished(len(seq.tokens), seq.request.sampling.max_tokens)
         self._age.pop(seq, None)
         self._publish()  # before the future resolves: a caller then sees the pages free
         super()._finish(seq, reason)
