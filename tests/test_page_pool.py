@@ -51,11 +51,15 @@ def test_admission_is_all_or_nothing():
     pool.check()
 
 
-def test_admission_keeps_the_reserve_free():
-    pool = PagePool(6, 4)
-    assert not pool.admit_group([1], prompt_len=16, reserve=3)  # 4 pages + 3 reserved > 6
-    assert pool.admit_group([1], prompt_len=12, reserve=3)
-    assert pool.free_pages == 3
+def test_shared_prefix_is_the_leading_shared_pages_and_this_holders_share_of_them():
+    pool = PagePool(32, 4)
+    pool.admit_group(["a", "b", "c", "d"], prompt_len=10)  # 2 full pages shared by 4, a tail each
+    assert pool.shared_prefix("a") == (2, 0.5) and pool.pages_held("a") == 3
+    pool.free("b")
+    pool.free("c")
+    assert pool.shared_prefix("a") == (2, 1.0)
+    pool.free("d")
+    assert pool.shared_prefix("a") == (0, 0.0)  # alone: every page its own
 
 
 def test_admitting_a_sequence_twice_is_refused():

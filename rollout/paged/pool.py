@@ -99,6 +99,19 @@ class PagePool:
         """The pages of `seq`, in position order (a copy)."""
         return list(self._tables[seq])
 
+    def pages_held(self, seq: SeqId) -> int:
+        return len(self._tables[seq])
+
+    def shared_prefix(self, seq: SeqId) -> tuple[int, float]:
+        """The leading pages of `seq`'s table it shares with other sequences (only full prompt
+        pages are ever shared, so they lead), and its share of them: the sum of 1 / holders."""
+        count, share = 0, 0.0
+        for page in self._tables[seq]:
+            if self._refs[page] == 1:
+                break
+            count, share = count + 1, share + 1 / self._refs[page]
+        return count, share
+
     def capacity(self, seq: SeqId) -> int:
         """Positions `seq`'s pages can hold (a multiple of page_size)."""
         return len(self._tables[seq]) * self.page_size
@@ -144,13 +157,12 @@ class PagePool:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def admit_group(self, seqs: Sequence[SeqId], prompt_len: int, reserve: int = 0) -> bool:
+    def admit_group(self, seqs: Sequence[SeqId], prompt_len: int) -> bool:
         """Give each of `seqs` a table for a shared `prompt_len`-token prompt, all or nothing.
 
         The prompt's full pages are shared by all of `seqs`; each gets a private copy of the
-        partial last page, if any. `reserve`: free pages that must remain afterwards (headroom
-        the caller keeps for running sequences to grow into). False, with nothing allocated,
-        if the pages do not fit.
+        partial last page, if any. False, with nothing allocated, if the pages do not fit (how
+        much room to keep for growth is the scheduler's admission plan, not the pool's).
         """
         if not seqs:
             raise ValueError("admit_group needs at least one sequence")
@@ -159,7 +171,7 @@ class PagePool:
         if len(set(seqs)) != len(seqs) or any(s in self._tables for s in seqs):
             raise ValueError(f"sequences {list(seqs)} must be distinct and hold no pages yet")
         need = self.group_pages(prompt_len, len(seqs))
-        if need + reserve > len(self._free):
+        if need > len(self._free):
             return False
         full, tail = divmod(prompt_len, self.page_size)
         shared = self._take(full)

@@ -110,12 +110,10 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         plan = PoolPlan(self.pool.num_pages, self.pool.page_size, self._config.decode_steps)
         steps = self._config.decode_steps
         for seq in self.slots.running():
-            table = self.pool.table(seq)
-            refs = [self.pool.refcount(page) for page in table]
-            prefix = next((i for i, r in enumerate(refs) if r == 1), len(refs))  # only prompt pages are shared
+            prefix, share = self.pool.shared_prefix(seq)
             plan.rows.append(PlanRow(
                 position=seq.position, end=self.estimate.end(seq.position, self._limit(seq), steps),
-                prefix=prefix, prefix_share=sum(1 / r for r in refs[:prefix]), own=len(table) - prefix,
+                prefix=prefix, prefix_share=share, own=self.pool.pages_held(seq) - prefix,
             ))
         return plan
 
@@ -140,9 +138,9 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         """Parked sequences that fit again, oldest first, into free slots. Under the lock."""
         resumed: list[Sequence] = []
         free = len(self.slots.free())
-        plan = self._plan() if self.parked else None
+        plan: PoolPlan | None = None
         while self.parked and len(resumed) < min(free, self._config.max_prefill_batch):
-            assert plan is not None
+            plan = plan or self._plan()
             seq = self.parked[0]
             rows = [self._resumed_row(seq)]
             alone = self.slots.active() == 0 and not resumed
@@ -160,13 +158,13 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         pool, first come first served. Under the lock."""
         free = len(self.slots.free())
         admitted: list[Request] = []
-        plan = self._plan() if self.waiting else None
+        plan: PoolPlan | None = None
         while self.waiting and len(admitted) < self._config.max_prefill_batch:
-            assert plan is not None
             request = self.waiting[0]
             n = request.sampling.n
             if n > free:
                 break
+            plan = plan or self._plan()
             seqs = request.sequences
             rows = self._request_rows(request)
             alone = self.slots.active() == 0 and not admitted
