@@ -76,6 +76,9 @@ def test_the_serve_command_defaults_to_the_engine_and_fleet_configs():
         EngineConfig.swap_policy, EngineConfig.kv_layout,
     )
     assert (args.engine, args.accelerator) == (FleetConfig.engine, FleetConfig.accelerator)
+    assert (args.page_size, args.kv_pages, args.kv_memory_fraction, args.kv_admission_ratio) == (
+        EngineConfig.page_size, EngineConfig.kv_pages, EngineConfig.kv_memory_fraction, EngineConfig.kv_admission_ratio,
+    )
 
 
 def test_the_serve_command_takes_the_engine_backend_and_kv_layout():
@@ -83,6 +86,18 @@ def test_the_serve_command_takes_the_engine_backend_and_kv_layout():
 
     args = build_parser().parse_args(["serve", "some/model", "--engine", "sglang-jax", "--kv-layout", "paged"])
     assert (args.engine, args.kv_layout) == ("sglang-jax", "paged")
+
+
+def test_the_serve_command_sizes_the_paged_pool():
+    from rollout.cli import build_parser
+    from rollout.server.cli import service_options
+
+    argv = ["serve", "some/model", "--kv-layout", "paged", "--page-size", "32", "--kv-pages", "4096",
+            "--kv-admission-ratio", "1"]
+    _, engine = service_configs(service_options(build_parser().parse_args(argv)))
+    assert (engine.kv_layout, engine.page_size, engine.kv_pages, engine.kv_admission_ratio) == ("paged", 32, 4096, 1.0)
+    with pytest.raises(SystemExit):  # a pool size in pages or as a memory fraction, not both
+        build_parser().parse_args([*argv, "--kv-memory-fraction", "0.5"])
 
 
 def test_every_demo_client_option_is_a_service_option_and_unchanged_ones_keep_the_defaults():

@@ -51,8 +51,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--swap-policy", default=EngineConfig.swap_policy, choices=SWAP_POLICIES)
     p.add_argument("--kv-layout", default=EngineConfig.kv_layout, choices=KV_LAYOUTS,
                    help="contiguous (one max_seq_len region per slot) or paged (a shared pool of pages)")
+    p.add_argument("--page-size", type=int, default=EngineConfig.page_size, help="paged: positions per page")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--kv-pages", type=int, default=EngineConfig.kv_pages,
+                      help="paged: pool size in pages (default: the contiguous layout's memory)")
+    pool.add_argument("--kv-memory-fraction", type=float, default=EngineConfig.kv_memory_fraction,
+                      help="paged, TPU/GPU: pool = this fraction of device memory, less what is in use")
+    p.add_argument("--kv-admission-ratio", type=float, default=EngineConfig.kv_admission_ratio,
+                   help="paged: expected share of max_tokens still to generate, for admission (default: learned)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(run=run)
+
+
+def service_options(args: argparse.Namespace) -> dict:
+    """The fleet and engine options of `rollout serve`'s flags, for RolloutService."""
+    names = ("accelerator", "dtype", "max_batch", "max_seq_len", "decode_steps", "load_format", "swap_policy",
+             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio")
+    return {name: getattr(args, name) for name in names}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,12 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from rollout.server.handle import Server
     from rollout.service import RolloutService
 
-    service = RolloutService(
-        args.model, args.workers, args.devices_per_worker, accelerator=args.accelerator, dtype=args.dtype,
-        max_batch=args.max_batch, max_seq_len=args.max_seq_len, decode_steps=args.decode_steps,
-        load_format=args.load_format, swap_policy=args.swap_policy, engine=args.engine,
-        kv_layout=args.kv_layout,
-    )
+    service = RolloutService(args.model, args.workers, args.devices_per_worker, **service_options(args))
     try:
         server = Server(service, owns_service=True, host=args.host, port=args.port, api_key=args.api_key or None,
                         model_name=args.served_model_name or args.model, log_level=args.log_level)
