@@ -44,7 +44,9 @@ class SlotTable:
         self.sequences: list[Sequence | None] = [None] * max_batch
         self.tokens = np.zeros(max_batch, np.int32)  # (max_batch,) pending token per slot
         self.positions = np.full(max_batch, max_seq_len, np.int32)  # (max_batch,) its position
-        self._sampling: tuple[tuple[int, ...], SlotSampling] | None = None  # (order, rows) last stacked
+        # device sampling rows by decode order; emptied when occupancy changes (a paged decode
+        # split in two calls alternates two orders)
+        self._sampling: dict[tuple[int, ...], SlotSampling] = {}
 
     # -- occupancy (under the engine's lock) --------------------------------------------------
 
@@ -54,7 +56,7 @@ class SlotTable:
         for seq in sequences:
             seq.slot = next(free)
             self.sequences[seq.slot] = seq
-        self._sampling = None
+        self._sampling = {}
 
     def release(self, seq: Sequence) -> None:
         """Free `seq`'s slot; the slot decodes as padding again."""
@@ -62,7 +64,7 @@ class SlotTable:
         self.sequences[slot] = None
         self.tokens[slot] = 0
         self.positions[slot] = self.max_seq_len
-        self._sampling = None
+        self._sampling = {}
 
     def clear(self) -> list[Sequence]:
         """Release every slot; the sequences that held one."""
@@ -89,20 +91,22 @@ class SlotTable:
         self.tokens[seq.slot] = token
         self.positions[seq.slot] = seq.position
 
-    def decode_batch(self, rows: int) -> DecodeBatch:
+    def decode_batch(self, rows: int, only: list[int] | None = None) -> DecodeBatch:
         """Inputs for a decode call of `rows` rows (`ModelRunner.decode_batch`). A full batch
         lists every slot in order (idle ones are padding) so it decodes in place; a smaller one
-        lists the running slots, then padding rows with slot id max_batch."""
+        lists the running slots, then padding rows with slot id max_batch. `only`: these
+        running slots instead of all of them (one of several calls of a decode pass), then
+        padding, whatever `rows` is."""
         max_batch = self.max_batch
-        if rows == max_batch:
+        if only is None and rows == max_batch:
             order = tuple(range(max_batch))
         else:
-            active = [slot for slot, s in enumerate(self.sequences) if s is not None]
+            active = [slot for slot, s in enumerate(self.sequences) if s is not None] if only is None else only
             order = tuple(active + [max_batch] * (rows - len(active)))
-        if self._sampling is None or self._sampling[0] != order:
+        if order not in self._sampling:
             seqs = [self.sequences[s] if s < max_batch else None for s in order]
-            self._sampling = order, stack_sampling([s.sampling if s else IDLE_ROW for s in seqs], rows)
+            self._sampling[order] = stack_sampling([s.sampling if s else IDLE_ROW for s in seqs], rows)
         slots = np.asarray(order, np.int32)
         positions = np.append(self.positions, self.max_seq_len)[slots]  # index max_batch: padding
         tokens = np.append(self.tokens, 0)[slots]
-        return DecodeBatch(order, slots, tokens, positions, self._sampling[1])
+        return DecodeBatch(order, slots, tokens, positions, self._sampling[order])

@@ -41,6 +41,16 @@ Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]
 
 
+def batch_bucket(n: int) -> int:
+    """The smallest power of two or 1.5x a power of two that is >= n.
+
+    >>> [batch_bucket(n) for n in (1, 2, 3, 5, 7, 13, 17, 33, 65, 97)]
+    [1, 2, 3, 6, 8, 16, 24, 48, 96, 128]
+    """
+    p = pow2_at_least(n)
+    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillPlan:
     """Host arrays of one paged prefill (see `forward.prefill`)."""
@@ -276,12 +286,53 @@ class PagedRunner:
             tok[i] = tokens[i]
             pos[i] = positions[i]
             top = max(top, int(positions[i]) + self.decode_steps)
-        span = min(pow2_at_least(pages_for(top, self.page_size), self.min_span_pages), self.width)
-        return table, tok, pos, span
+        return table, tok, pos, self.span_pages(top)
+
+    def span_pages(self, top: int) -> int:
+        """The attention span bucket, in pages, of a call whose longest row reaches `top` positions."""
+        return min(pow2_at_least(pages_for(top, self.page_size), self.min_span_pages), self.width)
+
+    def decode_groups(self, positions: list[int]) -> list[list[int]]:
+        """How to decode rows at `positions` this pass: one call of all rows (indices in order),
+        or, on the XLA path, two calls, the shorter rows and the longer ones, when that is
+        estimated cheaper (`call_cost`): a call's span is its longest row's, so short rows
+        beside a long one would otherwise read, and gather, the long span."""
+        rows = list(range(len(positions)))
+        if self.kernel != "xla" or len(rows) < 2:
+            return [rows]
+        by_length = sorted(rows, key=positions.__getitem__)
+        spans = [self.span_pages(positions[i] + self.decode_steps) for i in by_length]
+        best, groups = self.call_cost(len(rows), spans[-1]), [rows]
+        for k in range(1, len(rows)):
+            if spans[k] == spans[k - 1]:
+                continue  # the same span bucket: splitting here reads nothing less
+            cost = self.call_cost(k, spans[k - 1]) + self.call_cost(len(rows) - k, spans[-1])
+            if cost < best:
+                best, groups = cost, [sorted(by_length[:k]), sorted(by_length[k:])]
+        return groups
+
+    # A decode step's cost on the XLA path (CPU), as bytes read at equal time: the weights (read
+    # once per step however many rows run), each row's matmuls (2 x parameters FLOPs, at
+    # BYTES_PER_FLOP) and each row's span of K/V. BYTES_PER_FLOP is this 2-core CPU's balance,
+    # fitted to 8-step calls of `rollout bench paged`'s model (2026-12-01, 8-128 rows at spans of
+    # 64-512 positions: ~140 ms + ~7.3 ms per row + ~0.0126 ms per row-position per call, i.e.
+    # ~16 GB/s of weights, ~150 GFLOP/s, ~20 GB/s of K/V); gathering once or every step cost
+    # the same within 15%. Only the ratios matter, and only to choose one call or two.
+    BYTES_PER_FLOP = 0.13
+
+    def call_cost(self, active: int, span: int) -> float:
+        """The estimated cost of one decode step of `active` rows over `span` pages (bytes)."""
+        rows = self.decode_batch(active)
+        weights = self.model_def.spec.nbytes
+        flops = 2 * weights / np.dtype(self.model_def.dtype).itemsize
+        return weights + rows * flops * self.BYTES_PER_FLOP + self.block_bytes(rows, span)
 
     def decode_batch(self, active: int) -> int:
-        """Rows a decode call runs for `active` sequences: the next power of two, <= max_batch."""
-        return min(pow2_at_least(active), self.max_batch)
+        """Rows a decode call runs for `active` sequences, at most max_batch: the next of 1, 2, 3,
+        4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them). Every padding row costs a real
+        row's matmuls, so finer buckets than powers of two (up to 50% padding, here at most
+        33%) pay for their twice as many compiled shapes."""
+        return min(batch_bucket(active), self.max_batch)
 
     def compiled_count(self) -> int:
         """Executables compiled so far (grows only with new shape buckets)."""

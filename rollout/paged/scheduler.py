@@ -244,14 +244,18 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         if not self.slots.active():
             return
         self.estimate.decoded()
-        batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
         sequences = self.slots.sequences
-        tables = [
-            self.pool.table(sequences[slot]) if slot < self.slots.max_batch and sequences[slot] is not None else None
-            for slot in batch.order
-        ]
-        tokens, logprobs = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
-        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist())
+        running = [slot for slot, seq in enumerate(sequences) if seq is not None]
+        groups = self._runner.decode_groups([int(self.slots.positions[slot]) for slot in running])
+        for group in groups:  # one call, or the short rows and the long ones (PagedRunner.decode_groups)
+            only = [running[i] for i in group] if len(groups) > 1 else None
+            batch = self.slots.decode_batch(self._runner.decode_batch(len(group)), only)
+            tables = [
+                self.pool.table(sequences[slot]) if slot < self.slots.max_batch and sequences[slot] is not None else None
+                for slot in batch.order
+            ]
+            tokens, logprobs = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
+            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist())
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.pool:
