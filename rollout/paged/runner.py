@@ -5,8 +5,9 @@ serving parameter leaves, and its jitted functions take the parameters as argume
 leaves of identical shapes, dtypes and shardings reuse the compiled executables (a weight swap
 compiles nothing). Shapes are fixed or bucketed: the page-table width is max_seq_len /
 page_size (rounded up) for every row, prompts and prefill batches are padded to powers of two,
-decode batches to powers of two up to max_batch, and the attention span to a power of two of
-pages. Which pages a sequence holds is the caller's business (`rollout.paged.pool.PagePool`):
+decode batches to powers of two or 1.5x them up to max_batch (`batch_bucket`), and the
+attention span to a power of two of pages. A call's span is its longest row's, so on the XLA
+path a pass may decode its short rows and its long ones in two calls (`decode_groups`). Which pages a sequence holds is the caller's business (`rollout.paged.pool.PagePool`):
 the runner takes page tables and trusts them.
 
 A decode call runs `decode_steps` steps. With the XLA kernel (CPU, float32 pools) it gathers
