@@ -11,7 +11,8 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
     max_tokens is drawn once (seeded) from a long tail: 70% L/16, 20% L/4, 10% L, with
     L = --tail-max (its 8 samples share it), sampled at temperature 1 with a seed, EOS ignored.
     Contiguous: --contiguous-slots slots of prompt + L positions (that is the KV budget). Paged:
-    the same bytes as pages, --paged-slots decode rows. Tokens/s, peak concurrent sequences,
+    the same bytes as pages, --paged-slots decode rows. The engines take turns for
+    --tail-repeats timed rounds; tokens/s of each one's median round, peak concurrent sequences,
     preemptions. Two references measured in the same run (--no-ceiling skips them):
     "unlimited", the contiguous layout with --paged-slots slots of prompt + L positions (KV
     memory no limit) on the same workload, what memory alone gives the contiguous layout; and
@@ -22,7 +23,7 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
 (c) rollout (paged and contiguous) against transformers' `generate` at batch 1, 4, 16 (greedy,
     same prompts; identical tokens counted).
 
-Each timed run follows a warm-up run of the same work (compilation is not timed).
+Each engine runs the work once as a warm-up before it is timed (compilation is not timed).
 
     rollout bench paged                  # all three, full size (minutes; take figures on a quiet host)
     rollout bench paged --tiny           # a small model and workload: proves it runs
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--uniform-batch", type=int, default=16)
     p.add_argument("--uniform-new", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="(a): timed rounds per layout, alternating; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="(a): timed rounds per layout, taking turns; the median is reported")
+    p.add_argument("--tail-repeats", type=int, default=3, help="(b): timed rounds per layout, taking turns; the median is reported")
     p.add_argument("--groups", type=int, default=16, help="(b): prompts, 8 samples each")
     p.add_argument("--tail-max", type=int, default=512, help="(b): the longest max_tokens, L")
     p.add_argument("--contiguous-slots", type=int, default=16, help="(b): contiguous slots (>= 8); sets the KV budget")
@@ -84,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.uniform_batch, args.uniform_new, args.groups, args.tail_max = 4, 16, 2, 64
         args.contiguous_slots, args.paged_slots, args.batches, args.new_tokens = 8, 32, [1, 4], 8
-        args.prompt_len, args.page_size, args.decode_steps, args.peak_new, args.repeats = 8, 8, 4, 8, 2
+        args.prompt_len, args.page_size, args.decode_steps, args.peak_new, args.repeats, args.tail_repeats = 8, 8, 4, 8, 2, 2
     return args
 
 
@@ -150,35 +152,46 @@ def run(args: argparse.Namespace, root: Path) -> int:
         budget = memory.contiguous_bytes(cfg, slots, max_seq_len, "float32")
         return memory.pages_in_budget(cfg, args.page_size, "float32", budget)
 
+    def alternate(name: str, sides: dict[str, dict], max_seq_len: int, work, repeats: int) -> dict[str, dict]:
+        """The engines of `sides` side by side: a warm-up each (compiles every shape), then
+        `repeats` rounds taking turns (the host's drift hits all alike); each side's median
+        round is reported, with its peak of concurrent sequences and the preemptions of all
+        timed rounds."""
+        engines = {side: engine(max_seq_len=max_seq_len, **kw) for side, kw in sides.items()}
+        try:
+            for eng in engines.values():
+                work(eng)
+            before = {side: eng.status()["kv"].get("preemptions", 0) for side, eng in engines.items()}
+            runs: dict[str, list[tuple[float, int, int]]] = {side: [] for side in sides}
+            for _ in tqdm(range(repeats), desc=name, unit="round"):
+                for side, eng in engines.items():
+                    with PeakActive(eng) as peak:
+                        start = time.perf_counter()
+                        outs = work(eng)
+                        seconds = time.perf_counter() - start
+                    runs[side].append((seconds, sum(len(o.token_ids) for o in outs), peak.peak))
+            out = {}
+            for side, eng in engines.items():
+                seconds, tokens, peak_seqs = sorted(runs[side])[len(runs[side]) // 2]
+                kv = eng.status()["kv"]
+                out[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens,
+                                 peak_concurrent=max(peak_seqs, kv.get("peak_active", 0)),
+                                 preemptions=kv.get("preemptions", 0) - before[side],
+                                 rounds=[round(r[0], 3) for r in runs[side]])
+            return out
+        finally:
+            for eng in engines.values():
+                eng.shutdown()
+
     def run_both(name: str, prompts, sampling, contiguous_slots: int, paged_slots: int, max_seq_len: int) -> dict:
-        """Both layouts side by side: a warm-up each, then --repeats rounds alternating the two
-        (drift of the host hits both alike); the median round of each is reported."""
-        row: dict[str, Any] = {}
         pages = same_budget_pages(contiguous_slots, max_seq_len)
         sides = {
             "contiguous": dict(max_batch=contiguous_slots),
             "paged": dict(max_batch=paged_slots, kv_layout="paged", page_size=args.page_size, kv_pages=pages),
         }
-        engines = {side: engine(max_seq_len=max_seq_len, **kw) for side, kw in sides.items()}
-        try:
-            for eng in engines.values():
-                eng.generate(prompts, sampling)  # warm-up: compiles every shape the timed runs use
-            runs: dict[str, list[tuple[float, int, int]]] = {side: [] for side in sides}
-            for _ in tqdm(range(args.repeats), desc=name, unit="round"):
-                for side, eng in engines.items():
-                    with PeakActive(eng) as peak:
-                        start = time.perf_counter()
-                        outs = eng.generate(prompts, sampling)
-                        seconds = time.perf_counter() - start
-                    runs[side].append((seconds, sum(len(o.token_ids) for o in outs), peak.peak))
-            for side, eng in engines.items():
-                seconds, tokens, peak_seqs = sorted(runs[side])[len(runs[side]) // 2]
-                row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens, peak_concurrent=peak_seqs,
-                                 preemptions=eng.status()["kv"].get("preemptions", 0),
-                                 kv_positions=pages * args.page_size, rounds=[round(r[0], 3) for r in runs[side]])
-        finally:
-            for eng in engines.values():
-                eng.shutdown()
+        row: dict[str, Any] = alternate(name, sides, max_seq_len, lambda eng: eng.generate(prompts, sampling), args.repeats)
+        for side in sides:
+            row[side]["kv_positions"] = pages * args.page_size
         row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
         row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
         return row
@@ -218,15 +231,9 @@ def run(args: argparse.Namespace, root: Path) -> int:
         }
         if args.ceiling:  # the same workload with no KV limit: contiguous slots for every row
             sides["unlimited"] = dict(max_batch=args.paged_slots)
-        for side, kw in tqdm(sides.items(), desc="(b) long tail, n=8", unit="layout"):
-            with engine(max_seq_len=args.prompt_len + L, **kw) as eng, PeakActive(eng) as peak:
-                outs, seconds = timed(lambda: run_tail(eng))
-                kv = eng.status()["kv"]
-            tokens = sum(len(o.token_ids) for o in outs)
-            positions = pages * args.page_size if side != "unlimited" else args.paged_slots * (args.prompt_len + L)
-            row[side] = dict(tok_s=tokens / seconds, seconds=seconds, tokens=tokens,
-                             peak_concurrent=max(peak.peak, kv.get("peak_active", 0)),
-                             preemptions=kv.get("preemptions", 0), kv_positions=positions)
+        row.update(alternate("(b) long tail, n=8", sides, args.prompt_len + L, run_tail, args.tail_repeats))
+        for side in sides:
+            row[side]["kv_positions"] = pages * args.page_size if side != "unlimited" else args.paged_slots * (args.prompt_len + L)
         row["tok_s_ratio"] = row["paged"]["tok_s"] / row["contiguous"]["tok_s"]
         row["concurrency_ratio"] = row["paged"]["peak_concurrent"] / max(1, row["contiguous"]["peak_concurrent"])
         if args.ceiling:
