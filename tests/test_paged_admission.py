@@ -10,7 +10,7 @@ import pytest
 
 from rollout.paged import admission
 from rollout.paged.admission import PRESSURE_DECAY, PRIOR_RATIO, LengthEstimate, PlanRow, PoolPlan
-from rollout.paged.pool import pages_for
+from rollout.paged.pool import PagePool, pages_for
 
 
 def row(position: int, end: int, own: int | None = None, prefix: int = 0, share: float = 0.0) -> PlanRow:
@@ -119,3 +119,40 @@ def test_a_plan_refuses_rows_that_do_not_fit_and_keeps_what_it_had():
 
 def test_the_admission_modules_examples_hold():
     assert doctest.testmod(admission).failed == 0
+
+
+def test_the_plan_never_falls_short_of_a_pool_grown_as_the_scheduler_grows_it():
+    """Groups of n samples sharing a prompt, all run to max_tokens: a PagePool grown before
+    every decode call (to position + steps, at most prompt + max_tokens, as the paged scheduler
+    does) and freed as samples end never holds more pages than the plan's peak at ratio 1."""
+    rng = random.Random(1)
+    for _ in range(100):
+        page, steps = rng.choice([4, 16]), rng.choice([1, 4, 8])
+        pool = PagePool(100_000, page)
+        estimate = LengthEstimate(fixed=1.0)
+        plan = PoolPlan(pool.num_pages, page, steps)
+        live: list[list[int]] = []  # [id, position, generated, max_tokens, limit]
+        for g in range(rng.randint(1, 6)):
+            prompt, n, max_tokens = rng.randint(1, 40), rng.randint(1, 4), rng.randint(2, 120)
+            ids = [(g, i) for i in range(n)]
+            assert pool.admit_group(ids, prompt)
+            full, tail = divmod(prompt, page)
+            if n == 1:
+                row = PlanRow(prompt, estimate.end(prompt, prompt + max_tokens, steps), 0, 0.0, pages_for(prompt, page))
+            else:
+                row = PlanRow(prompt, estimate.end(prompt, prompt + max_tokens, steps), full, full / n, int(tail > 0))
+            plan.rows += [row] * n
+            live += [[ids[i], prompt, 1, max_tokens, prompt + max_tokens] for i in range(n)]  # prefill sampled one
+        peak = plan.peak()
+        while live:
+            for seq in live:
+                assert pool.grow(seq[0], min(seq[1] + steps, seq[4]))
+            assert pool.used_pages <= peak + 1e-9
+            for seq in live:
+                for _ in range(steps):
+                    seq[1], seq[2] = seq[1] + 1, seq[2] + 1
+                    if seq[2] >= seq[3]:
+                        break
+            for seq in [s for s in live if s[2] >= s[3]]:
+                pool.free(seq[0])
+                live.remove(seq)

@@ -25,6 +25,10 @@ def test_a_row_bucket_pads_by_at_most_a_third():
         assert n <= bucket and (bucket - n) * 3 <= bucket
 
 
+def sampled(max_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=40, seed=seed, ignore_eos=True)
+
+
 @pytest.fixture(scope="module")
 def paged(tiny_qwen3):
     with Engine(tiny_qwen3, EngineConfig(**CONFIG, kv_layout="paged", page_size=4)) as engine:
@@ -39,15 +43,20 @@ def test_short_rows_beside_long_ones_decode_in_a_call_of_their_own(paged):
 
 
 def test_one_call_when_a_second_call_costs_more_than_the_span_it_saves(paged):
-    assert paged.runner.decode_groups([4, 10]) == [[0, 1]]  # the same span bucket (4 pages)
-    # 7 rows at position 8 beside 1 at 20: 7 rows x 4 pages of K/V saved, less than reading
-    # the weights a second time
-    assert paged.runner.decode_groups([8] * 7 + [20]) == [list(range(8))]
+    runner = paged.runner
+    assert runner.decode_groups([4, 10]) == [[0, 1]]  # the same span bucket (the minimum, 16 pages)
+    # 7 rows at position 8 (16 pages) beside 1 at 100 (32 pages): what the 7 would not read is
+    # less than reading the weights a second time
+    positions = [8] * 7 + [100]
+    assert runner.span_pages(8 + 4) == 16 and runner.span_pages(100 + 4) == 32
+    assert runner.call_cost(8, 32) < runner.call_cost(7, 16) + runner.call_cost(1, 32)
+    assert runner.decode_groups(positions) == [list(range(8))]
 
 
 def test_split_decode_calls_give_the_contiguous_layouts_tokens(tiny_qwen3, paged):
-    """Force a split whenever it reads less K/V (no cost per call or row): greedy tokens of a
-    mixed-length workload are those of the contiguous layout."""
+    """Force a split whenever it reads less K/V (no cost per call or row): the seeded samples of
+    a mixed-length workload are token for token those of the contiguous layout (each row keeps
+    its own sampling row across the two calls)."""
     prompts = [[3 + i, 4, 5] for i in range(5)] + [list(range(3, 203))]  # 5 short prompts and a long one
     lengths = [24, 4, 8, 30, 2, 30]
     calls = []
@@ -62,12 +71,12 @@ def test_split_decode_calls_give_the_contiguous_layouts_tokens(tiny_qwen3, paged
     runner.call_cost = lambda active, span: runner.block_bytes(runner.decode_batch(active), span)  # no fixed part
     runner.decode_groups = spy
     try:
-        got = [paged.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p, n in zip(prompts, lengths)]
+        got = [paged.submit(p, sampled(n, seed)) for seed, (p, n) in enumerate(zip(prompts, lengths))]
         got_tokens = [f.result(120)[0].token_ids for f in got]
     finally:
         del runner.call_cost, runner.decode_groups
     with Engine(tiny_qwen3, EngineConfig(**CONFIG)) as contiguous:
-        want = [contiguous.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p, n in zip(prompts, lengths)]
+        want = [contiguous.submit(p, sampled(n, seed)) for seed, (p, n) in enumerate(zip(prompts, lengths))]
         want_tokens = [f.result(120)[0].token_ids for f in want]
     assert max(calls) == 2, "the workload was meant to split"
     assert got_tokens == want_tokens

@@ -59,8 +59,9 @@ def test_seeded_samples_are_unchanged_by_preemption(contiguous, tight):
     assert tokens(got) == tokens(want)
 
 
-def paged_engine(tiny_qwen3, ratio: float | None) -> Engine:
-    return Engine(tiny_qwen3, EngineConfig(**BASE, kv_layout="paged", page_size=4, kv_pages=40, kv_admission_ratio=ratio))
+def paged_engine(tiny_qwen3, ratio: float | None, kv_pages: int = 40) -> Engine:
+    config = EngineConfig(**BASE, kv_layout="paged", page_size=4, kv_pages=kv_pages, kv_admission_ratio=ratio)
+    return Engine(tiny_qwen3, config)
 
 
 def test_admission_at_ratio_one_never_preempts_and_matches_the_contiguous_layout(contiguous, tiny_qwen3):
@@ -85,10 +86,11 @@ def test_learned_admission_stops_preempting_once_samples_ran_to_max_tokens(tiny_
 
 
 def test_short_samples_fill_the_pool_beside_a_long_one_without_preemption(tiny_qwen3):
-    """One prompt runs to 40 new tokens, 12 others to 4: a pool of 160 positions holds two
-    64-position sequences, but admission sees the short ones end and decodes 8 at once."""
+    """One prompt runs to 40 new tokens (11 pages of 4 at the end), 12 others to 4 (2 pages
+    each): all 8 rows at their full lengths need 25 pages, the pool has 20, but the short ones
+    end long before the long one grows, and admission plans that timeline: 8 decode at once."""
     requests = [([3, 4, 5], 40)] + [([6 + i, 7], 4) for i in range(12)]
-    with paged_engine(tiny_qwen3, 1.0) as engine:
+    with paged_engine(tiny_qwen3, 1.0, kv_pages=20) as engine:
         futures = [
             engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), prompt_index=i)
             for i, (p, n) in enumerate(requests)
@@ -97,6 +99,16 @@ def test_short_samples_fill_the_pool_beside_a_long_one_without_preemption(tiny_q
         kv = engine.status()["kv"]
     assert [len(o.token_ids) for o in outs] == [n for _, n in requests]
     assert kv["peak_active"] == BASE["max_batch"] and kv["preemptions"] == 0
+
+
+def test_a_group_that_outgrows_the_pool_alone_is_admitted_and_preempts_its_own_samples(tiny_qwen3):
+    """At ratio 1 the plan is bypassed for a request that comes to an idle engine: 4 samples of
+    50 tokens need 54 pages of the 40; the youngest samples are preempted and recomputed."""
+    with paged_engine(tiny_qwen3, 1.0) as engine:
+        outs = engine.generate([list(range(3, 13))], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, n=4))
+        kv = engine.status()["kv"]
+    assert [len(o.token_ids) for o in outs] == [50] * 4
+    assert kv["preemptions"] > 0 and kv["pages_used"] == 0
 
 
 def test_every_request_is_returned_once_when_many_compete_for_pages(tight):

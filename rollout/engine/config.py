@@ -34,9 +34,10 @@ class EngineConfig:
     page_size: int = 16  # paged: positions per page (smaller: less waste per sequence, longer tables)
     kv_pages: int | None = None  # paged: pool size in pages
     kv_memory_fraction: float | None = None  # paged: pool = this fraction of device memory, less what is in use
-    # paged: the fraction of its remaining max_tokens a running sequence is expected to generate,
-    # for admission (rollout.paged.admission). None: learned from finished sequences. 1: never
-    # preempt (admits less); 0: admit on the next decode call's pages (more preemptions).
+    # paged: the fraction of its remaining max_tokens a running sequence is planned to generate,
+    # for admission (rollout.paged.admission). None: learned from finished sequences. 1: no
+    # preemption (admits less; except one request whose n samples outgrow the pool, and
+    # recompute swaps); 0: admit on the next decode call's pages (more preemptions).
     kv_admission_ratio: float | None = None
 
     def __post_init__(self) -> None:

@@ -135,7 +135,10 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
                     # nothing joins in a pass that swaps: a recompute swap re-prefills the running
                     # sequences, and one admitted or resumed before it would be prefilled twice
                     resumed = self._resume() if swap is None else []
-                    admitted = [] if swap is not None or self._weights.pending or self._held() else self._admit()
+                    # nor after a resume: the resumed are not prefilled yet, and admission plans from positions
+                    admitted = (
+                        [] if swap is not None or self._weights.pending or self._held() or resumed else self._admit()
+                    )
                     self._publish()  # with the slots just occupied: status sees both at once
                 for seq in cancelled:
                     self._finish(seq, "abort")

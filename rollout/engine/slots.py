@@ -104,6 +104,8 @@ class SlotTable:
             active = [slot for slot, s in enumerate(self.sequences) if s is not None] if only is None else only
             order = tuple(active + [max_batch] * (rows - len(active)))
         if order not in self._sampling:
+            if len(self._sampling) >= 4:  # a moving split point makes new orders: keep a few
+                self._sampling.clear()
             seqs = [self.sequences[s] if s < max_batch else None for s in order]
             self._sampling[order] = stack_sampling([s.sampling if s else IDLE_ROW for s in seqs], rows)
         slots = np.asarray(order, np.int32)

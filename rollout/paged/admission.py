@@ -6,14 +6,19 @@ each sequence grows a page every `page_size` tokens until it ends, then gives it
 and admits them only if its peak fits the pool. The peak comes just before some sequence ends
 (its pages only grow until then), so only those instants are evaluated.
 
-Where a sequence ends is not known (EOS); `LengthEstimate` supplies the expected end: the
-current position plus `ratio` x the tokens its max_tokens still allows (at least one decode
-call). The ratio is learned: generated / max_tokens, token-weighted, over recently finished
-sequences (0.7 before any has finished). A preemption means the estimate was too low for the
-sequences running then: the ratio goes to 1 at once and comes back down to the learned value by
-0.01 per decode call. `EngineConfig.kv_admission_ratio` fixes the ratio instead (1: admit only
-what can run to max_tokens without a preemption; 0: reserve only the next decode call's pages,
-over-admitting under pressure: preemptions recompute their context).
+Where a sequence ends is not known (EOS); `LengthEstimate` supplies a planned end, a
+heuristic: the current position plus `ratio` x the tokens its max_tokens still allows (at least
+one decode call). The ratio is learned: generated / max_tokens, token-weighted, over recently
+finished sequences (0.7 before any has finished). It is a share of the whole budget applied to
+what is left of it, so a sequence that has already run long is planned short of where such
+sequences tend to end; a preemption says the plan was too low: the ratio goes to 1 at once and
+comes back down to the learned value by 0.01 per decode pass. `EngineConfig.kv_admission_ratio`
+fixes the ratio instead (1: admit only what can run to max_tokens without a preemption; 0:
+reserve only the next decode call's pages, over-admitting under pressure: preemptions
+recompute their context). Two admissions bypass the plan, so even a ratio of 1 can preempt: a
+request that comes to an idle engine is admitted when its prompt pages fit (its n samples may
+outgrow the pool: they then preempt each other), and a `recompute` swap re-admits each running
+sequence on its own (shared prompt pages become private copies).
 
 Why: reserving only the next call's growth, 64 prompts x 8 samples of a long-tailed length mix
 over a pool that holds ~17 full-length sequences kept preempting and recomputing, and ran
@@ -34,7 +39,7 @@ import numpy as np
 
 PRIOR_RATIO = 0.7  # before any sequence finished: most RL samples stop before max_tokens
 MEMORY = 0.98  # weight of the past per finished sequence in the learned ratio (~50 sequences)
-PRESSURE_DECAY = 0.01  # per decode call: the way back from 1 to the learned ratio after a preemption
+PRESSURE_DECAY = 0.01  # per decode pass: the way back from 1 to the learned ratio after a preemption
 
 
 @dataclasses.dataclass
@@ -54,7 +59,7 @@ class LengthEstimate:
         return min(1.0, max(learned, self.pressure))
 
     def end(self, position: int, limit: int, steps: int) -> int:
-        """Expected final length of a sequence at `position` that may run to `limit` positions.
+        """Planned final length of a sequence at `position` that may run to `limit` positions.
 
         >>> LengthEstimate(fixed=0.5).end(100, 300, 8), LengthEstimate(fixed=0.0).end(100, 300, 8)
         (200, 108)
@@ -71,7 +76,7 @@ class LengthEstimate:
         self.pressure = 1.0
 
     def decoded(self) -> None:
-        """One decode call ran."""
+        """One decode pass ran (one call, or two when short rows are split from long ones)."""
         self.pressure = max(0.0, self.pressure - PRESSURE_DECAY)
 
 
@@ -80,7 +85,7 @@ class PlanRow:
     """One sequence in a `PoolPlan`."""
 
     position: int  # positions in its KV now (or after its admission's prefill)
-    end: int  # expected final length (LengthEstimate.end)
+    end: int  # planned final length (LengthEstimate.end)
     prefix: int  # leading pages of its table shared with other sequences
     prefix_share: float  # its share of those: sum of 1 / holders
     own: int  # pages of its table held by it alone
@@ -107,12 +112,12 @@ class PoolPlan:
         position = np.array([r.position for r in rows])
         end = np.array([r.end for r in rows])
         prefix = np.array([r.prefix for r in rows])
-        fixed = np.array([r.prefix_share for r in rows])
+        share = np.array([r.prefix_share for r in rows])
         own = np.array([r.own for r in rows])
         left = np.maximum(end - position, 1)  # steps until it ends
         times = np.unique(np.concatenate([[0], left - 1]))[:, None]  # (T, 1): the last step of each
         covered = np.minimum(position + times + self.steps, np.maximum(end, position))  # (T, rows)
-        pages = np.maximum(own, -(-covered // self.page_size) - prefix) + fixed
+        pages = np.maximum(own, -(-covered // self.page_size) - prefix) + share
         return float(np.max(np.sum(np.where(left > times, pages, 0.0), axis=1)))
 
     def admit(self, rows: list[PlanRow]) -> bool:
