@@ -44,7 +44,7 @@ PRESSURE_DECAY = 0.01  # per decode pass: the way back from 1 to the learned rat
 
 @dataclasses.dataclass
 class LengthEstimate:
-    """The expected end of a running sequence (see the module docstring). Scheduler thread only."""
+    """The planned end of a running sequence (see the module docstring). Scheduler thread only."""
 
     fixed: float | None = None  # EngineConfig.kv_admission_ratio: no learning
     generated: float = 0.0  # decayed sums over finished sequences

@@ -6,8 +6,8 @@ contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
 
 - Admission: a request is admitted when it has n free slots, its prompt's pages fit (the n
   samples share the prompt's full pages) and the projected page use of the running sequences
-  and the new ones, each growing to its expected length, stays within the pool
-  (`rollout.paged.admission`: the expected length is learned from finished sequences). A group
+  and the new ones, each growing to its planned length, stays within the pool
+  (`rollout.paged.admission`: the plan's ratio is learned from finished sequences). A group
   that cannot fit even in an empty pool fails with an error; one that comes to an idle engine
   is admitted when its prompt pages fit.
 - Growth and preemption: before each decode call every running sequence's pages are grown to
@@ -15,7 +15,7 @@ contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
   preempted: their pages are freed and they are *parked*, keeping their tokens. Parked
   sequences are recomputed (prefill of prompt + generated tokens into fresh pages) as soon as
   they fit again (the same projection), oldest first, before any new request: none is lost or
-  returned twice. A preemption raises the expected lengths at once (see the admission module).
+  returned twice. A preemption raises the planned lengths at once (see the admission module).
 - Finish and cancel free a sequence's pages (cancelling also reaches parked sequences).
 - Swaps: `drain` waits for running *and* parked sequences, which resume on the old weights;
   `recompute` drops every running sequence's pages (KV of the old weights) and re-prefills it on
@@ -231,7 +231,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
 
     def _park(self, seq: Sequence) -> None:
         """Take `seq` off its slot (its pages are already gone); it waits to be recomputed. The
-        expected lengths were too short: they go up (LengthEstimate.preempted)."""
+        planned lengths were too short: they go up (LengthEstimate.preempted)."""
         self.estimate.preempted()
         with self._lock:
             self.slots.release(seq)
