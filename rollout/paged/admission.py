@@ -120,9 +120,10 @@ class PoolPlan:
         pages = np.maximum(own, -(-covered // self.page_size) - prefix) + share
         return float(np.max(np.sum(np.where(left > times, pages, 0.0), axis=1)))
 
-    def admit(self, rows: list[PlanRow]) -> bool:
-        """Add `rows` if the projected peak with them fits the pool; False (nothing added) if not."""
-        if self.peak(rows) > self.num_pages + 1e-6:
+    def admit(self, rows: list[PlanRow], *, force: bool = False) -> bool:
+        """Add `rows` if the projected peak with them fits the pool; False (nothing added) if not.
+        `force`: add them unchecked (an admission that bypasses the plan, still planned for)."""
+        if not force and self.peak(rows) > self.num_pages + 1e-6:
             return False
         self.rows += rows
         return True

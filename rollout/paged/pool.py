@@ -114,7 +114,7 @@ class PagePool:
 
     def capacity(self, seq: SeqId) -> int:
         """Positions `seq`'s pages can hold (a multiple of page_size)."""
-        return len(self._tables[seq]) * self.page_size
+        return self.pages_held(seq) * self.page_size
 
     def group_pages(self, prompt_len: int, n: int) -> int:
         """Pages `admit_group` takes for an n-sample group of a `prompt_len`-token prompt."""

@@ -117,22 +117,15 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
             ))
         return plan
 
-    def _request_rows(self, request: Request) -> list[PlanRow]:
-        """Plan rows of a request's n samples right after their prefill."""
-        prompt, n = len(request.prompt_ids), request.sampling.n
-        end = self.estimate.end(prompt, prompt + request.sampling.max_tokens, self._config.decode_steps)
+    def _fresh_rows(self, length: int, limit: int, n: int) -> list[PlanRow]:
+        """Plan rows of n sequences right after the prefill of a shared `length`-token context
+        (a request's prompt, or a parked sequence's context with n = 1), as `admit_group` lays
+        out their pages: with n > 1 the full pages shared, a private tail page each."""
+        end = self.estimate.end(length, limit, self._config.decode_steps)
         if n == 1:
-            row = PlanRow(position=prompt, end=end, prefix=0, prefix_share=0.0, own=pages_for(prompt, self.pool.page_size))
-        else:
-            full, tail = divmod(prompt, self.pool.page_size)
-            row = PlanRow(position=prompt, end=end, prefix=full, prefix_share=full / n, own=int(tail > 0))
-        return [row] * n
-
-    def _resumed_row(self, seq: Sequence) -> PlanRow:
-        """The plan row of a parked sequence right after its recompute."""
-        length = len(seq.context())
-        end = self.estimate.end(length, self._limit(seq), self._config.decode_steps)
-        return PlanRow(position=length, end=end, prefix=0, prefix_share=0.0, own=pages_for(length, self.pool.page_size))
+            return [PlanRow(position=length, end=end, prefix=0, prefix_share=0.0, own=pages_for(length, self.pool.page_size))]
+        full, tail = divmod(length, self.pool.page_size)
+        return [PlanRow(position=length, end=end, prefix=full, prefix_share=full / n, own=int(tail > 0))] * n
 
     def _resume(self) -> list[Sequence]:
         """Parked sequences that fit again, oldest first, into free slots. Under the lock."""
@@ -142,12 +135,10 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         while self.parked and len(resumed) < min(free, self._config.max_prefill_batch):
             plan = plan or self._plan()
             seq = self.parked[0]
-            rows = [self._resumed_row(seq)]
+            rows = self._fresh_rows(len(seq.context()), self._limit(seq), 1)
             alone = self.slots.active() == 0 and not resumed
-            if not (alone or plan.admit(rows)) or not self.pool.admit_group([seq], len(seq.context())):
+            if not plan.admit(rows, force=alone) or not self.pool.admit_group([seq], len(seq.context())):
                 break
-            if alone:
-                plan.rows += rows
             self.parked.pop(0)
             self.slots.occupy([seq])
             resumed.append(seq)
@@ -166,21 +157,21 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                 break
             plan = plan or self._plan()
             seqs = request.sequences
-            rows = self._request_rows(request)
-            alone = self.slots.active() == 0 and not admitted
-            if not (alone or plan.admit(rows)) or not self.pool.admit_group(seqs, len(request.prompt_ids)):
+            prompt = len(request.prompt_ids)
+            rows = self._fresh_rows(prompt, prompt + request.sampling.max_tokens, n)
+            alone = self.slots.active() == 0 and not admitted  # admitted when its prompt fits: see the module
+            if not plan.admit(rows, force=alone) or not self.pool.admit_group(seqs, prompt):
                 if alone:  # an empty pool cannot hold its prompt: it never will
                     self.waiting.popleft()
-                    need = self.pool.group_pages(len(request.prompt_ids), n)
+                    plan = None  # it held this request's rows only (nothing runs): start afresh
+                    need = self.pool.group_pages(prompt, n)
                     request.future.set_exception(PoolTooSmallError(
-                        f"a {len(request.prompt_ids)}-token prompt with n={n} samples needs {need} pages of "
+                        f"a {prompt}-token prompt with n={n} samples needs {need} pages of "
                         f"{self.pool.page_size} tokens; the pool has {self.pool.num_pages}: raise kv_pages "
                         f"(or kv_memory_fraction), or lower n"
                     ))
                     continue
                 break
-            if alone:
-                plan.rows += rows
             self.waiting.popleft()
             for seq in seqs:
                 self._age[seq] = next(self._ticks)
