@@ -24,18 +24,18 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
-from rollout.fleet import FleetConfig
 from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.spec import SpecMismatchError
 
 if TYPE_CHECKING:
-    from rollout.dispatch import GenerationStream
-    from rollout.service import RolloutService
+    from rollout.coordinator.dispatch import GenerationStream
+    from rollout.coordinator.service import RolloutService
 
 __all__ = [
     "Completion",
@@ -63,7 +63,7 @@ __all__ = [
     "sync_weights",
 ]
 
-_LAZY = {"RolloutService": "rollout.service", "GenerationStream": "rollout.dispatch"}
+_LAZY = {"RolloutService": "rollout.coordinator.service", "GenerationStream": "rollout.coordinator.dispatch"}
 _default: RolloutService | None = None
 _default_lock = threading.Lock()
 
@@ -91,7 +91,7 @@ def init(
     otherwise joins it (e.g. after `ray.init(address="auto")`).
     """
     global _default
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
     with _default_lock:
         if _default is not None and not _default._closed:

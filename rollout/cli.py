@@ -17,9 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import BACKENDS
 from rollout.engine.config import DTYPES, EngineConfig
-from rollout.fleet import FleetConfig
 
 # -- demo ---------------------------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ def _require_fleet() -> None:
     if not hasattr(rollout, "init"):
         sys.exit(
             "error: the Ray fleet API (rollout.init / sync_weights / generate) is not available in "
-            "this installation (rollout/service.py missing?). Run the demo on one in-process "
+            "this installation (rollout/coordinator/service.py missing?). Run the demo on one in-process "
             "engine instead: rollout demo --backend local"
         )
 

@@ -1,6 +1,6 @@
 """Encoding and validating prompts on the driver, before anything is queued on a worker.
 
-The checks and messages are the engine's (its request intake, `rollout.engine.intake`, runs
+The checks and messages are the engine's (its request intake, `rollout.engine.native.intake`, runs
 them too), computed from the model config, the tokenizer and the engine config alone, so the
 driver stays jax-free and a bad prompt fails the whole call at once, with nothing sent to any
 worker.

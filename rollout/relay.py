@@ -24,11 +24,11 @@ is fetched from the coordinator instead, so a lost node costs bytes, never a han
     roles[0]  # RelayRole(parent=None, relays=True): fetches from the coordinator, relays
     roles[1]  # RelayRole(parent=0, relays=False): fetches from worker 0's relay copies
 
-The coordinator (rollout.sync) asks the workers' nodes, plans, and sends each worker its
-RelayRole (rollout.contract) with its stage call. On the worker, `RelayPoint` is the fetch path
-of rollout.worker_host.WorkerHost: it fetches each bucket, keeps the worker's relay copies per
+The coordinator (rollout.coordinator.sync) asks the workers' nodes, plans, and sends each worker its
+RelayRole (rollout.protocol) with its stage call. On the worker, `RelayPoint` is the fetch path
+of rollout.worker.host.WorkerHost: it fetches each bucket, keeps the worker's relay copies per
 sync and answers its children's `relay_copy` calls. No Ray import: the object store and the
-parent's remote call are injected (rollout.worker), so the logic is tested without Ray.
+parent's remote call are injected (rollout.worker.actor), so the logic is tested without Ray.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from rollout.contract import ObjectRef, RelayRole
+from rollout.protocol import ObjectRef, RelayRole
 
 log = logging.getLogger("rollout.relay")
 
@@ -159,7 +159,7 @@ class RelayPoint:
             self._remember_ended(old)
 
     def stats(self, sync_id: str) -> dict[str, int]:
-        """The StageReport fields of `sync_id` on this worker (rollout.contract)."""
+        """The StageReport fields of `sync_id` on this worker (rollout.protocol)."""
         copies = self._syncs.get(sync_id)
         if copies is None:
             return {}

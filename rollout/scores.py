@@ -3,7 +3,7 @@ driver validates a `score` call before anything is sent (the engine runs the sam
 
 Scoring (`rollout.score`, `RolloutService.score`, `Engine.score`) returns the per-token
 logprobs of given completion tokens after given prompts, teacher-forced; the forward itself is
-`rollout.engine.scoring.Scorer`.
+`rollout.engine.native.scoring.Scorer`.
 """
 
 from __future__ import annotations

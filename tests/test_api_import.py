@@ -38,7 +38,7 @@ def test_the_service_modules_keep_the_driver_free_of_jax_and_torch():
         import json, sys
         import rollout
         rollout.RolloutService, rollout.GenerationStream
-        import rollout.service, rollout.sync, rollout.dispatch, rollout.worker, rollout.weights.buckets
+        import rollout.coordinator.service, rollout.coordinator.sync, rollout.coordinator.dispatch, rollout.worker.actor, rollout.weights.buckets
         print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
         """
     )
@@ -67,7 +67,7 @@ def test_init_takes_every_service_option_with_the_same_defaults():
     import inspect
 
     import rollout
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
     init = inspect.signature(rollout.init).parameters
     service = inspect.signature(RolloutService.__init__).parameters
@@ -80,8 +80,8 @@ def test_the_readme_documents_every_service_option():
     import dataclasses
     from pathlib import Path
 
+    from rollout.coordinator.fleet import FleetConfig
     from rollout.engine.config import EngineConfig
-    from rollout.fleet import FleetConfig
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     fields = {f.name for cls in (FleetConfig, EngineConfig) for f in dataclasses.fields(cls)}
@@ -89,7 +89,7 @@ def test_the_readme_documents_every_service_option():
 
 
 def test_the_removed_pipelined_sync_option_says_so_before_anything_starts():
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
     with pytest.raises(TypeError, match="option 'pipelined_sync' was removed: every sync is pipelined"):
         RolloutService("/nonexistent/checkpoint", pipelined_sync=False)
@@ -105,7 +105,7 @@ def test_an_unregistered_engine_is_refused_with_the_registered_ones():
 
 
 def test_a_worker_class_that_is_not_a_rollout_worker_is_refused_before_anything_starts():
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
-    with pytest.raises(TypeError, match=r"worker_class=<class 'object'>: expected rollout\.worker\.RolloutWorker"):
+    with pytest.raises(TypeError, match=r"worker_class=<class 'object'>: expected rollout\.worker\.actor\.RolloutWorker"):
         RolloutService("/nonexistent/checkpoint", worker_class=object)

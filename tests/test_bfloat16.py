@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rollout.engine import EngineConfig
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 from rollout.models import forward
 from rollout.testing import make_tiny_checkpoint
 

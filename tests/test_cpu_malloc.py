@@ -1,4 +1,4 @@
-"""In-process malloc settings for CPU engines (rollout.cpu_malloc): a freed large buffer is
+"""In-process malloc settings for CPU engines (rollout.worker.cpu_malloc): a freed large buffer is
 reused warm instead of faulting in fresh pages, and settings from the environment are kept."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-from rollout.cpu_malloc import CPU_MALLOC
+from rollout.worker.cpu_malloc import CPU_MALLOC
 
 # Allocates, touches and frees 64 MiB twice; prints the page faults of the second round.
 PROBE = """
 import ctypes, json, resource, sys
-from rollout.cpu_malloc import keep_freed_memory
+from rollout.worker.cpu_malloc import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "apply" else {}
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
-from rollout.engine.engine import Engine
-from rollout.engine.sampling import first_argmax, stack_sampling
+from rollout.engine.native.engine import Engine
+from rollout.engine.native.sampling import first_argmax, stack_sampling
 from rollout.testing import make_tiny_checkpoint
 
 

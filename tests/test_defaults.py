@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from rollout.coordinator.fleet import FleetConfig, service_configs
 from rollout.engine.config import EngineConfig
-from rollout.fleet import FleetConfig, service_configs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -47,7 +47,7 @@ def test_a_service_without_options_gets_the_configs_defaults():
 
 def test_init_and_the_service_take_their_explicit_defaults_from_fleet_config():
     import rollout
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
     for fn in (rollout.init, RolloutService.__init__):
         params = inspect.signature(fn).parameters

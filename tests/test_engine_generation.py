@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -89,7 +89,7 @@ def test_greedy_logprobs_are_the_raw_log_softmax(engine):
 def test_logprobs_near_zero_temperature_are_finite_and_those_of_the_sharpened_distribution(engine, temperature):
     """log_softmax(logits / T), which tends to 0 for the top token as T -> 0; tokens are the
     greedy ones. Below float32's smallest normal number T is served as that number."""
-    from rollout.engine.sampling import MIN_TEMPERATURE
+    from rollout.engine.native.sampling import MIN_TEMPERATURE
 
     sp = SamplingParams(max_tokens=6, temperature=temperature, seed=0, ignore_eos=True)
     out = engine.generate([[41, 42]], sp)[0]

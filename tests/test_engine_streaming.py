@@ -13,7 +13,7 @@ import time
 import pytest
 
 from rollout.engine import EngineConfig
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta, merge_deltas, stream_request
 

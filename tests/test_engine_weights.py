@@ -10,7 +10,7 @@ import pytest
 
 from rollout.engine import EngineConfig, SamplingParams, WeightSyncError
 from rollout.engine.backend import EngineBackend
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.loader import iter_tensors
 from rollout.weights.spec import SpecMismatchError

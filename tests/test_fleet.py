@@ -66,7 +66,7 @@ def reference(tiny_qwen3):
     """A single-process engine with the fleet's engine config on 2 local devices."""
     import jax
 
-    from rollout.engine.engine import Engine
+    from rollout.engine.native.engine import Engine
 
     cfg = rollout.EngineConfig(max_batch=8, max_seq_len=128, decode_steps=4)
     with Engine(tiny_qwen3, cfg, devices=jax.devices()[:2]) as engine:
@@ -93,7 +93,7 @@ def routed(svc) -> int:
 
 
 def test_the_router_picks_the_live_worker_with_the_least_outstanding_tokens():
-    from rollout.routing import DOWN, Router
+    from rollout.coordinator.routing import DOWN, Router
 
     router = Router(3)
     assert [router.acquire(cost) for cost in (100, 50, 10)] == [0, 1, 2]
@@ -106,7 +106,7 @@ def test_the_router_picks_the_live_worker_with_the_least_outstanding_tokens():
 
 
 def test_a_pinned_request_waits_for_its_worker_and_a_dead_one_is_refused():
-    from rollout.routing import DEAD, DOWN, UP, Router
+    from rollout.coordinator.routing import DEAD, DOWN, UP, Router
 
     router = Router(2)
     router.mark(1, DOWN)
@@ -120,7 +120,7 @@ def test_a_pinned_request_waits_for_its_worker_and_a_dead_one_is_refused():
 
 
 def test_a_stale_failure_does_not_take_a_worker_down_again():
-    from rollout.routing import DOWN, UP, Router
+    from rollout.coordinator.routing import DOWN, UP, Router
 
     router = Router(1)
     epoch = router.epoch(0)  # two requests sent to the first incarnation
@@ -131,7 +131,7 @@ def test_a_stale_failure_does_not_take_a_worker_down_again():
 
 
 def test_placement_is_checked_per_node_and_explained():
-    from rollout.fleet import FleetConfig, check_placement
+    from rollout.coordinator.fleet import FleetConfig, check_placement
 
     nodes = [{"CPU": 8.0, "TPU": 4.0}, {"CPU": 8.0, "TPU": 4.0}]
     check_placement(FleetConfig(num_workers=2, devices_per_worker=4), "tpu", nodes, {}, {})
@@ -323,9 +323,9 @@ def test_one_worker_failing_to_stage_aborts_the_sync_everywhere(service, tiny_qw
 
 
 def test_status_reports_workers_and_the_phases_of_recent_syncs(service, tiny_qwen3, caplog):
-    with caplog.at_level(logging.INFO, logger="rollout.sync"):
+    with caplog.at_level(logging.INFO, logger="rollout.coordinator.sync"):
         version = service.sync_weights(hf_flat(tiny_qwen3))
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "rollout.sync"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "rollout.coordinator.sync"]
     phases = [line["phase"] for line in lines if line["event"] == "sync_phase" and line["version"] == version]
     assert phases == ["flatten", "check", "fetch", "pack+put", "stage", "publish", "commit"]
     status = service.status()

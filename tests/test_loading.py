@@ -284,7 +284,7 @@ def test_dummy_load_has_the_real_tree_shapes_dtypes_and_shardings(root):
     import jax
 
     from rollout.engine import EngineConfig
-    from rollout.engine.engine import Engine
+    from rollout.engine.native.engine import Engine
 
     path = make_tiny_checkpoint(root / "qwen2", "Qwen2ForCausalLM", seed=5, tie_word_embeddings=False)
     devices = jax.devices()[:4]

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 from rollout.models import forward
-from rollout.sharding import cache_sharding
+from rollout.models.sharding import cache_sharding
 from rollout.testing import make_tiny_checkpoint
 
 from hf_reference import hf_greedy, hf_model

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rollout.paged.pool import PagePool, PoolExhaustedError, pages_for
+from rollout.engine.native.kv.paged.pool import PagePool, PoolExhaustedError, pages_for
 
 
 def test_pages_for_rounds_up():

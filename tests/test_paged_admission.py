@@ -1,4 +1,4 @@
-"""Paged admission (rollout.paged.admission): the learned expected length, and the projected
+"""Paged admission (rollout.engine.native.kv.paged.admission): the learned expected length, and the projected
 peak of the pool's use that an admission must fit (checked against a step-by-step count)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from rollout.paged import admission
-from rollout.paged.admission import PRESSURE_DECAY, PRIOR_RATIO, LengthEstimate, PlanRow, PoolPlan
-from rollout.paged.pool import PagePool, pages_for
+from rollout.engine.native.kv.paged import admission
+from rollout.engine.native.kv.paged.admission import PRESSURE_DECAY, PRIOR_RATIO, LengthEstimate, PlanRow, PoolPlan
+from rollout.engine.native.kv.paged.pool import PagePool, pages_for
 
 
 def row(position: int, end: int, own: int | None = None, prefix: int = 0, share: float = 0.0) -> PlanRow:

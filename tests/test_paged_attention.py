@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rollout.engine.native.kv.paged import attention
 from rollout.models import forward as model_forward
-from rollout.paged import attention
-from rollout.sharding import make_mesh
+from rollout.models.sharding import make_mesh
 
 PAGE = 4
 

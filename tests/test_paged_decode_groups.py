@@ -8,9 +8,9 @@ import doctest
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
-from rollout.engine.engine import Engine
-from rollout.paged import runner as paged_runner
-from rollout.paged.runner import batch_bucket
+from rollout.engine.native.engine import Engine
+from rollout.engine.native.kv.paged import runner as paged_runner
+from rollout.engine.native.kv.paged.runner import batch_bucket
 
 CONFIG = dict(max_batch=8, max_seq_len=1024, decode_steps=4)
 

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
-from rollout.engine.engine import Engine
-from rollout.paged.scheduler import PoolTooSmallError
+from rollout.engine.native.engine import Engine
+from rollout.engine.native.kv.paged.scheduler import PoolTooSmallError
 
 PROMPTS = [[5 + i, 17, 42 + i, 9, 11][: 2 + i % 4] for i in range(6)]
 LONG = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, n=2)
@@ -159,7 +159,7 @@ def test_a_memory_fraction_on_cpu_devices_says_to_give_pages(tiny_qwen3):
 
 
 def test_the_default_pool_takes_the_contiguous_layouts_memory(tiny_qwen3):
-    from rollout.paged.setup import pool_pages
+    from rollout.engine.native.kv.paged.setup import pool_pages
 
     with Engine(tiny_qwen3, EngineConfig(**BASE, kv_layout="paged", page_size=16)) as engine:
         assert pool_pages(engine.model_def, engine.mesh, engine.config) == 8 * 4

@@ -17,7 +17,7 @@ from test_model_numerics import (  # noqa: F401  (checkpoints: a fixture used he
 )
 
 from rollout.engine import EngineConfig
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 
 
 @pytest.fixture(scope="module", params=[(v, n) for v in VARIANTS for n in DEVICE_COUNTS], ids=lambda c: f"{c[0]}-{c[1]}dev")

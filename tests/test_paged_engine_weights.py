@@ -13,7 +13,7 @@ import pytest
 import test_engine_weights as contiguous
 
 from rollout.engine import EngineConfig
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 
 
 @pytest.fixture(scope="module")

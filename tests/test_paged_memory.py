@@ -8,9 +8,9 @@ import dataclasses
 import jax
 import pytest
 
+from rollout.engine.native.kv.paged import attention, memory
 from rollout.models.config import ModelConfig
-from rollout.paged import attention, memory
-from rollout.sharding import make_mesh
+from rollout.models.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")

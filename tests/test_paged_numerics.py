@@ -27,14 +27,14 @@ import numpy as np
 import pytest
 from test_model_numerics import DEVICE_COUNTS, NEW_TOKENS, PROMPTS, RTOL, VARIANTS, reference, rel_err
 
-from rollout.engine.sampling import SlotSampling, sample
+from rollout.engine.native.kv.paged import forward
+from rollout.engine.native.kv.paged.pool import PagePool
+from rollout.engine.native.kv.paged.runner import PagedRunner, plan_prefill
+from rollout.engine.native.sampling import SlotSampling, sample
 from rollout.engine.staging import load_params
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
-from rollout.paged import forward
-from rollout.paged.pool import PagePool
-from rollout.paged.runner import PagedRunner, plan_prefill
-from rollout.sharding import make_mesh
+from rollout.models.sharding import make_mesh
 from rollout.testing import make_tiny_checkpoint
 
 PAGE_SIZE = 4

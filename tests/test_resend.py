@@ -1,4 +1,4 @@
-"""rollout.resend: the one send/re-send path of generate prompts, streams and score parts.
+"""rollout.coordinator.resend: the one send/re-send path of generate prompts, streams and score parts.
 
 The Route's decisions (budget, which worker next, which errors) are plain Python on a real
 Router. The two ways of waiting (`Calls` for threads, `resending` on an event loop) run against
@@ -15,10 +15,10 @@ import time
 import pytest
 import ray
 
+from rollout.coordinator.resend import Calls, DiedMidStream, Resends, Route, call_resending, resending
+from rollout.coordinator.routing import DEAD, DOWN, UP, Router
 from rollout.engine.types import EngineClosedError
 from rollout.errors import ServiceClosedError, WorkerUnavailableError
-from rollout.resend import Calls, DiedMidStream, Resends, Route, call_resending, resending
-from rollout.routing import DEAD, DOWN, UP, Router
 
 
 def route(router: Router, downs: list | None = None, *, max_retries: int = 1, pinned: int | None = None) -> Route:

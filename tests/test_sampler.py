@@ -1,5 +1,5 @@
 """The on-device sampler's draws: the right distribution, never a token of zero weight, greedy
-rows untouched by the sampled ones (rollout.engine.sampling)."""
+rows untouched by the sampled ones (rollout.engine.native.sampling)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rollout.engine.sampling import SamplingRow, _truncate, cdf_block, inverse_cdf, sample, stack_sampling
+from rollout.engine.native.sampling import SamplingRow, _truncate, cdf_block, inverse_cdf, sample, stack_sampling
 
 DRAWS = 40_000
 

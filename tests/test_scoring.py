@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rollout.engine import EngineConfig, SamplingParams
-from rollout.engine.engine import Engine
+from rollout.engine.native.engine import Engine
 from rollout.scores import Scores
 from rollout.weights.loader import iter_tensors
 

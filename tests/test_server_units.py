@@ -98,9 +98,9 @@ def test_completion_prompt_forms(validator):
 
 
 def test_a_continued_sample_finds_a_stop_string_across_the_seam(validator):
+    from rollout.coordinator.streaming import _SampleState, _Seam
     from rollout.engine.sampling_params import SamplingParams
     from rollout.engine.streaming import TokenDelta
-    from rollout.streaming import _SampleState, _Seam
 
     tokenizer = validator.tokenizer
     text = "The quick brown fox jumps over the lazy dog."

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rollout.engine.runner import ModelRunner
+from rollout.engine.native.runner import ModelRunner
 from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
-from rollout.sharding import (
+from rollout.models.sharding import (
     TP,
     cache_sharding,
     logical_rules,
@@ -237,7 +237,7 @@ def test_a_parameter_whose_axes_have_no_sharding_rule_is_refused_at_startup_nami
     from flax import nnx
 
     from rollout.models import qwen
-    from rollout.sharding import ShardingRuleError
+    from rollout.models.sharding import ShardingRuleError
 
     class WithExperts(qwen.QwenForCausalLM):
         def __init__(self, cfg, *, dtype, rngs):
@@ -253,7 +253,7 @@ def test_a_parameter_without_declared_axes_is_refused_at_startup_naming_it(monke
     from flax import nnx
 
     from rollout.models import qwen
-    from rollout.sharding import ShardingRuleError
+    from rollout.models.sharding import ShardingRuleError
 
     class WithBareParam(qwen.QwenForCausalLM):
         def __init__(self, cfg, *, dtype, rngs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rollout.sync import Fleet, WeightSync
+from rollout.coordinator.sync import Fleet, WeightSync
 from rollout.weights.spec import spec_of_leaves
 
 SPEC = spec_of_leaves([(f"layers.{i}.w", (256,), "float32") for i in range(7)])  # 1 KiB each

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rollout.engine.text import TextOutput
+from rollout.engine.native.text import TextOutput
 from rollout.tokenizer import Tokenizer
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rollout.cpu_malloc import CPU_MALLOC
-from rollout.fleet import FleetConfig, worker_env
+from rollout.coordinator.fleet import FleetConfig, worker_env
+from rollout.worker.cpu_malloc import CPU_MALLOC
 
 
 def test_cpu_workers_get_malloc_settings_that_reuse_freed_device_buffers():

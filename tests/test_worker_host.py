@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import rollout.relay
-from rollout.contract import BucketUpdate, CheckpointUpdate, RelayRole, StageReport, WorkerCalls
+from rollout.coordinator.registry import UpdateRegistry
 from rollout.engine.backend import (
     FULL_CAPABILITIES,
     EngineBackend,
@@ -27,11 +27,11 @@ from rollout.engine.backend import (
 )
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import EngineClosedError, WeightSyncError
-from rollout.registry import UpdateRegistry
+from rollout.protocol import BucketUpdate, CheckpointUpdate, RelayRole, StageReport, WorkerCalls
 from rollout.relay import RelayClosed
 from rollout.weights.buckets import BucketChecksumError, PackedUpdate, pack, plan_buckets
 from rollout.weights.spec import spec_of_leaves
-from rollout.worker_host import EARLY_SYNCS, SyncAbortedError, WorkerHost
+from rollout.worker.host import EARLY_SYNCS, SyncAbortedError, WorkerHost
 
 from fake_engine import FakeEngine, FakeScoringEngine
 
@@ -394,7 +394,7 @@ def test_an_engine_factory_callable_is_used_as_is_and_native_names_the_jax_engin
 
 
 def test_the_worker_actor_answers_every_call_of_the_contract_with_its_signature():
-    from rollout.worker import RolloutWorker
+    from rollout.worker.actor import RolloutWorker
 
     def parameters(fn) -> list[str]:  # once the class was made remote, Ray adds its `_ray_trace_ctx`
         return [p for p in inspect.signature(fn).parameters if not p.startswith("_ray")]

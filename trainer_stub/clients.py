@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from rollout.coordinator.fleet import FleetConfig, service_configs
 from rollout.engine.backend import EngineCapabilities, capabilities_of, engine_factory, generating_engine
 from rollout.engine.config import EngineConfig
-from rollout.fleet import FleetConfig, service_configs
 
 
 class RolloutClient(Protocol):

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rollout.cpu_malloc import keep_freed_memory
+from rollout.worker.cpu_malloc import keep_freed_memory
 
 # the checkout this package was installed from (editable), whose .ci/ has the root script
 ROOT_SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "sglang_root.sh"
@@ -143,7 +143,7 @@ def run_sglang_side(ckpt_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.cpu_malloc (before jax starts)
+    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.side:
         prompts = prompts_for(args)

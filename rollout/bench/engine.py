@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rollout.cpu_malloc import keep_freed_memory
+from rollout.worker.cpu_malloc import keep_freed_memory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.cpu_malloc (before jax starts)
+    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         import torch
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from rollout.engine import EngineConfig, SamplingParams
-    from rollout.engine.engine import Engine
+    from rollout.engine.native.engine import Engine
     from rollout.testing import make_bench_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)

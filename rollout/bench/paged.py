@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
-from rollout.cpu_malloc import keep_freed_memory
+from rollout.worker.cpu_malloc import keep_freed_memory
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -120,7 +120,7 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.cpu_malloc (before jax starts)
+    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
     with tempfile.TemporaryDirectory(prefix="rollout-bench-paged-") as root:  # the checkpoint: removed after
         return run(args, Path(root))
 
@@ -131,9 +131,9 @@ def run(args: argparse.Namespace, root: Path) -> int:
     from tqdm.auto import tqdm
 
     from rollout.engine import EngineConfig, SamplingParams
-    from rollout.engine.engine import Engine
+    from rollout.engine.native.engine import Engine
+    from rollout.engine.native.kv.paged import memory
     from rollout.models.config import ModelConfig
-    from rollout.paged import memory
     from rollout.testing import make_tiny_checkpoint
 
     shape = TINY_SHAPE if args.tiny else SHAPE

@@ -41,8 +41,8 @@ from typing import Self
 
 import numpy as np
 
+from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import BACKENDS
-from rollout.fleet import FleetConfig
 from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
 
 
@@ -174,7 +174,7 @@ class Receiver:
 
         from rollout.models.bind import ModelDef
         from rollout.models.config import ModelConfig
-        from rollout.sharding import make_mesh
+        from rollout.models.sharding import make_mesh
 
         mesh = make_mesh(jax.devices()[:devices])
         shardings = ModelDef.create(ModelConfig.from_pretrained(checkpoint)).shardings(mesh)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     import rollout
-    from rollout.fleet import worker_env
+    from rollout.coordinator.fleet import worker_env
     from rollout.local_ray import start_local_ray
     from rollout.weights.buckets import pack, plan_buckets
 
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
           f"checksum {args.checksum}; "
           f"{os.cpu_count()} host cores; object store {store / 2**30:.1f} GiB, "
           f"{'not ' if args.no_preallocate else ''}preallocated; extra worker env {extra_env or 'none'} "
-          "(CPU malloc defaults: rollout.cpu_malloc.CPU_MALLOC)", flush=True)
+          "(CPU malloc defaults: rollout.worker.cpu_malloc.CPU_MALLOC)", flush=True)
     params = [random_params(spec, 0), random_params(spec, 1)]
 
     env = worker_env(FleetConfig(devices_per_worker=args.devices_per_worker, env_vars=extra_env), "cpu", os.environ)

@@ -9,7 +9,7 @@ __all__ = ["Completion", "Engine", "EngineClosedError", "EngineConfig", "Samplin
 
 def __getattr__(name: str):
     if name == "Engine":
-        from rollout.engine.engine import Engine
+        from rollout.engine.native.engine import Engine
 
         return Engine
     raise AttributeError(name)

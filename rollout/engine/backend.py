@@ -179,7 +179,7 @@ EngineFactory = Callable[[str, Any, Sequence[Any]], EngineBackend]
 # of a callable with EngineFactory's signature, imported in the worker process only (so the
 # driver never imports jax or a backend's dependencies). One line per backend.
 BACKENDS: dict[str, str] = {
-    "native": "rollout.engine.engine:Engine",
+    "native": "rollout.engine.native.engine:Engine",
     "sglang-jax": "rollout.engine.sglang:create_engine",
 }
 

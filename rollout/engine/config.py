@@ -27,7 +27,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": shapes only; real weights arrive by sync
     seed: int = 0  # seeds requests that carry no seed of their own
     # KV layout. "contiguous": one max_seq_len region per slot (the memory above). "paged": a
-    # shared pool of pages (rollout.paged); max_seq_len is then a per-request limit, max_batch
+    # shared pool of pages (rollout.engine.native.kv.paged); max_seq_len is then a per-request limit, max_batch
     # the decode rows, and KV memory the pool: kv_pages, or kv_memory_fraction of device memory
     # (TPU/GPU), by default the contiguous layout's memory.
     kv_layout: str = "contiguous"
@@ -35,7 +35,7 @@ class EngineConfig:
     kv_pages: int | None = None  # paged: pool size in pages
     kv_memory_fraction: float | None = None  # paged: pool = this fraction of device memory, less what is in use
     # paged: the fraction of its remaining max_tokens a running sequence is planned to generate,
-    # for admission (rollout.paged.admission). None: learned from finished sequences. 1: no
+    # for admission (rollout.engine.native.kv.paged.admission). None: learned from finished sequences. 1: no
     # preemption (admits less; except one request whose n samples outgrow the pool, and
     # recompute swaps); 0: admit on the next decode call's pages (more preemptions).
     kv_admission_ratio: float | None = None

@@ -53,7 +53,7 @@ class TokenSink:
     def update(self, sample: Any) -> None:
         """Record what `sample` gained; called by the engine's scheduler thread.
 
-        `sample` is the engine's rollout.engine.sequence.Sequence; read here: `index`, `tokens`,
+        `sample` is the engine's rollout.engine.native.sequence.Sequence; read here: `index`, `tokens`,
         `logprobs`, `versions` (lists that only grow), `text.text` (only grows, except that a stop
         string cuts it, which sets `text.cut`) and `finish_reason` (None until it finished).
         """

@@ -8,7 +8,7 @@
 `stage` is one path for every source of weights (a tree, a checkpoint): versions only go
 forward, the copy is built and placed without the lock (serving goes on), and a stage that a
 commit of its version or a newer one overtook meanwhile is refused. All four fields change under
-the engine's lock (see `rollout.engine.engine`); `serving` only from the scheduler thread.
+the engine's lock (see `rollout.engine.native.engine`); `serving` only from the scheduler thread.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import jax
 
-from rollout.engine.runner import Derived, Params
-from rollout.engine.runner_api import Runner
+from rollout.engine.native.runner import Derived, Params
+from rollout.engine.native.runner_api import Runner
 from rollout.engine.staging import StagedWeights
 from rollout.engine.types import WeightSyncError
 

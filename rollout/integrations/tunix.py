@@ -47,7 +47,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.integrations.tunix_names import tunix_to_engine
 
 if TYPE_CHECKING:
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
 log = logging.getLogger("rollout.integrations.tunix")
 TUNIX_QWEN3_ROPE_THETA = 1_000_000.0  # what tunix.models.qwen3 applies, whatever its config says

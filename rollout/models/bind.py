@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from rollout.models.config import ModelConfig
 from rollout.models.registry import family_for
-from rollout.sharding import Axes, check_axes, logical_sharding
+from rollout.models.sharding import Axes, check_axes, logical_sharding
 from rollout.weights.spec import ParamSpec
 
 

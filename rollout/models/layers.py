@@ -1,7 +1,7 @@
 """Building blocks a model family assembles its decoder from: RMSNorm, Linear, RoPE.
 
 Every parameter is declared once, where it is made, with its shape, dtype, initializer and
-logical axes (`nnx.Param(value, axes=...)`); `rollout.sharding` derives its sharding from them.
+logical axes (`nnx.Param(value, axes=...)`); `rollout.models.sharding` derives its sharding from them.
 Norms and RoPE compute in float32 whatever the parameter dtype.
 """
 

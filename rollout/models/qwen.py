@@ -5,7 +5,7 @@ biases to the q/k/v projections (`qkv_bias`). The forwards (full sequence, prefi
 the KV cache are shared by every family: rollout.models.forward.
 
 This module is the whole family: the NNX modules, where every parameter is declared once with
-its shape, dtype, initializer and logical axes (`axes=`, from which `rollout.sharding` derives its
+its shape, dtype, initializer and logical axes (`axes=`, from which `rollout.models.sharding` derives its
 sharding), and `HF_NAMES`, the table between HF tensor names and the parameter paths. The
 registry (rollout.models.registry) names this module for Qwen3ForCausalLM and Qwen2ForCausalLM.
 """

@@ -34,9 +34,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--api-key", default=os.environ.get("ROLLOUT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ROLLOUT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    from rollout.coordinator.fleet import FleetConfig
     from rollout.engine.backend import BACKENDS
     from rollout.engine.config import DTYPES, KV_LAYOUTS, LOAD_FORMATS, SWAP_POLICIES, EngineConfig
-    from rollout.fleet import FleetConfig
 
     p.add_argument("--workers", type=int, default=1, help="engines (Ray workers)")
     p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         sys.exit(f"error: `rollout serve` needs the server libraries ({err.name} is missing): "
                  'pip install "rollout[serve]"')
+    from rollout.coordinator.service import RolloutService
     from rollout.server.handle import Server
-    from rollout.service import RolloutService
 
     service = RolloutService(args.model, args.workers, args.devices_per_worker, **service_options(args))
     try:

@@ -102,7 +102,7 @@ def serve(
     address other than loopback requires `api_key`. `served_model_name` is the name clients
     send as `model` (default: the model argument as given).
     """
-    from rollout.service import RolloutService
+    from rollout.coordinator.service import RolloutService
 
     api_key = api_key or None
     check_bind(host, api_key)  # before starting a fleet

@@ -15,8 +15,8 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from rollout.coordinator.streaming import StreamMerge, TokenStream
 from rollout.engine.streaming import TokenDelta
-from rollout.streaming import StreamMerge, TokenStream
 
 DONE = "data: [DONE]\n\n"
 

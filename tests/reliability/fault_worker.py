@@ -1,4 +1,4 @@
-"""FaultyWorker: the product's worker (rollout.worker.RolloutWorker) with faults a test injects.
+"""FaultyWorker: the product's worker (rollout.worker.actor.RolloutWorker) with faults a test injects.
 
 The product's request path has no fault hooks; tests start a fleet whose workers are this
 subclass (`RolloutService(..., worker_class=FaultyWorker)`) and arm it through its own remote
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from rollout.contract import CommittedUpdate, RelayRole, StageReport
-from rollout.worker import RolloutWorker
+from rollout.protocol import CommittedUpdate, RelayRole, StageReport
+from rollout.worker.actor import RolloutWorker
 
 FAULT_POINTS = ("stage", "commit", "generate")
 

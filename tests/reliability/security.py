@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 import rollout
-from rollout.contract import BucketUpdate
+from rollout.protocol import BucketUpdate
 from rollout.weights.buckets import BucketChecksumError, ManifestError
 
 from .harness import (

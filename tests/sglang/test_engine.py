@@ -220,7 +220,7 @@ def test_bad_requests_raise_before_queueing(engine):
 def native(ckpt_a):
     import jax
 
-    from rollout.engine.engine import Engine
+    from rollout.engine.native.engine import Engine
 
     eng = Engine(ckpt_a, EngineConfig(max_batch=4, max_seq_len=128), jax.devices()[:1])
     yield eng

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from rollout.engine.native.kv.paged import attention
+from rollout.engine.native.kv.paged.attention import PagedKV
 from rollout.models import forward as model_forward
-from rollout.paged import attention
-from rollout.paged.attention import PagedKV
 
 Array = jax.Array
 

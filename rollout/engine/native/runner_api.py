@@ -1,7 +1,7 @@
 """What the engine, its weight state and its scheduler need from a runner, whatever its KV layout.
 
-Both runners (`rollout.engine.runner.ModelRunner`, contiguous slots, and
-`rollout.paged.runner.PagedRunner`, a page pool) satisfy `Runner` structurally. Prefill and
+Both runners (`rollout.engine.native.runner.ModelRunner`, contiguous slots, and
+`rollout.engine.native.kv.paged.runner.PagedRunner`, a page pool) satisfy `Runner` structurally. Prefill and
 decode are not part of it: their arguments are layout-specific (slots vs page tables), so only
 each layout's own scheduler calls them, typed against its own runner class.
 """
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import jax
 from jax.sharding import NamedSharding
 
-from rollout.engine.runner import Derived, Params
+from rollout.engine.native.runner import Derived, Params
 
 
 class Runner(Protocol):

@@ -23,14 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rollout.engine.jit_cache import compiled_executables
-from rollout.engine.runner import pow2_at_least
+from rollout.engine.native.jit_cache import compiled_executables
+from rollout.engine.native.runner import pow2_at_least
 from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.scores import Scores, check_temperature, encode_pairs
 
 if TYPE_CHECKING:
-    from rollout.engine.engine import Engine
+    from rollout.engine.native.engine import Engine
 
 # Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
 # to ~this many vocab-sized float32 rows whatever the row length.

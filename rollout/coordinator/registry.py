@@ -1,7 +1,7 @@
 """The update registry: the last committed weight update, where a restarted worker finds it.
 
 A small Ray actor (no CPU reserved) that the coordinator writes at each commit point and workers
-read when they (re)start. It holds a `rollout.contract.CommittedUpdate`: the update's msgpack
+read when they (re)start. It holds a `rollout.protocol.CommittedUpdate`: the update's msgpack
 manifest bytes and its bucket ObjectRefs (or a checkpoint path), which keeps those objects
 alive in the object store until the next update is committed. The refs travel inside the
 update, so Ray does not resolve them; the manifest stays bytes until a worker parses it with
@@ -10,7 +10,7 @@ msgpack.
 
 from __future__ import annotations
 
-from rollout.contract import CommittedUpdate
+from rollout.protocol import CommittedUpdate
 
 
 class UpdateRegistry:

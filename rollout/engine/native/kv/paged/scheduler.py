@@ -1,13 +1,13 @@
 """PagedScheduler: the engine's scheduler over a page pool instead of max_seq_len slots.
 
 Decode slots are only rows of the decode batch here; KV memory is the pool's pages, held by
-sequences through their page tables (`rollout.paged.pool.PagePool`). What changes against the
+sequences through their page tables (`rollout.engine.native.kv.paged.pool.PagePool`). What changes against the
 contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
 
 - Admission: a request is admitted when it has n free slots, its prompt's pages fit (the n
   samples share the prompt's full pages) and the projected page use of the running sequences
   and the new ones, each growing to its planned length, stays within the pool
-  (`rollout.paged.admission`: the plan's ratio is learned from finished sequences). A group
+  (`rollout.engine.native.kv.paged.admission`: the plan's ratio is learned from finished sequences). A group
   that cannot fit even in an empty pool fails with an error; one that comes to an idle engine
   is admitted when its prompt pages fit.
 - Growth and preemption: before each decode call every running sequence's pages are grown to
@@ -34,13 +34,13 @@ import logging
 import threading
 
 from rollout.engine.config import EngineConfig
-from rollout.engine.sampling import stack_sampling
-from rollout.engine.scheduler import BaseScheduler
-from rollout.engine.sequence import Request, Sequence
+from rollout.engine.native.kv.paged.admission import LengthEstimate, PlanRow, PoolPlan
+from rollout.engine.native.kv.paged.pool import PagePool, pages_for
+from rollout.engine.native.kv.paged.runner import PagedRunner
+from rollout.engine.native.sampling import stack_sampling
+from rollout.engine.native.scheduler import BaseScheduler
+from rollout.engine.native.sequence import Request, Sequence
 from rollout.engine.weight_state import PendingSwap, WeightState
-from rollout.paged.admission import LengthEstimate, PlanRow, PoolPlan
-from rollout.paged.pool import PagePool, pages_for
-from rollout.paged.runner import PagedRunner
 
 log = logging.getLogger("rollout.engine")
 

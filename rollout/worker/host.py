@@ -1,6 +1,6 @@
 """WorkerHost: everything a worker does around its engine, as a plain class (no Ray).
 
-The Ray actor (`rollout.worker.RolloutWorker`) is a thin shell around one WorkerHost; tests
+The Ray actor (`rollout.worker.actor.RolloutWorker`) is a thin shell around one WorkerHost; tests
 drive a WorkerHost on an asyncio loop with a fake engine, real buckets and a real registry.
 
     host = WorkerHost(engine, fetch=..., latest_update=..., max_inflight_buckets=4, sync_timeout_s=600)
@@ -55,16 +55,16 @@ from typing import Any, cast
 
 import numpy as np
 
-from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, ObjectRef, RelayRole, StageReport
 from rollout.engine.backend import EngineBackend, ScoringBackend, capabilities_of
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta, stream_request
 from rollout.engine.types import Completion, WeightSyncError
+from rollout.protocol import BucketUpdate, CheckpointUpdate, CommittedUpdate, ObjectRef, RelayRole, StageReport
 from rollout.relay import RelayPoint
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
 from rollout.weights.inbox import BucketInbox
 
-log = logging.getLogger("rollout.worker")
+log = logging.getLogger("rollout.worker.actor")
 
 CATCH_UP = "catch-up"  # sync id of updates a worker applies on its own from the registry
 EARLY_SYNCS = 4  # sync ids whose early buckets are kept while their stage call has not come

@@ -29,13 +29,8 @@ from typing import TYPE_CHECKING, Any, Self
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rollout.contract import WorkerStatus
-from rollout.dispatch import Dispatch, GenerationStream
-from rollout.engine.backend import EngineCapabilities
-from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.types import Completion
-from rollout.errors import PlacementError, ServiceClosedError, describe_error
-from rollout.fleet import (
+from rollout.coordinator.dispatch import Dispatch, GenerationStream
+from rollout.coordinator.fleet import (
     FleetConfig,
     actor_options,
     check_placement,
@@ -43,21 +38,26 @@ from rollout.fleet import (
     resolve_accelerator,
     service_configs,
 )
+from rollout.coordinator.registry import UpdateRegistry
+from rollout.coordinator.routing import DEAD, DOWN, UP, Router
+from rollout.coordinator.sync import Fleet, SyncRecord, WeightSync
+from rollout.engine.backend import EngineCapabilities
+from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.types import Completion
+from rollout.errors import PlacementError, ServiceClosedError, describe_error
 from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
-from rollout.registry import UpdateRegistry
-from rollout.routing import DEAD, DOWN, UP, Router
-from rollout.sync import Fleet, SyncRecord, WeightSync
+from rollout.protocol import WorkerStatus
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
-from rollout.worker import RolloutWorker
+from rollout.worker.actor import RolloutWorker
 
 if TYPE_CHECKING:
-    from rollout.streaming import FleetRequest, TokenStream
+    from rollout.coordinator.streaming import FleetRequest, TokenStream
 
-log = logging.getLogger("rollout.service")
+log = logging.getLogger("rollout.coordinator.service")
 _PROBE_INTERVAL_S = 0.25
 # Options that were removed, and what to do instead.
 _REMOVED_OPTIONS = {
@@ -73,7 +73,7 @@ class RolloutService:
     prompts; each worker loads the weights, or only shapes with load_format="dummy"). The
     keyword options are the fields of FleetConfig (accelerator, engine, bucket_bytes, checksum,
     max_restarts, env_vars, ...) and EngineConfig (load_format, dtype, max_batch, max_seq_len,
-    swap_policy, ...); an option not given keeps its field's default (rollout.fleet.service_configs). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
+    swap_policy, ...); an option not given keeps its field's default (rollout.coordinator.fleet.service_configs). Ray is started locally (listening on loopback only) if it is not initialized; otherwise the service joins the
     running Ray (e.g. after `ray.init(address="auto")`); `ray_init_kwargs` go to that ray.init.
     `worker_class` is the actor class of the workers: RolloutWorker or a subclass of it (the
     reliability tests inject faults with one).
@@ -93,7 +93,7 @@ class RolloutService:
         if removed:
             raise TypeError("; ".join(f"option {name!r} was removed: {_REMOVED_OPTIONS[name]}" for name in removed))
         if not (isinstance(worker_class, type) and issubclass(worker_class, RolloutWorker)):
-            raise TypeError(f"worker_class={worker_class!r}: expected rollout.worker.RolloutWorker or a subclass")
+            raise TypeError(f"worker_class={worker_class!r}: expected rollout.worker.actor.RolloutWorker or a subclass")
         self.fleet_config, self.engine_config = service_configs(
             {"num_workers": num_workers, "devices_per_worker": devices_per_worker, **options}
         )
@@ -288,9 +288,9 @@ class RolloutService:
         self, prompt: Prompt, sampling: SamplingParams = SamplingParams(), *, return_logprobs: bool = True
     ) -> TokenStream:
         """One prompt's samples token by token: an async iterator of TokenDelta lists, for
-        servers and agents on an event loop (see rollout.streaming). Validated now; the request
+        servers and agents on an event loop (see rollout.coordinator.streaming). Validated now; the request
         is sent when iteration starts and cancelled on its worker if the iteration stops early."""
-        from rollout.streaming import TokenStream
+        from rollout.coordinator.streaming import TokenStream
 
         return TokenStream(self._fleet_request(prompt, sampling, return_logprobs))
 
@@ -301,7 +301,7 @@ class RolloutService:
         return await self._fleet_request(prompt, sampling, return_logprobs).completions()
 
     def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> FleetRequest:
-        from rollout.streaming import FleetRequest
+        from rollout.coordinator.streaming import FleetRequest
 
         self._check_open()
         if return_logprobs:
@@ -325,8 +325,8 @@ class RolloutService:
         a `Scores` with one float32 array per pair and the one weight version that computed them
         all (at least the version committed when the call started). At `temperature` T the
         numbers are log_softmax(logits / T), the distribution generate samples from. Every pair
-        is validated before any is sent. See rollout.score_dispatch."""
-        from rollout.score_dispatch import score_on_fleet
+        is validated before any is sent. See rollout.coordinator.score_dispatch."""
+        from rollout.coordinator.score_dispatch import score_on_fleet
         from rollout.scores import check_temperature, encode_pairs
 
         self._check_open()
@@ -402,7 +402,7 @@ class RolloutService:
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         """Per worker: its WorkerStatus (version, staged version, queue depth, active slots,
-        tokens generated, ...; rollout.contract) with its routing state, outstanding work and
+        tokens generated, ...; rollout.protocol) with its routing state, outstanding work and
         restarts, or the error that kept it from answering; per sync (the last `sync_history`):
         version, bytes, phase seconds."""
         self._check_open()

@@ -5,7 +5,7 @@ worker died or restarted (or its engine crashed) is sent again to another live w
 the same one once it is back, when pinned), within the request's re-send budget; its first
 attempt produced nothing the caller sees, so every prompt is returned exactly once. Other errors
 (a bug, a bad request that slipped past validation) propagate to the caller. The sending,
-re-sending and collecting is rollout.resend's (`Calls`), shared with streams and scoring.
+re-sending and collecting is rollout.coordinator.resend's (`Calls`), shared with streams and scoring.
 
 `GenerationStream` yields completions as their prompts finish: a plain iterator for threads, an
 async iterator for asyncio trainers (see `RolloutService.generate_async`).
@@ -19,15 +19,15 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Self
 
+from rollout.coordinator.resend import Calls, Route, WorkerDown
+from rollout.coordinator.routing import Router, request_cost
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
-from rollout.resend import Calls, Route, WorkerDown
-from rollout.routing import Router, request_cost
 
 
 class Dispatch:
     """The prompts of one generate call in flight: one Ray call per prompt, sent and re-sent
-    through rollout.resend, collected as they finish (`next_group`)."""
+    through rollout.coordinator.resend, collected as they finish (`next_group`)."""
 
     def __init__(
         self,

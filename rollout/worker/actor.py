@@ -4,8 +4,8 @@ The actor builds its engine with the backend's factory (`FleetConfig.engine`, se
 rollout.engine.backend), counts its starts in the registry, and before it serves its first
 call catches up with the fleet's committed update, so a restarted worker never serves an older
 version than the fleet's. Everything else (sync bookkeeping, buckets, catching up; serving:
-generate, generate_stream, score) is `rollout.worker_host.WorkerHost`, tested without Ray, to
-which each remote call delegates. Its remote calls are `rollout.contract.WorkerCalls`. What the
+generate, generate_stream, score) is `rollout.worker.host.WorkerHost`, tested without Ray, to
+which each remote call delegates. Its remote calls are `rollout.protocol.WorkerCalls`. What the
 host needs from Ray is injected: fetching a bucket from the object store, the registry's
 committed update, and for the relay between nodes (rollout.relay) putting a relay copy into
 this node's object store and asking a parent worker for its copy.
@@ -25,17 +25,17 @@ from typing import Any
 
 import ray
 
-from rollout.contract import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
+from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import EngineBackend, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion, EngineClosedError
-from rollout.fleet import FleetConfig
+from rollout.protocol import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
 from rollout.weights.spec import ParamSpec
-from rollout.worker_host import WorkerHost
+from rollout.worker.host import WorkerHost
 
-log = logging.getLogger("rollout.worker")
+log = logging.getLogger("rollout.worker.actor")
 
 ENGINE_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the process exits so that Ray restarts it
 
@@ -159,7 +159,7 @@ class RolloutWorker:
             self._restart_if_engine_died()
             raise
 
-    # -- weight sync (see rollout.contract.WorkerCalls) -----------------------------------------
+    # -- weight sync (see rollout.protocol.WorkerCalls) -----------------------------------------
 
     async def stage(self, sync_id: str, manifest: bytes, relay: RelayRole | None = None) -> StageReport:
         await self._start()

@@ -12,8 +12,9 @@
     runner.py        the jitted prefill and multi-step decode, the KV cache, the serving leaves
     sampling.py      per-slot sampling rows and the on-device sampler
 
-With kv_layout="paged", `rollout.paged` supplies the runner (PagedRunner, a page pool instead of
-max_seq_len slots) and the scheduler (PagedScheduler: admission by pages, preemption).
+The KV cache layout is a plug-in (`kv/`, chosen by `kv.make_layout` from `config.kv_layout`): it
+supplies the runner and the scheduler; contiguous slots by default, or a paged pool
+(PagedRunner, PagedScheduler: admission by pages, preemption).
 
 Threads and the lock. Callers submit, cancel, stage, commit, abort and read status from any
 thread; one scheduler thread runs the model. The engine has one lock (a Condition), which guards:
@@ -46,18 +47,18 @@ from typing import Any, Self
 import jax
 
 from rollout.engine.config import SWAP_POLICIES, EngineConfig
-from rollout.engine.intake import RequestIntake
-from rollout.engine.runner import ModelRunner
-from rollout.engine.runner_api import Runner
+from rollout.engine.native.intake import RequestIntake
+from rollout.engine.native.kv import make_layout
+from rollout.engine.native.runner_api import Runner
+from rollout.engine.native.scheduler import BaseScheduler
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.scheduler import BaseScheduler, Scheduler
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
 from rollout.engine.weight_state import WeightState
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
+from rollout.models.sharding import make_mesh
 from rollout.prompts import Prompt, PromptValidator
-from rollout.sharding import make_mesh
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
@@ -81,23 +82,8 @@ class Engine:
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
         self.mesh = make_mesh(devices)
-        paged = None  # (PagedRunner, PagePool) with kv_layout="paged"
-        contiguous = None  # the ModelRunner otherwise
-        self.runner: Runner  # what the engine and its weight state use of either
-        if config.kv_layout == "paged":  # KV in a shared page pool: see rollout.paged
-            from rollout.paged.setup import make_paged
-
-            paged = make_paged(self.model_def, self.mesh, config)
-            self.runner = paged[0]
-        else:
-            contiguous = ModelRunner(
-                self.model_def,
-                self.mesh,
-                max_batch=config.max_batch,
-                max_seq_len=config.max_seq_len,
-                decode_steps=config.decode_steps,
-            )
-            self.runner = contiguous
+        layout = make_layout(self.model_def, self.mesh, config)  # contiguous or paged: see kv/
+        self.runner: Runner = layout.runner  # what the engine and its weight state use of either
         if config.load_format == "dummy":
             self.runner.set_params(dummy_params(self.spec, self.param_shardings))
         else:
@@ -107,14 +93,7 @@ class Engine:
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
         self._weights = WeightState(self._lock, self.runner)
-        self._scheduler: BaseScheduler[Any]  # each layout's scheduler drives its own runner
-        if paged is not None:
-            from rollout.paged.scheduler import PagedScheduler
-
-            self._scheduler = PagedScheduler(self._lock, paged[0], self._weights, config, paged[1])
-        else:
-            assert contiguous is not None  # set above when kv_layout is not "paged"
-            self._scheduler = Scheduler(self._lock, contiguous, self._weights, config)
+        self._scheduler: BaseScheduler[Any] = layout.make_scheduler(self._lock, self._weights)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -232,18 +211,18 @@ class Engine:
         future has not resolved yet), or failed, or is not a request of this engine."""
         return self._scheduler.cancel(future)
 
-    # -- scoring (rollout.engine.scoring) -------------------------------------------------------
+    # -- scoring (rollout.engine.native.scoring) -------------------------------------------------------
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
         all on one weight version: a `rollout.Scores` (logprobs, weight_version)."""
-        from rollout.engine.scoring import score_on_engine
+        from rollout.engine.native.scoring import score_on_engine
 
         return score_on_engine(self, self._intake.encode, prompts, completions, temperature)
 
     @functools.cached_property
     def scorer(self) -> Any:
-        from rollout.engine.scoring import Scorer
+        from rollout.engine.native.scoring import Scorer
 
         return Scorer(self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len)
 
@@ -270,7 +249,7 @@ class Engine:
         kv = scheduler.kv_status() if hasattr(scheduler, "kv_status") else {"layout": "contiguous"}
         with self._lock:
             return {
-                "kv": kv,  # paged: pool use, shared pages, preemptions (rollout.paged.scheduler)
+                "kv": kv,  # paged: pool use, shared pages, preemptions (rollout.engine.native.kv.paged.scheduler)
                 "version": weights.committed,
                 "serving_version": weights.serving,
                 "staged_version": weights.staged_version,

@@ -14,11 +14,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rollout.engine import placement
-from rollout.engine.jit_cache import compiled_executables
-from rollout.engine.sampling import SlotSampling, sample
+from rollout.engine.native.jit_cache import compiled_executables
+from rollout.engine.native.sampling import SlotSampling, sample
 from rollout.models import forward
 from rollout.models.bind import ModelDef
-from rollout.sharding import cache_sharding, logical_sharding
+from rollout.models.sharding import cache_sharding, logical_sharding
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]  # serving-only leaves computed from Params (see ModelRunner.derive)

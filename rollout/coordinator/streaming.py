@@ -12,7 +12,7 @@ the prompt to the least-loaded live worker, and cancel the request on its worker
 engine step when the caller stops early (closes the stream or cancels the task).
 
 Worker death: a request whose worker dies before anything of it reached the caller is sent
-again to another live worker (like `generate`; both send through rollout.resend). Once deltas
+again to another live worker (like `generate`; both send through rollout.coordinator.resend). Once deltas
 were delivered, each unfinished sample is continued instead: its prompt plus the tokens already
 delivered go to another worker as a new prompt, for the tokens still allowed. The driver detokenizes the continued samples
 itself and checks their stop strings across the seam, so the caller gets exactly one copy of
@@ -29,12 +29,12 @@ import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Self
 
+from rollout.coordinator.resend import DiedMidStream, Route, WorkerDown, call_resending, resending
+from rollout.coordinator.routing import Router, request_cost
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
 from rollout.errors import WorkerUnavailableError, describe_error
-from rollout.resend import DiedMidStream, Route, WorkerDown, call_resending, resending
-from rollout.routing import Router, request_cost
 from rollout.tokenizer import IncrementalDetokenizer
 
 
@@ -49,7 +49,7 @@ class _SampleState:
 
 class FleetRequest:
     """One prompt (with its n samples) on the fleet; its sends, re-sends and cancellation go
-    through its `route` (rollout.resend)."""
+    through its `route` (rollout.coordinator.resend)."""
 
     def __init__(
         self,

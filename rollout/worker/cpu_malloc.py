@@ -13,7 +13,7 @@ the kernel on first touch, on every use, and go back to the OS when freed. That 
 One arena that keeps freed memory (no mmap, no trimming) lets the next sync and the next call
 reuse it warm. The cost: the process's RSS stays at its peak (serving + staged copy) instead of
 dropping after a swap. The fleet starts its CPU workers with these as environment variables
-(`rollout.fleet.worker_env`; `FleetConfig.env_vars` overrides them). A process that runs an
+(`rollout.coordinator.fleet.worker_env`; `FleetConfig.env_vars` overrides them). A process that runs an
 `Engine` itself on CPU (the in-process benchmarks) calls `keep_freed_memory()` before
 JAX initialises its backend (its first device query): it applies them with mallopt(). Later is
 too late: JAX's threads by then allocate from arenas of their own, which mmap() buffers larger

@@ -26,7 +26,7 @@ Two ways to wait on calls, both through Routes:
 
 `resending` re-sends a stream while nothing of it was delivered; when its worker dies after
 that, it raises `DiedMidStream` (the budget counted), and the caller continues what is
-unfinished (rollout.streaming continues each unfinished sample on another worker).
+unfinished (rollout.coordinator.streaming continues each unfinished sample on another worker).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any, Generic, TypeVar
 
 import ray
 
+from rollout.coordinator.routing import Router
 from rollout.engine.types import EngineClosedError
 from rollout.errors import ServiceClosedError, WorkerUnavailableError, describe_error
-from rollout.routing import Router
 
 _MAX_UNAVAILABLE = 100  # re-sends to restarting workers (each waits for a worker to be up)
 _POLL_S = 0.05  # on an event loop, while no worker is up

@@ -13,9 +13,9 @@ Swap policies, applied at a step boundary after `commit`:
 
 `BaseScheduler` holds all of this; a KV layout's subclass runs the model through its runner in
 `_prefill` and `_decode`: `Scheduler` for contiguous slots here, `PagedScheduler` for a page pool
-in `rollout.paged.scheduler`.
+in `rollout.engine.native.kv.paged.scheduler`.
 
-What each thread owns is stated once, in `rollout.engine.engine`.
+What each thread owns is stated once, in `rollout.engine.native.engine`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from rollout.engine.config import EngineConfig
-from rollout.engine.runner import ModelRunner
-from rollout.engine.runner_api import Runner
-from rollout.engine.sampling import stack_sampling
-from rollout.engine.sequence import Request, RequestFuture, Sequence
-from rollout.engine.slots import SlotTable
+from rollout.engine.native.runner import ModelRunner
+from rollout.engine.native.runner_api import Runner
+from rollout.engine.native.sampling import stack_sampling
+from rollout.engine.native.sequence import Request, RequestFuture, Sequence
+from rollout.engine.native.slots import SlotTable
 from rollout.engine.types import Completion, EngineClosedError
 from rollout.engine.weight_state import PendingSwap, WeightState
 

@@ -2,7 +2,7 @@
 
 Each part (a run of pairs) is one Ray call to one worker, whose engine scores it on its
 committed version (`Engine.score`). A part whose worker died is sent again to another worker
-(rollout.resend, as generate's prompts are).
+(rollout.coordinator.resend, as generate's prompts are).
 Parts can come back from different versions when a sync commits while they run (workers commit
 one after the other); the parts of an older version are then sent again to a worker that
 reported the newest one (versions only go forward), until every part has the same version. The
@@ -18,8 +18,8 @@ from typing import Any
 
 import ray
 
-from rollout.resend import Calls, Route, WorkerDown
-from rollout.routing import UP, Router
+from rollout.coordinator.resend import Calls, Route, WorkerDown
+from rollout.coordinator.routing import UP, Router
 from rollout.scores import Scores
 
 _MIN_PART = 8  # pairs: smaller calls are not worth a second worker

@@ -63,7 +63,7 @@ def check_axes(path: str, axes: Axes | None, ndim: int) -> Axes:
     >>> check_axes("mlp.up_proj.kernel", ("embed", "experts"), 2)
     Traceback (most recent call last):
     ...
-    rollout.sharding.ShardingRuleError: parameter 'mlp.up_proj.kernel' has logical axes ('embed', 'experts'): no sharding rule for ['experts']; use axes of rollout.sharding.LOGICAL_AXES ('embed', 'head_dim', 'vocab', 'q_heads', 'kv_heads', 'mlp') or add a rule for them to rollout.sharding.logical_rules
+    rollout.models.sharding.ShardingRuleError: parameter 'mlp.up_proj.kernel' has logical axes ('embed', 'experts'): no sharding rule for ['experts']; use axes of rollout.models.sharding.LOGICAL_AXES ('embed', 'head_dim', 'vocab', 'q_heads', 'kv_heads', 'mlp') or add a rule for them to rollout.models.sharding.logical_rules
     """
     if axes is None:
         raise ShardingRuleError(
@@ -74,8 +74,8 @@ def check_axes(path: str, axes: Axes | None, ndim: int) -> Axes:
     if unknown:
         raise ShardingRuleError(
             f"parameter {path!r} has logical axes {tuple(axes)}: no sharding rule for {unknown}; use axes "
-            f"of rollout.sharding.LOGICAL_AXES {LOGICAL_AXES} or add a rule for them to "
-            "rollout.sharding.logical_rules"
+            f"of rollout.models.sharding.LOGICAL_AXES {LOGICAL_AXES} or add a rule for them to "
+            "rollout.models.sharding.logical_rules"
         )
     if len(axes) != ndim:
         raise ShardingRuleError(

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rollout.models import forward as model_forward
 from rollout.models.config import ModelConfig
-from rollout.sharding import TP, logical_rules, to_spec
+from rollout.models.sharding import TP, logical_rules, to_spec
 
 Array = jax.Array
 # (k_pages, v_pages) per layer, each (kv_heads, num_pages, page_size, head_dim)

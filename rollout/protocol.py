@@ -103,7 +103,7 @@ class WorkerStatus(EngineStatus):
 
 
 class WorkerCalls(Protocol):
-    """The remote calls of a worker actor (`rollout.worker.RolloutWorker`), as the coordinator
+    """The remote calls of a worker actor (`rollout.worker.actor.RolloutWorker`), as the coordinator
     makes them with `handle.<name>.remote(...)`. Ray does not order an async actor's calls:
     a `feed` may arrive before the `stage` it belongs to."""
 

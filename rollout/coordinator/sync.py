@@ -17,8 +17,8 @@
     commit   on every worker (phase 2)
 
 An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
-Each phase is logged as one JSON line on the "rollout.sync" logger, and kept in SyncRecord.
-What crosses to the workers and the registry is declared in rollout.contract (the workers'
+Each phase is logged as one JSON line on the "rollout.coordinator.sync" logger, and kept in SyncRecord.
+What crosses to the workers and the registry is declared in rollout.protocol (the workers'
 calls: WorkerCalls; the published update: CommittedUpdate).
 """
 
@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import ray
 
-from rollout.contract import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.errors import SyncError, describe_error, first_line
+from rollout.protocol import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.relay import plan_relay
 from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
 from rollout.weights.loader import checkpoint_spec
 from rollout.weights.spec import ParamSpec, flatten_params
 
-log = logging.getLogger("rollout.sync")
+log = logging.getLogger("rollout.coordinator.sync")
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ class SyncRecord:
 class Fleet:
     """What the sync needs from the service (kept narrow so the sync is easy to follow)."""
 
-    handles: Sequence[Any]  # worker actor handles (rollout.contract.WorkerCalls), by index
+    handles: Sequence[Any]  # worker actor handles (rollout.protocol.WorkerCalls), by index
     registry: Any  # UpdateRegistry actor handle
     spec: ParamSpec  # the engines' parameter spec
     live_workers: Callable[[], list[int]]  # workers that take part (up)

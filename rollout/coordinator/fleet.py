@@ -19,10 +19,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rollout.cpu_malloc import CPU_MALLOC
 from rollout.engine.config import EngineConfig
 from rollout.errors import PlacementError
 from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
+from rollout.worker.cpu_malloc import CPU_MALLOC
 
 ACCELERATORS = ("auto", "cpu", "tpu", "gpu")
 _PASSED_THROUGH = (
@@ -163,7 +163,7 @@ def actor_options(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, s
 
 def worker_env(cfg: FleetConfig, accelerator: str, driver_env: Mapping[str, str]) -> dict[str, str]:
     """Environment of a worker process. On CPU: N simulated devices, other XLA flags kept, and
-    malloc settings that reuse freed device buffers (rollout.cpu_malloc.CPU_MALLOC; env_vars override them).
+    malloc settings that reuse freed device buffers (rollout.worker.cpu_malloc.CPU_MALLOC; env_vars override them).
 
     >>> env = worker_env(FleetConfig(devices_per_worker=2), "cpu",
     ...                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})

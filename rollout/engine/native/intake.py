@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from rollout.engine.sampling import SamplingRow
+from rollout.engine.native.sampling import SamplingRow
+from rollout.engine.native.sequence import Request, Sequence
+from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.sequence import Request, Sequence
-from rollout.engine.text import TextOutput
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
 

@@ -1,13 +1,13 @@
 """PagedRunner: jitted paged prefill and multi-step decode over one device mesh.
 
-The paged counterpart of `rollout.engine.runner.ModelRunner`: it owns the page pool and the
+The paged counterpart of `rollout.engine.native.runner.ModelRunner`: it owns the page pool and the
 serving parameter leaves, and its jitted functions take the parameters as arguments, so new
 leaves of identical shapes, dtypes and shardings reuse the compiled executables (a weight swap
 compiles nothing). Shapes are fixed or bucketed: the page-table width is max_seq_len /
 page_size (rounded up) for every row, prompts and prefill batches are padded to powers of two,
 decode batches to powers of two or 1.5x them up to max_batch (`batch_bucket`), and the
 attention span to a power of two of pages. A call's span is its longest row's, so on the XLA
-path a pass may decode its short rows and its long ones in two calls (`decode_groups`). Which pages a sequence holds is the caller's business (`rollout.paged.pool.PagePool`):
+path a pass may decode its short rows and its long ones in two calls (`decode_groups`). Which pages a sequence holds is the caller's business (`rollout.engine.native.kv.paged.pool.PagePool`):
 the runner takes page tables and trusts them.
 
 A decode call runs `decode_steps` steps. With the XLA kernel (CPU, float32 pools) it gathers
@@ -29,14 +29,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rollout.engine import placement
-from rollout.engine.jit_cache import compiled_executables
-from rollout.engine.runner import pow2_at_least
-from rollout.engine.sampling import SlotSampling, sample
+from rollout.engine.native.jit_cache import compiled_executables
+from rollout.engine.native.kv.paged import attention, forward
+from rollout.engine.native.kv.paged.pool import pages_for
+from rollout.engine.native.runner import pow2_at_least
+from rollout.engine.native.sampling import SlotSampling, sample
 from rollout.models import forward as model_forward
 from rollout.models.bind import ModelDef
-from rollout.paged import attention, forward
-from rollout.paged.pool import pages_for
-from rollout.sharding import cache_sharding, logical_sharding
+from rollout.models.sharding import cache_sharding, logical_sharding
 
 Params = dict[str, jax.Array]
 Derived = dict[str, jax.Array]

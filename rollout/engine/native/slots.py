@@ -9,7 +9,7 @@ Per slot (max_batch of them; the KV cache has one row per slot):
 
 Occupancy (`occupy`, `release`, `clear`) changes only under the engine's lock, so that other
 threads may count slots under it; the arrays and the cached device sampling rows are the
-scheduler thread's alone (see `rollout.engine.engine`).
+scheduler thread's alone (see `rollout.engine.native.engine`).
 
 Everything a slot holds is here, so a paged KV cache adds its per-slot page table beside
 `positions` (pages taken in `occupy`/`advance`, given back in `release`), and preempting a
@@ -22,8 +22,8 @@ import dataclasses
 
 import numpy as np
 
-from rollout.engine.sampling import IDLE_ROW, SlotSampling, stack_sampling
-from rollout.engine.sequence import Sequence
+from rollout.engine.native.sampling import IDLE_ROW, SlotSampling, stack_sampling
+from rollout.engine.native.sequence import Sequence
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,9 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from rollout.engine.sampling import SamplingRow
+from rollout.engine.native.sampling import SamplingRow
+from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.text import TextOutput
 from rollout.engine.types import Completion
 
 

@@ -1,4 +1,4 @@
-"""The engine's paged KV cache from its EngineConfig: pool size, runner and page pool.
+"""The paged KV layout from an EngineConfig: pool size, runner, page pool and scheduler.
 
 Pool size, in order: `kv_pages`; else `kv_memory_fraction` of device memory less what is in
 use (the weights about to be loaded are counted as their per-device share); else the memory the
@@ -11,10 +11,12 @@ from __future__ import annotations
 from jax.sharding import Mesh
 
 from rollout.engine.config import EngineConfig
+from rollout.engine.native.kv import KvLayout
+from rollout.engine.native.kv.paged import memory
+from rollout.engine.native.kv.paged.pool import PagePool, pages_for
+from rollout.engine.native.kv.paged.runner import PagedRunner
+from rollout.engine.native.kv.paged.scheduler import PagedScheduler
 from rollout.models.bind import ModelDef
-from rollout.paged import memory
-from rollout.paged.pool import PagePool, pages_for
-from rollout.paged.runner import PagedRunner
 
 
 def pool_pages(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> int:
@@ -37,11 +39,13 @@ def pool_pages(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> int:
     return pages
 
 
-def make_paged(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> tuple[PagedRunner, PagePool]:
-    """The runner (its device pool allocated) and the host bookkeeping of the same pages."""
+def make_paged(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> KvLayout:
+    """The runner (its device pool allocated) and a scheduler over the host bookkeeping of the
+    same pages."""
     pages = pool_pages(model_def, mesh, config)
     runner = PagedRunner(
         model_def, mesh, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
         decode_steps=config.decode_steps, num_pages=pages, page_size=config.page_size,
     )
-    return runner, PagePool(pages, config.page_size)
+    pool = PagePool(pages, config.page_size)
+    return KvLayout("paged", runner, lambda lock, weights: PagedScheduler(lock, runner, weights, config, pool))
