@@ -20,7 +20,7 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
 - Sampling seeds: not reproducible per request. 0.0.2 takes a per-request seed only with its
   deterministic sampling, whose CPU path samples almost uniformly (it applies softmax to
   probabilities) and whose hash-based noise is biased even on logits; RL on such samples does not
-  learn (measured: see the README). So it stays off and `seed` is not passed on.
+  learn (measured: docs/benchmarks.md). So it stays off and `seed` is not passed on.
 - Streaming: a streamed request's sink is fed from sglang-jax's scheduler thread after every step
   that adds tokens (the request's exact token ids, as the scheduler holds them; the text decoded by
   rollout, an incomplete trailing character held back), then once more with the finished sample.
