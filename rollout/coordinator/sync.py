@@ -16,7 +16,8 @@
     publish  the update to the registry: the commit point (a restarted worker loads it)
     commit   on every worker (phase 2)
 
-An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
+An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself
+(`update_source` tells the two kinds of update apart, once per sync).
 Each phase is logged as one JSON line on the "rollout.coordinator.sync" logger, and kept in SyncRecord.
 What crosses to the workers and the registry is declared in rollout.protocol (the workers'
 calls: WorkerCalls; the published update: CommittedUpdate).
