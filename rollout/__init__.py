@@ -94,7 +94,7 @@ def init(
     from rollout.coordinator.service import RolloutService
 
     with _default_lock:
-        if _default is not None and not _default._closed:
+        if _default is not None and not _default.closed:
             raise RuntimeError(
                 "rollout.init was already called and its service is running; call "
                 "rollout.shutdown() first, or create more services with rollout.RolloutService(...)"
@@ -105,7 +105,7 @@ def init(
 
 def _service() -> RolloutService:
     service = _default
-    if service is None or service._closed:
+    if service is None or service.closed:
         raise ServiceClosedError("no rollout service is running; call rollout.init(model, ...) first")
     return service
 

@@ -1,5 +1,5 @@
-"""Errors of the rollout fleet, and `describe_error`, the one-line cause of a Ray error (the
-engine's own errors live in rollout.engine.types)."""
+"""Errors of the rollout fleet and of the model configs it accepts, and `describe_error`, the
+one-line cause of a Ray error (the engine's own errors live in rollout.engine.types)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ class WorkerUnavailableError(RuntimeError):
 
 class ServiceClosedError(RuntimeError):
     """The rollout service was shut down (or never started)."""
+
+
+class UnsupportedConfigError(ValueError):
+    """The checkpoint's config.json asks for a feature this engine does not implement."""
 
 
 def describe_error(err: BaseException) -> str:

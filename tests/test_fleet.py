@@ -340,6 +340,18 @@ def test_status_reports_workers_and_the_phases_of_recent_syncs(service, tiny_qwe
     assert [s["ok"] for s in status["syncs"]].count(False) >= 1  # the aborted sync is on record
 
 
+def test_the_relay_fanout_can_be_changed_and_a_bad_one_is_refused(service):
+    before = service.fleet_config.relay_fanout
+    with pytest.raises(ValueError, match=r"relay_fanout=-1: expected an integer >= 0"):
+        service.set_relay_fanout(-1)
+    assert service.fleet_config.relay_fanout == before
+    service.set_relay_fanout(0)
+    try:
+        assert service.fleet_config.relay_fanout == 0
+    finally:
+        service.set_relay_fanout(before)
+
+
 def test_generate_in_four_threads_while_syncing_ten_times(service, tiny_qwen3, tiny_qwen3_perturbed):
     params = [hf_flat(tiny_qwen3), hf_flat(tiny_qwen3_perturbed)]
     sampling = rollout.SamplingParams(max_tokens=8, temperature=1.0, n=2, seed=3)
@@ -446,8 +458,10 @@ def test_module_level_api_joins_the_running_ray_and_drives_a_default_service(ray
             (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 1, 1)
         ]
         assert rollout.status()["workers"][0]["version"] == 1
+        assert not svc.closed
     finally:
         rollout.shutdown()
+    assert svc.closed
     assert ray_local.is_initialized()
     with pytest.raises(rollout.ServiceClosedError):
         rollout.status()

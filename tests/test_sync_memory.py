@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from rollout.coordinator.sync import Fleet, WeightSync
+from rollout.coordinator.fleet_view import FleetView
+from rollout.coordinator.routing import Router
+from rollout.coordinator.sync import WeightSync
 from rollout.weights.spec import spec_of_leaves
 
 SPEC = spec_of_leaves([(f"layers.{i}.w", (256,), "float32") for i in range(7)])  # 1 KiB each
 
 
 def _sync() -> WeightSync:
-    fleet = Fleet(handles=[], registry=None, spec=SPEC, live_workers=list, worker_down=lambda i, err: None)
+    fleet = FleetView(handles=(), router=Router(0), registry=None, spec=SPEC, max_retries=0)
     return WeightSync(fleet, bucket_bytes=2048, timeout_s=1.0)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from trainer_stub.train import LoopConfig, LoopResult, StepRecord
+from trainer_stub.records import LoopConfig, LoopResult, StepRecord
 
 
 def summarize(result: LoopResult, loop: LoopConfig, *, wall_s: float, startup_s: float) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def measure_fleet(svc, params: list[dict], counters: Counters, head: str, fanout
     """Syncs with relay_fanout=`fanout`: per sync, seconds and bytes (coordinator's node, all)."""
     # The bench flips the coordinator's setting on one fleet (same workers on the same nodes),
     # so the two rows differ in the relay only.
-    svc._sync.relay_fanout = fanout
+    svc.set_relay_fanout(fanout)
     svc.sync_weights(params[0])  # warm-up at this setting
     rows = []
     for i in range(repeats):

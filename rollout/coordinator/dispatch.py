@@ -19,8 +19,9 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Self
 
-from rollout.coordinator.resend import Calls, Route, WorkerDown
-from rollout.coordinator.routing import Router, request_cost
+from rollout.coordinator.fleet_view import FleetView
+from rollout.coordinator.resend import Calls
+from rollout.coordinator.routing import request_cost
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 
@@ -31,16 +32,13 @@ class Dispatch:
 
     def __init__(
         self,
+        fleet: FleetView,
         *,
-        handles: Sequence[Any],
-        router: Router,
-        worker_down: WorkerDown,
         prompts: Sequence[list[int]],
         sampling: SamplingParams,
         return_logprobs: bool,
         worker: int | None,
         timeout: float | None,
-        max_retries: int,
     ):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._calls: Calls[int] = Calls("generate", "prompts", deadline)
@@ -48,9 +46,9 @@ class Dispatch:
         self.num_prompts = len(prompts)
         try:
             for index, ids in enumerate(prompts):
-                route = Route(router, worker_down, cost=request_cost(len(ids), sampling.max_tokens, sampling.n),
-                              max_retries=max_retries, name=f"prompt {index}", pinned=worker)
-                self._calls.send(index, route, _generate_call(handles, ids, sampling, index, return_logprobs))
+                route = fleet.route(cost=request_cost(len(ids), sampling.max_tokens, sampling.n),
+                                    name=f"prompt {index}", pinned=worker)
+                self._calls.send(index, route, _generate_call(fleet.handles, ids, sampling, index, return_logprobs))
         except BaseException:
             self.cancel()
             raise

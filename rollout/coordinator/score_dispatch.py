@@ -18,8 +18,8 @@ from typing import Any
 
 import ray
 
-from rollout.coordinator.resend import Calls, Route, WorkerDown
-from rollout.coordinator.routing import UP, Router
+from rollout.coordinator.fleet_view import FleetView
+from rollout.coordinator.resend import Calls, Route
 from rollout.scores import Scores
 
 _MIN_PART = 8  # pairs: smaller calls are not worth a second worker
@@ -54,15 +54,12 @@ def split(n: int, live: int) -> list[list[int]]:
 
 
 def score_on_fleet(
+    fleet: FleetView,
     *,
-    handles: Sequence[Any],
-    router: Router,
-    worker_down: WorkerDown,
     prompts: Sequence[list[int]],
     completions: Sequence[list[int]],
     temperature: float,
     timeout: float | None,
-    max_retries: int,
     min_version: int = 0,
 ) -> Scores:
     """Score validated token-id pairs on the fleet; every logprob comes from one version
@@ -70,12 +67,11 @@ def score_on_fleet(
 
     def part(rows: list[int]) -> _Part:
         cost = sum(len(prompts[i]) + len(completions[i]) for i in rows)
-        route = Route(router, worker_down, cost=cost, max_retries=max_retries,
-                      name=f"score: a part of {len(rows)} pairs")
+        route = fleet.route(cost=cost, name=f"score: a part of {len(rows)} pairs")
         ps, cs = [prompts[i] for i in rows], [completions[i] for i in rows]
-        return _Part(rows, route, lambda worker: handles[worker].score.remote(ps, cs, temperature))
+        return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature))
 
-    parts = [part(rows) for rows in split(len(prompts), max(1, len(router.workers_in(UP))))]
+    parts = [part(rows) for rows in split(len(prompts), max(1, len(fleet.live_workers())))]
     if not parts:
         return Scores((), min_version)
     calls: Calls[int] = Calls("score", "parts", None if timeout is None else time.monotonic() + timeout)

@@ -16,6 +16,7 @@ up with the fleet's committed version.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -38,9 +39,12 @@ from rollout.coordinator.fleet import (
     resolve_accelerator,
     service_configs,
 )
+from rollout.coordinator.fleet_view import FleetView
 from rollout.coordinator.registry import UpdateRegistry
 from rollout.coordinator.routing import DEAD, DOWN, UP, Router
-from rollout.coordinator.sync import Fleet, SyncRecord, WeightSync
+from rollout.coordinator.score_dispatch import score_on_fleet
+from rollout.coordinator.streaming import FleetRequest, TokenStream
+from rollout.coordinator.sync import SyncRecord, WeightSync, update_source
 from rollout.engine.backend import EngineCapabilities
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
@@ -49,13 +53,11 @@ from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.protocol import WorkerStatus
+from rollout.scores import Scores, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
 from rollout.worker.actor import RolloutWorker
-
-if TYPE_CHECKING:
-    from rollout.coordinator.streaming import FleetRequest, TokenStream
 
 log = logging.getLogger("rollout.coordinator.service")
 _PROBE_INTERVAL_S = 0.25
@@ -119,11 +121,14 @@ class RolloutService:
                 ray.shutdown()
             raise
         self._router = Router(self.fleet_config.num_workers)
+        # The one view of the fleet that generate, streams, score and the sync are given.
+        self._fleet = FleetView(tuple(self._handles), self._router, self._registry, self.spec,
+                                self.fleet_config.max_request_retries)
         self._version = 0  # committed on every live worker
         self._sync_lock = threading.Lock()
         self._history: collections.deque[SyncRecord] = collections.deque(maxlen=self.fleet_config.sync_history)
         self._sync = WeightSync(
-            Fleet(self._handles, self._registry, self.spec, self._live_workers, self._worker_down),
+            self._fleet,
             self.fleet_config.bucket_bytes,
             self.fleet_config.sync_timeout_s,
             self.fleet_config.checksum,
@@ -198,6 +203,15 @@ class RolloutService:
         update = self._sync.committed
         return self._version if update is None else max(self._version, update.version)
 
+    def set_relay_fanout(self, fanout: int) -> None:
+        """Change FleetConfig.relay_fanout for the syncs that follow (0: every worker fetches the
+        buckets from the coordinator's node; k >= 1: relayed across nodes, each worker feeding up to
+        k others). Waits for a sync in progress. The relay benchmark compares settings on one fleet."""
+        config = dataclasses.replace(self.fleet_config, relay_fanout=fanout)  # checked as FleetConfig checks it
+        with self._sync_lock:
+            self.fleet_config = config
+            self._sync.relay_fanout = fanout
+
     def sync_weights(self, params: Any) -> int:
         """Push new weights to every worker; returns the new version (previous + 1).
 
@@ -210,7 +224,7 @@ class RolloutService:
         with self._sync_lock:
             self._check_open()
             version = self._version + 1
-            record = SyncRecord(version, "checkpoint" if isinstance(params, (str, os.PathLike)) else "pytree")
+            record = SyncRecord(version, update_source(params))
             self._history.append(record)
             try:
                 self._sync.sync(params, version, record)
@@ -220,7 +234,7 @@ class RolloutService:
                                         "seconds": record.seconds}))
                 raise
             self._version = version
-            for index in self._live_workers():
+            for index in self._fleet.live_workers():
                 if index not in record.workers:  # came back mid-sync: re-check its version first
                     self._router.mark(index, DOWN)
             log.info(json.dumps({"event": "sync_done", "version": version, "bytes": record.nbytes,
@@ -228,6 +242,13 @@ class RolloutService:
             return version
 
     # -- generation -------------------------------------------------------------------------------
+
+    @property
+    def validator(self) -> PromptValidator:
+        """The driver's prompt checks (model config, tokenizer, engine limits): what generate and
+        score run on every prompt before anything is sent. The HTTP server encodes and checks its
+        requests with it too."""
+        return self._validator
 
     def generate(
         self,
@@ -272,15 +293,8 @@ class RolloutService:
             self.capabilities.require("logprobs")
         encoded = self._validator.encode_all(prompts, sampling)
         dispatch = Dispatch(
-            handles=self._handles,
-            router=self._router,
-            worker_down=self._worker_down,
-            prompts=encoded,
-            sampling=sampling,
-            return_logprobs=return_logprobs,
-            worker=worker,
+            self._fleet, prompts=encoded, sampling=sampling, return_logprobs=return_logprobs, worker=worker,
             timeout=timeout,
-            max_retries=self.fleet_config.max_request_retries,
         )
         return GenerationStream(dispatch)
 
@@ -290,8 +304,6 @@ class RolloutService:
         """One prompt's samples token by token: an async iterator of TokenDelta lists, for
         servers and agents on an event loop (see rollout.coordinator.streaming). Validated now; the request
         is sent when iteration starts and cancelled on its worker if the iteration stops early."""
-        from rollout.coordinator.streaming import TokenStream
-
         return TokenStream(self._fleet_request(prompt, sampling, return_logprobs))
 
     async def agenerate(
@@ -301,16 +313,12 @@ class RolloutService:
         return await self._fleet_request(prompt, sampling, return_logprobs).completions()
 
     def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> FleetRequest:
-        from rollout.coordinator.streaming import FleetRequest
-
         self._check_open()
         if return_logprobs:
             self.capabilities.require("logprobs")
         ids = self._validator.encode_all([prompt], sampling)[0]
         return FleetRequest(
-            handles=self._handles, router=self._router, worker_down=self._worker_down, prompt_ids=ids,
-            sampling=sampling, return_logprobs=return_logprobs, max_retries=self.fleet_config.max_request_retries,
-            tokenizer=self.tokenizer,
+            self._fleet, prompt_ids=ids, sampling=sampling, return_logprobs=return_logprobs, tokenizer=self.tokenizer
         )
 
     def score(
@@ -320,15 +328,12 @@ class RolloutService:
         *,
         temperature: float = 1.0,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced:
         a `Scores` with one float32 array per pair and the one weight version that computed them
         all (at least the version committed when the call started). At `temperature` T the
         numbers are log_softmax(logits / T), the distribution generate samples from. Every pair
         is validated before any is sent. See rollout.coordinator.score_dispatch."""
-        from rollout.coordinator.score_dispatch import score_on_fleet
-        from rollout.scores import check_temperature, encode_pairs
-
         self._check_open()
         self.capabilities.require("score")
         prompt_ids, completion_ids = encode_pairs(
@@ -336,9 +341,8 @@ class RolloutService:
             vocab_size=self.model_config.vocab_size, max_seq_len=self.engine_config.max_seq_len,
         )
         return score_on_fleet(
-            handles=self._handles, router=self._router, worker_down=self._worker_down, prompts=prompt_ids,
-            completions=completion_ids, temperature=check_temperature(temperature), timeout=timeout,
-            max_retries=self.fleet_config.max_request_retries, min_version=self._version,
+            self._fleet, prompts=prompt_ids, completions=completion_ids, temperature=check_temperature(temperature),
+            timeout=timeout, min_version=self._version,
         )
 
     # -- workers: liveness and catching up --------------------------------------------------------
@@ -351,13 +355,6 @@ class RolloutService:
     def wait_for_workers(self, timeout: float = 120.0) -> bool:
         """Wait until no worker is down (each is up, serving the fleet's version, or dead)."""
         return self._router.wait_until(lambda states: DOWN not in states, timeout)
-
-    def _live_workers(self) -> list[int]:
-        return self._router.workers_in(UP)
-
-    def _worker_down(self, index: int, err: BaseException, epoch: int | None = None) -> None:
-        if self._router.mark(index, DOWN, epoch):
-            log.warning(json.dumps({"event": "worker_down", "worker": index, "error": describe_error(err)}))
 
     def _probe_down_workers(self) -> None:
         for index in self._router.workers_in(DOWN):
@@ -432,6 +429,12 @@ class RolloutService:
             "workers": workers,
             "syncs": [record.as_dict() for record in self._history],
         }
+
+    @property
+    def closed(self) -> bool:
+        """True once shutdown() ran (generate, score, sync_weights and status then raise
+        ServiceClosedError)."""
+        return self._closed
 
     def shutdown(self) -> None:
         """Stop the workers and the registry (and Ray, if this service started it). Idempotent.

@@ -29,8 +29,9 @@ import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Self
 
-from rollout.coordinator.resend import DiedMidStream, Route, WorkerDown, call_resending, resending
-from rollout.coordinator.routing import Router, request_cost
+from rollout.coordinator.fleet_view import FleetView
+from rollout.coordinator.resend import DiedMidStream, call_resending, resending
+from rollout.coordinator.routing import request_cost
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
@@ -49,55 +50,52 @@ class _SampleState:
 
 class FleetRequest:
     """One prompt (with its n samples) on the fleet; its sends, re-sends and cancellation go
-    through its `route` (rollout.coordinator.resend)."""
+    through its `route` (rollout.coordinator.resend). `max_retries`: the fleet's unless given
+    (a continued sample gets the re-sends its request has left)."""
 
     def __init__(
         self,
+        fleet: FleetView,
         *,
-        handles: Sequence[Any],
-        router: Router,
-        worker_down: WorkerDown,
         prompt_ids: list[int],
         sampling: SamplingParams,
         return_logprobs: bool,
-        max_retries: int,
         prompt_index: int = 0,
         tokenizer: Any = None,
+        max_retries: int | None = None,
     ):
-        self._handles = handles
-        self._router = router
-        self._worker_down = worker_down
+        self._fleet = fleet
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.return_logprobs = return_logprobs
         self.prompt_index = prompt_index
         self.tokenizer = tokenizer  # to continue samples whose worker died mid-stream
-        self.route = Route(router, worker_down, cost=request_cost(len(prompt_ids), sampling.max_tokens, sampling.n),
-                           max_retries=max_retries, name="the request")
+        self.route = fleet.route(cost=request_cost(len(prompt_ids), sampling.max_tokens, sampling.n),
+                                 name="the request", max_retries=max_retries)
 
     def _args(self) -> tuple[Any, ...]:
         return self.prompt_ids, self.sampling, self.prompt_index, self.return_logprobs
 
     async def completions(self) -> list[Completion]:
         """The n completions, from one `generate` call on a worker (re-sent if it dies)."""
-        return await call_resending(self.route, lambda worker: self._handles[worker].generate.remote(*self._args()))
+        return await call_resending(self.route, lambda worker: self._fleet.handles[worker].generate.remote(*self._args()))
 
     def deltas(self) -> AsyncGenerator[list[TokenDelta], None]:
         """The request's TokenDeltas from one `generate_stream` call on a worker (re-sent if it
         dies before the first; DiedMidStream if it dies after)."""
         return resending(
             self.route,
-            lambda worker: self._handles[worker].generate_stream.options(num_returns="streaming").remote(*self._args()),
+            lambda worker: self._fleet.handles[worker].generate_stream.options(num_returns="streaming").remote(*self._args()),
         )
 
     def continuation(self, token_ids: list[int]) -> FleetRequest:
         """One sample continued after `token_ids`: n=1, the tokens left, the retries left."""
         return FleetRequest(
-            handles=self._handles, router=self._router, worker_down=self._worker_down,
+            self._fleet,
             prompt_ids=self.prompt_ids + token_ids,
             sampling=dataclasses.replace(self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids)),
-            return_logprobs=self.return_logprobs, max_retries=self.route.resends.retries_left,
-            prompt_index=self.prompt_index, tokenizer=self.tokenizer,
+            return_logprobs=self.return_logprobs, prompt_index=self.prompt_index, tokenizer=self.tokenizer,
+            max_retries=self.route.resends.retries_left,
         )
 
 

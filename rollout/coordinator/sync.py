@@ -16,7 +16,8 @@
     publish  the update to the registry: the commit point (a restarted worker loads it)
     commit   on every worker (phase 2)
 
-An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
+An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself
+(`update_source` tells the two kinds of update apart, once per sync).
 Each phase is logged as one JSON line on the "rollout.coordinator.sync" logger, and kept in SyncRecord.
 What crosses to the workers and the registry is declared in rollout.protocol (the workers'
 calls: WorkerCalls; the published update: CommittedUpdate).
@@ -30,14 +31,15 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
 
+from rollout.coordinator.fleet_view import FleetView
 from rollout.errors import SyncError, describe_error, first_line
 from rollout.protocol import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.relay import plan_relay
@@ -48,12 +50,26 @@ from rollout.weights.spec import ParamSpec, flatten_params
 log = logging.getLogger("rollout.coordinator.sync")
 
 
+UpdateSource = Literal["checkpoint", "pytree"]
+
+
+def update_source(params: Any) -> UpdateSource:
+    """How an update reaches the workers, decided by its type: "checkpoint" for an HF directory or
+    repo id (a str or os.PathLike: every worker loads it itself), "pytree" for parameters in the
+    coordinator's memory (packed into buckets and sent).
+
+    >>> update_source("Qwen/Qwen3-0.6B"), update_source({"embed.embedding": [0.0]})
+    ('checkpoint', 'pytree')
+    """
+    return "checkpoint" if isinstance(params, (str, os.PathLike)) else "pytree"
+
+
 @dataclasses.dataclass
 class SyncRecord:
     """One sync attempt, as status() reports it."""
 
     version: int
-    source: str  # "pytree" | "checkpoint"
+    source: UpdateSource  # update_source(params): decides how the sync runs
     ok: bool = False
     nbytes: int = 0
     leaves: int = 0
@@ -70,27 +86,12 @@ class SyncRecord:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Fleet:
-    """What the sync needs from the service (kept narrow so the sync is easy to follow)."""
-
-    handles: Sequence[Any]  # worker actor handles (rollout.protocol.WorkerCalls), by index
-    registry: Any  # UpdateRegistry actor handle
-    spec: ParamSpec  # the engines' parameter spec
-    live_workers: Callable[[], list[int]]  # workers that take part (up)
-    worker_down: Callable[[int, BaseException], None]  # report a worker that failed
-
-
-def is_checkpoint_ref(params: Any) -> bool:
-    return isinstance(params, (str, os.PathLike))
-
-
 class WeightSync:
     """Runs syncs one at a time (the caller holds the service's sync lock)."""
 
     def __init__(
         self,
-        fleet: Fleet,
+        fleet: FleetView,
         bucket_bytes: int,
         timeout_s: float,
         checksum: str = DEFAULT_CHECKSUM,
@@ -107,14 +108,15 @@ class WeightSync:
         self._died: set[int] = set()  # workers whose process died during the last stage phase
 
     def sync(self, params: Any, version: int, record: SyncRecord) -> int:
-        """Sync `params` as `version` (= the fleet's version + 1). Raises SpecMismatchError
-        before any transfer, SyncError after an aborted stage phase."""
+        """Sync `params` as `version` (= the fleet's version + 1), as `record.source` says
+        (update_source(params)). Raises SpecMismatchError before any transfer, SyncError after an
+        aborted stage phase."""
         workers = self.fleet.live_workers()
         if not workers:
             raise SyncError(version, version - 1, {-1: "no live worker to sync (all down or dead)"})
         record.workers = tuple(workers)
         sync_id = uuid.uuid4().hex[:12]
-        if is_checkpoint_ref(params):
+        if record.source == "checkpoint":
             update, calls = self._stage_checkpoint(params, version, record, workers, sync_id)
         else:
             update, calls = self._stage_pytree(params, version, record, workers, sync_id)
@@ -137,7 +139,6 @@ class WeightSync:
     def _stage_pytree(
         self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str
     ) -> tuple[CommittedUpdate, dict[Any, int]]:
-        record.source = "pytree"
         record.nbytes = self.layout.nbytes
         record.leaves = len(self.layout.slots)
         asked = self._ask_nodes(workers)  # answered while the tree is flattened and checked
@@ -235,7 +236,6 @@ class WeightSync:
     def _stage_checkpoint(
         self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str
     ) -> tuple[CommittedUpdate, dict[Any, int]]:
-        record.source = "checkpoint"
         record.nbytes = self.fleet.spec.nbytes
         record.leaves = len(self.fleet.spec.leaves)
         path = str(params)
@@ -292,8 +292,6 @@ def to_host(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
         out.update(zip(on_device, jax.device_get([flat[p] for p in on_device])))
     return {p: np.asarray(a) for p, a in out.items()}
-
-
 
 
 class _phase:

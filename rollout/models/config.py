@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rollout.errors import UnsupportedConfigError
+from rollout.models.registry import family_for
 
-class UnsupportedConfigError(ValueError):
-    """The checkpoint's config.json asks for a feature this engine does not implement."""
+__all__ = ["ModelConfig", "UnsupportedConfigError"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,6 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
-        from rollout.models.registry import family_for
-
         arch = _architecture(hf)
         family = family_for(arch)
         _refuse_unsupported(hf)

@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from types import ModuleType
 
-from rollout.models.config import UnsupportedConfigError
+from rollout.errors import UnsupportedConfigError
 
 
 @dataclasses.dataclass(frozen=True)

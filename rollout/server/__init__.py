@@ -5,9 +5,10 @@
     # POST /v1/weights (sync), GET /v1/status, GET /health, GET /metrics
     server.shutdown()
 
-Modules: handle (serve(), Server), app (routes), job (one request: validate, answer, stream),
-schema (request bodies), translate (OpenAI <-> rollout), sse (event streams), metrics
-(Prometheus + Ray), auth (bind rule, api key), errors (OpenAI error JSON), cli (`rollout serve`).
+Modules: handle (serve(), Server), app (routes), state (what the routes share), job (one request:
+validate, answer, stream), schema (request bodies), translate (OpenAI <-> rollout), sse (event
+streams), metrics (Prometheus + Ray), auth (bind rule, api key), errors (OpenAI error JSON), cli
+(`rollout serve`).
 """
 
 from __future__ import annotations

@@ -26,41 +26,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rollout.server import translate
 from rollout.server.auth import check_key
 from rollout.server.errors import APIError, bad_request, from_exception
 from rollout.server.job import Job
-from rollout.server.metrics import ServerMetrics
 from rollout.server.schema import ChatCompletionRequest, CompletionRequest, WeightsRequest
 from rollout.server.sse import SSEResponse
+from rollout.server.state import ServerState
 
 log = logging.getLogger("rollout.server")
 
 _FLEET_REFRESH_S = 5.0
-
-
-class ServerState:
-    """What the routes share: the service, the served name, the key, the metrics."""
-
-    def __init__(self, service: Any, model_name: str, api_key: str | None):
-        self.service = service
-        self.model_name = model_name
-        self.api_key = api_key
-        self.metrics = ServerMetrics()
-        self.texts = translate.TokenTexts(service.tokenizer)
-        self.max_seq_len = service.engine_config.max_seq_len
-        self.closing = False
-        self.created = int(time.time())
-
-    def check_open(self) -> None:
-        if self.closing or self.service._closed:
-            raise APIError(503, "the server is shutting down (its rollout service is closed); retry against "
-                           "a running server", type="service_unavailable", code="service_unavailable")
-
-    def check_model(self, name: str) -> None:
-        if name not in (self.model_name, str(self.service.checkpoint)):
-            raise APIError(404, f"model {name!r} does not exist here: this server serves {self.model_name!r} "
-                           "(GET /v1/models lists it)", param="model", code="model_not_found")
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -240,7 +215,7 @@ def _first_param(errors: Any) -> str | None:
 
 async def _refresh_fleet(state: ServerState) -> None:
     """Fleet gauges from the service's status (best effort: a scrape never fails because of it)."""
-    if state.service._closed:
+    if state.service.closed:
         return
     try:
         state.metrics.update_fleet(await asyncio.to_thread(state.service.status, 5.0))

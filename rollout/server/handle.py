@@ -26,7 +26,8 @@ class Server:
                  model_name: str, log_level: str = "warning", start_timeout_s: float = 60.0):
         import uvicorn
 
-        from rollout.server.app import ServerState, build_app
+        from rollout.server.app import build_app
+        from rollout.server.state import ServerState
 
         check_bind(host, api_key)
         self.service = service

@@ -12,16 +12,14 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.server import translate
 from rollout.server.errors import bad_request, from_exception
 from rollout.server.sse import DONE, event, merge_streams
-
-if TYPE_CHECKING:
-    from rollout.server.app import ServerState
+from rollout.server.state import ServerState
 
 
 class Job:
@@ -35,7 +33,7 @@ class Job:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.start = time.perf_counter()
-        validator = state.service._validator
+        validator = state.service.validator
         if self.chat:
             if req.top_logprobs:
                 raise bad_request(

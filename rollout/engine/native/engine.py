@@ -51,6 +51,7 @@ from rollout.engine.native.intake import RequestIntake
 from rollout.engine.native.kv import make_layout
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
+from rollout.engine.native.scoring import Scorer
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
@@ -59,6 +60,7 @@ from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.models.sharding import make_mesh
 from rollout.prompts import Prompt, PromptValidator
+from rollout.scores import Scores, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.spec import ParamSpec
@@ -213,17 +215,22 @@ class Engine:
 
     # -- scoring (rollout.engine.native.scoring) -------------------------------------------------------
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
-        all on one weight version: a `rollout.Scores` (logprobs, weight_version)."""
-        from rollout.engine.native.scoring import score_on_engine
-
-        return score_on_engine(self, self._intake.encode, prompts, completions, temperature)
+        all on one weight version: a `rollout.Scores` (logprobs, weight_version). Every pair is
+        validated (as generate validates prompts) before one consistent version is taken."""
+        prompt_ids, completion_ids = encode_pairs(
+            self._intake.encode, prompts, completions,
+            vocab_size=self.model_config.vocab_size, max_seq_len=self.config.max_seq_len,
+        )
+        temperature = check_temperature(temperature)
+        version, params, derived = self.weights_snapshot()
+        logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature)
+        return Scores(tuple(logprobs), version)
 
     @functools.cached_property
-    def scorer(self) -> Any:
-        from rollout.engine.native.scoring import Scorer
-
+    def scorer(self) -> Scorer:
+        """The jitted scoring forward, built on the first `score`."""
         return Scorer(self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len)
 
     def weights_snapshot(self) -> tuple[int, dict[str, jax.Array], dict[str, jax.Array]]:

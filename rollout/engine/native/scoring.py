@@ -11,13 +11,13 @@ never recompile it; shapes are bucketed (rows and length to powers of two) so th
 executables stays small. The logits are computed over the vocabulary in chunks of positions, so a
 long row never materializes a (rows, length, vocab) array. At temperature T the numbers are
 `log_softmax(logits / T)`, the distribution `generate` samples from; at T = 1 they equal
-`generate`'s logprobs of the tokens it sampled.
+`generate`'s logprobs of the tokens it sampled. `Engine.score` validates the pairs, takes one
+consistent weight version and runs the Scorer on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,36 +27,10 @@ from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.runner import pow2_at_least
 from rollout.models import forward
 from rollout.models.bind import ModelDef
-from rollout.scores import Scores, check_temperature, encode_pairs
-
-if TYPE_CHECKING:
-    from rollout.engine.native.engine import Engine
 
 # Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
 # to ~this many vocab-sized float32 rows whatever the row length.
 _HEAD_POSITIONS = 256
-
-
-def score_on_engine(
-    engine: Engine,
-    encode: Callable[[Any], list[int]],
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    temperature: float,
-) -> Scores:
-    """`Engine.score`: validate (`encode`: a prompt to token ids, refusing bad ones), take one
-    consistent weight version, run the Scorer on it."""
-    prompt_ids, completion_ids = encode_pairs(
-        encode,
-        prompts,
-        completions,
-        vocab_size=engine.model_config.vocab_size,
-        max_seq_len=engine.config.max_seq_len,
-    )
-    temperature = check_temperature(temperature)
-    version, params, derived = engine.weights_snapshot()
-    logprobs = engine.scorer.score(params, derived, prompt_ids, completion_ids, temperature)
-    return Scores(tuple(logprobs), version)
 
 
 class Scorer:

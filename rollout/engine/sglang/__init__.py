@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollout.engine.config import EngineConfig
+from rollout.engine.sglang.requirements import HEAD_DIM_MULTIPLE
 
 if TYPE_CHECKING:
     from rollout.engine.sglang.adapter import SglangEngine
 
 NAME = "sglang-jax"  # the value of the `engine` option that selects this backend
-# head_dim must be a multiple of this (sglang-jax pads smaller head dims, so no sync could fit);
-# refused at start (requirements.check_head_dim); the demo sizes its built-in model by it.
-HEAD_DIM_MULTIPLE = 128
 # Devices per worker the demo gives this backend unless told otherwise: tensor parallel over
 # simulated CPU devices (XLA's in-process all-reduce) hung in sglang-jax 0.0.2's precompile at
 # batch 64 on the 2-core dev VM (rendezvous timeout, process aborted); 1 device per worker ran.

@@ -12,8 +12,11 @@ import sys
 from importlib import metadata
 
 from rollout.engine.backend import EngineCapabilities, FeatureUnavailableError
-from rollout.engine.sglang import HEAD_DIM_MULTIPLE
 from rollout.models.config import ModelConfig
+
+# head_dim must be a multiple of this (sglang-jax pads smaller head dims, so no sync could fit);
+# refused at start (check_head_dim); the demo sizes its built-in model by it (the package exports it).
+HEAD_DIM_MULTIPLE = 128
 
 SUPPORTED_VERSIONS = ("0.0.2",)
 SWAP_POLICIES = ("drain",)  # what this backend can honour; see check_swap_policy

@@ -9,37 +9,25 @@ branches on `EngineConfig.kv_layout` itself.
 - `paged`: a pool of fixed-size pages shared through page tables (`PagedRunner`,
   `PagedScheduler`: admission planned by pages, preemption).
 
-Layouts import the engine's lower floors (runner, scheduler base, sampling); nothing here
-imports `rollout.engine.native.engine`. Importing this package does not import jax.
+A layout module returns a `KvLayout` (kv/layout.py, what every layout supplies). Layouts import
+the engine's lower floors (runner, scheduler base, sampling); nothing here imports
+`rollout.engine.native.engine`. Importing this package does not import jax.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rollout.engine.native.kv.layout import KvLayout
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
     from rollout.engine.config import EngineConfig
-    from rollout.engine.native.runner_api import Runner
-    from rollout.engine.native.scheduler import BaseScheduler
-    from rollout.engine.weight_state import WeightState
     from rollout.models.bind import ModelDef
 
 KV_LAYOUTS = ("contiguous", "paged")
-
-
-@dataclass(frozen=True)
-class KvLayout:
-    """One layout, built for one engine: its runner, and how to build the scheduler that drives it
-    (the scheduler needs the engine's lock and weight state, made after the runner)."""
-
-    name: str
-    runner: Runner
-    make_scheduler: Callable[[threading.Condition, WeightState], BaseScheduler[Any]]
+__all__ = ["KV_LAYOUTS", "KvLayout", "make_layout"]
 
 
 def make_layout(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> KvLayout:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from jax.sharding import Mesh
 
 from rollout.engine.config import EngineConfig
-from rollout.engine.native.kv import KvLayout
+from rollout.engine.native.kv.layout import KvLayout
 from rollout.engine.native.runner import ModelRunner
 from rollout.engine.native.scheduler import Scheduler
 from rollout.models.bind import ModelDef

@@ -11,7 +11,7 @@ from __future__ import annotations
 from jax.sharding import Mesh
 
 from rollout.engine.config import EngineConfig
-from rollout.engine.native.kv import KvLayout
+from rollout.engine.native.kv.layout import KvLayout
 from rollout.engine.native.kv.paged import memory
 from rollout.engine.native.kv.paged.pool import PagePool, pages_for
 from rollout.engine.native.kv.paged.runner import PagedRunner
