@@ -7,11 +7,12 @@
     slots.py         the loop state: the sequence, pending token, position and sampler row per slot
     sequence.py      Request / Sequence: what each sample produced; its Completion
     text.py          a sequence's text: incremental detokenization, stop strings
-    ../weight_state.py  versions: stage (one path for trees and checkpoints), commit, abort (shared
-                     with the sglang-jax backend; the runner is its swap target)
-    ../staging.py    weights onto the devices (tree, checkpoint, dummy), validated and owned
     runner.py        the jitted prefill and multi-step decode, the KV cache, the serving leaves
     sampling.py      per-slot sampling rows and the on-device sampler
+
+Shared with the sglang-jax backend, in `rollout.engine`: `weight_state` (versions: stage, one path
+for trees and checkpoints; commit, abort; the runner is its swap target) and `staging` (weights
+onto the devices: tree, checkpoint, dummy; validated and owned).
 
 The KV cache layout is a plug-in (`kv/`, chosen by `kv.make_layout` from `config.kv_layout`): it
 supplies the runner and the scheduler; contiguous slots by default, or a paged pool
@@ -95,7 +96,9 @@ class Engine:
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
         # the runner is the weights' swap target; `commit(wait=True)` gives up once the scheduler stops
-        self._weights: WeightState[Params] = WeightState(self._lock, self.runner, stopped=lambda: self._scheduler.stopped)
+        self._weights: WeightState[Params] = WeightState(
+            self._lock, self.runner, stopped=lambda: self._scheduler.stopped
+        )
         self._scheduler: BaseScheduler[Any] = layout.make_scheduler(self._lock, self._weights)
 
     # -- weights ------------------------------------------------------------------------------
