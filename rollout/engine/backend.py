@@ -13,7 +13,9 @@ the same answer (a worker's ready reply), never by backend name.
 
 Weight state machine (every backend): `stage(v, params)` validates and places a full update
 beside the serving weights (raises and keeps nothing on any mismatch); `commit(v)` swaps it in at
-a step boundary under the in-flight policy; `abort(v)` drops it. Versions only go forward.
+a step boundary under the in-flight policy; `abort(v)` drops it. Versions only go forward. Both
+built-in backends keep it in one implementation, `rollout.engine.weight_state.WeightState`, given
+what holds their serving weights (a `SwapTarget`); tests/weight_contract.py pins it for any backend.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jax
 import numpy as np
@@ -23,13 +23,17 @@ from rollout.weights.loader import load_checkpoint
 from rollout.weights.spec import ParamSpec, SpecMismatchError, flatten_params
 
 Place = Callable[[str, np.ndarray], jax.Array]  # (path, host array) -> device array, never aliasing
+Derived = dict[str, jax.Array]  # serving-only leaves a backend computes from a copy (ModelRunner.derive)
+P = TypeVar("P")  # a backend's placed parameters: native {path: array}; sglang-jax its state leaves
 
 
 @dataclasses.dataclass(frozen=True)
-class StagedWeights:
+class StagedWeights(Generic[P]):
+    """One placed copy of the weights, as a backend serves it (rollout.engine.weight_state)."""
+
     version: int
-    params: dict[str, jax.Array]
-    derived: dict[str, jax.Array]  # see ModelRunner.derive
+    params: P
+    derived: Derived  # empty where a backend derives nothing (sglang-jax)
     seconds: float  # to build, place and derive the copy
 
 

@@ -1,5 +1,6 @@
 """The sglang-jax backend in one process: dummy start, syncs in every form, the weight state
-machine's guarantees, versions, the prefix cache at swaps, and the logprobs refusal."""
+machine's guarantees (and the contract every backend shares: tests/weight_contract.py), versions,
+the prefix cache at swaps, and the logprobs refusal."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from weight_contract import Backend, WeightStateContract
 
 from rollout.engine import EngineConfig, SamplingParams
 from rollout.weights.spec import SpecMismatchError
@@ -244,3 +246,14 @@ def test_a_request_filling_max_seq_len_gets_all_its_tokens(engine, native, ckpt_
     ours = tokens(engine, [prompt], 28)
     assert len(ours[0]) == 28
     assert ours == tokens(native, [prompt], 28)
+
+
+@pytest.fixture
+def backend(engine, ckpt_a):
+    update = hf_flat(ckpt_a)
+    refused = {name: a for name, a in update.items() if name != "model.norm.weight"}
+    return Backend(engine, update, refused, SpecMismatchError)
+
+
+class TestWeightStateContract(WeightStateContract):
+    """The weight state machine every backend shares (tests/weight_contract.py), on this one."""

@@ -7,10 +7,12 @@
     slots.py         the loop state: the sequence, pending token, position and sampler row per slot
     sequence.py      Request / Sequence: what each sample produced; its Completion
     text.py          a sequence's text: incremental detokenization, stop strings
-    weight_state.py  versions: stage (one path for trees and checkpoints), commit, abort
-    staging.py       weights onto the devices (tree, checkpoint, dummy), validated and owned
     runner.py        the jitted prefill and multi-step decode, the KV cache, the serving leaves
     sampling.py      per-slot sampling rows and the on-device sampler
+
+Shared with the sglang-jax backend, in `rollout.engine`: `weight_state` (versions: stage, one path
+for trees and checkpoints; commit, abort; the runner is its swap target) and `staging` (weights
+onto the devices: tree, checkpoint, dummy; validated and owned).
 
 The KV cache layout is a plug-in (`kv/`, chosen by `kv.make_layout` from `config.kv_layout`): it
 supplies the runner and the scheduler; contiguous slots by default, or a paged pool
@@ -49,6 +51,7 @@ import jax
 from rollout.engine.config import SWAP_POLICIES, EngineConfig
 from rollout.engine.native.intake import RequestIntake
 from rollout.engine.native.kv import make_layout
+from rollout.engine.native.runner import Params
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
 from rollout.engine.native.scoring import Scorer
@@ -94,7 +97,10 @@ class Engine:
             PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
-        self._weights = WeightState(self._lock, self.runner)
+        # the runner is the weights' swap target; `commit(wait=True)` gives up once the scheduler stops
+        self._weights: WeightState[Params] = WeightState(
+            self._lock, self.runner, stopped=lambda: self._scheduler.stopped
+        )
         self._scheduler: BaseScheduler[Any] = layout.make_scheduler(self._lock, self._weights)
 
     # -- weights ------------------------------------------------------------------------------
@@ -127,7 +133,7 @@ class Engine:
         assert params is not None, "set_params() before serving"  # loaded in __init__
         return dict(params)
 
-    def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> StagedWeights:
+    def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> StagedWeights[Params]:
         """Validate and place `params` as `version` beside the serving weights.
 
         Raises SpecMismatchError / NonFiniteWeightsError / WeightSyncError; on any error the
@@ -140,7 +146,7 @@ class Engine:
             version, lambda: place_params(params, self.spec, self.runner.place, finite_checked=finite_checked)
         )
 
-    def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights:
+    def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights[Params]:
         """Stage the weights of an HF checkpoint (local directory or repo id) as `version`.
 
         The safetensors are read one tensor at a time straight onto the devices; the
@@ -162,10 +168,7 @@ class Engine:
         if policy not in SWAP_POLICIES:
             raise ValueError(f"policy={policy!r}: expected one of {SWAP_POLICIES}")
         self._scheduler.check_open()
-        self._weights.commit(version, policy)
-        if wait:
-            self._scheduler.wait_serving(version, timeout)
-        return version
+        return self._weights.commit(version, policy, wait=wait, timeout=timeout)
 
     def abort(self, version: int | None = None) -> bool:
         """Drop the staged copy (of `version`, or whatever is staged). True if one was dropped."""

@@ -13,30 +13,15 @@ from typing import Any, Protocol
 import jax
 from jax.sharding import NamedSharding
 
-from rollout.engine.native.runner import Derived, Params
+from rollout.engine.native.runner import Params
+from rollout.engine.weight_state import SwapTarget
 
 
-class Runner(Protocol):
-    @property
-    def params(self) -> Params | None:
-        """The serving parameter leaves (None before the first `set_params`)."""
-        ...
-
-    @property
-    def derived(self) -> Derived:
-        """Serving-only leaves made from `params` (see `derive`)."""
-        ...
+class Runner(SwapTarget[Params], Protocol):
+    """The weight state's swap target (params, derived, derive, set_params), and more."""
 
     @property
     def param_shardings(self) -> dict[str, NamedSharding]: ...
-
-    def derive(self, params: Params) -> Derived:
-        """Serving-only leaves of `params`, made when weights are staged."""
-        ...
-
-    def set_params(self, params: Params, derived: Derived | None = None) -> None:
-        """Serve `params` (the swap); `derived` is `derive(params)` if the caller made it."""
-        ...
 
     def place(self, path: str, array: Any) -> jax.Array:
         """One host array onto the devices with the engine's sharding for `path`."""

@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from rollout.engine.config import EngineConfig
-from rollout.engine.native.runner import ModelRunner
+from rollout.engine.native.runner import ModelRunner, Params
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.sampling import stack_sampling
 from rollout.engine.native.sequence import Request, RequestFuture, Sequence
@@ -48,7 +48,9 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
     """The loop, queue, cancel, swap and finish logic every KV layout shares. A layout's
     subclass runs the model through its own runner (`RunnerT`) in `_prefill` and `_decode`."""
 
-    def __init__(self, lock: threading.Condition, runner: RunnerT, weights: WeightState, config: EngineConfig):
+    def __init__(
+        self, lock: threading.Condition, runner: RunnerT, weights: WeightState[Params], config: EngineConfig
+    ):
         self._lock = lock
         self._runner = runner
         self._weights = weights
@@ -83,14 +85,10 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             self._lock.notify_all()
         return True
 
-    def wait_serving(self, version: int, timeout: float | None) -> None:
-        """Block until the runner serves `version` (or the engine stops)."""
-        with self._lock:
-            ok = self._lock.wait_for(
-                lambda: self._weights.serving >= version or self.closed or self.error is not None, timeout
-            )
-        if not ok:
-            raise TimeoutError(f"version {version} was committed but not swapped in within {timeout}s")
+    @property
+    def stopped(self) -> bool:
+        """Shut down or died: nothing will be swapped in any more. Under the lock."""
+        return self.closed or self.error is not None
 
     def check_open(self) -> None:
         if self.error is not None:
@@ -202,10 +200,8 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             free -= n
         return admitted
 
-    def _swap(self, swap: PendingSwap) -> None:
-        self._runner.set_params(swap.weights.params, swap.weights.derived)  # the old leaves go here
-        with self._lock:
-            self._weights.swapped(swap.weights.version)
+    def _swap(self, swap: PendingSwap[Params]) -> None:
+        self._weights.apply(swap)  # the runner serves the new leaves; the old ones go here
         log.info(json.dumps({"event": "weights_swapped", "version": swap.weights.version, "policy": swap.policy}))
         if swap.policy == "recompute":
             running = self.slots.running()

@@ -5,11 +5,13 @@ engine boundary (`rollout.engine.backend.EngineBackend`), with rollout's weight 
   then sent as token ids to sglang-jax's tokenizer manager on a private asyncio loop thread; each
   of the n samples is one sglang-jax request (its radix cache shares the prompt's prefill).
   Text is decoded by rollout's tokenizer, so stops and text match the native engine's.
-- Weights: `stage` validates an update against sglang-jax's own model state (HF names map its
-  leaves to rollout's paths: see state.py) and places each leaf on its serving leaf's sharding;
-  `commit` hands the new leaf list to the scheduler thread, which swaps it in at the top of a
-  scheduling round, where no step runs, and empties the radix (prefix) cache in the same place,
-  so no prompt reuses KV computed under the old weights.
+- Weights: the native engine's state machine (rollout.engine.weight_state.WeightState: versions,
+  one staged copy, commit, abort, waiting for the swap), with sglang-jax's model state as its swap
+  target. `stage` validates an update against that model state (HF names map its leaves to
+  rollout's paths: see state.py) and places each leaf on its serving leaf's sharding; `commit`
+  hands the new leaf list to the scheduler thread, which swaps it in at the top of a scheduling
+  round, where no step runs, and empties the radix (prefix) cache in the same place, so no prompt
+  reuses KV computed under the old weights.
 - swap_policy "drain" only: while a swap is pending the scheduler admits nothing new, running
   requests finish on the old weights, then the swap happens and the waiting requests start on
   the new ones. So every request runs on one version, recorded when it is admitted.
@@ -51,9 +53,9 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.sglang import requirements, workarounds
 from rollout.engine.sglang.compiles import CompileCounter
 from rollout.engine.sglang.requirements import LogprobsUnavailableError, logprobs_unavailable  # noqa: F401 (re-exported)
-from rollout.engine.staging import check_host_leaf
-from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
-from rollout.engine.weight_state import check_stage_version
+from rollout.engine.staging import StagedWeights, check_host_leaf
+from rollout.engine.types import Completion, EngineClosedError
+from rollout.engine.weight_state import WeightState
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
@@ -135,11 +137,6 @@ class _FinishedSample:
         self.finish_reason = completion.finish_reason
 
 
-class _Staged:
-    def __init__(self, version: int, leaves: list[Any], nbytes: int, seconds: float):
-        self.version, self.leaves, self.nbytes, self.seconds = version, leaves, nbytes, seconds
-
-
 _CONTEXT_HEADROOM = 6
 
 
@@ -195,13 +192,11 @@ class SglangEngine:
 
         self._state = ModelState(self._scheduler.tp_worker.worker.model_runner, self._spec)
 
-        lock = threading.RLock()  # one lock, two conditions on it
-        self._lock = threading.Condition(lock)
-        self._swapped = threading.Condition(lock)
-        self._serving_version = 0
-        self._committed_version = 0
-        self._staged: _Staged | None = None
-        self._pending: _Staged | None = None
+        self._lock = threading.Condition()  # the weight state's and the request maps'
+        # A commit(wait=True) gives up once the scheduler is shut down or failed.
+        self._weights: WeightState[list[Any]] = WeightState(
+            self._lock, self._state, stopped=lambda: self._closed or self._error is not None
+        )
         self._admitted: dict[str, int] = {}  # rid -> version it was admitted under
         self._rids: dict[int, list[str]] = {}  # id(future) -> its sglang-jax request ids
         self._final_ids: dict[str, list[int]] = {}  # rid -> its tokens, recorded by the scheduler
@@ -213,7 +208,6 @@ class SglangEngine:
         self._evict_prefix_on_swap = True
         self.tokens_generated = 0
         self.requests_finished = 0
-        self.swaps = 0
         self._hook_scheduler()
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="rollout-sglang-client", daemon=True)
@@ -276,11 +270,11 @@ class SglangEngine:
             try:
                 if self._closed:
                     self._park.wait()  # shut down: the thread stays parked, idle
-                batch = original() if self._pending is None else self._drain_then_swap(original)
-                if batch is None and not scheduler.waiting_queue and self._pending is None:
+                batch = original() if self._weights.pending is None else self._drain_then_swap(original)
+                if batch is None and not scheduler.waiting_queue and self._weights.pending is None:
                     socket.poll(20)  # idle: wait for a request instead of spinning (0.0.2 busy-loops)
                 elif batch is not None and batch.forward_mode.is_extend():
-                    version = self._serving_version
+                    version = self._weights.serving
                     for req in batch.reqs:
                         self._admitted.setdefault(req.rid, version)
                 return batch
@@ -314,7 +308,7 @@ class SglangEngine:
             return
         sink, index = entry
         tokens = [int(t) for t in req.output_ids]
-        version = self._admitted.get(req.rid, self._serving_version)
+        version = self._admitted.get(req.rid, self._weights.serving)
         try:
             sink.update(_RunningSample(index, tokens, version, self.tokenizer.decode(tokens)))
         except Exception:  # a consumer's failure must not stop the scheduler
@@ -336,27 +330,24 @@ class SglangEngine:
 
     def _swap_now(self) -> None:
         with self._lock:
-            staged, self._pending = self._pending, None
-        if staged is None:
+            swap = self._weights.take_swap(running=False)  # drain: nothing runs now
+        if swap is None:
             return
         start = time.perf_counter()
-        self._state.swap(staged.leaves)
+        # emptied before the swap is recorded, so status never shows the new version beside old KV
         cache = self._scheduler.tree_cache
         evicted = 0
         if self._evict_prefix_on_swap and hasattr(cache, "evictable_size"):  # radix cache: drop all unlocked
             evicted = cache.evictable_size()
             cache.evict(evicted)
-        with self._lock:
-            self._serving_version = staged.version
-            self.swaps += 1
-            self._swapped.notify_all()
+        self._weights.apply(swap)  # sglang-jax's model state serves the new leaves from the next step
         log.info(
             json.dumps(
                 {
                     "event": "weights_swapped",
                     "backend": self.backend,
-                    "version": staged.version,
-                    "policy": "drain",
+                    "version": swap.weights.version,
+                    "policy": swap.policy,
                     "prefix_tokens_evicted": int(evicted),
                     "swap_s": round(time.perf_counter() - start, 6),
                 }
@@ -372,77 +363,51 @@ class SglangEngine:
 
     @property
     def version(self) -> int:
-        return self._committed_version
+        return self._weights.committed
 
     @property
     def serving_version(self) -> int:
-        return self._serving_version
+        return self._weights.serving
 
     @property
     def staged_version(self) -> int | None:
-        staged = self._staged
-        return None if staged is None else staged.version
+        return self._weights.staged_version
 
     def current_params(self) -> dict[str, Any]:
         """rollout path -> serving device array, in sglang-jax's layout (do not mutate)."""
         return self._state.current()
 
-    def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> _Staged:
+    def stage(self, version: int, params: Any, *, finite_checked: bool = False) -> StagedWeights[list[Any]]:
         """Validate `params` against sglang-jax's model state and place them beside the serving
         leaves. SpecMismatchError / NonFiniteWeightsError / WeightSyncError leave everything as
         it was. A newer stage replaces an older one."""
         self._check_open()
-        self._check_forward(version)
-        start = time.perf_counter()
-        leaves = self._state.prepare(params, finite_checked=finite_checked)
-        staged = _Staged(version, leaves, self._spec.nbytes, time.perf_counter() - start)
-        with self._lock:
-            self._check_forward(version)
-            self._staged = staged
-        return staged
+        return self._weights.stage(version, lambda: self._state.prepare(params, finite_checked=finite_checked))
 
-    def stage_checkpoint(self, version: int, model: str | Path) -> _Staged:
+    def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights[list[Any]]:
         """Stage the weights of an HF checkpoint directory or repo id (read one tensor at a time)."""
         self._check_open()
-        self._check_forward(version)
         want = self._spec.by_path()
-        host = load_checkpoint(
-            resolve_checkpoint(model), self._spec, lambda path, array: check_host_leaf(path, array, want[path].dtype)
-        )
-        return self.stage(version, host, finite_checked=True)
 
-    def _check_forward(self, version: int) -> None:
-        staged = self._staged
-        check_stage_version(version, self._committed_version, None if staged is None else staged.version)
+        def build() -> list[Any]:
+            host = load_checkpoint(
+                resolve_checkpoint(model), self._spec, lambda path, array: check_host_leaf(path, array, want[path].dtype)
+            )
+            return self._state.prepare(host, finite_checked=True)
+
+        return self._weights.stage(version, build)
 
     def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
         """Swap the staged `version` in at the scheduler's next round (drain: after the running
         requests finish). After this returns no request is admitted under an older version."""
-        requirements.check_swap_policy(policy or self.config.swap_policy)
-        with self._lock:
-            self._check_open()
-            if version == self._committed_version and (self._staged is None or self._staged.version != version):
-                return version
-            if self._staged is None or self._staged.version != version:
-                have = None if self._staged is None else self._staged.version
-                raise WeightSyncError(
-                    f"cannot commit version {version}: it was not staged (staged: {have}, "
-                    f"committed: {self._committed_version}); call stage({version}, params) first"
-                )
-            self._pending, self._staged = self._staged, None
-            self._committed_version = version
-            if wait:
-                ok = self._swapped.wait_for(lambda: self._serving_version >= version or self._closed, timeout)
-                if not ok:
-                    raise TimeoutError(f"version {version} was committed but not swapped in within {timeout}s")
-        return version
+        policy = policy or self.config.swap_policy
+        requirements.check_swap_policy(policy)
+        self._check_open()
+        return self._weights.commit(version, policy, wait=wait, timeout=timeout)
 
     def abort(self, version: int | None = None) -> bool:
-        with self._lock:
-            if self._staged is not None and (version is None or self._staged.version == version):
-                self._staged = None
-                return True
-            return False
+        """Drop the staged copy (of `version`, or whatever is staged). True if one was dropped."""
+        return self._weights.abort(version)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -575,7 +540,7 @@ class SglangEngine:
             if cut >= 0:
                 text, reason = text[:cut], "stop"
         with self._lock:
-            version = self._admitted.pop(rid, self._serving_version)
+            version = self._admitted.pop(rid, self._weights.serving)
             self.tokens_generated += len(tokens)
         return Completion(
             prompt_index=prompt_index,
@@ -598,15 +563,15 @@ class SglangEngine:
                 "backend": self.backend,
                 "sglang_jax_version": self.sglang_version,
                 "workarounds": list(self.workarounds),
-                "version": self._committed_version,
-                "serving_version": self._serving_version,
-                "staged_version": self.staged_version,
+                "version": self._weights.committed,
+                "serving_version": self._weights.serving,
+                "staged_version": self._weights.staged_version,
                 "queue_depth": len(scheduler.waiting_queue),
                 "active_slots": len(scheduler.running_batch.reqs or ()),
                 "max_batch": self.config.max_batch,
                 "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished,
-                "swaps": self.swaps,
+                "swaps": self._weights.swaps,
                 "compiled": self.compiles.count,
                 "devices": len(self.devices),
                 "alive": self._error is None and not self._closed and self._loop_thread.is_alive(),
@@ -626,7 +591,7 @@ class SglangEngine:
             time.sleep(0.02)
         with self._lock:
             self._closed = True
-            self._swapped.notify_all()
+            self._lock.notify_all()  # a commit(wait=True) gives up
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
 

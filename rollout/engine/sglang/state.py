@@ -5,7 +5,9 @@ sglang-jax 0.0.2 keeps the model's state leaves and their treedef only as closur
 takes them from there once, at start, and installs its own `jitted_run_model` on that runner
 instance: the same jitted function, called with `self.leaves`. A swap is then one assignment of
 a new leaf list, made by the scheduler thread between two steps; the compiled programs are
-reused because every new leaf has the serving leaf's shape, dtype and sharding.
+reused because every new leaf has the serving leaf's shape, dtype and sharding. `ModelState` is
+the swap target of the backend's weight state (rollout.engine.weight_state.SwapTarget, with a
+leaf list as the parameters and nothing derived).
 
 The common currency between the two engines is the HF tensor name: sglang-jax's model says which
 HF name fills each of its leaves (its weight mappings, with a transpose flag), and
@@ -162,7 +164,21 @@ class ModelState:
         jax.block_until_ready(new)
         return new
 
-    def swap(self, leaves: list[jax.Array]) -> None:
-        """Serve `leaves` from the next step on (call only between steps)."""
-        self.leaves = leaves
+    # -- the weight state's swap target (rollout.engine.weight_state.SwapTarget) ----------------
+
+    @property
+    def params(self) -> list[jax.Array]:
+        """The serving leaves (sglang-jax's order and layout)."""
+        return self.leaves
+
+    @property
+    def derived(self) -> dict[str, jax.Array]:
+        return {}  # sglang-jax's model derives nothing beside its leaves
+
+    def derive(self, params: list[jax.Array]) -> dict[str, jax.Array]:
+        return {}
+
+    def set_params(self, params: list[jax.Array], derived: dict[str, jax.Array] | None = None) -> None:
+        """Serve `params` (a leaf list from `prepare`) from the next step on (only between steps)."""
+        self.leaves = params
 
