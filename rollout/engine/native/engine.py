@@ -49,6 +49,7 @@ import jax
 from rollout.engine.config import SWAP_POLICIES, EngineConfig
 from rollout.engine.native.intake import RequestIntake
 from rollout.engine.native.kv import make_layout
+from rollout.engine.native.lora import ResidentBase, merge_adapter
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
 from rollout.engine.sampling_params import SamplingParams
@@ -61,6 +62,7 @@ from rollout.models.sharding import make_mesh
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
+from rollout.weights.lora import adapter_factors
 from rollout.weights.spec import ParamSpec
 
 
@@ -92,6 +94,7 @@ class Engine:
             PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
+        self._base = ResidentBase(self.current_params())  # what adapters merge onto (lora.py)
         self._weights = WeightState(self._lock, self.runner)
         self._scheduler: BaseScheduler[Any] = layout.make_scheduler(self._lock, self._weights)
 
@@ -134,9 +137,11 @@ class Engine:
         (a worker staging checksum-verified buckets of a packer that counted them).
         """
         self._scheduler.check_open()
-        return self._weights.stage(
+        staged = self._weights.stage(
             version, lambda: place_params(params, self.spec, self.runner.place, finite_checked=finite_checked)
         )
+        self._base.staged_full(version, staged.params)
+        return staged
 
     def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights:
         """Stage the weights of an HF checkpoint (local directory or repo id) as `version`.
@@ -145,7 +150,34 @@ class Engine:
         checkpoint must describe the same model (config shapes) as the one being served.
         """
         self._scheduler.check_open()
-        return self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
+        staged = self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
+        self._base.staged_full(version, staged.params)
+        return staged
+
+    def stage_adapter(self, version: int, adapter: Any, *, finite_checked: bool = False) -> StagedWeights:
+        """Stage a LoRA adapter as `version`: the resident base with the adapter merged in
+        (rollout.engine.native.lora), beside the serving weights; committed like any update.
+
+        `adapter`: a rollout.weights.lora.LoraAdapter (PEFT names) or LoraFactors (engine
+        paths, as a sync delivers them). Raises LoraAdapterError / WeightSyncError; on any error
+        the engine's weights, version and outputs are unchanged.
+        """
+        self._scheduler.check_open()
+        factors = adapter_factors(adapter, self.spec)
+        staged = self._weights.stage(
+            version,
+            lambda: merge_adapter(
+                self._base.current(), factors.factors, factors.config, self.spec, self.mesh,
+                finite_checked=finite_checked,
+            ),
+        )
+        self._base.staged_adapter(version)
+        return staged
+
+    @property
+    def base_version(self) -> int:
+        """The version of the full update adapters are merged onto (0: the weights loaded at start)."""
+        return self._base.version
 
     def _load(self, directory: Path, *, progress: bool = False) -> dict[str, jax.Array]:
         return load_params(directory, self.spec, self.runner.place, progress=progress)
@@ -161,13 +193,17 @@ class Engine:
             raise ValueError(f"policy={policy!r}: expected one of {SWAP_POLICIES}")
         self._scheduler.check_open()
         self._weights.commit(version, policy)
+        self._base.committed(version)
         if wait:
             self._scheduler.wait_serving(version, timeout)
         return version
 
     def abort(self, version: int | None = None) -> bool:
         """Drop the staged copy (of `version`, or whatever is staged). True if one was dropped."""
-        return self._weights.abort(version)
+        dropped = self._weights.abort(version)
+        if dropped:
+            self._base.aborted(version)
+        return dropped
 
     # -- requests -----------------------------------------------------------------------------
 
