@@ -51,6 +51,7 @@ from rollout.prompts import Prompt, PromptValidator
 from rollout.protocol import WorkerStatus
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
+from rollout.weights.lora import LoraAdapter, is_adapter_dir
 from rollout.weights.spec import ParamSpec
 from rollout.worker.actor import RolloutWorker
 
@@ -202,15 +203,25 @@ class RolloutService:
         """Push new weights to every worker; returns the new version (previous + 1).
 
         `params`: a pytree in engine layout (nnx.State, nested dict, flat {dotted path: array}),
-        a flat {HF tensor name: array} dict, or an HF directory / repo id (each worker loads it).
-        Raises SpecMismatchError before any transfer if the tree does not match the fleet's, and
+        a flat {HF tensor name: array} dict, or an HF directory / repo id (each worker loads it);
+        or a LoRA adapter: a rollout.LoraAdapter (LoraAdapter.from_peft(tensors, config)) or a
+        PEFT adapter directory, of which only the factors are sent; each worker serves it merged
+        onto its base (the last full update), and a later full update replaces the base and
+        drops the adapter (rollout.engine.native.lora).
+        Raises SpecMismatchError (LoraAdapterError) before any transfer if the update does not
+        match the fleet's model, FeatureUnavailableError for an adapter on a backend without
+        LoRA, and
         SyncError (after aborting everywhere; the fleet keeps serving the previous version) if
         any worker fails to stage or times out.
         """
+        if is_adapter_dir(params):
+            params = LoraAdapter.from_peft_dir(params)
+        if isinstance(params, LoraAdapter):
+            self.capabilities.require("lora")  # before any worker changes
         with self._sync_lock:
             self._check_open()
             version = self._version + 1
-            record = SyncRecord(version, "checkpoint" if isinstance(params, (str, os.PathLike)) else "pytree")
+            record = SyncRecord(version, _source(params))
             self._history.append(record)
             try:
                 self._sync.sync(params, version, record)
@@ -463,6 +474,13 @@ class RolloutService:
         cfg = self.fleet_config
         return (f"RolloutService({self.checkpoint.name!r}, {cfg.num_workers} workers x {cfg.devices_per_worker} "
                 f"{self.accelerator} devices, version {self._version})")
+
+
+def _source(params: Any) -> str:
+    """What kind of update `params` is, as SyncRecord.source says it."""
+    if isinstance(params, LoraAdapter):
+        return "lora"
+    return "checkpoint" if isinstance(params, (str, os.PathLike)) else "pytree"
 
 
 def _health_loop(service_ref: weakref.ref[RolloutService], stop: threading.Event) -> None:

@@ -17,6 +17,9 @@
     commit   on every worker (phase 2)
 
 An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
+A LoRA adapter (rollout.weights.lora) is checked against the base, packed into buckets of its
+own layout and staged by every worker the same two-phase way (an AdapterUpdate): only the
+adapter's factors cross the object store.
 Each phase is logged as one JSON line on the "rollout.coordinator.sync" logger, and kept in SyncRecord.
 What crosses to the workers and the registry is declared in rollout.protocol (the workers'
 calls: WorkerCalls; the published update: CommittedUpdate).
@@ -39,10 +42,11 @@ import numpy as np
 import ray
 
 from rollout.errors import SyncError, describe_error, first_line
-from rollout.protocol import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
+from rollout.protocol import AdapterUpdate, BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.relay import plan_relay
-from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
+from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, pack, plan_buckets
 from rollout.weights.loader import checkpoint_spec
+from rollout.weights.lora import LoraAdapter, factors_spec
 from rollout.weights.spec import ParamSpec, flatten_params
 
 log = logging.getLogger("rollout.coordinator.sync")
@@ -53,7 +57,7 @@ class SyncRecord:
     """One sync attempt, as status() reports it."""
 
     version: int
-    source: str  # "pytree" | "checkpoint"
+    source: str  # "pytree" | "checkpoint" | "lora"
     ok: bool = False
     nbytes: int = 0
     leaves: int = 0
@@ -104,6 +108,9 @@ class WeightSync:
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
         self._buffers: list[np.ndarray] | None = None  # see pack_buffers
         self.committed: CommittedUpdate | None = None  # keeps the committed buckets alive
+        # the last full update committed (None: the weights the workers loaded): the base every
+        # adapter is merged onto, sent with each AdapterUpdate for workers that catch up
+        self.base: BucketUpdate | CheckpointUpdate | None = None
         self._died: set[int] = set()  # workers whose process died during the last stage phase
 
     def sync(self, params: Any, version: int, record: SyncRecord) -> int:
@@ -114,7 +121,9 @@ class WeightSync:
             raise SyncError(version, version - 1, {-1: "no live worker to sync (all down or dead)"})
         record.workers = tuple(workers)
         sync_id = uuid.uuid4().hex[:12]
-        if is_checkpoint_ref(params):
+        if isinstance(params, LoraAdapter):
+            update, calls = self._stage_adapter(params, version, record, workers, sync_id)
+        elif is_checkpoint_ref(params):
             update, calls = self._stage_checkpoint(params, version, record, workers, sync_id)
         else:
             update, calls = self._stage_pytree(params, version, record, workers, sync_id)
@@ -127,6 +136,8 @@ class WeightSync:
         with _phase(record, "publish"):
             ray.get(self.fleet.registry.publish.remote(update), timeout=60)  # the commit point
             self.committed = update
+            if not isinstance(update, AdapterUpdate):
+                self.base = update  # what the next adapters merge onto
         with _phase(record, "commit"):
             self._commit_all(workers, sync_id, version, record)
         record.ok = True
@@ -231,6 +242,28 @@ class WeightSync:
             ring = [np.empty(max(sizes, default=0), np.uint8) for _ in range(min(2, len(sizes)))]
             self._buffers = [ring[k % len(ring)][:n] for k, n in enumerate(sizes)]
         return self._buffers
+
+    def _stage_adapter(
+        self, adapter: LoraAdapter, version: int, record: SyncRecord, workers: list[int], sync_id: str
+    ) -> tuple[CommittedUpdate, dict[Any, int]]:
+        """A LoRA adapter: only its factors cross the object store (a few MiB). Checked against
+        the base (rollout.weights.lora) before any byte moves, packed whole (it is small), then
+        every worker stages it with its manifest's checksums; no relay."""
+        record.source = "lora"
+        with _phase(record, "check"):
+            factors = LoraAdapter(to_host(adapter.tensors), adapter.config).factors(self.fleet.spec)
+        layout = plan_buckets(factors_spec(factors), self.bucket_bytes)
+        record.nbytes, record.leaves = layout.nbytes, len(layout.slots)
+        with _phase(record, "pack+put"):
+            packed = pack(factors, layout, version, checksum_algo=self.checksum, adapter=adapter.config.to_meta())
+            refs = tuple(ray.put(buffer) for buffer in packed.buffers)
+        record.buckets = len(refs)
+        manifest = packed.manifest.to_bytes()
+        calls = {self.fleet.handles[i].stage.remote(sync_id, manifest, None): i for i in workers}
+        for i in workers:
+            for index, ref in enumerate(refs):  # the ref inside a list: Ray passes it unresolved
+                self.fleet.handles[i].feed.remote(sync_id, index, [ref], None)
+        return AdapterUpdate(version, manifest, refs, self.base), calls
 
     def _stage_checkpoint(
         self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str
