@@ -227,3 +227,10 @@ def test_adapter_factors_round_trip_through_buckets_and_its_manifest(engine, ada
     direct = engine.current_params()
     _sync(engine, adapter)
     assert _bits(engine.current_params()) == _bits(direct)
+
+
+def test_an_adapters_serving_only_leaves_are_those_of_its_merged_weights(engine, adapter):
+    _sync(engine, adapter)
+    _, params, derived = engine.weights_snapshot()
+    assert derived  # a tied embedding on CPU: its transposed copy
+    assert _bits(derived) == _bits(engine.runner.derive(params))

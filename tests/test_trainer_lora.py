@@ -61,7 +61,7 @@ def test_an_adapter_the_engine_never_applied_shows_as_a_large_logprob_difference
     engine = client.engine
     # the engine stages the base instead of merging the adapter: syncs "succeed", versions move
     monkeypatch.setattr(engine, "stage_adapter", lambda version, adapter, **kw: engine.stage(
-        version, {p: np.asarray(a) for p, a in engine._base.current().items()}))
+        version, {p: np.asarray(a) for p, a in engine._base.current()[0].items()}))
     records = lora_loop(client, demo_model, task, steps=3)
     assert all(r.version_ok for r in records)  # the version check alone cannot see it
     assert records[0].logprob_diff <= ON_POLICY_LOGPROB_DIFF  # the base, synced in full first

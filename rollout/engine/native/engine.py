@@ -94,7 +94,7 @@ class Engine:
             PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
-        self._base = ResidentBase(self.current_params())  # what adapters merge onto (lora.py)
+        self._base = ResidentBase(self.current_params(), self.runner.derived)  # what adapters merge onto (lora.py)
         self._weights = WeightState(self._lock, self.runner)
         self._scheduler: BaseScheduler[Any] = layout.make_scheduler(self._lock, self._weights)
 
@@ -140,7 +140,7 @@ class Engine:
         staged = self._weights.stage(
             version, lambda: place_params(params, self.spec, self.runner.place, finite_checked=finite_checked)
         )
-        self._base.staged_full(version, staged.params)
+        self._base.staged_full(version, staged.params, staged.derived)
         return staged
 
     def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights:
@@ -151,7 +151,7 @@ class Engine:
         """
         self._scheduler.check_open()
         staged = self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
-        self._base.staged_full(version, staged.params)
+        self._base.staged_full(version, staged.params, staged.derived)
         return staged
 
     def stage_adapter(self, version: int, adapter: Any, *, finite_checked: bool = False) -> StagedWeights:
@@ -164,12 +164,11 @@ class Engine:
         """
         self._scheduler.check_open()
         factors = adapter_factors(adapter, self.spec)
+        base, derived = self._base.current()
         staged = self._weights.stage(
             version,
-            lambda: merge_adapter(
-                self._base.current(), factors.factors, factors.config, self.spec, self.mesh,
-                finite_checked=finite_checked,
-            ),
+            lambda: merge_adapter(base, factors.factors, factors.config, self.spec, self.mesh, finite_checked=finite_checked),
+            derive=lambda merged: derived,  # from the embedding, which adapters leave as it is
         )
         self._base.staged_adapter(version)
         return staged
