@@ -19,6 +19,7 @@ from rollout.weights.lora import (
     LoraConfig,
     LoraFactors,
     adapter_factors,
+    check_factors,
     factors_spec,
 )
 
@@ -234,3 +235,48 @@ def test_an_adapters_serving_only_leaves_are_those_of_its_merged_weights(engine,
     _, params, derived = engine.weights_snapshot()
     assert derived  # a tied embedding on CPU: its transposed copy
     assert _bits(derived) == _bits(engine.runner.derive(params))
+
+
+def _qwix_leaves(engine: Engine, adapter: LoraAdapter) -> dict[str, np.ndarray]:
+    """The adapter as qwix's LoraProvider keeps it in Tunix's Qwen3: <w>_lora_a (contracting dims, r),
+    <w>_lora_b (r, remaining dims), with Tunix's weight names and head-split shapes."""
+    from rollout.integrations.tunix_names import path_to_tunix, tunix_shape
+
+    out = {}
+    for kernel, (a, b) in check_factors(adapter.factors(engine.spec), engine.spec, adapter.config.rank).items():
+        shape = tunix_shape(kernel, engine.spec.by_path()[kernel].shape, engine.model_config)
+        contract = shape[:2] if kernel.endswith("o_proj.kernel") else shape[:1]
+        remain = shape[len(contract):]
+        name = path_to_tunix(kernel)
+        out[f"{name}_lora_a"] = np.asarray(a).T.reshape(*contract, -1)
+        out[f"{name}_lora_b"] = np.asarray(b).T.reshape(-1, *remain)
+    return out
+
+
+def test_tunix_qwix_lora_leaves_serve_the_same_weights_as_the_peft_adapter(engine, adapter):
+    from rollout.integrations.tunix_lora import lora_leaves, qwix_lora_adapter
+
+    leaves = _qwix_leaves(engine, adapter)
+    nested: dict = {"final_norm": {"w": np.ones(4, np.float32)}}  # a base leaf beside them: not LoRA
+    for name, value in leaves.items():
+        node = nested
+        *parents, leaf = name.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    assert lora_leaves(nested).keys() == leaves.keys()
+    qwix = qwix_lora_adapter(lora_leaves(nested), engine.spec, alpha=adapter.config.alpha)
+    assert qwix.config.rank == adapter.config.rank and qwix.config.scale == adapter.config.scale
+    _sync(engine, adapter)
+    want = _bits(engine.current_params())
+    _sync(engine, qwix)
+    assert _bits(engine.current_params()) == want
+
+
+def test_a_lone_qwix_factor_is_refused(engine, adapter):
+    from rollout.integrations.tunix_lora import qwix_lora_adapter
+
+    leaves = _qwix_leaves(engine, adapter)
+    del leaves["layers.0.mlp.up_proj.kernel_lora_b"]
+    with pytest.raises(LoraAdapterError, match="needs both _lora_a and _lora_b"):
+        qwix_lora_adapter(leaves, engine.spec, alpha=8.0)
