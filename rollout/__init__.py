@@ -4,6 +4,7 @@
 
     rollout.init("Qwen/Qwen3-0.6B", num_workers=2, devices_per_worker=4)
     version = rollout.sync_weights(params)     # pytree, {hf_name: array}, or HF dir / repo id
+    version = rollout.sync_weights(rollout.LoraAdapter.from_peft_dir("adapter/"))  # only the adapter
     outs = rollout.generate(prompts, sampling=rollout.SamplingParams(n=8, max_tokens=256))
     for c in rollout.generate_async(prompts):  # completions as prompts finish (or `async for`)
         ...
@@ -31,6 +32,7 @@ from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
 from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
+from rollout.weights.lora import LoraAdapter, LoraAdapterError, LoraConfig
 from rollout.weights.spec import SpecMismatchError
 
 if TYPE_CHECKING:
@@ -43,6 +45,9 @@ __all__ = [
     "EngineConfig",
     "FleetConfig",
     "GenerationStream",
+    "LoraAdapter",
+    "LoraAdapterError",
+    "LoraConfig",
     "NonFiniteWeightsError",
     "PlacementError",
     "RolloutService",

@@ -1,7 +1,7 @@
 """The sync contract: every message that crosses between the coordinator, the registry and the
 workers, declared once.
 
-    CommittedUpdate  the last committed update (BucketUpdate | CheckpointUpdate): written by the
+    CommittedUpdate  the last committed update (BucketUpdate | CheckpointUpdate | AdapterUpdate): written by the
                      coordinator at the commit point, kept by the registry, loaded by a worker
                      that (re)starts
     RelayRole        a worker's part in one sync's bucket relay (rollout.relay), sent with stage
@@ -48,7 +48,20 @@ class CheckpointUpdate:
     path: str
 
 
-CommittedUpdate = BucketUpdate | CheckpointUpdate
+@dataclasses.dataclass(frozen=True)
+class AdapterUpdate:
+    """A LoRA adapter packed into buckets (its manifest has an `adapter` entry: rank, alpha,
+    rsLoRA), and the full update it is merged onto (`base`: the last full update committed
+    before it; None: the weights the workers loaded at start). A worker that catches up
+    applies `base` first if its own base is older, then the adapter."""
+
+    version: int
+    manifest: bytes
+    refs: tuple[ObjectRef, ...]
+    base: BucketUpdate | CheckpointUpdate | None = None
+
+
+CommittedUpdate = BucketUpdate | CheckpointUpdate | AdapterUpdate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 
-FORBIDDEN = ("torch", "transformers")
+FORBIDDEN = ("torch", "transformers", "peft")
 
 
 def run_fresh(code: str) -> dict:

@@ -18,7 +18,6 @@ import pytest
 import rollout.relay
 from rollout.coordinator.registry import UpdateRegistry
 from rollout.engine.backend import (
-    FULL_CAPABILITIES,
     EngineBackend,
     EngineCapabilities,
     FeatureUnavailableError,
@@ -370,14 +369,16 @@ def test_score_on_a_backend_without_score_is_refused_with_the_capabilities_reaso
 
 
 def test_capabilities_of_a_backend_drop_score_only_when_it_has_no_score_method():
-    assert capabilities_of(FakeScoringEngine(SPEC, weights(0))) is FULL_CAPABILITIES
-    assert set(capabilities_of(FakeEngine(SPEC, weights(0))).unavailable) == {"score"}
-    declared = EngineCapabilities(unavailable={"logprobs": "no logprobs here", "score": "not here either"})
+    assert set(capabilities_of(FakeScoringEngine(SPEC, weights(0))).unavailable) == {"lora"}  # no stage_adapter
+    assert set(capabilities_of(FakeEngine(SPEC, weights(0))).unavailable) == {"score", "lora"}
+    declared = EngineCapabilities(
+        unavailable={"logprobs": "no logprobs here", "score": "not here either", "lora": "nor here"}
+    )
     engine = FakeEngine(SPEC, weights(0))
     engine.capabilities = declared  # type: ignore[attr-defined]
     assert capabilities_of(engine) == declared  # a declared reason is kept as it is
     engine.capabilities = EngineCapabilities(unavailable={"logprobs": "no logprobs here"})  # type: ignore[attr-defined]
-    assert set(capabilities_of(engine).unavailable) == {"logprobs", "score"}
+    assert set(capabilities_of(engine).unavailable) == {"logprobs", "score", "lora"}
 
 
 def test_an_unknown_engine_name_lists_the_registered_backends():

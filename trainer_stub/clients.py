@@ -12,10 +12,16 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from rollout.coordinator.fleet import FleetConfig, service_configs
-from rollout.engine.backend import EngineCapabilities, capabilities_of, engine_factory, generating_engine
+from rollout.engine.backend import (
+    AdapterBackend,
+    EngineCapabilities,
+    capabilities_of,
+    engine_factory,
+    generating_engine,
+)
 from rollout.engine.config import EngineConfig
 
 
@@ -129,8 +135,14 @@ class LocalEngineClient:
         return capabilities_of(self.engine)
 
     def sync_weights(self, params: Any) -> int:
+        from rollout.weights.lora import LoraAdapter
+
         version = self.engine.version + 1
-        self.engine.stage(version, params)
+        if isinstance(params, LoraAdapter):
+            self.capabilities.require("lora")
+            cast(AdapterBackend, self.engine).stage_adapter(version, params)
+        else:
+            self.engine.stage(version, params)
         return self.engine.commit(version, wait=True)
 
     def generate(self, prompts: Sequence[Any], sampling: Any, return_logprobs: bool = True) -> list:

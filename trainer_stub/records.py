@@ -23,6 +23,9 @@ class LoopConfig:
     seed: int = 0  # step s samples with seed + s: a run is reproducible
     sync_every: int = 1  # sync after every k-th update; 1 = on-policy
     skip_sync_at: tuple[int, ...] = ()  # steps whose sync is skipped on purpose (the check then fails)
+    # > 0: train a rank-`lora_rank` LoRA adapter on every linear layer (base frozen) and sync only
+    # the adapter (trainer_stub/lora.py); LoRA wants a larger learning rate than full training
+    lora_rank: int = 0
 
     def syncs_after(self, step: int) -> bool:
         return (step + 1) % self.sync_every == 0 and step not in self.skip_sync_at
@@ -49,6 +52,7 @@ class StepRecord:
     sync_ms: float  # 0 when the sync was skipped
     new_version: int  # the version serving after this step's sync
     example: str  # one completion's text, for eyeballing
+    sync_bytes: int = 0  # bytes this step's sync sent (the adapter's with --lora); 0 when skipped
 
     def to_json(self) -> str:
         return json.dumps({"event": "step", **dataclasses.asdict(self)}, ensure_ascii=False)

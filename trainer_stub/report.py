@@ -34,6 +34,8 @@ def summarize(result: LoopResult, loop: LoopConfig, *, wall_s: float, startup_s:
         "versions_ok": all(r.version_ok for r in recs),
         "final_version": recs[-1].new_version if recs else 0,
         "median_sync_ms": float(np.median(syncs)) if syncs else float("nan"),
+        "median_sync_bytes": int(np.median([r.sync_bytes for r in recs if r.synced])) if syncs else 0,
+        "lora_rank": loop.lora_rank,  # 0: full-weight syncs
         "initial_sync_ms": result.initial_sync_ms,
         "mean_tokens_per_s": float(np.mean([r.tokens_per_s for r in recs])) if recs else float("nan"),
         "startup_s": startup_s,
@@ -76,7 +78,9 @@ def summary_table(records: Sequence[StepRecord], summary: dict[str, Any], rows: 
         f"max logprob diff (on-policy)    {check}",
         f"every sample from synced weights {summary['versions_ok']}",
         f"weight version at the end       {summary['final_version']}",
-        f"median sync                     {summary['median_sync_ms']:.1f} ms",
+        f"median sync                     {summary['median_sync_ms']:.1f} ms, "
+        f"{summary['median_sync_bytes'] / 2**20:.3f} MiB"
+        + (f" (LoRA rank {summary['lora_rank']}: the adapter only)" if summary["lora_rank"] else " (full weights)"),
         f"startup (rollout)               {summary['startup_s']:.1f} s",
         f"wall time                       {summary['wall_s']:.1f} s",
     ]

@@ -37,6 +37,9 @@ from trainer_stub.clients import FleetOptions, RolloutClient, configure_devices,
 from trainer_stub.records import LoopConfig, LoopResult, StepRecord
 from trainer_stub.report import plot_rewards, printer, progress_bar, status_line, summarize, summary_table
 
+LORA_LEARNING_RATE = 2e-2  # --lora's default: the factors start at zero and want larger steps
+
+
 # -- the loop -----------------------------------------------------------------------------------
 
 
@@ -71,10 +74,20 @@ def run_loop(
 
     unavailable = logprob_check_unavailable(client)
     start = time.perf_counter()
-    version = _checked_sync(client, params, previous=-1)
+    version = _checked_sync(client, params, previous=-1)  # with --lora: the base the adapters merge onto
     initial_sync_ms = (time.perf_counter() - start) * 1e3
     optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature)
-    opt_state = optimizer.init(params)
+    lora = None
+    if config.lora_rank:
+        from trainer_stub.lora import LoraTraining
+
+        lora = LoraTraining.create(model_def, params, config.lora_rank)
+        factors = lora.init(config.seed)
+        lora_step = lora.train_step(optimizer, config.temperature)
+        opt_state = optimizer.init(factors)
+    else:
+        opt_state = optimizer.init(params)
+    full_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(params))
     pad_to = 0
     records: list[StepRecord] = []
     for step in range(config.steps):
@@ -93,7 +106,10 @@ def run_loop(
         batch = grpo.make_batch(outs, advantages, pad_to)
 
         t0 = time.perf_counter()
-        params, opt_state, metrics = train_step(params, opt_state, grpo.batch_arrays(batch))
+        if lora is None:
+            params, opt_state, metrics = train_step(params, opt_state, grpo.batch_arrays(batch))
+        else:
+            factors, opt_state, metrics = lora_step(factors, opt_state, grpo.batch_arrays(batch), lora.base)
         # metrics["logprobs"] are under the params before this update: the ones synced as `version`.
         diff_mean: float | None = None
         diff_max: float | None = None
@@ -106,10 +122,13 @@ def run_loop(
         expected = version
         synced = config.syncs_after(step)
         sync_ms = 0.0
+        sync_bytes = 0
         if synced:
             t0 = time.perf_counter()
-            version = _checked_sync(client, params, previous=version)
+            update = params if lora is None else lora.adapter(factors)
+            version = _checked_sync(client, update, previous=version)
             sync_ms = (time.perf_counter() - t0) * 1e3
+            sync_bytes = full_bytes if lora is None else lora.nbytes(factors)
         tokens = sum(len(o.token_ids) for o in outs)
         record = StepRecord(
             step=step,
@@ -131,11 +150,12 @@ def run_loop(
             sync_ms=sync_ms,
             new_version=version,
             example=outs[0].text,
+            sync_bytes=sync_bytes,
         )
         records.append(record)
         if on_step is not None:
             on_step(record)
-    return LoopResult(records, params, initial_sync_ms, unavailable)
+    return LoopResult(records, params if lora is None else lora.merged(factors), initial_sync_ms, unavailable)
 
 
 def _checked_sync(client: RolloutClient, params: Any, previous: int) -> int:
@@ -316,7 +336,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=None, help="where the checkpoint, plot and log go (default: a new temp dir)")
     p.add_argument("--log-file", type=Path, default=None, help="JSON-lines step log (default: OUT_DIR/steps.jsonl)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="new tokens per sample")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help=f"Adam learning rate (default {d.learning_rate}; {LORA_LEARNING_RATE} with --lora)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="train a rank-RANK LoRA adapter on every linear layer and sync only the adapter (0: full)")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--sync-every", type=int, default=d.sync_every, help="sync after every k-th update (1 = on-policy)")
     p.add_argument(
@@ -349,7 +372,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         group_size=args.group_size,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
-        learning_rate=args.learning_rate,
+        learning_rate=args.learning_rate or (LORA_LEARNING_RATE if args.lora else LoopConfig.learning_rate),
+        lora_rank=args.lora,
         seed=args.seed,
         sync_every=args.sync_every,
         skip_sync_at=tuple(args.skip_sync_at),

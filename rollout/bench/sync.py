@@ -14,6 +14,9 @@ against a floor and a per-tensor pattern measured in the same run on the same Ra
                 publish, commit.
     per-tensor  one actor call per leaf per worker (each leaf shipped as the call's argument,
                 awaited leaf by leaf), placing it on the devices; the pattern buckets replace.
+    lora        (--lora R) sync_weights of a random rank-R LoRA adapter on every linear layer
+                (float32 factors): only the adapter is packed and put; each worker merges it
+                onto its resident base. Reported beside ours (the full sync) of the same rounds.
 
 The model is Qwen3-shaped with `--layers` layers (11 leaves each, 28 layers = 310 leaves) and a
 width solved for `--size-gib`; the engines start with load_format="dummy" (shapes only) and
@@ -23,6 +26,7 @@ with fewer cores than busy processes, a method's time follows its CPU total.
 
     rollout bench sync                               # 1 GiB, 2 workers x 2 devices
     rollout bench sync --size-gib 0.1 --repeats 1    # quick
+    rollout bench sync --lora 16                     # also rank-16 adapter syncs, vs the full sync
     rollout bench sync --engine sglang-jax --head-dim 128 --skip-per-tensor
                                      # the sglang-jax backend (in the root: .ci/sglang_root.sh run ...)
 """
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "puts then fault in fresh shared-memory pages now and then)")
     p.add_argument("--engine", default=FleetConfig.engine, choices=sorted(BACKENDS), help="the workers' engine backend")
     p.add_argument("--head-dim", type=int, default=64, help="attention head dim (sglang-jax needs a multiple of 128)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also time adapter-only syncs of a rank-RANK LoRA on every linear layer (0: off)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -111,6 +117,20 @@ def make_config_only_checkpoint(directory: Path, dims: dict[str, int]) -> Path:
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "model.safetensors").unlink()
     return path
+
+
+def random_adapter(spec, rank: int, seed: int):
+    """A random LoRA adapter (PEFT names, float32) of rank `rank` on every linear layer of `spec`."""
+    from rollout.weights.lora import LoraAdapter, LoraConfig, linear_modules
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    shapes = spec.by_path()
+    for module, path in linear_modules(spec).items():
+        d_in, d_out = shapes[path].shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = rng.standard_normal((rank, d_in), np.float32) * 0.01
+        tensors[f"base_model.model.{module}.lora_B.weight"] = rng.standard_normal((d_out, rank), np.float32) * 0.01
+    return LoraAdapter(tensors, LoraConfig(rank=rank, alpha=2.0 * rank))
 
 
 def random_params(spec, seed: int) -> dict[str, np.ndarray]:
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'not ' if args.no_preallocate else ''}preallocated; extra worker env {extra_env or 'none'} "
           "(CPU malloc defaults: rollout.worker.cpu_malloc.CPU_MALLOC)", flush=True)
     params = [random_params(spec, 0), random_params(spec, 1)]
+    adapters = [random_adapter(spec, args.lora, 2), random_adapter(spec, args.lora, 3)] if args.lora else []
 
     env = worker_env(FleetConfig(devices_per_worker=args.devices_per_worker, env_vars=extra_env), "cpu", os.environ)
     receiver_cls = ray.remote(Receiver).options(num_cpus=0, runtime_env={"env_vars": env})
@@ -312,12 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     # warm-up: the first runs touch fresh pages everywhere (pack buffers, object store, devices)
     svc.sync_weights(params[0])
     svc.sync_weights(params[1])
+    for adapter in adapters:  # compiles the merge
+        svc.sync_weights(adapter)
     measure_floor(receivers, packed.buffers, manifest_bytes, 2, keep_previous=True)
     # rounds alternate the methods, so a busy moment of the machine hits all of them alike
     ours, per_tensor, ours_phases = [], [], []
     floors: dict[bool, list[float]] = {False: [], True: []}
     floor_phases: dict[bool, list[dict]] = {False: [], True: []}
     cpu: dict[str, list] = {"floor, dropped first": [], "floor, resident": [], "ours": []}
+    lora, lora_phases, lora_bytes = [], [], 0
     for i in range(args.repeats):
         for keep in (False, True):
             times, phases = measure_floor(receivers, packed.buffers, manifest_bytes, 1, keep_previous=keep,
@@ -327,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         times, phases = measure_ours(svc, params[i % 2 :] + params[: i % 2], 1, cpu=cpu["ours"])
         ours += times
         ours_phases.append(phases)
+        if adapters:
+            times, phases = measure_ours(svc, adapters[i % 2 :] + adapters[: i % 2], 1)
+            lora += times
+            lora_phases.append(phases)
+            lora_bytes = svc.status()["syncs"][-1]["nbytes"]
         if not args.skip_per_tensor and i < max(1, args.repeats - 1):
             per_tensor += measure_per_tensor(receivers, params[0], 1)
     ours_median = {k: statistics.median(p[k] for p in ours_phases) for k in ours_phases[0]}
@@ -341,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         ("floor, previous copy resident", med(floors[True])),
         ("ours (sync_weights)", med(ours)),
     ]
+    if lora:
+        rows.append((f"lora rank {args.lora} (sync_weights of the adapter)", med(lora)))
     if per_tensor:
         rows.append((f"per-tensor ({len(spec.leaves)} calls x {args.workers} workers)", med(per_tensor)))
     print(f"\n{'method':<44}{'seconds':>9}{'GiB/s':>8}")
@@ -350,10 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ours / floor (the faster floor)':<44}{med(ours) / med(floor):>9.2f}{'<= 1.5':>8}")
     if per_tensor:
         print(f"{'per-tensor / ours':<44}{med(per_tensor) / med(ours):>9.2f}{'>= 5':>8}")
+    if lora:
+        print(f"{'lora / ours (seconds)':<44}{med(lora) / med(ours):>9.3f}{'<= 0.05':>8}")
+        print(f"{'lora / ours (bytes)':<44}{lora_bytes / spec.nbytes:>9.3f}")
+        print(f"\nlora rank {args.lora}: {lora_bytes / 2**20:.2f} MiB per sync (full: {spec.nbytes / 2**20:.1f} MiB)")
     print("\nphases, median seconds:")
     for keep, name in ((False, "floor, dropped first"), (True, "floor, resident")):
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in floor_median[keep].items()))
     print("  ours:  " + ", ".join(f"{k} {v:.3f}" for k, v in ours_median.items()))
+    if lora:
+        lora_median = {k: statistics.median(p[k] for p in lora_phases) for k in lora_phases[0]}
+        print("  lora:  " + ", ".join(f"{k} {v:.3f}" for k, v in lora_median.items()))
     cpu_median = {name: median_cpu(runs) for name, runs in cpu.items()}
     if all(cpu_median.values()):
         floor_cpu = cpu_median["floor, resident" if keep_best else "floor, dropped first"]["total"]
@@ -365,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"dims": dims, "leaves": len(spec.leaves), "bytes": spec.nbytes,
                                          "floor_dropped_first_s": floors[False], "floor_resident_s": floors[True],
                                          "ours_s": ours, "per_tensor_s": per_tensor,
+                                         "lora_rank": args.lora, "lora_s": lora, "lora_bytes": lora_bytes,
                                          "ours_phases": ours_median, "floor_phases": floor_median,
                                          "cpu_seconds": cpu_median}, indent=2))
     svc.shutdown()

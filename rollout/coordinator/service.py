@@ -56,6 +56,7 @@ from rollout.protocol import WorkerStatus
 from rollout.scores import Scores, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
+from rollout.weights.lora import LoraAdapter
 from rollout.weights.spec import ParamSpec
 from rollout.worker.actor import RolloutWorker
 
@@ -216,15 +217,26 @@ class RolloutService:
         """Push new weights to every worker; returns the new version (previous + 1).
 
         `params`: a pytree in engine layout (nnx.State, nested dict, flat {dotted path: array}),
-        a flat {HF tensor name: array} dict, or an HF directory / repo id (each worker loads it).
-        Raises SpecMismatchError before any transfer if the tree does not match the fleet's, and
+        a flat {HF tensor name: array} dict, or an HF directory / repo id (each worker loads it);
+        or a LoRA adapter: a rollout.LoraAdapter (LoraAdapter.from_peft(tensors, config)) or a
+        PEFT adapter directory, of which only the factors are sent; each worker serves it merged
+        onto its base (the last full update), and a later full update replaces the base and
+        drops the adapter (rollout.engine.native.lora).
+        Raises SpecMismatchError (LoraAdapterError) before any transfer if the update does not
+        match the fleet's model, FeatureUnavailableError for an adapter on a backend without
+        LoRA, and
         SyncError (after aborting everywhere; the fleet keeps serving the previous version) if
         any worker fails to stage or times out.
         """
+        source = update_source(params)  # how this update reaches the workers, decided once
+        if source == "lora":
+            if not isinstance(params, LoraAdapter):
+                params = LoraAdapter.from_peft_dir(params)
+            self.capabilities.require("lora")  # before any worker changes
         with self._sync_lock:
             self._check_open()
             version = self._version + 1
-            record = SyncRecord(version, update_source(params))
+            record = SyncRecord(version, source)
             self._history.append(record)
             try:
                 self._sync.sync(params, version, record)

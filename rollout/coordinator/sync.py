@@ -16,8 +16,11 @@
     publish  the update to the registry: the commit point (a restarted worker loads it)
     commit   on every worker (phase 2)
 
-An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself
-(`update_source` tells the two kinds of update apart, once per sync).
+An HF directory or repo id skips fetch/pack/put: every worker stages the checkpoint itself.
+A LoRA adapter (rollout.weights.lora) is checked against the base, packed into buckets of its
+own layout and staged by every worker the same two-phase way (an AdapterUpdate): only the
+adapter's factors cross the object store. `update_source` tells the kinds of update apart, once
+per sync.
 Each phase is logged as one JSON line on the "rollout.coordinator.sync" logger, and kept in SyncRecord.
 What crosses to the workers and the registry is declared in rollout.protocol (the workers'
 calls: WorkerCalls; the published update: CommittedUpdate).
@@ -41,26 +44,30 @@ import ray
 
 from rollout.coordinator.fleet_view import FleetView
 from rollout.errors import SyncError, describe_error, first_line
-from rollout.protocol import BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
+from rollout.protocol import AdapterUpdate, BucketUpdate, CheckpointUpdate, CommittedUpdate, RelayRole, StageReport
 from rollout.relay import plan_relay
-from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, plan_buckets
+from rollout.weights.buckets import DEFAULT_CHECKSUM, BucketLayout, Manifest, Packer, pack, plan_buckets
 from rollout.weights.loader import checkpoint_spec
+from rollout.weights.lora import LoraAdapter, factors_spec, is_adapter_dir
 from rollout.weights.spec import ParamSpec, flatten_params
 
 log = logging.getLogger("rollout.coordinator.sync")
 
 
-UpdateSource = Literal["checkpoint", "pytree"]
+UpdateSource = Literal["checkpoint", "pytree", "lora"]
 
 
 def update_source(params: Any) -> UpdateSource:
-    """How an update reaches the workers, decided by its type: "checkpoint" for an HF directory or
-    repo id (a str or os.PathLike: every worker loads it itself), "pytree" for parameters in the
-    coordinator's memory (packed into buckets and sent).
+    """How an update reaches the workers, decided by its type: "lora" for a LoraAdapter or a PEFT
+    adapter directory (only its factors are sent; merged onto each worker's base), "checkpoint"
+    for an HF directory or repo id (a str or os.PathLike: every worker loads it itself), "pytree"
+    for parameters in the coordinator's memory (packed into buckets and sent).
 
     >>> update_source("Qwen/Qwen3-0.6B"), update_source({"embed.embedding": [0.0]})
     ('checkpoint', 'pytree')
     """
+    if isinstance(params, LoraAdapter) or is_adapter_dir(params):
+        return "lora"
     return "checkpoint" if isinstance(params, (str, os.PathLike)) else "pytree"
 
 
@@ -105,6 +112,9 @@ class WeightSync:
         self.layout: BucketLayout = plan_buckets(fleet.spec, bucket_bytes)
         self._buffers: list[np.ndarray] | None = None  # see pack_buffers
         self.committed: CommittedUpdate | None = None  # keeps the committed buckets alive
+        # the last full update committed (None: the weights the workers loaded): the base every
+        # adapter is merged onto, sent with each AdapterUpdate for workers that catch up
+        self.base: BucketUpdate | CheckpointUpdate | None = None
         self._died: set[int] = set()  # workers whose process died during the last stage phase
 
     def sync(self, params: Any, version: int, record: SyncRecord) -> int:
@@ -116,7 +126,9 @@ class WeightSync:
             raise SyncError(version, version - 1, {-1: "no live worker to sync (all down or dead)"})
         record.workers = tuple(workers)
         sync_id = uuid.uuid4().hex[:12]
-        if record.source == "checkpoint":
+        if record.source == "lora":
+            update, calls = self._stage_adapter(params, version, record, workers, sync_id)
+        elif record.source == "checkpoint":
             update, calls = self._stage_checkpoint(params, version, record, workers, sync_id)
         else:
             update, calls = self._stage_pytree(params, version, record, workers, sync_id)
@@ -129,6 +141,8 @@ class WeightSync:
         with _phase(record, "publish"):
             ray.get(self.fleet.registry.publish.remote(update), timeout=60)  # the commit point
             self.committed = update
+            if not isinstance(update, AdapterUpdate):
+                self.base = update  # what the next adapters merge onto
         with _phase(record, "commit"):
             self._commit_all(workers, sync_id, version, record)
         record.ok = True
@@ -232,6 +246,28 @@ class WeightSync:
             ring = [np.empty(max(sizes, default=0), np.uint8) for _ in range(min(2, len(sizes)))]
             self._buffers = [ring[k % len(ring)][:n] for k, n in enumerate(sizes)]
         return self._buffers
+
+    def _stage_adapter(
+        self, adapter: LoraAdapter, version: int, record: SyncRecord, workers: list[int], sync_id: str
+    ) -> tuple[CommittedUpdate, dict[Any, int]]:
+        """A LoRA adapter: only its factors cross the object store (a few MiB). Checked against
+        the base (rollout.weights.lora) before any byte moves, packed whole (it is small), then
+        every worker stages it with its manifest's checksums; no relay."""
+        record.source = "lora"
+        with _phase(record, "check"):
+            factors = LoraAdapter(to_host(adapter.tensors), adapter.config).factors(self.fleet.spec)
+        layout = plan_buckets(factors_spec(factors), self.bucket_bytes)
+        record.nbytes, record.leaves = layout.nbytes, len(layout.slots)
+        with _phase(record, "pack+put"):
+            packed = pack(factors, layout, version, checksum_algo=self.checksum, adapter=adapter.config.to_meta())
+            refs = tuple(ray.put(buffer) for buffer in packed.buffers)
+        record.buckets = len(refs)
+        manifest = packed.manifest.to_bytes()
+        calls = {self.fleet.handles[i].stage.remote(sync_id, manifest, None): i for i in workers}
+        for i in workers:
+            for index, ref in enumerate(refs):  # the ref inside a list: Ray passes it unresolved
+                self.fleet.handles[i].feed.remote(sync_id, index, [ref], None)
+        return AdapterUpdate(version, manifest, refs, self.base), calls
 
     def _stage_checkpoint(
         self, params: Any, version: int, record: SyncRecord, workers: list[int], sync_id: str

@@ -6,7 +6,7 @@ BACKENDS (then `rollout.init(model, engine="<name>")` runs it); the worker, the 
 and the tests of the weight state machine then apply to it unchanged. The worker builds its
 engine with `engine_factory(FleetConfig.engine)`: the one place a backend is chosen.
 
-What a backend cannot do (logprobs, scoring) it declares in `capabilities` (EngineCapabilities);
+What a backend cannot do (logprobs, scoring, LoRA adapters) it declares in `capabilities` (EngineCapabilities);
 a backend without a `score` method cannot score, declared or not. `capabilities_of(engine)` is
 the one place both are read: the worker refuses from it, and the coordinator refuses up front from
 the same answer (a worker's ready reply), never by backend name.
@@ -84,13 +84,21 @@ FULL_CAPABILITIES = EngineCapabilities()
 
 def capabilities_of(engine: Any) -> EngineCapabilities:
     """What `engine` can do: its declared `capabilities` (everything when it declares none), less
-    scoring when the backend has no `score` method (ScoringBackend). The worker and the
-    coordinator both refuse from this answer, so a refusal reads the same wherever it happens.
-    (Anything that is not an EngineBackend is taken at its declaration.)"""
+    scoring when the backend has no `score` method (ScoringBackend) and LoRA adapters when it has
+    no `stage_adapter` (AdapterBackend). The worker and the coordinator both refuse from this
+    answer, so a refusal reads the same wherever it happens. (Anything that is not an
+    EngineBackend is taken at its declaration.)"""
     declared: EngineCapabilities = getattr(engine, "capabilities", FULL_CAPABILITIES)
-    if "score" in declared.unavailable or not isinstance(engine, EngineBackend) or isinstance(engine, ScoringBackend):
+    if not isinstance(engine, EngineBackend):
         return declared
-    return dataclasses.replace(declared, unavailable={**declared.unavailable, "score": no_score_message(engine)})
+    missing = {}
+    if "score" not in declared.unavailable and not isinstance(engine, ScoringBackend):
+        missing["score"] = no_score_message(engine)
+    if "lora" not in declared.unavailable and not isinstance(engine, AdapterBackend):
+        missing["lora"] = no_lora_message(engine)
+    if not missing:
+        return declared
+    return dataclasses.replace(declared, unavailable={**declared.unavailable, **missing})
 
 
 def no_score_message(engine: Any) -> str:
@@ -153,6 +161,24 @@ class ScoringBackend(Protocol):
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
         """Logprobs of each completion after its prompt on the committed version (a Scores)."""
+
+
+def no_lora_message(engine: Any) -> str:
+    """Why a backend without `stage_adapter` is refused LoRA adapter syncs, and what to do instead."""
+    return (
+        f"LoRA adapter syncs are not available with the {type(engine).__name__} backend (it has no "
+        "stage_adapter method); sync the merged full weights instead, or run the fleet with engine='native'"
+    )
+
+
+@runtime_checkable
+class AdapterBackend(Protocol):
+    """A backend that also serves LoRA adapters (optional: one that does not is refused adapter
+    syncs by `capabilities_of`, before any worker changes)."""
+
+    def stage_adapter(self, version: int, adapter: Any, *, finite_checked: bool = False) -> Any:
+        """Stage a LoRA adapter (rollout.weights.lora.LoraFactors or LoraAdapter) as `version`,
+        merged onto the backend's resident base; committed and aborted like a full update."""
 
 
 @runtime_checkable

@@ -90,18 +90,21 @@ class WeightState(Generic[P]):
         staged = self.staged
         return None if staged is None else staged.version
 
-    def stage(self, version: int, build: Callable[[], P]) -> StagedWeights[P]:
+    def stage(
+        self, version: int, build: Callable[[], P], derive: Callable[[P], Derived] | None = None
+    ) -> StagedWeights[P]:
         """Stage the parameters `build()` places as `version`; a newer stage (or a retry of the same
         version) replaces the staged copy, an older one is refused.
 
         On any error (`build`'s included) nothing changes. The serving-only leaves are derived
-        here too, off the swap's critical path.
+        here too, off the swap's critical path (`derive`: instead of the runner's, e.g. a LoRA
+        adapter that leaves the leaves they come from as they are).
         """
         with self._lock:
             check_stage_version(version, self.committed, self.staged_version)
         start = time.perf_counter()
         params = jax.block_until_ready(build())
-        derived = jax.block_until_ready(self._target.derive(params))
+        derived = jax.block_until_ready((derive or self._target.derive)(params))
         staged = StagedWeights(version, params, derived, time.perf_counter() - start)
         with self._lock:
             if version <= self.committed:

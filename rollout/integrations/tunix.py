@@ -22,7 +22,8 @@
   temperature 1 as Tunix's own backends.
 - `update_params(params)`: the parameter tree of Tunix's Qwen3 (an nnx.State, as RLCluster
   passes it) mapped to the engine's names (`tunix_names`) with the strict checks of a sync, then
-  `sync_weights`. Each sync and the versions of each generate call are logged as JSON lines on
+  `sync_weights`. A tree with qwix LoRA leaves (or filter_types=nnx.LoRAParam) syncs only the
+  adapter (`tunix_lora`; give FleetRollout the LoraProvider's `lora_alpha`). Each sync and the versions of each generate call are logged as JSON lines on
   the `rollout.integrations.tunix` logger and kept in `history`.
 - `pad_id()`, `eos_id()`: Tunix's tokenizer's (as its backends), else the served checkpoint's.
 - `model()`: None, as Tunix's vLLM and sglang-jax backends: the weights live on the fleet, so
@@ -128,6 +129,7 @@ class _FleetRolloutImpl:
         service: RolloutService,
         sync_initial_weights: bool = True,
         timeout: float | None = None,
+        lora_alpha: float | None = None,
         **unused: Any,
     ):
         """RLCluster calls this with rollout_actor, tokenizer, mesh and rollout_config; bind the
@@ -137,6 +139,7 @@ class _FleetRolloutImpl:
         self.service = service
         self._tokenizer = tokenizer
         self._timeout = timeout
+        self._lora_alpha = lora_alpha  # qwix's LoraProvider alpha, for LoRA syncs (tunix_lora)
         self._lock = threading.Lock()
         self.history: list[dict[str, Any]] = []  # one entry per sync, generate and score call
         if sync_initial_weights and rollout_actor is not None:
@@ -222,12 +225,26 @@ class _FleetRolloutImpl:
         import jax
         from flax import nnx
 
-        if filter_types is not None and any(t is getattr(nnx, "LoRAParam", None) for t in filter_types):
-            raise NotImplementedError(
-                "the fleet serves dense weights: LoRA updates (filter_types=nnx.LoRAParam) cannot be "
-                "synced; merge the adapters into the base weights and sync nnx.Param"
-            )
+        from rollout.integrations.tunix_lora import lora_leaves, qwix_lora_adapter
+
         start = time.perf_counter()
+        with jax.transfer_guard("allow"):
+            lora = lora_leaves(params)
+        if lora or (filter_types is not None and any(t is getattr(nnx, "LoRAParam", None) for t in filter_types)):
+            # qwix LoRA: only the adapter is synced; the fleet merges it onto its base (the
+            # frozen weights it loaded or was last synced in full)
+            if self._lora_alpha is None:
+                raise ValueError(
+                    "a LoRA update needs the adapter's alpha: pass lora_alpha= (qwix LoraProvider's alpha) "
+                    "to FleetRollout, e.g. functools.partial(FleetRollout, service=fleet, lora_alpha=16.0)"
+                )
+            with jax.transfer_guard("allow"):
+                adapter = qwix_lora_adapter(lora, self.service.spec, self._lora_alpha)
+            mapped = time.perf_counter()
+            version = self.service.sync_weights(adapter)
+            self._record("sync", version=version, leaves=len(lora), lora=True, map_s=round(mapped - start, 4),
+                         sync_s=round(time.perf_counter() - mapped, 4))
+            return
         # RLCluster.sync_weights forbids host transfers on CPU; the fleet lives in other
         # processes, so this sync must fetch the trainer's arrays to the host.
         with jax.transfer_guard("allow"):

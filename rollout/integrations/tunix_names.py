@@ -12,8 +12,8 @@
     lm_head.w                  (D, V)      <-> lm_head.kernel                       (same layout)
 
 Only reshapes (row-major views on the host), no transposes. Everything else Tunix's tree may hold
-(LoRA adapters, MoE experts and router) maps to nothing and is refused: the engine serves dense
-Qwen3 weights, so a LoRA model must be merged first.
+(MoE experts and router) maps to nothing and is refused. qwix LoRA leaves (`<w>_lora_a`,
+`<w>_lora_b`) are synced as an adapter instead (rollout.integrations.tunix_lora).
 """
 
 from __future__ import annotations

@@ -108,10 +108,15 @@ class Manifest:
     # True when the packer counted every floating value finite: a reader whose checksums
     # match may skip its own finiteness pass.
     finite: bool = False
+    # None: a full update of the model's parameters; otherwise what kind of partial update the
+    # leaves are and its numbers, e.g. a LoRA adapter's (rollout.weights.lora.LoraConfig.to_meta)
+    adapter: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
+        extra = {} if self.adapter is None else {"adapter": self.adapter}
         return msgpack.packb(
             {
+                **extra,
                 "format": MANIFEST_FORMAT,
                 "version": self.version,
                 "paths": [s.path for s in self.layout.slots],
@@ -153,7 +158,10 @@ class Manifest:
         layout = BucketLayout(slots, tuple(int(b) for b in raw["buckets"]))
         _check_layout(layout)
         sums = tuple(None if c is None else int(c) for c in raw["checksums"])
-        return cls(int(raw["version"]), layout, sums, raw["checksum"], raw.get("finite") is True)
+        adapter = raw.get("adapter")
+        if adapter is not None and not isinstance(adapter, dict):
+            raise ManifestError(f"expected the manifest's adapter entry to be a map, got {type(adapter).__name__}")
+        return cls(int(raw["version"]), layout, sums, raw["checksum"], raw.get("finite") is True, adapter)
 
     @property
     def spec(self) -> ParamSpec:
@@ -311,11 +319,13 @@ def pack(
     *,
     checksum_algo: str = DEFAULT_CHECKSUM,
     threads: int = 2,
+    adapter: dict[str, Any] | None = None,
 ) -> PackedUpdate:
-    """Pack every bucket (see Packer) and return them with their manifest."""
+    """Pack every bucket (see Packer) and return them with their manifest (`adapter`: see Manifest)."""
     with Packer(flat, layout, buffers, checksum_algo=checksum_algo, threads=threads) as packer:
         sums = [packer.pack_bucket(i) for i in range(len(layout.bucket_nbytes))]
-    return PackedUpdate(Manifest(version, layout, tuple(sums), checksum_algo, finite=True), packer.buffers)
+    manifest = Manifest(version, layout, tuple(sums), checksum_algo, finite=True, adapter=adapter)
+    return PackedUpdate(manifest, packer.buffers)
 
 
 def checksum(buffer: np.ndarray, algo: str = DEFAULT_CHECKSUM) -> int:

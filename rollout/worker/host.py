@@ -49,20 +49,29 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import numpy as np
 
-from rollout.engine.backend import EngineBackend, ScoringBackend, capabilities_of
+from rollout.engine.backend import AdapterBackend, EngineBackend, ScoringBackend, capabilities_of
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta, stream_request
 from rollout.engine.types import Completion, WeightSyncError
-from rollout.protocol import BucketUpdate, CheckpointUpdate, CommittedUpdate, ObjectRef, RelayRole, StageReport
+from rollout.protocol import (
+    AdapterUpdate,
+    BucketUpdate,
+    CheckpointUpdate,
+    CommittedUpdate,
+    ObjectRef,
+    RelayRole,
+    StageReport,
+)
 from rollout.relay import RelayPoint
 from rollout.weights.buckets import Manifest, unpack, verify, verify_bucket
 from rollout.weights.inbox import BucketInbox
+from rollout.weights.lora import LoraConfig, LoraFactors
 
 log = logging.getLogger("rollout.worker.actor")
 
@@ -245,8 +254,18 @@ class WorkerHost:
 
     def _stage_inbox(self, sync_id: str, inbox: BucketInbox) -> None:
         self._check_not_aborted(sync_id)
-        self.engine.stage(inbox.manifest.version, inbox.tree(), finite_checked=inbox.manifest.finite)
+        self._stage_leaves(inbox.manifest, inbox.tree())
         self._mark_staged(sync_id, inbox.manifest.version)
+
+    def _stage_leaves(self, manifest: Manifest, leaves: Mapping[str, Any]) -> None:
+        """Stage an update's leaves: a full update, or a LoRA adapter (the manifest's `adapter`
+        entry) merged by the engine onto its resident base."""
+        if manifest.adapter is None:
+            self.engine.stage(manifest.version, leaves, finite_checked=manifest.finite)
+            return
+        self.capabilities.require("lora")  # the coordinator refused it already; a direct caller
+        adapter = LoraFactors(leaves, LoraConfig.from_meta(manifest.adapter))
+        cast(AdapterBackend, self.engine).stage_adapter(manifest.version, adapter, finite_checked=manifest.finite)
 
     def _stage_checkpoint(self, sync_id: str, version: int, path: str) -> None:
         self._check_not_aborted(sync_id)
@@ -307,8 +326,16 @@ class WorkerHost:
         update = await self._latest_update()
         if update is None or update.version <= self.engine.version:
             return self.engine.version
+        # an adapter merges onto the full update before it: apply that first if this engine has
+        # an older base (it restarted, or missed that sync while down)
+        base = update.base if isinstance(update, AdapterUpdate) else None
+        if base is not None and base.version > getattr(self.engine, "base_version", 0):
+            await self._apply_update(base)
+        return await self._apply_update(update)
+
+    async def _apply_update(self, update: CommittedUpdate) -> int:
         buffers: list[np.ndarray] = []
-        if isinstance(update, BucketUpdate):
+        if isinstance(update, (BucketUpdate, AdapterUpdate)):
             buffers = list(await asyncio.gather(*(self._fetch(ref) for ref in update.refs)))
         return await self._in_weights_thread(self._apply, update, buffers)
 
@@ -321,7 +348,7 @@ class WorkerHost:
         else:
             manifest = Manifest.from_bytes(update.manifest)
             verify(manifest, buffers)
-            self.engine.stage(version, unpack(manifest, buffers), finite_checked=manifest.finite)
+            self._stage_leaves(manifest, unpack(manifest, buffers))
         with self._lock:
             self._staged_sync = CATCH_UP
         self.engine.commit(version, wait=True, timeout=600)

@@ -51,6 +51,7 @@ import jax
 from rollout.engine.config import SWAP_POLICIES, EngineConfig
 from rollout.engine.native.intake import RequestIntake
 from rollout.engine.native.kv import make_layout
+from rollout.engine.native.lora import ResidentBase, merge_adapter
 from rollout.engine.native.runner import Params
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
@@ -66,6 +67,7 @@ from rollout.prompts import Prompt, PromptValidator
 from rollout.scores import Scores, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
+from rollout.weights.lora import adapter_factors
 from rollout.weights.spec import ParamSpec
 
 
@@ -97,6 +99,7 @@ class Engine:
             PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
+        self._base = ResidentBase(self.current_params(), self.runner.derived)  # what adapters merge onto (lora.py)
         # the runner is the weights' swap target; `commit(wait=True)` gives up once the scheduler stops
         self._weights: WeightState[Params] = WeightState(
             self._lock, self.runner, stopped=lambda: self._scheduler.stopped
@@ -142,9 +145,11 @@ class Engine:
         (a worker staging checksum-verified buckets of a packer that counted them).
         """
         self._scheduler.check_open()
-        return self._weights.stage(
+        staged = self._weights.stage(
             version, lambda: place_params(params, self.spec, self.runner.place, finite_checked=finite_checked)
         )
+        self._base.staged_full(version, staged.params, staged.derived)
+        return staged
 
     def stage_checkpoint(self, version: int, model: str | Path) -> StagedWeights[Params]:
         """Stage the weights of an HF checkpoint (local directory or repo id) as `version`.
@@ -153,7 +158,33 @@ class Engine:
         checkpoint must describe the same model (config shapes) as the one being served.
         """
         self._scheduler.check_open()
-        return self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
+        staged = self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
+        self._base.staged_full(version, staged.params, staged.derived)
+        return staged
+
+    def stage_adapter(self, version: int, adapter: Any, *, finite_checked: bool = False) -> StagedWeights:
+        """Stage a LoRA adapter as `version`: the resident base with the adapter merged in
+        (rollout.engine.native.lora), beside the serving weights; committed like any update.
+
+        `adapter`: a rollout.weights.lora.LoraAdapter (PEFT names) or LoraFactors (engine
+        paths, as a sync delivers them). Raises LoraAdapterError / WeightSyncError; on any error
+        the engine's weights, version and outputs are unchanged.
+        """
+        self._scheduler.check_open()
+        factors = adapter_factors(adapter, self.spec)
+        base, derived = self._base.current()
+        staged = self._weights.stage(
+            version,
+            lambda: merge_adapter(base, factors.factors, factors.config, self.spec, self.mesh, finite_checked=finite_checked),
+            derive=lambda merged: derived,  # from the embedding, which adapters leave as it is
+        )
+        self._base.staged_adapter(version)
+        return staged
+
+    @property
+    def base_version(self) -> int:
+        """The version of the full update adapters are merged onto (0: the weights loaded at start)."""
+        return self._base.version
 
     def _load(self, directory: Path, *, progress: bool = False) -> dict[str, jax.Array]:
         return load_params(directory, self.spec, self.runner.place, progress=progress)
@@ -168,11 +199,16 @@ class Engine:
         if policy not in SWAP_POLICIES:
             raise ValueError(f"policy={policy!r}: expected one of {SWAP_POLICIES}")
         self._scheduler.check_open()
-        return self._weights.commit(version, policy, wait=wait, timeout=timeout)
+        version = self._weights.commit(version, policy, wait=wait, timeout=timeout)
+        self._base.committed(version)
+        return version
 
     def abort(self, version: int | None = None) -> bool:
         """Drop the staged copy (of `version`, or whatever is staged). True if one was dropped."""
-        return self._weights.abort(version)
+        dropped = self._weights.abort(version)
+        if dropped:
+            self._base.aborted(version)
+        return dropped
 
     # -- requests -----------------------------------------------------------------------------
 
