@@ -40,11 +40,12 @@ from rollout.coordinator.fleet import (
 )
 from rollout.coordinator.registry import UpdateRegistry
 from rollout.coordinator.routing import DEAD, DOWN, UP, Router
+from rollout.coordinator.startup import StartWatch, start_error, start_hint
 from rollout.coordinator.sync import Fleet, SyncRecord, WeightSync
 from rollout.engine.backend import EngineCapabilities
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
-from rollout.errors import PlacementError, ServiceClosedError, describe_error
+from rollout.errors import PlacementError, ServiceClosedError, WorkerStartError, describe_error
 from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
@@ -163,13 +164,23 @@ class RolloutService:
         ]
         start = time.monotonic()
         probes = {h.ready.remote(): i for i, h in enumerate(self._handles)}
-        done, pending = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.ready_timeout_s)
-        replies = []
-        for ref in done:
-            try:
-                replies.append(ray.get(ref))
-            except Exception as err:  # say which worker and why
-                raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
+        # A worker that dies before it is ready is restarted by Ray; one that keeps dying (its
+        # engine's start killed for memory, crashing) fails start-up after start_attempts tries.
+        watch = StartWatch(self._handles, cfg.start_attempts)
+        pending, replies = list(probes), []
+        while pending and (left := cfg.ready_timeout_s - (time.monotonic() - start)) > 0:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+            for ref in done:
+                try:
+                    replies.append(ray.get(ref))
+                except Exception as err:  # say which worker and why
+                    raise WorkerStartError(
+                        f"worker {probes[ref]} failed to start: {start_error(err)}\n"
+                        f"{start_hint(cfg, self.engine_config)}"
+                    ) from err
+            failing = watch.failing(sorted(probes[r] for r in pending))
+            if failing is not None:
+                raise WorkerStartError(f"{watch.report(failing)}\n{start_hint(cfg, self.engine_config)}")
         if pending:
             raise PlacementError(
                 placement_message(
