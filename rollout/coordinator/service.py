@@ -149,6 +149,10 @@ class RolloutService:
         if cfg.check_resources:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             check_placement(cfg, self.accelerator, nodes, ray.cluster_resources(), ray.available_resources())
+            if cfg.engine == "sglang-jax" and self.accelerator == "cpu":  # its KV pool is host memory
+                from rollout.engine.sglang.sizing import check_host_memory
+
+                check_host_memory(self.model_config, self.engine_config, cfg.num_workers, [n.get("memory", 0.0) for n in nodes])
         namespace = ray.get_runtime_context().namespace
         registry_name = f"rollout-registry-{uuid.uuid4().hex[:10]}"
         # On the coordinator's node: a registry on a worker's node would be lost with that node
