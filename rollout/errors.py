@@ -28,6 +28,10 @@ class PlacementError(RuntimeError):
     """The cluster cannot host the requested workers (resources missing or workers not ready)."""
 
 
+class WorkerStartError(RuntimeError):
+    """A worker's engine failed to start (raised, crashed, or was killed, `start_attempts` times)."""
+
+
 class WorkerUnavailableError(RuntimeError):
     """No live worker could serve a request (all dead, or retries exhausted)."""
 

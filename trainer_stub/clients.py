@@ -86,7 +86,7 @@ class FleetClient:
         self._rollout = rollout
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            cpus = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
+            cpus: dict[str, Any] = {"num_cpus": max(os.cpu_count() or 1, options.num_workers)} if options.accelerator == "cpu" else {}
             start_local_ray(include_dashboard=False, log_to_driver=options.worker_logs, **cpus)
         self._service = rollout.init(model=str(model), **options.service_options())
 

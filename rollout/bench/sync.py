@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = model_dims(size, args.layers, args.head_dim)
     ckpt = make_config_only_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-sync-")) / "model", dims)
     store = int(max(2 * 2**30, 5 * size))
+    # populated once the node is up (rollout.local_ray): preallocating while it starts timed out
     start_local_ray(num_cpus=max(4, args.workers * 2), object_store_memory=store, include_dashboard=False,
-                    log_to_driver=False, _system_config={"preallocate_plasma_memory": not args.no_preallocate})
+                    log_to_driver=False, preallocate=not args.no_preallocate)
     svc = rollout.RolloutService(
         ckpt, num_workers=args.workers, devices_per_worker=args.devices_per_worker, accelerator="cpu",
         load_format="dummy", max_batch=2, max_seq_len=64, bucket_bytes=args.bucket_mib << 20,

@@ -52,6 +52,10 @@ class FleetConfig:
     sync_timeout_s: float = 600.0  # the stage phase must finish within this, else abort everywhere
     ready_timeout_s: float = 600.0  # workers must build their engines within this at start
     max_restarts: int = -1  # Ray restarts of a dead worker; -1 = forever, 0 = never
+    # Failed starts (process died before it was ready) of a worker before start-up gives up with
+    # the cause: its engine failing the same way each time (killed for memory, crashing) would
+    # otherwise be restarted until ready_timeout_s (rollout.coordinator.startup).
+    start_attempts: int = 3
     max_request_retries: int = 3  # re-sends of a request whose worker died, before giving up
     sync_history: int = 32  # syncs kept (with phase timings) in status()
     check_resources: bool = True  # False: skip the pre-check (autoscaling clusters add nodes)
@@ -70,7 +74,7 @@ class FleetConfig:
         check_engine(self.engine)
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator={self.accelerator!r}: expected one of {ACCELERATORS}")
-        for name in ("num_workers", "devices_per_worker", "max_inflight_buckets", "sync_history"):
+        for name in ("num_workers", "devices_per_worker", "max_inflight_buckets", "sync_history", "start_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")

@@ -43,12 +43,13 @@ from rollout.coordinator.fleet_view import FleetView
 from rollout.coordinator.registry import UpdateRegistry
 from rollout.coordinator.routing import DEAD, DOWN, UP, Router
 from rollout.coordinator.score_dispatch import score_on_fleet
+from rollout.coordinator.startup import StartWatch, start_error, start_hint
 from rollout.coordinator.streaming import FleetRequest, TokenStream
 from rollout.coordinator.sync import SyncRecord, WeightSync, update_source
 from rollout.engine.backend import EngineCapabilities
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
-from rollout.errors import PlacementError, ServiceClosedError, describe_error
+from rollout.errors import PlacementError, ServiceClosedError, WorkerStartError, describe_error
 from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
@@ -154,6 +155,10 @@ class RolloutService:
         if cfg.check_resources:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             check_placement(cfg, self.accelerator, nodes, ray.cluster_resources(), ray.available_resources())
+            if cfg.engine == "sglang-jax" and self.accelerator == "cpu":  # its KV pool is host memory
+                from rollout.engine.sglang.sizing import check_host_memory
+
+                check_host_memory(self.model_config, self.engine_config, cfg.num_workers, [n.get("memory", 0.0) for n in nodes])
         namespace = ray.get_runtime_context().namespace
         registry_name = f"rollout-registry-{uuid.uuid4().hex[:10]}"
         # On the coordinator's node: a registry on a worker's node would be lost with that node
@@ -169,13 +174,23 @@ class RolloutService:
         ]
         start = time.monotonic()
         probes = {h.ready.remote(): i for i, h in enumerate(self._handles)}
-        done, pending = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.ready_timeout_s)
-        replies = []
-        for ref in done:
-            try:
-                replies.append(ray.get(ref))
-            except Exception as err:  # say which worker and why
-                raise RuntimeError(f"worker {probes[ref]} failed to start: {describe_error(err)}") from err
+        # A worker that dies before it is ready is restarted by Ray; one that keeps dying (its
+        # engine's start killed for memory, crashing) fails start-up after start_attempts tries.
+        watch = StartWatch(self._handles, cfg.start_attempts)
+        pending, replies = list(probes), []
+        while pending and (left := cfg.ready_timeout_s - (time.monotonic() - start)) > 0:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+            for ref in done:
+                try:
+                    replies.append(ray.get(ref))
+                except Exception as err:  # say which worker and why
+                    raise WorkerStartError(
+                        f"worker {probes[ref]} failed to start: {start_error(err)}\n"
+                        f"{start_hint(cfg, self.engine_config)}"
+                    ) from err
+            failing = watch.failing(sorted(probes[r] for r in pending))
+            if failing is not None:
+                raise WorkerStartError(f"{watch.report(failing)}\n{start_hint(cfg, self.engine_config)}")
         if pending:
             raise PlacementError(
                 placement_message(

@@ -310,6 +310,11 @@ class Engine:
                 "alive": scheduler.alive,
             }
 
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Block until the scheduler has nothing to do and has let go of its last pass's
+        arrays (a request's future resolves before that pass ends): for memory checks."""
+        self._scheduler.wait_idle(timeout)
+
     def shutdown(self) -> None:
         """Stop the scheduler; queued and running requests fail with EngineClosedError."""
         self._scheduler.shutdown()

@@ -61,6 +61,7 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         self._cancelled: set[Future[list[Completion]]] = set()
         self.closed = False
         self.error: BaseException | None = None  # why the thread died, if it did
+        self._parked = False  # the thread sleeps with nothing to do (wait_idle); under the lock
         self.tokens_generated = 0
         self.requests_finished = 0
         self._thread = threading.Thread(target=self._loop, name="rollout-scheduler", daemon=True)
@@ -89,6 +90,15 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
     def stopped(self) -> bool:
         """Shut down or died: nothing will be swapped in any more. Under the lock."""
         return self.closed or self.error is not None
+
+    def wait_idle(self, timeout: float | None) -> None:
+        """Block until the thread sleeps with nothing to do (or the engine stops). A request's
+        future resolves inside its last pass; until that pass ends, the thread still holds the
+        pass's inputs (device arrays). Once idle it holds none: what memory checks measure."""
+        with self._lock:
+            ok = self._lock.wait_for(lambda: self._parked or self.closed or self.error is not None, timeout)
+        if not ok:
+            raise TimeoutError(f"the engine's scheduler was still busy after {timeout}s")
 
     def check_open(self) -> None:
         if self.error is not None:
@@ -122,10 +132,11 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         try:
             while True:
                 with self._lock:
-                    self._lock.wait_for(
-                        lambda: self.closed or self.waiting or self._weights.pending or self._cancelled
-                        or self.slots.active() or self._held()
-                    )
+                    if not self._has_work():
+                        self._parked = True
+                        self._lock.notify_all()  # wait_idle
+                        self._lock.wait_for(self._has_work)
+                        self._parked = False
                     if self.closed:
                         return
                     cancelled = self._take_cancelled()
@@ -160,6 +171,13 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             with self._lock:
                 self.error = err
             self._fail_all(EngineClosedError(f"the engine's scheduler crashed: {err!r}"))
+
+    def _has_work(self) -> bool:
+        """Whether a pass has anything to do (else the thread sleeps). Under the lock."""
+        return bool(
+            self.closed or self.waiting or self._weights.pending or self._cancelled
+            or self.slots.active() or self._held()
+        )
 
     # -- hooks of a layout that holds sequences outside the slots (paged: preempted, parked) ----
 
