@@ -25,11 +25,11 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
+from rollout.fleet_config import FleetConfig
 from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.lora import LoraAdapter, LoraAdapterError, LoraConfig

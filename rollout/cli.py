@@ -17,9 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import BACKENDS
 from rollout.engine.config import DTYPES, EngineConfig
+from rollout.fleet_config import FleetConfig
 
 # -- demo ---------------------------------------------------------------------------------------
 

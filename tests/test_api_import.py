@@ -80,8 +80,8 @@ def test_the_readme_documents_every_service_option():
     import dataclasses
     from pathlib import Path
 
-    from rollout.coordinator.fleet import FleetConfig
     from rollout.engine.config import EngineConfig
+    from rollout.fleet_config import FleetConfig
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     fields = {f.name for cls in (FleetConfig, EngineConfig) for f in dataclasses.fields(cls)}

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rollout.coordinator.fleet import FleetConfig, service_configs
+from rollout.coordinator.fleet import service_configs
 from rollout.engine.config import EngineConfig
+from rollout.fleet_config import FleetConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

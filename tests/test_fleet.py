@@ -131,7 +131,8 @@ def test_a_stale_failure_does_not_take_a_worker_down_again():
 
 
 def test_placement_is_checked_per_node_and_explained():
-    from rollout.coordinator.fleet import FleetConfig, check_placement
+    from rollout.coordinator.fleet import check_placement
+    from rollout.fleet_config import FleetConfig
 
     nodes = [{"CPU": 8.0, "TPU": 4.0}, {"CPU": 8.0, "TPU": 4.0}]
     check_placement(FleetConfig(num_workers=2, devices_per_worker=4), "tpu", nodes, {}, {})

@@ -35,8 +35,8 @@ def test_importing_the_backend_package_imports_neither_jax_nor_sgl_jax():
 
 
 def test_the_backend_is_one_line_of_the_registry_and_a_fleet_option():
-    from rollout.coordinator.fleet import FleetConfig
     from rollout.engine.backend import BACKENDS
+    from rollout.fleet_config import FleetConfig
 
     assert BACKENDS["sglang-jax"] == "rollout.engine.sglang:create_engine"
     assert FleetConfig(engine="sglang-jax").engine == "sglang-jax"

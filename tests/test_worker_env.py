@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rollout.coordinator.fleet import FleetConfig, worker_env
+from rollout.coordinator.fleet import worker_env
+from rollout.fleet_config import FleetConfig
 from rollout.worker.cpu_malloc import CPU_MALLOC
 
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
-from rollout.coordinator.fleet import FleetConfig, service_configs
+from rollout.coordinator.fleet import service_configs
 from rollout.engine.backend import (
     AdapterBackend,
     EngineCapabilities,
@@ -23,6 +23,7 @@ from rollout.engine.backend import (
     generating_engine,
 )
 from rollout.engine.config import EngineConfig
+from rollout.fleet_config import FleetConfig
 
 
 class RolloutClient(Protocol):

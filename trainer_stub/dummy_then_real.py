@@ -24,8 +24,8 @@ import sys
 import time
 from typing import Any
 
-from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import BACKENDS
+from rollout.fleet_config import FleetConfig
 
 CHAT_PROMPT = [{"role": "user", "content": "你是谁"}]
 

@@ -45,8 +45,8 @@ from typing import Self
 
 import numpy as np
 
-from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import BACKENDS
+from rollout.fleet_config import FleetConfig
 from rollout.weights.buckets import CHECKSUMS, DEFAULT_CHECKSUM
 
 

@@ -26,8 +26,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.config import EngineConfig
+from rollout.fleet_config import FleetConfig
 
 log = logging.getLogger("rollout.coordinator.startup")
 

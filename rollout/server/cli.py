@@ -34,9 +34,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--api-key", default=os.environ.get("ROLLOUT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ROLLOUT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
-    from rollout.coordinator.fleet import FleetConfig
     from rollout.engine.backend import BACKENDS
     from rollout.engine.config import DTYPES, KV_LAYOUTS, LOAD_FORMATS, SWAP_POLICIES, EngineConfig
+    from rollout.fleet_config import FleetConfig
 
     p.add_argument("--workers", type=int, default=1, help="engines (Ray workers)")
     p.add_argument("--devices-per-worker", type=int, default=1, help="devices per engine (simulated on CPU)")

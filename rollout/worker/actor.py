@@ -25,12 +25,12 @@ from typing import Any
 
 import ray
 
-from rollout.coordinator.fleet import FleetConfig
 from rollout.engine.backend import EngineBackend, engine_factory
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion, EngineClosedError
+from rollout.fleet_config import FleetConfig
 from rollout.protocol import ObjectRef, RelayRole, StageReport, WorkerReady, WorkerStatus
 from rollout.weights.spec import ParamSpec
 from rollout.worker.host import WorkerHost
