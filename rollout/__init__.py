@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from rollout.engine.config import EngineConfig
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
-from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerUnavailableError
+from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerStartError, WorkerUnavailableError
 from rollout.fleet_config import FleetConfig
 from rollout.scores import Scores
 from rollout.weights.finite import NonFiniteWeightsError
@@ -57,6 +57,7 @@ __all__ = [
     "SpecMismatchError",
     "SyncError",
     "WeightSyncError",
+    "WorkerStartError",
     "WorkerUnavailableError",
     "generate",
     "generate_async",
