@@ -2,11 +2,18 @@
 
 Both run greedy decoding of the same number of new tokens (EOS ignored) from the same prompts,
 on the CPU, measured in one run after one warm-up each (so compilation is not timed). The model
-is a Qwen3-shaped ~75M-parameter checkpoint made on the spot (rollout.testing). The reference
-needs torch and transformers (`pip install "rollout[bench]"`).
+is a Qwen3-shaped ~75M-parameter checkpoint made on the spot (rollout.testing; `--shape
+qwen3-128` for the head_dim-128 one of ~96M). The reference needs torch and transformers
+(`pip install "rollout[bench]"`).
+
+In the same run it measures the host (rollout.bench.host: CPU model, memory bandwidth, float32
+matmul rate at the decode shape in JAX and torch) and prints each row's fraction of the
+bandwidth roofline (what counts at batch 1) and of the best matmul rate (what counts at the
+largest batch) beside the ratio to transformers (rollout.bench.roofline); `--no-host` skips it.
 
     rollout bench engine                              # batch 1 and 16, 64 new tokens
     rollout bench engine --batches 1 4 16 --new-tokens 128
+    rollout bench engine --shape qwen3-128 --batches 1 4 16 64
 """
 
 from __future__ import annotations
@@ -21,6 +28,15 @@ from pathlib import Path
 
 from rollout.worker.cpu_malloc import keep_freed_memory
 
+# Benchmark checkpoints: overrides of rollout.testing.BENCH_QWEN3 (tied embeddings, float32).
+SHAPES: dict[str, dict[str, int]] = {
+    "qwen3-75m": {},  # hidden 768, 12 q / 4 KV heads, head_dim 64, inter 2048, 8 layers, vocab 32000
+    "qwen3-128": dict(  # ~96M: Qwen3's head_dim 128 on a small body
+        hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        intermediate_size=3072, num_hidden_layers=4, vocab_size=32768,
+    ),
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -32,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size and side (best is kept)")
     p.add_argument("--decode-steps", type=int, default=8, help="engine decode steps per host round trip")
     p.add_argument("--checkpoint", type=Path, default=None, help="reuse this HF directory instead of making one")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-75m", help="the checkpoint made (not with --checkpoint)")
+    p.add_argument("--no-host", dest="host", action="store_false",
+                   help="skip measuring the host (bandwidth, matmul peak) and the roofline fractions")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -64,6 +83,24 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
     return min(times["ours"]), min(times["reference"])
 
 
+def host_roofline(args: argparse.Namespace, model_config, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
+    """Measures the host, adds each row's roofline fields (under "roofline"); returns the host's
+    JSON and the lines to print (transformers' rows too: the same arithmetic on its rate)."""
+    from rollout.bench.roofline import DecodeCost, mean_context, measure_host, roofline_fields, roofline_lines
+
+    limits = measure_host([(max(args.batches), model_config.hidden_size, model_config.intermediate_size)])
+    cost = DecodeCost.of(model_config, params)
+    context = mean_context(args.prompt_len, args.new_tokens)
+    table = []
+    for r in rows:
+        r["roofline"] = roofline_fields(cost, limits, r["batch"], r["rollout_tok_s"], context)
+        r["transformers_roofline"] = roofline_fields(cost, limits, r["batch"], r["transformers_tok_s"], context)
+        table.append(dict(label="rollout", batch=r["batch"], tok_s=r["rollout_tok_s"], ratio=r["ratio"], **r["roofline"]))
+        table.append(dict(label="transformers", batch=r["batch"], tok_s=r["transformers_tok_s"], ratio=1.0,
+                          **r["transformers_roofline"]))
+    return limits.to_json(), roofline_lines(limits, table)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
@@ -83,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.testing import make_bench_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
-    ckpt = args.checkpoint or make_bench_checkpoint(Path(tempfile.mkdtemp(prefix="rollout-bench-")) / "qwen3-75m")
+    ckpt = args.checkpoint or make_bench_checkpoint(
+        Path(tempfile.mkdtemp(prefix="rollout-bench-")) / args.shape, **SHAPES[args.shape]
+    )
     max_batch = max(args.batches)
     max_seq = args.prompt_len + args.new_tokens
     rng = np.random.default_rng(0)
@@ -123,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
                  ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal)
         )
+    model_config = engine.model_config
     engine.shutdown()
+    host = host_roofline(args, model_config, params, rows) if args.host else None
 
-    print(f"\nmodel: Qwen3-shaped, {params / 1e6:.1f}M params, float32, CPU ({os.cpu_count()} cores), "
+    print(f"\nmodel: {'checkpoint ' + str(args.checkpoint) if args.checkpoint else args.shape}, Qwen3-shaped, {params / 1e6:.1f}M params, float32, CPU ({os.cpu_count()} cores), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; rollout on 1 device")
     print("best of --repeats timed runs each, rollout and transformers alternating; 'cpu steal' is the CPU "
           "time the hypervisor gave to other guests meanwhile (high steal makes the figures unreliable)")
@@ -134,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         steal_text = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
         print(f"{r['batch']:>5} {r['rollout_tok_s']:>14.1f} {r['transformers_tok_s']:>19.1f} "
               f"{r['ratio']:>6.2f}x {r['identical_outputs']:>12} {steal_text:>10}")
+    if host is not None:
+        print("\n" + "\n".join(host[1]))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"host": host[0] if host else None, "rows": rows}, indent=2))
     return 0
 
 

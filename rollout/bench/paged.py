@@ -21,7 +21,10 @@ intermediate 3072, vocab 32000; ~70M parameters, float32 on CPU), made on the sp
     of --peak-new more, rate = rows x peak-new / the difference of their times (prefill and
     start-up cancel). No workload decodes faster at that concurrency, whatever its KV layout.
 (c) rollout (paged and contiguous) against transformers' `generate` at batch 1, 4, 16 (greedy,
-    same prompts; identical tokens counted).
+    same prompts; identical tokens counted). With it, the host measured in the same run (CPU
+    model, memory bandwidth, float32 matmul rate at the largest batch in JAX and torch) and each
+    row's fraction of the bandwidth and matmul rooflines (rollout.bench.roofline; --no-host
+    skips it).
 
 Each engine runs the work once as a warm-up before it is timed (compilation is not timed).
 
@@ -80,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-new", type=int, default=32, help="(b): decode tokens per row the peak rate is timed on")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="(c): batch sizes")
     p.add_argument("--new-tokens", type=int, default=64, help="(c): greedy new tokens")
+    p.add_argument("--no-host", dest="host", action="store_false",
+                   help="(c): skip measuring the host (bandwidth, matmul peak) and the roofline fractions")
     p.add_argument("--tiny", action="store_true", help="small model and workload (a smoke run)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -116,6 +121,24 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def host_roofline(args: argparse.Namespace, cfg, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
+    """(c)'s roofline: measures the host, adds each row's fields per side ("<side>_roofline");
+    returns the host's JSON and the lines to print."""
+    from rollout.bench.roofline import DecodeCost, mean_context, measure_host, roofline_fields, roofline_lines
+
+    limits = measure_host([(max(args.batches), cfg.hidden_size, cfg.intermediate_size)])
+    cost = DecodeCost.of(cfg, params)
+    context = mean_context(args.prompt_len, args.new_tokens)
+    table = []
+    for r in rows:
+        for side in ("paged", "contiguous", "transformers"):
+            tok_s = r[f"{side}_tok_s"]
+            r[f"{side}_roofline"] = roofline_fields(cost, limits, r["batch"], tok_s, context)
+            ratio = r[f"{side}_ratio"] if side != "transformers" else 1.0
+            table.append(dict(label=side, batch=r["batch"], tok_s=tok_s, ratio=ratio, **r[f"{side}_roofline"]))
+    return limits.to_json(), roofline_lines(limits, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +302,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
             "paged": engine(top, max_seq, kv_layout="paged", page_size=args.page_size),
             "contiguous": engine(top, max_seq),
         }
+        params = sum(int(np.prod(leaf.shape)) for leaf in engines["contiguous"].spec.leaves)
         try:
             for batch in tqdm(args.batches, desc="(c) vs transformers", unit="batch"):
                 ref, t_ref = timed(lambda batch=batch: run_hf(batch))
@@ -293,6 +317,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
             for eng in engines.values():
                 eng.shutdown()
         results["transformers"] = rows
+        if args.host:
+            results["host"], roofline_text = host_roofline(args, cfg, params, rows)
 
     print(f"\nmodel: Qwen3 shape {shape}, float32, 1 CPU device, page size {args.page_size}, "
           f"decode steps {args.decode_steps}")
@@ -322,6 +348,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
             print(f"{r['batch']:>5} {r['transformers_tok_s']:>13.1f} {r['paged_tok_s']:>9.1f} {r['paged_ratio']:>5.2f}x "
                   f"{r['paged_identical']:>6} {r['contiguous_tok_s']:>11.1f} {r['contiguous_ratio']:>5.2f}x "
                   f"{r['contiguous_identical']:>6}")
+    if "host" in results:
+        print("\n" + "\n".join(roofline_text))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -1,0 +1,157 @@
+"""Decode throughput as a fraction of what the host allows: the roofline of a benchmark's rows.
+
+A decode step of batch B reads every weight once for B tokens and each sequence's KV so far,
+and does about 2 FLOPs per weight per token plus the attention's. So at a measured rate of
+tok/s tokens per second:
+
+- bandwidth fraction = tok/s x bytes read per token / the measured memory bandwidth. At batch 1
+  the step is memory-bound: this is how close the engine runs to the host's memory limit.
+- matmul fraction = tok/s x FLOPs per token / the best library's measured float32 matmul rate
+  at the decode shape. At a large batch the step is compute-bound: this is how close it runs to
+  what the host's fastest matmul (JAX's or torch's) does at that shape.
+
+The arithmetic is pure (the functions below, with worked examples); `measure_host` takes the
+host's figures with rollout.bench.host, and `roofline_lines` prints them with the rows.
+Approximations, the same for every engine measured: the whole parameter set counts as read per
+step (the LM head reads the tied embedding whole; an untied input embedding is over-counted by
+its table), the context is the mean over the generated tokens, and the timed runs include the
+prompt's prefill (so the fractions are slight underestimates, more so for short generations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rollout.bench.host import CpuInfo, MatmulRate, cpu_model, matmul_peak, memory_bandwidth
+
+if TYPE_CHECKING:
+    from rollout.models.config import ModelConfig
+
+
+def mean_context(prompt_len: int, new_tokens: int) -> float:
+    """Mean number of positions attended to over the decode of `new_tokens` after a prompt.
+
+    >>> mean_context(32, 64)
+    63.5
+    """
+    return prompt_len + (new_tokens - 1) / 2
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What one decoded token costs a dense decoder: bytes read and FLOPs."""
+
+    params: int  # parameters read each step (a tied embedding counted once)
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 4  # float32 weights and KV cache
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, params: int, dtype_bytes: int = 4) -> DecodeCost:
+        return cls(params, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype_bytes)
+
+    def kv_bytes_per_token(self, context: float) -> float:
+        """K and V of `context` positions, every layer: what one sequence's step reads of its cache.
+
+        >>> DecodeCost(0, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8).kv_bytes_per_token(10)
+        2560.0
+        """
+        return 2.0 * self.num_layers * self.num_kv_heads * self.head_dim * context * self.dtype_bytes
+
+    def bytes_per_token(self, batch: int, context: float) -> float:
+        """Bytes a step of `batch` sequences reads, per token: the weights shared by the batch,
+        and each sequence's own KV.
+
+        >>> cost = DecodeCost(1000, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+        >>> cost.bytes_per_token(1, 0)
+        4000.0
+        >>> cost.bytes_per_token(4, 10)
+        3560.0
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        return self.params * self.dtype_bytes / batch + self.kv_bytes_per_token(context)
+
+    def flops_per_token(self, context: float) -> float:
+        """2 FLOPs per parameter (one multiply-add) plus the attention's q.k and p.v products.
+
+        >>> DecodeCost(1000, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8).flops_per_token(10)
+        4560.0
+        """
+        return 2.0 * self.params + 4.0 * self.num_layers * self.num_heads * self.head_dim * context
+
+
+def fraction(tok_s: float, per_token: float, capacity: float) -> float:
+    """The share of `capacity` (bytes/s or FLOP/s) a rate of `tok_s` uses at `per_token` each.
+
+    >>> fraction(50.0, 4e8, 25e9)
+    0.8
+    """
+    if capacity <= 0:
+        raise ValueError(f"capacity must be a positive rate, got {capacity}")
+    return tok_s * per_token / capacity
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """The host's figures of this run."""
+
+    cpu: CpuInfo
+    bandwidth: float  # bytes/s, jitted float32 sum far beyond the last-level cache
+    matmul: tuple[MatmulRate, ...]  # per library and decode shape
+
+    @property
+    def peak(self) -> MatmulRate:
+        """The fastest library's rate (over the shapes measured)."""
+        return max(self.matmul, key=lambda r: r.flops_per_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(cpu_model=self.cpu.model, cpu_cores=self.cpu.cores, cpu_flags=list(self.cpu.flags),
+                    memory_bandwidth_bytes_s=self.bandwidth, matmul=[r.to_json() for r in self.matmul],
+                    matmul_peak_flops_s=self.peak.flops_per_s, matmul_peak_library=self.peak.library)
+
+    def describe(self) -> list[str]:
+        rates = ", ".join(f"{r.library} {r.flops_per_s / 1e9:.1f}" for r in self.matmul)
+        shapes = sorted({f"[{r.m}x{r.k}]@[{r.k}x{r.n}]" for r in self.matmul})
+        return [
+            f"host: {self.cpu.describe()}",
+            f"memory bandwidth {self.bandwidth / 1e9:.1f} GB/s (jitted float32 sum, far beyond the cache, best of 5); "
+            f"float32 matmul {' '.join(shapes)}: {rates} GFLOP/s (peak: {self.peak.library})",
+        ]
+
+
+def measure_host(matmul_shapes: Sequence[tuple[int, int, int]]) -> HostLimits:
+    """The CPU, memory bandwidth and matmul rates at `matmul_shapes` ((batch, hidden, inter))."""
+    return HostLimits(cpu_model(), memory_bandwidth(), tuple(matmul_peak(matmul_shapes)))
+
+
+def roofline_fields(cost: DecodeCost, limits: HostLimits, batch: int, tok_s: float, context: float) -> dict[str, float]:
+    """The roofline figures of one measured row, JSON-ready."""
+    per_byte, per_flop = cost.bytes_per_token(batch, context), cost.flops_per_token(context)
+    return dict(
+        bytes_per_token=per_byte, flops_per_token=per_flop,
+        bytes_s=tok_s * per_byte, flops_s=tok_s * per_flop,
+        bandwidth_fraction=fraction(tok_s, per_byte, limits.bandwidth),
+        matmul_fraction=fraction(tok_s, per_flop, limits.peak.flops_per_s),
+    )
+
+
+def roofline_lines(limits: HostLimits, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The host's figures and a table of rows, each with keys label, batch, tok_s, ratio (to
+    transformers) and the roofline_fields."""
+    lines = [*limits.describe(),
+             "roofline: bytes/token = parameter bytes / batch + KV read; FLOPs/token = 2 x params + attention; "
+             "% of bandwidth matters at batch 1, % of matmul peak at the largest batch"]
+    lines.append(f"{'engine':>12} {'batch':>5} {'tok/s':>8} {'GB/s read':>10} {'% bandwidth':>12} "
+                 f"{'GFLOP/s':>8} {'% matmul peak':>14} {'vs transformers':>16}")
+    lines.extend(
+        f"{r['label']:>12} {r['batch']:>5} {r['tok_s']:>8.1f} {r['bytes_s'] / 1e9:>10.1f} "
+        f"{100 * r['bandwidth_fraction']:>11.0f}% {r['flops_s'] / 1e9:>8.1f} "
+        f"{100 * r['matmul_fraction']:>13.0f}% {r['ratio']:>15.2f}x"
+        for r in rows
+    )
+    return lines
