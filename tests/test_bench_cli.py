@@ -3,6 +3,7 @@ rollout.bench, run in-process, so a copy of the package alone (as a wheel instal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,12 @@ def test_each_benchmarks_help_comes_from_the_installed_package(tmp_path):
 
 def test_a_tiny_engine_benchmark_runs_from_the_installed_package(tmp_path, tiny_qwen3):
     proc = run_from_a_copy(tmp_path, ["bench", "engine", "--checkpoint", str(tiny_qwen3), "--batches", "2",
-                                      "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1"])
+                                      "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1",
+                                      "--json", str(tmp_path / "engine.json")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rollout tok/s" in proc.stdout and " 2/2 " in proc.stdout  # same tokens as transformers
+    # the host it ran on, measured in the same run, and each row's roofline fractions
+    result = json.loads((tmp_path / "engine.json").read_text())
+    assert result["host"]["memory_bandwidth_bytes_s"] > 0 and result["host"]["matmul_peak_flops_s"] > 0
+    assert result["rows"][0]["roofline"]["bandwidth_fraction"] > 0
+    assert "% bandwidth" in proc.stdout and "% matmul peak" in proc.stdout

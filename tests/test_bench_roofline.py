@@ -1,0 +1,117 @@
+"""The benchmarks' host reference: the probes of rollout.bench.host return sane figures on tiny
+sizes (speed is never asserted), and the roofline arithmetic of rollout.bench.roofline holds."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+
+from rollout.bench import host, roofline
+from rollout.bench.host import CpuInfo, MatmulRate
+from rollout.bench.roofline import DecodeCost, HostLimits
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Some Other CPU
+flags\t\t: fpu
+"""
+
+COST = DecodeCost(params=1_000_000, num_layers=4, num_heads=16, num_kv_heads=8, head_dim=128)
+
+
+def limits(bandwidth: float = 20e9, jax_rate: float = 100e9, torch_rate: float = 150e9) -> HostLimits:
+    return HostLimits(
+        CpuInfo("test cpu", 2, ("avx2",)), bandwidth,
+        (MatmulRate("jax", 64, 1024, 3072, jax_rate), MatmulRate("torch", 64, 1024, 3072, torch_rate)),
+    )
+
+
+@pytest.mark.parametrize("module", [host, roofline])
+def test_docstring_examples_hold(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_parse_cpuinfo_names_the_first_cpu_and_its_notable_flags_in_a_fixed_order():
+    cpu = host.parse_cpuinfo(CPUINFO, 2)
+    assert cpu.model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert cpu.flags == ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    assert cpu.describe().startswith("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, 2 cores, avx2")
+
+
+def test_cpu_model_of_this_host_has_a_name_and_cores():
+    cpu = host.cpu_model()
+    assert cpu.model and cpu.cores >= 1
+    assert set(cpu.flags) <= set(host.NOTABLE_FLAGS)
+
+
+def test_memory_bandwidth_on_a_small_array_is_a_positive_finite_rate():
+    rate = host.memory_bandwidth(nbytes=1 << 20, repeats=1)
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_matmul_peak_gives_a_positive_rate_per_library_and_shape():
+    rates = host.matmul_peak([(2, 8, 16), (4, 16, 8)], repeats=1, target_seconds=0.001)
+    libraries = ["jax", "torch"] if host.torch_installed() else ["jax"]
+    assert [(r.library, r.m, r.k, r.n) for r in rates] == [
+        (lib, *shape) for shape in ((2, 8, 16), (4, 16, 8)) for lib in libraries
+    ]
+    assert all(math.isfinite(r.flops_per_s) and r.flops_per_s > 0 for r in rates)
+
+
+def test_matmul_peak_rejects_an_empty_dimension():
+    with pytest.raises(ValueError, match="positive sizes"):
+        host.matmul_peak([(0, 8, 16)])
+
+
+def test_bytes_per_token_shares_the_weights_across_the_batch_but_not_the_kv():
+    kv = COST.kv_bytes_per_token(100)
+    assert kv == 2 * 4 * 8 * 128 * 100 * 4
+    assert COST.bytes_per_token(1, 100) == 4_000_000 + kv
+    assert COST.bytes_per_token(16, 100) == 4_000_000 / 16 + kv
+
+
+def test_bytes_per_token_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        COST.bytes_per_token(0, 10)
+
+
+def test_flops_per_token_are_two_per_parameter_plus_attention_over_the_context():
+    assert COST.flops_per_token(0) == 2_000_000
+    assert COST.flops_per_token(10) == 2_000_000 + 4 * 4 * 16 * 128 * 10
+
+
+def test_roofline_fields_measure_the_rate_against_the_bandwidth_and_the_best_librarys_peak():
+    host_limits = limits()
+    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=50.0, context=63.5)
+    assert fields["bytes_s"] == pytest.approx(50.0 * COST.bytes_per_token(1, 63.5))
+    assert fields["bandwidth_fraction"] == pytest.approx(fields["bytes_s"] / 20e9)
+    assert host_limits.peak.library == "torch"
+    assert fields["matmul_fraction"] == pytest.approx(50.0 * COST.flops_per_token(63.5) / 150e9)
+
+
+def test_fraction_rejects_a_capacity_that_is_not_a_positive_rate():
+    with pytest.raises(ValueError, match="positive rate"):
+        roofline.fraction(1.0, 1.0, 0.0)
+
+
+def test_host_limits_json_names_the_cpu_bandwidth_and_peak_library():
+    data = limits(torch_rate=50e9).to_json()
+    assert data["cpu_model"] == "test cpu" and data["memory_bandwidth_bytes_s"] == 20e9
+    assert data["matmul_peak_library"] == "jax" and data["matmul_peak_flops_s"] == 100e9
+    assert [m["library"] for m in data["matmul"]] == ["jax", "torch"]
+
+
+def test_roofline_lines_print_the_host_and_one_row_per_entry_with_its_percentages():
+    host_limits = limits()
+    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=2000.0, context=0)  # 8 GB/s: 40%
+    lines = roofline.roofline_lines(host_limits, [dict(label="rollout", batch=1, tok_s=2000.0, ratio=1.25, **fields)])
+    assert lines[0] == "host: test cpu, 2 cores, avx2"
+    assert "20.0 GB/s" in lines[1] and "torch 150.0 GFLOP/s" in lines[1]
+    assert lines[-1].split() == ["rollout", "1", "2000.0", "8.0", "40%", "4.0", "3%", "1.25x"]
