@@ -67,7 +67,29 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
 
-class QwenForCausalLM(nnx.Module):
+class OutputHead:
+    """`logits` of a Qwen-family model: the tied embedding or the untied lm_head."""
+
+    embed_tokens: nnx.Param
+    lm_head: Linear | None
+
+    def logits(self, h: Array, head_t: Array | None = None) -> Array:
+        """h (..., hidden) -> float32 logits (..., vocab).
+
+        `head_t` (hidden, vocab), if given, is a transposed copy of the tied embedding to use as
+        the output projection: on CPU, XLA's dot is much faster against a (hidden, vocab) matrix
+        than against the transpose of a (vocab, hidden) one at decode batch sizes.
+        """
+        if head_t is not None:
+            out = h @ head_t
+        elif self.lm_head is None:
+            out = h @ self.embed_tokens[...].T
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+
+class QwenForCausalLM(OutputHead, nnx.Module):
     """Qwen3 / Qwen2 decoder. Parameter paths mirror HF names (see HF_NAMES)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -94,21 +116,6 @@ class QwenForCausalLM(nnx.Module):
             x = x + layer.self_attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
-
-    def logits(self, h: Array, head_t: Array | None = None) -> Array:
-        """h (..., hidden) -> float32 logits (..., vocab).
-
-        `head_t` (hidden, vocab), if given, is a transposed copy of the tied embedding to use as
-        the output projection: on CPU, XLA's dot is much faster against a (hidden, vocab) matrix
-        than against the transpose of a (vocab, hidden) one at decode batch sizes.
-        """
-        if head_t is not None:
-            out = h @ head_t
-        elif self.lm_head is None:
-            out = h @ self.embed_tokens[...].T
-        else:
-            out = self.lm_head(h)
-        return out.astype(jnp.float32)
 
 
 MODEL = QwenForCausalLM  # what the registry builds
