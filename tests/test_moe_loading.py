@@ -119,3 +119,18 @@ def test_sglang_backend_refuses_moe_before_start(checkpoint):
 
     with pytest.raises(ValueError, match=r"mixture-of-experts.*engine='native'"):
         requirements.check_architecture(ModelConfig.from_pretrained(checkpoint))
+
+
+def test_routed_experts_are_refused_on_a_dense_model(tiny_qwen3):
+    from rollout.engine.config import EngineConfig as Config
+    from rollout.prompts import PromptValidator
+    from rollout.tokenizer import Tokenizer
+
+    validator = PromptValidator(ModelConfig.from_pretrained(tiny_qwen3), Tokenizer.from_pretrained(tiny_qwen3), Config())
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        validator.validate([1, 2, 3], SamplingParams(return_routed_experts=True))
+
+
+def test_replayed_routes_of_the_wrong_shape_are_refused(engine):
+    with pytest.raises(ValueError, match=r"routed_experts\[0\] has shape \(2, 1, 2\)"):
+        engine.score([[5, 6, 7]], [[8, 9]], routed_experts=[np.zeros((2, 1, 2), np.int16)])

@@ -6,9 +6,12 @@ without renormalisation with a dense layer every other layer (decoder_sparse_ste
 a dense layer named in mlp_only_layers (GQA 4). On 1 and 4 devices:
 
 - the full-sequence logits of a padded batch match transformers' (<= 1e-4 of max|ref|);
-- the engine's greedy continuation is transformers' `generate(do_sample=False)` token for token.
+- the engine's greedy continuation is transformers' `generate(do_sample=False)` token for token;
+- the routed experts generate returns are transformers' router top-k at every fed position;
+- scoring sampled completions with their routes replayed gives generate's logprobs.
 
-One Engine per (variant, device count); transformers' side is computed once per variant.
+One Engine per (variant, device count); transformers' side is computed once per variant. The
+paged KV layout is checked on one variant.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from rollout.engine.native.engine import Engine
 from rollout.models import forward
 
 from hf_reference import hf_greedy, hf_model
-from moe_reference import make_moe_checkpoint
+from moe_reference import hf_routes, make_moe_checkpoint
 
 torch = pytest.importorskip("torch")
 
 RTOL = 1e-4
+LOGPROB_ATOL = 1e-4
 NEW_TOKENS = 16
 VARIANTS: dict[str, dict] = {
     "top2-norm-tied": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
@@ -101,3 +105,50 @@ def test_greedy_continuation_equals_transformers_generate(case):
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = engine.generate(PROMPTS, greedy, return_logprobs=False, timeout=300)
     assert [list(o.token_ids) for o in outs] == continuations(path)
+
+
+def assert_routes_match_transformers(path: Path, outs) -> None:
+    for prompt, out in zip(PROMPTS, outs):
+        fed = prompt + list(out.token_ids[:-1])
+        ref = hf_routes(path, fed)
+        assert out.routed_experts is not None and out.routed_experts.dtype == np.int16
+        assert out.routed_experts.shape == ref.shape == (len(fed), *ref.shape[1:])
+        np.testing.assert_array_equal(out.routed_experts, ref)
+
+
+def sample_and_replay(engine: Engine) -> None:
+    """Sampled completions (temperature 1) with their routes; scoring them with the routes
+    replayed gives generate's logprobs."""
+    sampling = SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, seed=7, n=2)
+    outs = engine.generate(PROMPTS[:2], sampling, return_routed_experts=True, timeout=300)
+    prompts = [list(o.prompt_token_ids) for o in outs]
+    scores = engine.score(prompts, [list(o.token_ids) for o in outs], routed_experts=[o.routed_experts for o in outs])
+    for out, logprobs in zip(outs, scores.logprobs):
+        np.testing.assert_allclose(logprobs, out.logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_routed_experts_equal_transformers_router_top_k(case):
+    _, path, engine = case
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, return_routed_experts=True)
+    assert_routes_match_transformers(path, engine.generate(PROMPTS, greedy, timeout=300))
+
+
+def test_scoring_with_replayed_routes_equals_generate_logprobs(case):
+    sample_and_replay(case[2])
+
+
+@pytest.fixture(scope="module")
+def paged(checkpoints):
+    path = checkpoints["top2-norm-tied"]
+    config = EngineConfig(max_batch=4, max_seq_len=64, decode_steps=4, kv_layout="paged", page_size=8)
+    with Engine(path, config, devices=jax.devices()[:4]) as engine:
+        yield path, engine
+
+
+def test_paged_layout_routes_equal_transformers_and_replay_equals_generate(paged):
+    path, engine = paged
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = engine.generate(PROMPTS, greedy, return_routed_experts=True, timeout=300)
+    assert [list(o.token_ids) for o in outs] == continuations(path)
+    assert_routes_match_transformers(path, outs)
+    sample_and_replay(engine)

@@ -95,3 +95,31 @@ def expert_mlp(x: Array, ids: Array, weights: Array, gate: Array, up: Array, dow
     ys = grouped_matmul(h, down, group_sizes)  # (N*k, hidden), sorted order
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to (token, rank)
     return jnp.sum(y * weights.astype(x.dtype)[..., None], axis=1).astype(x.dtype)
+
+
+class RouteRecorder:
+    """A RouteFn that records the experts each MoE layer used, optionally replaying given ones.
+
+    Made inside a jitted function and passed as `route` to a forward; after the forward,
+    `routes()` stacks what every MoE layer used: (B, T, moe layers, k) int16. `given`
+    (B, T, moe layers, k) with `replay` (B, T) bool: where replay is True the layer uses the
+    given experts instead of its router's top k (routing replay; the weights are still the
+    router's probabilities at those experts).
+    """
+
+    def __init__(self, k: int, given: Array | None = None, replay: Array | None = None):
+        self.k, self.given, self.replay = k, given, replay
+        self.used: list[Array] = []
+
+    def __call__(self, moe_index: int, probs: Array) -> Array:
+        ids = top_k_experts(probs, self.k)
+        if self.given is not None and self.replay is not None:
+            ids = jnp.where(self.replay[..., None], self.given[:, :, moe_index].astype(jnp.int32), ids)
+        self.used.append(ids)
+        return ids
+
+    def routes(self, shape: tuple[int, int]) -> Array:
+        """(B, T, moe layers, k) int16; (B, T, 0, k) for a model without MoE layers."""
+        if not self.used:
+            return jnp.zeros((*shape, 0, self.k), jnp.int16)
+        return jnp.stack(self.used, axis=2).astype(jnp.int16)

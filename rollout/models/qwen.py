@@ -19,6 +19,7 @@ from flax import nnx
 from rollout.models.config import ModelConfig
 from rollout.models.forward import AttendFn
 from rollout.models.layers import Linear, RMSNorm, rope
+from rollout.models.moe import RouteFn
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule
 
 Array = jax.Array
@@ -106,8 +107,9 @@ class QwenForCausalLM(OutputHead, nnx.Module):
             else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def hidden(self, tokens: Array, positions: Array, attend: AttendFn) -> Array:
-        """tokens, positions (B, T) -> final hidden states (B, T, hidden)."""
+    def hidden(self, tokens: Array, positions: Array, attend: AttendFn, route: RouteFn | None = None) -> Array:
+        """tokens, positions (B, T) -> final hidden states (B, T, hidden). `route` is unused: a
+        dense model routes nothing."""
         x = self.embed_tokens[...][tokens]
         for i, layer in enumerate(self.layers):
             b, t, _ = x.shape

@@ -36,6 +36,7 @@ Once `commit` returns, no request is admitted under an older version.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -196,9 +197,13 @@ class Engine:
         *,
         return_logprobs: bool = True,
         timeout: float | None = None,
+        return_routed_experts: bool = False,
     ) -> list[Completion]:
         """Generate for every prompt; completions ordered by (prompt_index, sample_index).
-        Every prompt is validated before any is queued."""
+        Every prompt is validated before any is queued. `return_routed_experts=True` is
+        `sampling.return_routed_experts` (see Completion.routed_experts; MoE models only)."""
+        if return_routed_experts:
+            sampling = dataclasses.replace(sampling, return_routed_experts=True)
         requests = self._intake.requests(prompts, sampling, return_logprobs=return_logprobs)
         self._scheduler.submit(requests)
         return [c for r in requests for c in r.future.result(timeout)]
@@ -213,12 +218,24 @@ class Engine:
 
     # -- scoring (rollout.engine.native.scoring) -------------------------------------------------------
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Any],
+        *,
+        temperature: float = 1.0,
+        routed_experts: Sequence[Any] | None = None,
+    ) -> Any:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
-        all on one weight version: a `rollout.Scores` (logprobs, weight_version)."""
+        all on one weight version: a `rollout.Scores` (logprobs, weight_version).
+
+        `routed_experts[i]` (MoE models): the experts of every fed position of pair i, as
+        `Completion.routed_experts` gives them ((prompt + completion tokens - 1, MoE layers,
+        top_k)); each MoE layer then uses those experts instead of its router's choice (routing
+        replay), so the logprobs are those of the routes generation took."""
         from rollout.engine.native.scoring import score_on_engine
 
-        return score_on_engine(self, self._intake.encode, prompts, completions, temperature)
+        return score_on_engine(self, self._intake.encode, prompts, completions, temperature, routed_experts)
 
     @functools.cached_property
     def scorer(self) -> Any:
