@@ -9,8 +9,9 @@ probabilities are distinct, which random float weights make certain and dummy (a
 routers do not.
 
 Dispatch: each token's k (token, expert) slots are sorted by expert and multiplied by their
-expert's weights with a grouped matmul (`grouped_matmul`), so compute grows with
-tokens x k, never with the number of experts. A route can be replayed: `route` hooks (see
+expert's weights with a grouped matmul (`grouped_matmul`: ragged_dot on GPU, megablox's gmm on
+TPU, a tiled gather-matmul on CPU), so compute grows with tokens x k, never with the number of
+experts. A route can be replayed: `route` hooks (see
 `RouteFn`) pick the experts, and the weights are the router's probabilities at the experts
 picked, so a replayed route gives the same output as the route it replays on the same weights.
 """
@@ -42,21 +43,56 @@ def routing_weights(probs: Array, ids: Array, normalize: bool) -> Array:
     return w / jnp.sum(w, axis=-1, keepdims=True) if normalize else w
 
 
-def grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
+GROUPED_MATMULS = ("ragged_dot", "megablox", "megablox_interpret", "tiled")
+
+
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str | None = None) -> Array:
     """Rows of `x` grouped by expert, each group times its expert's matrix.
 
     x (M, K) with rows sorted by group (group g is the group_sizes[g] rows after the previous
     groups); w (G, K, N); group_sizes (G,) int32 summing to M. Returns (M, N).
 
-    On GPU this is `jax.lax.ragged_dot` (a native grouped kernel). Elsewhere ragged_dot lowers
-    to a dense product with every group's matrix (G times the work), so rows are cut into
-    tiles of `tile` rows that each belong to one group, and every tile is multiplied by its
-    group's matrix: at most ceil(M / tile) + min(G, M) tiles (each non-empty group wastes less
-    than one tile), with `tile` about M / G, so the work is within about twice M x K x N.
+    `impl` (None: by backend):
+    - "ragged_dot" (GPU): `jax.lax.ragged_dot`, a native grouped kernel there. Elsewhere XLA
+      lowers it to a dense product with every group's matrix (G times the work), so:
+    - "megablox" (TPU): the Pallas grouped matmul that ships with JAX
+      (jax.experimental.pallas.ops.tpu.megablox.gmm); "megablox_interpret" runs it in Pallas'
+      interpret mode on any backend (tests on CPU);
+    - "tiled" (CPU): rows cut into tiles of `tile` rows that each belong to one group, every
+      tile multiplied by its group's matrix: at most ceil(M / tile) + min(G, M) tiles (each
+      non-empty group wastes less than one tile), `tile` about M / G, so the work stays within
+      about twice M x K x N.
     """
-    if jax.default_backend() == "gpu":
+    impl = impl or {"gpu": "ragged_dot", "tpu": "megablox"}.get(jax.default_backend(), "tiled")
+    if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)
-    return _tiled_grouped_matmul(x, w, group_sizes)
+    if impl in ("megablox", "megablox_interpret"):
+        return _megablox(x, w, group_sizes, interpret=impl == "megablox_interpret")
+    if impl == "tiled":
+        return _tiled_grouped_matmul(x, w, group_sizes)
+    raise ValueError(f"grouped matmul impl={impl!r}; expected one of {GROUPED_MATMULS} or None")
+
+
+def _megablox(x: Array, w: Array, group_sizes: Array, *, interpret: bool) -> Array:
+    """megablox gmm with tiles that divide the shapes: rows padded to a multiple of the row
+    tile (the padding rows join the last group and are dropped), K and N tiled by the largest
+    of 512/256/128 that divides them, else whole."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    m, k = x.shape
+    n = w.shape[2]
+    tm = min(128, max(8, -(-m // 8) * 8))
+    padded = -(-m // tm) * tm
+    if padded != m:
+        x = jnp.pad(x, ((0, padded - m), (0, 0)))
+        group_sizes = group_sizes.at[-1].add(padded - m)
+
+    def tile(d: int) -> int:
+        return next((t for t in (512, 256, 128) if d % t == 0), d)
+
+    out = gmm(x, w, group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
+              tiling=(tm, tile(k), tile(n)), interpret=interpret)
+    return out[:m]
 
 
 def _tiled_grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
@@ -79,11 +115,13 @@ def _tiled_grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
     return out.at[rows.reshape(-1)].set(yt.reshape(-1, yt.shape[-1]), mode="drop")
 
 
-def expert_mlp(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array) -> Array:
+def expert_mlp(
+    x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, impl: str | None = None
+) -> Array:
     """The sparse MoE MLP: each token through its k experts, outputs summed with their weights.
 
     x (N, hidden); ids, weights (N, k); gate, up (experts, hidden, inter); down (experts, inter,
-    hidden). Returns (N, hidden) in x's dtype.
+    hidden). Returns (N, hidden) in x's dtype. `impl`: see `grouped_matmul`.
     """
     n, k = ids.shape
     num_experts = gate.shape[0]
@@ -91,8 +129,8 @@ def expert_mlp(x: Array, ids: Array, weights: Array, gate: Array, up: Array, dow
     order = jnp.argsort(flat, stable=True)  # slots sorted by expert
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     xs = x[order // k]  # (N*k, hidden)
-    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
-    ys = grouped_matmul(h, down, group_sizes)  # (N*k, hidden), sorted order
+    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes, impl)) * grouped_matmul(xs, up, group_sizes, impl)
+    ys = grouped_matmul(h, down, group_sizes, impl)  # (N*k, hidden), sorted order
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to (token, rank)
     return jnp.sum(y * weights.astype(x.dtype)[..., None], axis=1).astype(x.dtype)
 
