@@ -59,6 +59,11 @@ def add_parser(sub: Any) -> None:
                       help="paged, TPU/GPU: pool = this fraction of device memory, less what is in use")
     p.add_argument("--kv-admission-ratio", type=float, default=EngineConfig.kv_admission_ratio,
                    help="paged: expected share of max_tokens still to generate, for admission (default: learned)")
+    p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
+                   help="split <think>...</think> off into the message's reasoning_content (default: off)")
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
+                   help="chat requests with tools: <tool_call>{json}</tool_call> -> tool_calls (hermes, the "
+                        "default: Qwen2.5/Qwen3) or none (calls stay text)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(run=run)
 
@@ -94,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     service = RolloutService(args.model, args.workers, args.devices_per_worker, **service_options(args))
     try:
         server = Server(service, owns_service=True, host=args.host, port=args.port, api_key=args.api_key or None,
-                        model_name=args.served_model_name or args.model, log_level=args.log_level)
+                        model_name=args.served_model_name or args.model, log_level=args.log_level,
+                        reasoning_parser=args.reasoning_parser,
+                        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser)
     except BaseException:
         service.shutdown()
         raise
