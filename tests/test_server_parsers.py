@@ -7,14 +7,13 @@ chunks (tags split across chunks); every feeding must give what the whole-text p
 from __future__ import annotations
 
 import doctest
+import itertools
 import json
 import random
 
 import pytest
 
 pytest.importorskip("fastapi")
-
-import itertools
 
 from rollout.server import assistant, reasoning, tool_calls, translate
 from rollout.server.assistant import AssistantDelta, AssistantParser
