@@ -211,3 +211,15 @@ def test_continued_prompt_never_retokenizes_the_sampled_ids(tokenizer):
     assert ids[: len(prefix)] == prefix
     rest = tokenizer.decode(ids[len(prefix):], skip_special_tokens=False)
     assert rest == "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"  # the turn is closed
+
+
+def test_serve_takes_the_parser_options_and_refuses_unknown_ones():
+    from rollout.cli import build_parser
+    from rollout.server.state import ServerState
+
+    args = build_parser().parse_args(["serve", "m", "--reasoning-parser", "qwen3", "--tool-call-parser", "none"])
+    assert (args.reasoning_parser, args.tool_call_parser) == ("qwen3", "none")
+    defaults = build_parser().parse_args(["serve", "m"])
+    assert (defaults.reasoning_parser, defaults.tool_call_parser) == (None, "hermes")
+    with pytest.raises(ValueError, match="reasoning_parser='deepseek' is unknown"):
+        ServerState(None, "m", None, reasoning_parser="deepseek")

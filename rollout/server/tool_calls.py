@@ -14,7 +14,9 @@ max_tokens) is content too.
 
 `ToolCallStream` does the same incrementally, for streamed text cut anywhere (a tag may be
 split across chunks): content is passed on as it comes, except a tail that could be the start
-of `<tool_call>`; a call is emitted whole when its closing tag arrives.
+of `<tool_call>`; a call is emitted whole (id, name and all its arguments in one delta) when its
+closing tag arrives. Streamed content keeps the whitespace around calls that the whole-text
+parse strips.
 
     >>> s = ToolCallStream(ids=iter(["call_0"]))
     >>> [s.feed(piece) for piece in ["Hi <tool", "_call>{\\"name\\": \\"f\\"", "}</tool_", "call> bye <to"]]
