@@ -213,6 +213,13 @@ def test_continued_prompt_never_retokenizes_the_sampled_ids(tokenizer):
     assert rest == "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"  # the turn is closed
 
 
+def test_continuing_nothing_is_a_400(tokenizer):
+    with pytest.raises(APIError, match="prompt_token_ids is empty"):
+        translate.continued_prompt([], [{"role": "user", "content": "x"}], tokenizer)
+    with pytest.raises(APIError, match="send the messages that follow"):
+        translate.continued_prompt([1, 2], [], tokenizer)
+
+
 def test_serve_takes_the_parser_options_and_refuses_unknown_ones():
     from rollout.cli import build_parser
     from rollout.server.state import ServerState

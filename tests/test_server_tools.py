@@ -236,3 +236,20 @@ def test_multi_turn_tool_conversation(client, service):
     added = service.tokenizer.decode(exact.prompt_token_ids[len(sampled):], skip_special_tokens=False)
     assert added == ('\n<|im_start|>user\n<tool_response>\n{"sky": "clear", "celsius": 21}\n</tool_response>'
                      "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_without_the_tool_call_parser_calls_are_text_and_required_is_refused(server, service):
+    from rollout.server.handle import Server
+
+    plain = Server(service, owns_service=False, host="127.0.0.1", port=0, api_key=None, model_name=MODEL,
+                   tool_call_parser=None)
+    try:
+        other = openai.OpenAI(base_url=plain.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        service.reply = CALL_TEXT
+        choice = ask(other, WEATHER, tools=TOOLS).choices[0]
+        assert choice.message.content == CALL_TEXT and not choice.message.tool_calls
+        with pytest.raises(openai.BadRequestError, match="tool-call-parser") as info:
+            ask(other, WEATHER, tools=TOOLS, tool_choice="required")
+        assert info.value.body["param"] == "tool_choice"
+    finally:
+        plain.shutdown()

@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
         help="OpenAI-compatible HTTP server on a fleet (completions, chat, streaming, weight sync, metrics)",
         description=(
             "Start a rollout fleet on MODEL and serve it over HTTP: POST /v1/completions and "
-            "/v1/chat/completions (streaming with \"stream\": true), GET /v1/models, POST /v1/weights "
+            "/v1/chat/completions (streaming with \"stream\": true; tool calls as OpenAI tool_calls), GET /v1/models, POST /v1/weights "
             "(sync from an HF directory or repo id), GET /v1/status, GET /health, GET /metrics "
             "(Prometheus). Binds 127.0.0.1 unless --host says otherwise; any other address needs "
             "--api-key. Needs the `serve` extra: pip install \"rollout[serve]\"."

@@ -45,6 +45,10 @@ class Job:
             self.want_logprobs = bool(req.logprobs)
             self.prompts = [translate.chat_prompt(req, validator)]
             self.tools = translate.tool_choice(req)
+            if state.tool_call_parser is None and self.tools.mode in ("required", "function"):
+                raise bad_request(f"tool_choice={req.tool_choice!r} asks for tool_calls, but this server returns "
+                                  "calls as text (it runs with --tool-call-parser none); send tool_choice 'auto' "
+                                  "or 'none', or restart it with --tool-call-parser hermes", "tool_choice")
             self.parse_tools = self.tools.parse and state.tool_call_parser is not None
             self.parse_reasoning = state.reasoning_parser is not None
             self.in_reasoning = self.parse_reasoning and starts_in_reasoning(

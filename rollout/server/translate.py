@@ -125,6 +125,9 @@ def continued_prompt(prefix: Sequence[int], messages: list[dict[str, Any]], toke
     `prefix` already ends with that end-of-sequence token (the sampled stop), then the new
     messages and the generation prompt.
     """
+    if not prefix:
+        raise bad_request("prompt_token_ids is empty: send the conversation so far as token ids (a reply's "
+                          "prompt_token_ids + token_ids), or leave it out and send every message", "prompt_token_ids")
     if not messages:
         raise bad_request("prompt_token_ids continues a conversation: send the messages that follow it "
                           "(tool results, the next user turn) in `messages`", "messages")
