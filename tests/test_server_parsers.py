@@ -88,6 +88,7 @@ def test_several_calls_get_distinct_ids():
     "<tool_call>{\"arguments\": {\"x\": 1}}</tool_call>",
     "<tool_call>{\"name\": \"f\", \"arguments\": [1, 2]}</tool_call>",
     "before <tool_call>{\"name\": \"f\", \"arguments\": {}}",
+    "<tool_call>" + "[" * 100_000 + "</tool_call>",  # deeper than json parses
 ])
 def test_malformed_or_unclosed_call_stays_content_verbatim(text):
     assert parse_tool_calls(text) == (text, [])
@@ -179,6 +180,7 @@ def test_tool_choice_modes():
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "h"}}), "not in `tools`"),
     (dict(tool_choice="required"), "needs `tools`"),
     (dict(tools=TOOLS, tool_choice="sometimes"), "is invalid"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": "f"}), "is invalid"),
 ])
 def test_bad_tool_choice_is_a_400_naming_tool_choice(kw, message):
     with pytest.raises(APIError, match=message) as info:
@@ -211,6 +213,15 @@ def test_continued_prompt_never_retokenizes_the_sampled_ids(tokenizer):
     assert ids[: len(prefix)] == prefix
     rest = tokenizer.decode(ids[len(prefix):], skip_special_tokens=False)
     assert rest == "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"  # the turn is closed
+
+
+def test_assistant_tool_calls_reach_the_template_with_object_arguments_and_bad_json_is_a_400():
+    call = {"id": "call_0", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    message = translate._plain_message({"role": "assistant", "content": None, "tool_calls": [call]}, 1)
+    assert message["content"] == "" and message["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    bad = {**call, "function": {"name": "f", "arguments": "{x"}}
+    with pytest.raises(APIError, match=r"messages\[1\].tool_calls: the arguments of 'f' are not JSON"):
+        translate._plain_message({"role": "assistant", "tool_calls": [bad]}, 1)
 
 
 def test_continuing_nothing_is_a_400(tokenizer):

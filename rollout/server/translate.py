@@ -73,7 +73,8 @@ def tool_choice(req: ChatCompletionRequest) -> ToolChoice:
             raise bad_request("tool_choice='required' needs `tools`: send the functions the model may call",
                               "tool_choice")
         return ToolChoice(choice, tools)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or (isinstance(choice, dict) and choice.get("type", "function") != "function"):
         raise bad_request(f"tool_choice={choice!r} is invalid: expected 'none', 'auto', 'required' or "
                           "{'type': 'function', 'function': {'name': NAME}}", "tool_choice")
@@ -140,7 +141,7 @@ def continued_prompt(prefix: Sequence[int], messages: list[dict[str, Any]], toke
                           "text a new turn adds cannot be told apart; send the whole conversation in "
                           "`messages` instead of prompt_token_ids", "prompt_token_ids")
     added = text[at + len(_EARLIER_ASSISTANT):]
-    if prefix and int(prefix[-1]) in tokenizer.eos_token_ids:
+    if int(prefix[-1]) in tokenizer.eos_token_ids:
         closing = tokenizer.decode([int(prefix[-1])], skip_special_tokens=False)
         added = added.removeprefix(closing)
     return [int(t) for t in prefix] + list(tokenizer.encode(added))
