@@ -56,6 +56,11 @@ class PromptValidator:
 
     def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
         self.check_sampling(sampling)
+        if sampling.return_routed_experts and not self.model_config.is_moe:
+            raise ValueError(
+                f"return_routed_experts=True needs a mixture-of-experts model; {self.model_config.architecture} "
+                "is dense (it routes nothing); leave return_routed_experts False"
+            )
         if not prompt_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
         vocab = self.model_config.vocab_size

@@ -115,3 +115,27 @@ def test_roofline_lines_print_the_host_and_one_row_per_entry_with_its_percentage
     assert lines[0] == "host: test cpu, 2 cores, avx2"
     assert "20.0 GB/s" in lines[1] and "torch 150.0 GFLOP/s" in lines[1]
     assert lines[-1].split() == ["rollout", "1", "2000.0", "8.0", "40%", "4.0", "3%", "1.25x"]
+
+
+MOE = DecodeCost(params=1_000_000, num_layers=4, num_heads=16, num_kv_heads=4, head_dim=128,
+                 expert_params=800_000, num_experts=32, experts_per_token=4)
+
+
+def test_a_mixture_of_experts_reads_the_experts_its_batch_routes_to_and_all_at_a_large_batch():
+    assert MOE.params_read(1) == pytest.approx(200_000 + 800_000 * 4 / 32)
+    assert MOE.params_read(8) < MOE.params_read(64) < 1_000_000
+    assert MOE.params_read(1024) == pytest.approx(1_000_000)
+
+
+def test_a_mixture_of_experts_computes_only_each_tokens_top_k():
+    assert MOE.flops_per_token(0) == pytest.approx(2 * (200_000 + 800_000 * 4 / 32))
+
+
+def test_decode_cost_of_a_moe_config_counts_the_expert_weights_of_its_sparse_layers():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_layers=4, num_heads=16, num_kv_heads=4, head_dim=128, hidden_size=1024,
+                          moe_layers=(0, 1, 2, 3), num_experts=32, num_experts_per_tok=4, moe_intermediate_size=384)
+    cost = DecodeCost.of(cfg, params=200_000_000)
+    assert cost.expert_params == 4 * 32 * 3 * 1024 * 384
+    assert (cost.num_experts, cost.experts_per_token) == (32, 4)

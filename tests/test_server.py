@@ -156,6 +156,47 @@ def test_chat_logprobs_equal_python_api(client, server, tokenizer):
     assert "".join(c.token for c in content) == tokenizer.decode(ref.token_ids, skip_special_tokens=False)
 
 
+# -- agents: tool_choice, token ids back ---------------------------------------------------------
+
+
+def test_tool_choice_decides_which_tools_the_template_renders(client, tokenizer):
+    tools = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Hi"}]
+
+    def rendered(tool_choice):
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, tools=tools,
+                                             tool_choice=tool_choice, extra_body={"return_token_ids": True})
+        return tokenizer.decode(out.choices[0].prompt_token_ids, skip_special_tokens=False)
+
+    assert "get_weather" in rendered("auto") and "get_time" in rendered("auto")
+    assert "<tools>" not in rendered("none")
+    named = rendered({"type": "function", "function": {"name": "get_time"}})
+    assert "get_time" in named and "get_weather" not in named
+    with pytest.raises(openai.BadRequestError, match="get_date"):
+        rendered({"type": "function", "function": {"name": "get_date"}})
+
+
+def test_returned_token_ids_continue_the_conversation_without_retokenizing(client, server, tokenizer):
+    """Turn 2 sent as turn 1's ids plus a tool message: its prompt starts with exactly those ids."""
+    first = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=6, temperature=0.0,
+        extra_body={"return_token_ids": True}).choices[0]
+    sampled = first.prompt_token_ids + first.token_ids
+    tool = {"role": "tool", "content": "sunny"}
+    second = client.chat.completions.create(
+        model=MODEL, messages=[tool], max_tokens=6, temperature=0.0,
+        extra_body={"prompt_token_ids": sampled, "return_token_ids": True}).choices[0]
+    assert second.prompt_token_ids[: len(sampled)] == sampled
+    added = tokenizer.decode(second.prompt_token_ids[len(sampled):], skip_special_tokens=False)
+    closing = "" if first.finish_reason == "stop" else "<|im_end|>"  # a turn cut by max_tokens is closed
+    assert added == closing + "\n<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\n"
+    assert second.token_ids == list(greedy_reference(server, second.prompt_token_ids, max_tokens=6).token_ids)
+    # the same ids as a completions prompt (a list of ints, as OpenAI's API allows) give the same tokens
+    again = client.completions.create(model=MODEL, prompt=second.prompt_token_ids, max_tokens=6, temperature=0.0,
+                                      extra_body={"return_token_ids": True}).choices[0]
+    assert again.prompt_token_ids == second.prompt_token_ids and again.token_ids == second.token_ids
+
+
 # -- streaming -----------------------------------------------------------------------------------
 
 

@@ -14,6 +14,11 @@ largest batch) beside the ratio to transformers (rollout.bench.roofline); `--no-
     rollout bench engine                              # batch 1 and 16, 64 new tokens
     rollout bench engine --batches 1 4 16 --new-tokens 128
     rollout bench engine --shape qwen3-128 --batches 1 4 16 64
+    rollout bench engine --moe --batches 1 4          # Qwen3-MoE (see MOE_SHAPE) instead
+
+`--moe` measures a Qwen3-MoE model (`MOE_SHAPE`: 32 experts, top-4, ~205M parameters of which
+~73M are used per token) that transformers itself writes (save_pretrained), with its weights
+drawn so that greedy tokens and routes are clearly decided (as the tests' MoE checkpoints).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rollout.worker.cpu_malloc import keep_freed_memory
 
@@ -36,6 +42,14 @@ SHAPES: dict[str, dict[str, int]] = {
         intermediate_size=3072, num_hidden_layers=4, vocab_size=32768,
     ),
 }
+# The issue's MoE shape: hidden 1024, 16 q / 4 kv heads of 128, 32 experts top-4 of width 384,
+# 4 layers (all sparse), vocab 32k, tied embeddings, float32.
+MOE_SHAPE: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
+    num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+    num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], tie_word_embeddings=True, max_position_embeddings=4096,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-75m", help="the checkpoint made (not with --checkpoint)")
     p.add_argument("--no-host", dest="host", action="store_false",
                    help="skip measuring the host (bandwidth, matmul peak) and the roofline fractions")
+    p.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (MOE_SHAPE) instead of a dense --shape")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -86,9 +101,16 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
 def host_roofline(args: argparse.Namespace, model_config, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
     """Measures the host, adds each row's roofline fields (under "roofline"); returns the host's
     JSON and the lines to print (transformers' rows too: the same arithmetic on its rate)."""
-    from rollout.bench.roofline import DecodeCost, mean_context, measure_host, roofline_fields, roofline_lines
+    from rollout.bench.roofline import (
+        DecodeCost,
+        decode_matmul_shape,
+        mean_context,
+        measure_host,
+        roofline_fields,
+        roofline_lines,
+    )
 
-    limits = measure_host([(max(args.batches), model_config.hidden_size, model_config.intermediate_size)])
+    limits = measure_host([decode_matmul_shape(model_config, max(args.batches))])
     cost = DecodeCost.of(model_config, params)
     context = mean_context(args.prompt_len, args.new_tokens)
     table = []
@@ -120,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.testing import make_bench_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
-    ckpt = args.checkpoint or make_bench_checkpoint(
-        Path(tempfile.mkdtemp(prefix="rollout-bench-")) / args.shape, **SHAPES[args.shape]
-    )
+    root = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
+    if args.checkpoint:
+        ckpt = args.checkpoint
+    elif args.moe:
+        ckpt = make_moe_bench_checkpoint(root / "qwen3-moe", torch, transformers)
+    else:
+        ckpt = make_bench_checkpoint(root / args.shape, **SHAPES[args.shape])
     max_batch = max(args.batches)
     max_seq = args.prompt_len + args.new_tokens
     rng = np.random.default_rng(0)
@@ -166,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     engine.shutdown()
     host = host_roofline(args, model_config, params, rows) if args.host else None
 
-    print(f"\nmodel: {'checkpoint ' + str(args.checkpoint) if args.checkpoint else args.shape}, Qwen3-shaped, {params / 1e6:.1f}M params, float32, CPU ({os.cpu_count()} cores), "
+    kind = f"Qwen3-MoE ({engine.model_config.num_experts} experts, top-{engine.model_config.num_experts_per_tok})" \
+        if engine.model_config.is_moe else f"Qwen3-shaped ({args.checkpoint or args.shape})"
+    print(f"\nmodel: {kind}, {params / 1e6:.1f}M params, float32, CPU ({os.cpu_count()} cores), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; rollout on 1 device")
     print("best of --repeats timed runs each, rollout and transformers alternating; 'cpu steal' is the CPU "
           "time the hypervisor gave to other guests meanwhile (high steal makes the figures unreliable)")
@@ -180,6 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"host": host[0] if host else None, "rows": rows}, indent=2))
     return 0
+
+
+def make_moe_bench_checkpoint(directory: Path, torch: Any, transformers: Any) -> Path:
+    """A Qwen3-MoE checkpoint of MOE_SHAPE written by transformers' save_pretrained, with the
+    bench tokenizer. Weights: embeddings N(0, 1), projections N(0, 1/fan_in) (residual outputs
+    x12, the router x4), norms 1 + N(0, 0.1): peaked next-token and routing distributions."""
+    import math
+
+    from rollout.testing import make_tiny_checkpoint
+
+    make_tiny_checkpoint(directory, "Qwen3ForCausalLM", num_hidden_layers=1, vocab_size=MOE_SHAPE["vocab_size"])
+    for stale in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    generation = (directory / "generation_config.json").read_text()
+    eos = json.loads(generation)["eos_token_id"][0]
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MOE_SHAPE, eos_token_id=eos)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            x = torch.randn(tuple(param.shape), generator=gen)
+            if name.endswith("norm.weight"):
+                x = 1.0 + 0.1 * x
+            elif "embed_tokens" not in name and name != "lm_head.weight":
+                gain = 12.0 if name.endswith(("o_proj.weight", "down_proj")) else 4.0 if name.endswith("mlp.gate.weight") else 1.0
+                x = x * (gain / math.sqrt(param.shape[-1]))
+            param.copy_(x)
+    model.save_pretrained(directory)
+    (directory / "generation_config.json").write_text(generation)
+    return directory
 
 
 if __name__ == "__main__":

@@ -126,9 +126,16 @@ def timed(fn):
 def host_roofline(args: argparse.Namespace, cfg, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
     """(c)'s roofline: measures the host, adds each row's fields per side ("<side>_roofline");
     returns the host's JSON and the lines to print."""
-    from rollout.bench.roofline import DecodeCost, mean_context, measure_host, roofline_fields, roofline_lines
+    from rollout.bench.roofline import (
+        DecodeCost,
+        decode_matmul_shape,
+        mean_context,
+        measure_host,
+        roofline_fields,
+        roofline_lines,
+    )
 
-    limits = measure_host([(max(args.batches), cfg.hidden_size, cfg.intermediate_size)])
+    limits = measure_host([decode_matmul_shape(cfg, max(args.batches))])
     cost = DecodeCost.of(cfg, params)
     context = mean_context(args.prompt_len, args.new_tokens)
     table = []

@@ -14,7 +14,7 @@ The arithmetic is pure (the functions below, with worked examples); `measure_hos
 host's figures with rollout.bench.host, and `roofline_lines` prints them with the rows.
 Approximations, the same for every engine measured: the whole parameter set counts as read per
 step (the LM head reads the tied embedding whole; an untied input embedding is over-counted by
-its table), the context is the mean over the generated tokens, and the timed runs include the
+its table), a mixture of experts' tokens are routed uniformly, the context is the mean over the generated tokens, and the timed runs include the
 prompt's prefill (so the fractions are slight underestimates, more so for short generations).
 """
 
@@ -39,20 +39,73 @@ def mean_context(prompt_len: int, new_tokens: int) -> float:
     return prompt_len + (new_tokens - 1) / 2
 
 
+def experts_touched(batch: int, num_experts: int, experts_per_token: int) -> float:
+    """The expected share of a layer's experts that a step of `batch` tokens reads, each token
+    routed to `experts_per_token` of `num_experts` uniformly at random (1.0 for a dense model).
+
+    >>> experts_touched(1, 32, 4)
+    0.125
+    >>> round(experts_touched(16, 32, 4), 3)
+    0.882
+    >>> experts_touched(8, 0, 0)
+    1.0
+    """
+    if num_experts == 0:
+        return 1.0
+    return 1.0 - (1.0 - experts_per_token / num_experts) ** batch
+
+
+def decode_matmul_shape(cfg: ModelConfig, batch: int) -> tuple[int, int, int]:
+    """The (m, k, n) matmul a decode step of `batch` is made of: [batch x hidden] @ [hidden x
+    inter]; for a mixture of experts, one token's experts side by side (inter = top-k x width).
+
+    >>> from types import SimpleNamespace as NS
+    >>> decode_matmul_shape(NS(hidden_size=1024, intermediate_size=3072, moe_layers=()), 64)
+    (64, 1024, 3072)
+    >>> decode_matmul_shape(NS(hidden_size=1024, intermediate_size=3072, moe_layers=(0,),
+    ...                        moe_intermediate_size=384, num_experts_per_tok=4), 64)
+    (64, 1024, 1536)
+    """
+    if cfg.moe_layers:
+        return batch, cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_experts_per_tok
+    return batch, cfg.hidden_size, cfg.intermediate_size
+
+
 @dataclass(frozen=True)
 class DecodeCost:
-    """What one decoded token costs a dense decoder: bytes read and FLOPs."""
+    """What one decoded token costs a decoder: bytes read and FLOPs. A mixture of experts reads
+    only the experts its batch's tokens route to, and computes only each token's top-k."""
 
-    params: int  # parameters read each step (a tied embedding counted once)
+    params: int  # all parameters (a tied embedding counted once), experts included
     num_layers: int
     num_heads: int  # query heads
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int = 4  # float32 weights and KV cache
+    expert_params: int = 0  # of `params`, those in experts (0: dense)
+    num_experts: int = 0
+    experts_per_token: int = 0  # top-k
 
     @classmethod
     def of(cls, cfg: ModelConfig, params: int, dtype_bytes: int = 4) -> DecodeCost:
-        return cls(params, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype_bytes)
+        experts = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        return cls(params, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype_bytes,
+                   experts, cfg.num_experts if experts else 0, cfg.num_experts_per_tok if experts else 0)
+
+    def params_read(self, batch: int) -> float:
+        """Parameters a step of `batch` reads: all but the experts, and the experts it routes to.
+
+        >>> DecodeCost(1000, 1, 1, 1, 1, expert_params=800, num_experts=8, experts_per_token=2).params_read(1)
+        400.0
+        """
+        return self.params - self.expert_params + self.expert_params * experts_touched(
+            batch, self.num_experts, self.experts_per_token
+        )
+
+    def params_used(self) -> float:
+        """Parameters each token multiplies by: all but the experts, and its top-k experts."""
+        share = self.experts_per_token / self.num_experts if self.num_experts else 1.0
+        return self.params - self.expert_params + self.expert_params * share
 
     def kv_bytes_per_token(self, context: float) -> float:
         """K and V of `context` positions, every layer: what one sequence's step reads of its cache.
@@ -74,15 +127,15 @@ class DecodeCost:
         """
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        return self.params * self.dtype_bytes / batch + self.kv_bytes_per_token(context)
+        return self.params_read(batch) * self.dtype_bytes / batch + self.kv_bytes_per_token(context)
 
     def flops_per_token(self, context: float) -> float:
-        """2 FLOPs per parameter (one multiply-add) plus the attention's q.k and p.v products.
+        """2 FLOPs per parameter used (one multiply-add) plus the attention's q.k and p.v products.
 
         >>> DecodeCost(1000, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8).flops_per_token(10)
         4560.0
         """
-        return 2.0 * self.params + 4.0 * self.num_layers * self.num_heads * self.head_dim * context
+        return 2.0 * self.params_used() + 4.0 * self.num_layers * self.num_heads * self.head_dim * context
 
 
 def fraction(tok_s: float, per_token: float, capacity: float) -> float:

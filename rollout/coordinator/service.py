@@ -318,6 +318,8 @@ class RolloutService:
             raise ValueError(f"worker={worker!r}: expected None or an index in [0, {self.fleet_config.num_workers})")
         if return_logprobs:
             self.capabilities.require("logprobs")
+        if sampling.return_routed_experts:
+            self.capabilities.require("routed_experts")
         encoded = self._validator.encode_all(prompts, sampling)
         dispatch = Dispatch(
             self._fleet, prompts=encoded, sampling=sampling, return_logprobs=return_logprobs, worker=worker,
@@ -343,6 +345,11 @@ class RolloutService:
         self._check_open()
         if return_logprobs:
             self.capabilities.require("logprobs")
+        if sampling.return_routed_experts:  # the token stream carries no routes (yet)
+            raise ValueError(
+                "return_routed_experts=True is not available on token streams (generate_stream, agenerate, "
+                "the HTTP server); use generate or generate_async, whose Completions carry routed_experts"
+            )
         ids = self._validator.encode_all([prompt], sampling)[0]
         return FleetRequest(
             self._fleet, prompt_ids=ids, sampling=sampling, return_logprobs=return_logprobs, tokenizer=self.tokenizer

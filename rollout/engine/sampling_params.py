@@ -17,6 +17,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
     stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the checkpoint's EOS ids
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    # mixture-of-experts models: each Completion carries `routed_experts`, the experts of every
+    # fed position (for routing replay in scoring/training); refused on a dense model
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; store tuples so the params stay hashable.
@@ -46,6 +49,8 @@ class SamplingParams:
             raise bad("stop", self.stop, "non-empty strings")
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
+        if not isinstance(self.return_routed_experts, bool):
+            raise bad("return_routed_experts", self.return_routed_experts, "a bool")
 
 
 def _is_number(x: object) -> bool:

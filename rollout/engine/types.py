@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
@@ -13,6 +15,14 @@ class Completion:
     default) every token of a completion comes from one version; under `recompute` and
     `continue` a completion in flight at a swap mixes versions, and `token_versions` says which
     version produced each token.
+
+    `routed_experts` (mixture-of-experts models, when asked for with
+    SamplingParams.return_routed_experts): int16 (prompt tokens + completion tokens - 1, MoE
+    layers, top_k), the experts every position fed through the model used, most probable first;
+    the last completion token is never fed. Row t belongs to the forward that last computed
+    position t: under `continue` a position keeps the route of the version that decoded it,
+    under `recompute` (and a paged resume) the re-prefill's routes replace earlier ones.
+    `Engine.score(..., routed_experts=...)` replays them.
     """
 
     prompt_index: int
@@ -24,6 +34,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "abort"
     weight_version: int
     token_versions: tuple[int, ...]
+    routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def mixed_versions(self) -> bool:

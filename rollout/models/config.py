@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass for the Qwen decoder family, read from an HF config.json.
+"""Model configuration: one frozen dataclass for the Qwen decoder families, read from an HF config.json.
 
 Only what this code implements is accepted. A checkpoint asking for something else (sliding-window
 attention, an unsupported rope_scaling, an unknown architecture) is refused with an error naming
@@ -21,7 +21,12 @@ __all__ = ["ModelConfig", "UnsupportedConfigError"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and numerics of a Qwen-family decoder (Qwen3 dense, Qwen2/2.5)."""
+    """Shapes and numerics of a Qwen-family decoder (Qwen3 dense, Qwen2/2.5, Qwen3-MoE).
+
+    A mixture-of-experts model (`num_experts` > 0) replaces the MLP of the layers in
+    `moe_layers` by `num_experts` experts of width `moe_intermediate_size`, of which each token
+    uses `num_experts_per_tok`; the other layers keep a dense MLP of `intermediate_size`.
+    """
 
     architecture: str  # HF `architectures[0]`, the registry key
     vocab_size: int
@@ -38,6 +43,12 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm on each q/k head before RoPE
     qkv_bias: bool  # Qwen2: bias on q/k/v projections
     eos_token_ids: tuple[int, ...] = ()
+    # mixture of experts (0 / () in a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # width of one expert's MLP
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    moe_layers: tuple[int, ...] = ()  # indices of the layers whose MLP is a sparse MoE block
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -45,6 +56,16 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+        if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UnsupportedConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                f"num_experts={self.num_experts}"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer routes tokens to experts."""
+        return bool(self.moe_layers)
 
     @property
     def q_per_kv(self) -> int:
@@ -55,6 +76,11 @@ class ModelConfig:
         arch = _architecture(hf)
         family = family_for(arch)
         _refuse_unsupported(hf)
+        if not family.moe and (hf.get("num_experts") or hf.get("num_local_experts")):
+            raise UnsupportedConfigError(
+                f"{arch} with num_experts set is not implemented; mixture-of-experts checkpoints "
+                "are served as Qwen3MoeForCausalLM"
+            )
         if hf.get("attention_bias") and not family.qkv_bias:
             raise UnsupportedConfigError(
                 f"attention_bias={hf['attention_bias']!r} is not implemented for {arch}; expected false"
@@ -63,12 +89,13 @@ class ModelConfig:
         hidden = int(hf["hidden_size"])
         head_dim = hf.get("head_dim") or hidden // num_heads
         eos = eos_token_ids or _as_tuple(hf.get("eos_token_id"))
+        num_layers = int(hf["num_hidden_layers"])
         return cls(
             architecture=arch,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
@@ -79,6 +106,7 @@ class ModelConfig:
             qk_norm=family.qk_norm,
             qkv_bias=family.qkv_bias,
             eos_token_ids=eos,
+            **(_moe_fields(hf, num_layers) if family.moe else {}),
         )
 
     @classmethod
@@ -144,10 +172,26 @@ def _refuse_unsupported(hf: Mapping[str, Any]) -> None:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedConfigError(f"hidden_act={act!r} is not implemented; expected 'silu'")
-    if hf.get("num_experts") or hf.get("num_local_experts"):
-        raise UnsupportedConfigError(
-            "mixture-of-experts configs (num_experts set) are not implemented; use a dense checkpoint"
-        )
+
+
+def _moe_fields(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config, read as transformers reads them.
+
+    Layer i is sparse when it is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step
+    == 0 (transformers' Qwen3MoeDecoderLayer). transformers 5 writes `num_local_experts` for
+    `num_experts`; both are read.
+    """
+    num_experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    step = int(hf.get("decoder_sparse_step") or 1)
+    dense_only = {int(i) for i in hf.get("mlp_only_layers") or ()}
+    sparse = tuple(i for i in range(num_layers) if num_experts > 0 and i not in dense_only and (i + 1) % step == 0)
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        moe_layers=sparse,
+    )
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

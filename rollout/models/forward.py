@@ -4,8 +4,10 @@
 - `prefill`: a batch of right-padded prompts, writing their K/V into cache slots;
 - `decode`: one token for each of a batch of cache slots, attending over each slot's cached K/V.
 
-They need two methods of a family's model (see `CausalLM`): `hidden(tokens, positions, attend)`
-runs the decoder stack, calling `attend(layer, q, k, v)` for each layer's attention, and
+They need two methods of a family's model (see `CausalLM`): `hidden(tokens, positions, attend,
+route)` runs the decoder stack, calling `attend(layer, q, k, v)` for each layer's attention and,
+in a mixture-of-experts model, `route(moe_layer, probs)` to pick each token's experts
+(rollout.models.moe: a `RouteRecorder` records them or replays given ones), and
 `logits(h, head_t)` projects hidden states to the vocabulary. The KV cache lives outside the
 model (see `init_cache`), so the engine owns its lifetime and the jitted functions can take
 parameters and cache as plain arguments. The attention softmax runs in float32.
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rollout.models.config import ModelConfig
+from rollout.models.moe import RouteFn
 
 Array = jax.Array
 # (k, v) per layer, each (slots, kv_heads, max_seq_len, head_dim): head-major, so attention over
@@ -33,9 +36,10 @@ _MASKED = -1e30
 class CausalLM(Protocol):
     """What the forwards need of a family's model."""
 
-    def hidden(self, tokens: Array, positions: Array, attend: AttendFn) -> Array:
+    def hidden(self, tokens: Array, positions: Array, attend: AttendFn, route: RouteFn | None = None) -> Array:
         """tokens, positions (B, T) -> final hidden states (B, T, hidden); q (B, T, H, D), k and
-        v (B, T, KVH, D) go through `attend` for each layer."""
+        v (B, T, KVH, D) go through `attend` for each layer; each MoE layer's router
+        probabilities through `route` (None: the router's top k)."""
         ...
 
     def logits(self, h: Array, head_t: Array | None = None) -> Array:
@@ -97,11 +101,11 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def forward_full(model: CausalLM, tokens: Array, attention_mask: Array) -> Array:
+def forward_full(model: CausalLM, tokens: Array, attention_mask: Array, route: RouteFn | None = None) -> Array:
     """tokens, attention_mask (B, T) -> float32 logits (B, T, vocab) at every position."""
     mask = causal_padding_mask(attention_mask)
     positions = positions_from_mask(attention_mask)
-    h = model.hidden(tokens, positions, lambda i, q, k, v: attention(q, head_major(k), head_major(v), mask))
+    h = model.hidden(tokens, positions, lambda i, q, k, v: attention(q, head_major(k), head_major(v), mask), route)
     return model.logits(h)
 
 
@@ -122,6 +126,7 @@ def prefill(
     dst_slots: Array,
     src_rows: Array,
     head_t: Array | None = None,
+    route: RouteFn | None = None,
 ) -> tuple[Array, KVCache]:
     """Run right-padded prompts and write their K/V into cache slots.
 
@@ -129,7 +134,7 @@ def prefill(
     dst_slots, src_rows (M,): cache slot dst_slots[m] receives the K/V of prompt src_rows[m], so
     the n samples of one prompt share one prefill. Out-of-range dst_slots are dropped (padding).
     Returns the float32 logits at each prompt's last real token (B, vocab) and the new cache.
-    `head_t`: see `CausalLM.logits`.
+    `head_t`: see `CausalLM.logits`; `route`: see `CausalLM.hidden`.
     """
     b, p = tokens.shape
     real = jnp.arange(p)[None, :] < lengths[:, None]  # (B, P)
@@ -145,7 +150,7 @@ def prefill(
         new_cache[i] = (kc, vc)
         return attention(q, k, v, mask)
 
-    h = model.hidden(tokens, positions, attend)
+    h = model.hidden(tokens, positions, attend, route)
     last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, hidden)
     return model.logits(last, head_t), tuple(new_cache)
 
@@ -159,6 +164,7 @@ def decode(
     kv_len: int,
     head_t: Array | None = None,
     in_place: bool = False,
+    route: RouteFn | None = None,
 ) -> tuple[Array, KVCache]:
     """One step for a batch of cache slots.
 
@@ -188,5 +194,5 @@ def decode(
             v_rows = vc.at[slot_ids, :, :kv_len].get(mode="clip")
         return decode_attention(q, k_rows, v_rows, mask)
 
-    h = model.hidden(tokens[:, None], positions[:, None], attend)
+    h = model.hidden(tokens[:, None], positions[:, None], attend, route)
     return model.logits(h[:, 0], head_t), tuple(new_cache)

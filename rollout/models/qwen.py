@@ -19,6 +19,7 @@ from flax import nnx
 from rollout.models.config import ModelConfig
 from rollout.models.forward import AttendFn
 from rollout.models.layers import Linear, RMSNorm, rope
+from rollout.models.moe import RouteFn
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule
 
 Array = jax.Array
@@ -67,7 +68,29 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
 
-class QwenForCausalLM(nnx.Module):
+class OutputHead:
+    """`logits` of a Qwen-family model: the tied embedding or the untied lm_head."""
+
+    embed_tokens: nnx.Param
+    lm_head: Linear | None
+
+    def logits(self, h: Array, head_t: Array | None = None) -> Array:
+        """h (..., hidden) -> float32 logits (..., vocab).
+
+        `head_t` (hidden, vocab), if given, is a transposed copy of the tied embedding to use as
+        the output projection: on CPU, XLA's dot is much faster against a (hidden, vocab) matrix
+        than against the transpose of a (vocab, hidden) one at decode batch sizes.
+        """
+        if head_t is not None:
+            out = h @ head_t
+        elif self.lm_head is None:
+            out = h @ self.embed_tokens[...].T
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+
+class QwenForCausalLM(OutputHead, nnx.Module):
     """Qwen3 / Qwen2 decoder. Parameter paths mirror HF names (see HF_NAMES)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -84,8 +107,9 @@ class QwenForCausalLM(nnx.Module):
             else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def hidden(self, tokens: Array, positions: Array, attend: AttendFn) -> Array:
-        """tokens, positions (B, T) -> final hidden states (B, T, hidden)."""
+    def hidden(self, tokens: Array, positions: Array, attend: AttendFn, route: RouteFn | None = None) -> Array:
+        """tokens, positions (B, T) -> final hidden states (B, T, hidden). `route` is unused: a
+        dense model routes nothing."""
         x = self.embed_tokens[...][tokens]
         for i, layer in enumerate(self.layers):
             b, t, _ = x.shape
@@ -94,21 +118,6 @@ class QwenForCausalLM(nnx.Module):
             x = x + layer.self_attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
-
-    def logits(self, h: Array, head_t: Array | None = None) -> Array:
-        """h (..., hidden) -> float32 logits (..., vocab).
-
-        `head_t` (hidden, vocab), if given, is a transposed copy of the tied embedding to use as
-        the output projection: on CPU, XLA's dot is much faster against a (hidden, vocab) matrix
-        than against the transpose of a (vocab, hidden) one at decode batch sizes.
-        """
-        if head_t is not None:
-            out = h @ head_t
-        elif self.lm_head is None:
-            out = h @ self.embed_tokens[...].T
-        else:
-            out = self.lm_head(h)
-        return out.astype(jnp.float32)
 
 
 MODEL = QwenForCausalLM  # what the registry builds

@@ -23,6 +23,7 @@ class Family:
     module: str  # defines MODEL (the NNX model class) and HF_NAMES (rollout.weights.hf_names.HFNames)
     qk_norm: bool  # RMSNorm over each q/k head before RoPE
     qkv_bias: bool  # bias on the q/k/v projections
+    moe: bool = False  # reads the mixture-of-experts fields of config.json (num_experts, ...)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -31,6 +32,7 @@ class Family:
 _FAMILIES: dict[str, Family] = {
     "Qwen3ForCausalLM": Family("qwen3", "rollout.models.qwen", qk_norm=True, qkv_bias=False),
     "Qwen2ForCausalLM": Family("qwen2", "rollout.models.qwen", qk_norm=False, qkv_bias=True),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", "rollout.models.qwen_moe", qk_norm=True, qkv_bias=False, moe=True),
 }
 
 

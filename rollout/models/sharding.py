@@ -12,6 +12,14 @@ axes, or with an axis this table has no rule for, is refused when the model is b
     embedding and lm head: vocab-parallel
     norms:                 replicated         (embed) or (head_dim)
     KV cache:              by KV heads        (slots, kv_heads, seq, head_dim)
+    MoE router:            replicated         (embed, router)
+    MoE experts (stacked): expert-parallel    (expert, embed, moe_mlp) / (expert, moe_mlp, embed)
+
+Mixture of experts: expert parallelism when the expert count divides by the device count (each
+device holds num_experts / tp whole experts); otherwise tensor parallelism inside every expert
+(each device holds a 1/tp slice of every expert's intermediate dimension) when
+moe_intermediate_size divides; otherwise the experts are replicated. Never both: an expert is
+split one way only.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from rollout.models.config import ModelConfig
 
 TP = "tp"
 
-REPLICATED_AXES = ("embed", "head_dim")  # never split: every device needs them whole
-SPLIT_AXES = ("vocab", "q_heads", "kv_heads", "mlp")  # split over `tp` when their size divides
+REPLICATED_AXES = ("embed", "head_dim", "router")  # never split: every device needs them whole
+# split over `tp` when their size divides ("moe_mlp" only when "expert" is not split)
+SPLIT_AXES = ("vocab", "q_heads", "kv_heads", "mlp", "expert", "moe_mlp")
 LOGICAL_AXES = REPLICATED_AXES + SPLIT_AXES
 CACHE_AXES: tuple[str | None, ...] = (None, "kv_heads", None, None)
 
@@ -50,10 +59,14 @@ def logical_rules(cfg: ModelConfig, tp: int) -> dict[str, str | None]:
         "q_heads": cfg.num_heads,
         "kv_heads": cfg.num_kv_heads,
         "mlp": cfg.intermediate_size,
+        "expert": cfg.num_experts,
+        "moe_mlp": cfg.moe_intermediate_size,
     }
     rules: dict[str, str | None] = dict.fromkeys(REPLICATED_AXES)
     for name in SPLIT_AXES:
-        rules[name] = TP if tp > 1 and sizes[name] % tp == 0 else None
+        rules[name] = TP if tp > 1 and sizes[name] > 0 and sizes[name] % tp == 0 else None
+    if rules["expert"] is not None:  # expert parallelism: each expert whole on one device
+        rules["moe_mlp"] = None
     return rules
 
 
@@ -63,7 +76,7 @@ def check_axes(path: str, axes: Axes | None, ndim: int) -> Axes:
     >>> check_axes("mlp.up_proj.kernel", ("embed", "experts"), 2)
     Traceback (most recent call last):
     ...
-    rollout.models.sharding.ShardingRuleError: parameter 'mlp.up_proj.kernel' has logical axes ('embed', 'experts'): no sharding rule for ['experts']; use axes of rollout.models.sharding.LOGICAL_AXES ('embed', 'head_dim', 'vocab', 'q_heads', 'kv_heads', 'mlp') or add a rule for them to rollout.models.sharding.logical_rules
+    rollout.models.sharding.ShardingRuleError: parameter 'mlp.up_proj.kernel' has logical axes ('embed', 'experts'): no sharding rule for ['experts']; use axes of rollout.models.sharding.LOGICAL_AXES ('embed', 'head_dim', 'router', 'vocab', 'q_heads', 'kv_heads', 'mlp', 'expert', 'moe_mlp') or add a rule for them to rollout.models.sharding.logical_rules
     """
     if axes is None:
         raise ShardingRuleError(

@@ -6,9 +6,10 @@
     server.shutdown()
 
 Modules: handle (serve(), Server), app (routes), state (what the routes share), job (one request:
-validate, answer, stream), schema (request bodies), translate (OpenAI <-> rollout), sse (event
-streams), metrics (Prometheus + Ray), auth (bind rule, api key), errors (OpenAI error JSON), cli
-(`rollout serve`).
+validate, answer, stream), schema (request bodies), translate (OpenAI <-> rollout, tool_choice,
+token-exact continuation), assistant (a chat choice's text -> reasoning, content, tool calls),
+tool_calls and reasoning (the parsers), sse (event streams), metrics (Prometheus + Ray), auth
+(bind rule, api key), errors (OpenAI error JSON), cli (`rollout serve`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
         help="OpenAI-compatible HTTP server on a fleet (completions, chat, streaming, weight sync, metrics)",
         description=(
             "Start a rollout fleet on MODEL and serve it over HTTP: POST /v1/completions and "
-            "/v1/chat/completions (streaming with \"stream\": true), GET /v1/models, POST /v1/weights "
+            "/v1/chat/completions (streaming with \"stream\": true; tool calls as OpenAI tool_calls), GET /v1/models, POST /v1/weights "
             "(sync from an HF directory or repo id), GET /v1/status, GET /health, GET /metrics "
             "(Prometheus). Binds 127.0.0.1 unless --host says otherwise; any other address needs "
             "--api-key. Needs the `serve` extra: pip install \"rollout[serve]\"."
@@ -59,6 +59,11 @@ def add_parser(sub: Any) -> None:
                       help="paged, TPU/GPU: pool = this fraction of device memory, less what is in use")
     p.add_argument("--kv-admission-ratio", type=float, default=EngineConfig.kv_admission_ratio,
                    help="paged: expected share of max_tokens still to generate, for admission (default: learned)")
+    p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
+                   help="split <think>...</think> off into the message's reasoning_content (default: off)")
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
+                   help="chat requests with tools: <tool_call>{json}</tool_call> -> tool_calls (hermes, the "
+                        "default: Qwen2.5/Qwen3) or none (calls stay text)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(run=run)
 
@@ -94,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     service = RolloutService(args.model, args.workers, args.devices_per_worker, **service_options(args))
     try:
         server = Server(service, owns_service=True, host=args.host, port=args.port, api_key=args.api_key or None,
-                        model_name=args.served_model_name or args.model, log_level=args.log_level)
+                        model_name=args.served_model_name or args.model, log_level=args.log_level,
+                        reasoning_parser=args.reasoning_parser,
+                        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser)
     except BaseException:
         service.shutdown()
         raise

@@ -23,7 +23,8 @@ class Server:
     """A running HTTP server on a RolloutService. Use `serve()` to make one."""
 
     def __init__(self, service: Any, *, owns_service: bool, host: str, port: int, api_key: str | None,
-                 model_name: str, log_level: str = "warning", start_timeout_s: float = 60.0):
+                 model_name: str, log_level: str = "warning", start_timeout_s: float = 60.0,
+                 reasoning_parser: str | None = None, tool_call_parser: str | None = "hermes"):
         import uvicorn
 
         from rollout.server.app import build_app
@@ -32,7 +33,8 @@ class Server:
         check_bind(host, api_key)
         self.service = service
         self._owns_service = owns_service
-        self.state = ServerState(service, model_name, api_key)
+        self.state = ServerState(service, model_name, api_key, reasoning_parser=reasoning_parser,
+                                 tool_call_parser=tool_call_parser)
         self.app = build_app(self.state)
         config = uvicorn.Config(self.app, host=host, port=port, log_level=log_level, access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=5)
@@ -94,6 +96,8 @@ def serve(
     api_key: str | None = None,
     served_model_name: str | None = None,
     log_level: str = "warning",
+    reasoning_parser: str | None = None,
+    tool_call_parser: str | None = "hermes",
     **options: Any,
 ) -> Server:
     """Start a fleet (or use the RolloutService given as `model`) and an OpenAI-compatible HTTP
@@ -101,7 +105,10 @@ def serve(
 
     `options` are RolloutService's (num_workers, devices_per_worker, max_batch, ...). Binding an
     address other than loopback requires `api_key`. `served_model_name` is the name clients
-    send as `model` (default: the model argument as given).
+    send as `model` (default: the model argument as given). `reasoning_parser="qwen3"` returns
+    `<think>...</think>` as the message's `reasoning_content`; `tool_call_parser="hermes"` (the
+    default) returns `<tool_call>` blocks as `tool_calls` for chat requests with tools (None:
+    calls stay text).
     """
     from rollout.coordinator.service import RolloutService
 
@@ -118,7 +125,7 @@ def serve(
         service, owns = RolloutService(model, **options), True
     try:
         return Server(service, owns_service=owns, host=host, port=port, api_key=api_key, model_name=name,
-                      log_level=log_level)
+                      log_level=log_level, reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser)
     except BaseException:
         if owns:
             service.shutdown()

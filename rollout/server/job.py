@@ -17,7 +17,9 @@ from typing import Any
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.types import Completion
 from rollout.server import translate
+from rollout.server.assistant import AssistantDelta, AssistantParser
 from rollout.server.errors import bad_request, from_exception
+from rollout.server.reasoning import starts_in_reasoning
 from rollout.server.sse import DONE, event, merge_streams
 from rollout.server.state import ServerState
 
@@ -42,6 +44,15 @@ class Job:
                     "top_logprobs=0 or omit it", "top_logprobs")
             self.want_logprobs = bool(req.logprobs)
             self.prompts = [translate.chat_prompt(req, validator)]
+            self.tools = translate.tool_choice(req)
+            if state.tool_call_parser is None and self.tools.mode in ("required", "function"):
+                raise bad_request(f"tool_choice={req.tool_choice!r} asks for tool_calls, but this server returns "
+                                  "calls as text (it runs with --tool-call-parser none); send tool_choice 'auto' "
+                                  "or 'none', or restart it with --tool-call-parser hermes", "tool_choice")
+            self.parse_tools = self.tools.parse and state.tool_call_parser is not None
+            self.parse_reasoning = state.reasoning_parser is not None
+            self.in_reasoning = self.parse_reasoning and starts_in_reasoning(
+                validator.tokenizer.decode(self.prompts[0][-16:], skip_special_tokens=False))
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         else:
             if req.logprobs is not None and req.logprobs != 0:
@@ -62,6 +73,29 @@ class Job:
                 raise bad_request(where + str(err).replace("max_seq_len", "the context length (max_seq_len)"),
                                   "messages" if self.chat else "prompt") from err
 
+    def parser(self) -> AssistantParser:
+        """A fresh parser of one chat choice's text (reasoning and tool calls, as configured)."""
+        return AssistantParser(reasoning=self.parse_reasoning, tools=self.parse_tools, in_reasoning=self.in_reasoning)
+
+    def message(self, parsed: AssistantDelta) -> dict[str, Any]:
+        """The assistant message of a whole choice (OpenAI: content null when there are only calls)."""
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if self.parse_reasoning:
+            message["reasoning_content"] = parsed.reasoning or None
+        if parsed.tool_calls:
+            message["content"] = parsed.content or None
+            message["tool_calls"] = [call.openai() for call in parsed.tool_calls]
+        return message
+
+    def delta(self, parsed: AssistantDelta, calls_sent: int) -> dict[str, Any]:
+        """The `delta` of a streamed chat chunk: the text pieces, and each call whole, numbered on."""
+        delta: dict[str, Any] = {"content": parsed.content}
+        if parsed.reasoning:
+            delta["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            delta["tool_calls"] = [{"index": calls_sent + k, **call.openai()} for k, call in enumerate(parsed.tool_calls)]
+        return delta
+
     def choice_index(self, prompt: int, sample: int) -> int:
         return prompt * self.sampling.n + sample
 
@@ -76,7 +110,8 @@ class Job:
             for c in group:
                 choice: dict[str, Any] = {"index": self.choice_index(p, c.sample_index)}
                 if self.chat:
-                    choice["message"] = {"role": "assistant", "content": c.text}
+                    parsed = self.parser().parse(c.text)
+                    choice["message"] = self.message(parsed)
                     choice["logprobs"] = (translate.chat_logprobs(c.token_ids, c.logprobs or (), self.state.texts)
                                           if self.want_logprobs else None)
                 else:
@@ -85,6 +120,8 @@ class Job:
                                                                         self.state.texts, 0)
                                           if self.want_logprobs else None)
                 choice["finish_reason"] = c.finish_reason
+                if self.chat and parsed.tool_calls and c.finish_reason == "stop":
+                    choice["finish_reason"] = "tool_calls"
                 choice.update(translate.extra_fields(c, self.prompts[p], self.req.return_token_ids))
                 choices.append(choice)
         tokens = sum(len(c.token_ids) for g in groups for c in g)
@@ -105,6 +142,8 @@ class Job:
         metrics = self.state.metrics
         started: set[int] = set()
         offsets: dict[int, int] = {}
+        parsers: dict[int, AssistantParser] = {}  # chat: per choice
+        calls_sent: dict[int, int] = {}
         tokens = 0
         first_token_s: float | None = None
         status = 200
@@ -119,7 +158,12 @@ class Job:
                     tokens += len(d.token_ids)
                     choice: dict[str, Any] = {"index": index}
                     if self.chat:
-                        delta: dict[str, Any] = {"content": d.text}
+                        parser = parsers.setdefault(index, self.parser())
+                        parsed = parser.feed(d.text)
+                        if d.finish_reason is not None:
+                            parsed += parser.finish()
+                        delta = self.delta(parsed, calls_sent.get(index, 0))
+                        calls_sent[index] = calls_sent.get(index, 0) + len(parsed.tool_calls)
                         if index not in started:
                             delta = {"role": "assistant", **delta}
                         choice["delta"] = delta
@@ -134,6 +178,8 @@ class Job:
                             offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
                         choice["logprobs"] = lp
                     choice["finish_reason"] = d.finish_reason
+                    if d.finish_reason == "stop" and calls_sent.get(index):
+                        choice["finish_reason"] = "tool_calls"
                     first = index not in started
                     started.add(index)
                     choice.update(translate.extra_fields(d, self.prompts[p] if first else None,

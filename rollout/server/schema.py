@@ -4,7 +4,11 @@ The standard fields follow OpenAI's API. Extra fields (sent by the `openai` clie
 `extra_body`): `top_k`, `stop_token_ids`, `ignore_eos`, `return_token_ids` (each choice then
 carries `prompt_token_ids`, `token_ids` and `token_versions`), and for chat
 `chat_template_kwargs` / `enable_thinking` (passed to the chat template, like transformers'
-`apply_chat_template(**kwargs)`). Unknown fields are ignored, as OpenAI-compatible servers do;
+`apply_chat_template(**kwargs)`), and `prompt_token_ids` (the conversation so far as token ids,
+exactly as returned; `messages` then holds only the messages after it, so nothing sampled
+is re-tokenized). With `tools`, calls the model writes come back as OpenAI `tool_calls`
+(rollout.server.tool_calls; `tool_choice` in rollout.server.translate). Unknown fields are
+ignored, as OpenAI-compatible servers do;
 known OpenAI features this server does not implement are refused with a 400 rather than
 silently ignored (see `unsupported`).
 """
@@ -79,19 +83,20 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None  # alternatives per token (only 0 is served)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None  # every call the model writes is returned either way
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
     add_generation_prompt: bool = True
+    # token-exact multi-turn: the conversation so far as ids (a reply's prompt_token_ids + token_ids);
+    # `messages` then holds only the messages after it (rollout.server.translate.continued_prompt)
+    prompt_token_ids: list[int] | None = None
 
     def unsupported(self) -> list[str]:
         out = super().unsupported()
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             out.append("response_format")
-        if self.tool_choice not in (None, "none", "auto"):
-            out.append("tool_choice (only 'none' and 'auto': tools reach the chat template; calls are "
-                       "returned as text, not parsed)")
         return out
 
 

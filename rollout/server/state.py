@@ -1,6 +1,7 @@
 """ServerState: what the routes (rollout.server.app) and each request (rollout.server.job) share.
 
-The service, the name it is served under, the api key, the metrics, and the two checks every
+The service, the name it is served under, the api key, the output parsers (reasoning, tool
+calls), the metrics, and the two checks every
 route makes: the server is open, and the request names the model served here.
 """
 
@@ -13,11 +14,25 @@ from rollout.server import translate
 from rollout.server.errors import APIError
 from rollout.server.metrics import ServerMetrics
 
+# `<think>...</think>` -> reasoning_content (Qwen3, DeepSeek-R1 style); off by default, as in vLLM/sglang
+REASONING_PARSERS = (None, "qwen3")
+# `<tool_call>{json}</tool_call>` -> tool_calls (Qwen2.5/Qwen3, Hermes style); on for requests with tools
+TOOL_CALL_PARSERS = (None, "hermes")
+
 
 class ServerState:
     """What the routes share: the service, the served name, the key, the metrics."""
 
-    def __init__(self, service: Any, model_name: str, api_key: str | None):
+    def __init__(self, service: Any, model_name: str, api_key: str | None, *,
+                 reasoning_parser: str | None = None, tool_call_parser: str | None = "hermes"):
+        if reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser={reasoning_parser!r} is unknown; expected one of "
+                             f"{sorted(p for p in REASONING_PARSERS if p)} or None (off)")
+        if tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser={tool_call_parser!r} is unknown; expected one of "
+                             f"{sorted(p for p in TOOL_CALL_PARSERS if p)} or None (calls stay text)")
+        self.reasoning_parser = reasoning_parser
+        self.tool_call_parser = tool_call_parser
         self.service = service
         self.model_name = model_name
         self.api_key = api_key

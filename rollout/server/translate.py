@@ -8,6 +8,7 @@ last token) and, with `return_token_ids`, `prompt_token_ids`, `token_ids` and `t
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,21 +34,117 @@ def completion_prompts(req: CompletionRequest, validator: PromptValidator) -> li
     return [validator.encode(x) for x in raw]
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolChoice:
+    """What a chat request's `tools` / `tool_choice` mean here.
+
+    `tools`: the tool list the chat template renders (none for "none"; only the named one for a
+    named function). `parse`: whether calls in the output become `tool_calls`. Decoding is not
+    constrained: under "required" or a named function the model is shown the tools (and only
+    the named one), but an answer without a call still comes back as content (finish_reason
+    "stop"), never as an error, and never as an invented call.
+    """
+
+    mode: str  # "none" | "auto" | "required" | "function"
+    tools: list[dict[str, Any]] | None
+    name: str | None = None
+
+    @property
+    def parse(self) -> bool:
+        return self.mode != "none" and bool(self.tools)
+
+
+def tool_choice(req: ChatCompletionRequest) -> ToolChoice:
+    """The request's ToolChoice; a 400 for a tool_choice that names nothing the request offers.
+
+    >>> tools = [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "g"}}]
+    >>> req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools,
+    ...                             tool_choice={"type": "function", "function": {"name": "g"}})
+    >>> tool_choice(req)
+    ToolChoice(mode='function', tools=[{'type': 'function', 'function': {'name': 'g'}}], name='g')
+    """
+    tools, choice = req.tools or None, req.tool_choice
+    if choice is None:
+        return ToolChoice("auto" if tools else "none", tools)
+    if choice == "none":
+        return ToolChoice("none", None)
+    if choice in ("auto", "required"):
+        if not tools and choice == "required":
+            raise bad_request("tool_choice='required' needs `tools`: send the functions the model may call",
+                              "tool_choice")
+        return ToolChoice(choice, tools)
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or (isinstance(choice, dict) and choice.get("type", "function") != "function"):
+        raise bad_request(f"tool_choice={choice!r} is invalid: expected 'none', 'auto', 'required' or "
+                          "{'type': 'function', 'function': {'name': NAME}}", "tool_choice")
+    named = [t for t in tools or [] if isinstance(t, dict) and (t.get("function") or {}).get("name") == name]
+    if not named:
+        offered = [(t.get("function") or {}).get("name") for t in tools or [] if isinstance(t, dict)]
+        raise bad_request(f"tool_choice names the function {name!r}, which is not in `tools` ({offered}); "
+                          "name one of them or add it to `tools`", "tool_choice")
+    return ToolChoice("function", named, name)
+
+
 def chat_prompt(req: ChatCompletionRequest, validator: PromptValidator) -> list[int]:
     """The token ids of a chat request, rendered by the checkpoint's chat template.
 
-    Content given as a list of parts is joined from its text parts; `tools`, `enable_thinking`
-    and `chat_template_kwargs` reach the template as keyword arguments, as in transformers.
+    Content given as a list of parts is joined from its text parts; the tools of `tool_choice`
+    (ToolChoice.tools), `enable_thinking` and `chat_template_kwargs` reach the template as
+    keyword arguments, as in transformers. Assistant messages that carry OpenAI `tool_calls`
+    get their `arguments` as objects (what chat templates such as Qwen3's render).
     """
     messages = [_plain_message(m, i) for i, m in enumerate(req.messages)]
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)
-    if req.tools:
-        kwargs["tools"] = req.tools
+    tools = tool_choice(req).tools
+    if tools:
+        kwargs["tools"] = tools
+    if req.prompt_token_ids is not None:
+        return continued_prompt(req.prompt_token_ids, messages, validator.tokenizer,
+                                add_generation_prompt=req.add_generation_prompt, **kwargs)
     return list(validator.tokenizer.apply_chat_template(
         messages, add_generation_prompt=req.add_generation_prompt, tokenize=True, **kwargs
     ))
+
+
+# Stand-ins for the conversation before the new messages: the template renders them, and only
+# what it writes after the assistant's stand-in is kept.
+_EARLIER_USER = "\u2063rollout-earlier-user\u2063"
+_EARLIER_ASSISTANT = "\u2063rollout-earlier-assistant\u2063"
+
+
+def continued_prompt(prefix: Sequence[int], messages: list[dict[str, Any]], tokenizer: Any, *,
+                     add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+    """`prefix` (a conversation so far as token ids, ending with a model turn exactly as sampled)
+    followed by what the chat template adds for `messages` after an assistant turn.
+
+    Nothing in `prefix` is re-tokenized. The template renders a stand-in conversation (a user
+    turn, an assistant turn) plus `messages`; the text after the assistant's stand-in content is
+    what a turn adds: the assistant's closing (e.g. `<|im_end|>`), which is left out when
+    `prefix` already ends with that end-of-sequence token (the sampled stop), then the new
+    messages and the generation prompt.
+    """
+    if not prefix:
+        raise bad_request("prompt_token_ids is empty: send the conversation so far as token ids (a reply's "
+                          "prompt_token_ids + token_ids), or leave it out and send every message", "prompt_token_ids")
+    if not messages:
+        raise bad_request("prompt_token_ids continues a conversation: send the messages that follow it "
+                          "(tool results, the next user turn) in `messages`", "messages")
+    stand_in = [{"role": "user", "content": _EARLIER_USER}, {"role": "assistant", "content": _EARLIER_ASSISTANT}]
+    text = tokenizer.apply_chat_template(stand_in + messages, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False, **kwargs)
+    at = text.rfind(_EARLIER_ASSISTANT)
+    if at < 0:
+        raise bad_request("the chat template does not write an assistant message's content verbatim, so the "
+                          "text a new turn adds cannot be told apart; send the whole conversation in "
+                          "`messages` instead of prompt_token_ids", "prompt_token_ids")
+    added = text[at + len(_EARLIER_ASSISTANT):]
+    if int(prefix[-1]) in tokenizer.eos_token_ids:
+        closing = tokenizer.decode([int(prefix[-1])], skip_special_tokens=False)
+        added = added.removeprefix(closing)
+    return [int(t) for t in prefix] + list(tokenizer.encode(added))
 
 
 def _plain_message(message: dict[str, Any], index: int) -> dict[str, Any]:
@@ -64,7 +161,27 @@ def _plain_message(message: dict[str, Any], index: int) -> dict[str, Any]:
                                   "supported (the models served are text-only)", "messages")
             parts.append(str(part.get("text", "")))
         message = {**message, "content": "".join(parts)}
+    if message.get("tool_calls"):
+        if message.get("content") is None:
+            message = {**message, "content": ""}
+        message = {**message, "tool_calls": [_template_call(c, index) for c in message["tool_calls"]]}
     return message
+
+
+def _template_call(call: Any, index: int) -> dict[str, Any]:
+    """An OpenAI tool call of an assistant message, its arguments JSON text made an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request(f"messages[{index}].tool_calls has {call!r}; expected {{'id': ..., 'type': 'function', "
+                          "'function': {'name': ..., 'arguments': JSON text}}", "messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as err:
+            raise bad_request(f"messages[{index}].tool_calls: the arguments of {function['name']!r} are not "
+                              f"JSON ({err}); send the arguments text the server returned", "messages") from err
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequence[int], max_seq_len: int) -> SamplingParams:

@@ -7,6 +7,14 @@ a layer index, and the transform between the two layouts:
     NameRule("model.layers.{layer}.self_attn.q_proj.weight",
              "layers.{layer}.self_attn.q_proj.kernel", TRANSPOSE)   # HF (out, in) -> ours (in, out)
 
+Mixture-of-experts weights keep one stacked leaf per projection, `[experts, ...]`, where HF
+checkpoints write one tensor per expert (`...experts.{expert}.gate_proj.weight`, as
+save_pretrained writes them) or fused ones (transformers 5 in memory: `...experts.gate_up_proj`
+`[experts, 2 * inter, hidden]`). `StackRule` and `SplitRule` bring both forms to one canonical
+tensor per leaf (`assemble`) before the name rules apply: per-expert tensors are stacked once
+all of them have come (a missing, doubled or out-of-range expert raises, naming the tensor),
+fused ones are split in halves.
+
 Nothing here imports jax: the coordinator maps a trainer's `{hf_name: array}` dict with the table
 that travels inside the fleet's `ParamSpec` (`spec.hf`). Conversion is strict: a name that maps
 to no parameter, or two names for one parameter, raise at once. A tied model (no separate output
@@ -25,7 +33,7 @@ from typing import Any
 import numpy as np
 
 NONE = "none"  # the same layout on both sides
-TRANSPOSE = "transpose"  # a 2-D matrix: HF (out, in) <-> engine (in, out)
+TRANSPOSE = "transpose"  # HF (..., out, in) <-> engine (..., in, out): the last two axes swap
 TRANSFORMS = (NONE, TRANSPOSE)
 
 
@@ -44,6 +52,25 @@ class NameRule:
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
             raise ValueError(f"{self.hf}: transform={self.transform!r}, expected one of {TRANSFORMS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackRule:
+    """One tensor per expert (`hf`, with `{layer}` and `{expert}`), stacked along a new first
+    axis into the canonical tensor `into` (with `{layer}`), which a NameRule maps."""
+
+    hf: str
+    into: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRule:
+    """A fused tensor (`hf`, with `{layer}`) cut into equal parts along `axis`, in the order of
+    `into` (canonical names with `{layer}`)."""
+
+    hf: str
+    into: tuple[str, ...]
+    axis: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +93,42 @@ class HFNames:
     tied_head: str | None = None
     tied_to: str | None = None
     ignored: str = r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
+    stacks: tuple[StackRule, ...] = ()  # per-expert tensors -> one stacked tensor (MoE)
+    splits: tuple[SplitRule, ...] = ()  # fused tensors -> their parts (MoE gate_up_proj)
+
+    def stack_of(self, hf_name: str) -> tuple[str, int] | None:
+        """A per-expert tensor's (canonical stacked name, expert index), or None."""
+        for rule, pattern in zip(self.stacks, self._stack_patterns):
+            if m := pattern.fullmatch(hf_name):
+                return rule.into.replace("{layer}", m.group("layer")), int(m.group("expert"))
+        return None
+
+    def split_of(self, hf_name: str) -> tuple[tuple[str, ...], int] | None:
+        """A fused tensor's (canonical names of its parts, axis), or None."""
+        for rule, pattern in zip(self.splits, self._split_patterns):
+            if m := pattern.fullmatch(hf_name):
+                return tuple(n.replace("{layer}", m.group("layer")) for n in rule.into), rule.axis
+        return None
+
+    def expert_names(self, canonical: str) -> list[str]:
+        """The per-expert HF name pattern(s) stacked into `canonical` (for error messages)."""
+        out = []
+        for rule, pattern in zip(self.stacks, self._into_patterns):
+            if m := pattern.fullmatch(canonical):
+                out.append(rule.hf.replace("{layer}", m.group("layer")))
+        return out
+
+    @functools.cached_property
+    def _stack_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compile(r.hf) for r in self.stacks)
+
+    @functools.cached_property
+    def _into_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compile(r.into) for r in self.stacks)
+
+    @functools.cached_property
+    def _split_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compile(r.hf) for r in self.splits)
 
     def to_path(self, hf_name: str) -> tuple[str, str] | None:
         """HF tensor name -> (engine path, transform), or None if no rule names it."""
@@ -112,12 +175,103 @@ class HFNames:
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    return re.compile(re.escape(pattern).replace(re.escape("{layer}"), r"(?P<layer>\d+)"))
+    escaped = re.escape(pattern).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+    return re.compile(escaped.replace(re.escape("{expert}"), r"(?P<expert>\d+)"))
 
 
 def to_engine_layout(array: Any, transform: str) -> Any:
     """An HF-layout tensor in the engine's layout (a view, no copy)."""
-    return array.T if transform == TRANSPOSE else array
+    if transform != TRANSPOSE:
+        return array
+    return array.T if len(array.shape) == 2 else array.swapaxes(-1, -2)
+
+
+def engine_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """The shape `to_engine_layout` gives a tensor of `shape` (its own inverse)."""
+    return (*shape[:-2], shape[-1], shape[-2]) if transform == TRANSPOSE and len(shape) >= 2 else shape
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeOnly:
+    """A tensor's shape and dtype without its values (safetensors headers), for `assemble`."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __getitem__(self, index: tuple[slice, ...]) -> ShapeOnly:
+        shape = list(self.shape)
+        for axis, piece in enumerate(index):
+            shape[axis] = len(range(*piece.indices(shape[axis])))
+        return ShapeOnly(tuple(shape), self.dtype)
+
+
+def _stack(parts: list[Any]) -> Any:
+    if isinstance(parts[0], ShapeOnly):
+        return ShapeOnly((len(parts), *parts[0].shape), parts[0].dtype)
+    return np.stack([np.asarray(p) for p in parts])
+
+
+def assemble(
+    tensors: Iterator[tuple[str, Any]], names: HFNames, experts: Callable[[str], int | None]
+) -> Iterator[tuple[str, Any]]:
+    """HF tensors -> the same tensors with per-expert and fused ones in canonical form.
+
+    `experts(canonical_name)`: how many experts the model stacks under that name (None: the
+    model has no such tensor; its parts then pass through unchanged, for the caller to refuse
+    by name). Per-expert tensors are held until their stack is complete; raises HFNameError for
+    an expert index out of range, an expert sent twice, a stack left incomplete (naming the
+    missing tensors), or a fused tensor that does not split evenly.
+
+    >>> table = HFNames((), stacks=(StackRule("e.{layer}.{expert}.w", "e.{layer}.w"),))
+    >>> [(n, a.shape) for n, a in assemble(iter([("e.0.1.w", np.ones(2)), ("e.0.0.w", np.ones(2))]),
+    ...                                     table, lambda name: 2)]
+    [('e.0.w', (2, 2))]
+    """
+    held: dict[str, dict[int, Any]] = {}
+    source: dict[str, dict[int, str]] = {}
+    for name, array in tensors:
+        if split := names.split_of(name):
+            parts, axis = split
+            size = array.shape[axis]
+            if size % len(parts):
+                raise HFNameError(
+                    f"tensor {name!r} {tuple(array.shape)}: axis {axis} ({size}) must split evenly into "
+                    f"{len(parts)} parts {list(parts)}"
+                )
+            width = size // len(parts)
+            for i, part in enumerate(parts):
+                yield part, array[(slice(None),) * axis + (slice(i * width, (i + 1) * width),)]
+            continue
+        stack = names.stack_of(name)
+        count = experts(stack[0]) if stack else None
+        if stack is None or count is None:
+            yield name, array
+            continue
+        into, expert = stack
+        if expert >= count:
+            raise HFNameError(
+                f"tensor {name!r} is expert {expert}, but the model has {count} experts "
+                f"(num_experts in config.json); send experts 0 to {count - 1}"
+            )
+        group = held.setdefault(into, {})
+        if expert in group:
+            raise HFNameError(f"tensor {name!r} is sent twice (also as {source[into][expert]!r}); send it once")
+        group[expert] = array
+        source.setdefault(into, {})[expert] = name
+        if len(group) == count:
+            yield into, _stack([group[e] for e in range(count)])
+            del held[into], source[into]
+    if held:
+        into, group = next(iter(held.items()))
+        count = experts(into) or 0
+        missing = [e for e in range(count) if e not in group]
+        pattern = names.expert_names(into)[0] if names.expert_names(into) else into
+        shown = [pattern.replace("{expert}", str(e)) for e in missing[:4]]
+        raise HFNameError(
+            f"{len(missing)} expert tensor(s) missing for {into!r}: no {shown}"
+            f"{' ...' if len(missing) > 4 else ''} ({len(group)} of {count} experts sent)"
+            + (f"; {len(held) - 1} more stack(s) incomplete" if len(held) > 1 else "")
+        )
 
 
 def tied_head_error(names: HFNames, head_name: str) -> HFNameError:
@@ -138,6 +292,18 @@ def same_values(a: Any, b: Any) -> bool:
     return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
 
 
+def stack_sizes(names: HFNames, leaves: Mapping[str, Any]) -> Callable[[str], int | None]:
+    """For `assemble`: the expert count of a canonical stacked name in a model whose leaves
+    (`{path: anything with .shape}`) are given: the first dimension of the leaf it maps to."""
+
+    def count(canonical: str) -> int | None:
+        target = names.to_path(canonical)
+        leaf = leaves.get(target[0]) if target else None
+        return int(leaf.shape[0]) if leaf is not None and hasattr(leaf, "shape") else None
+
+    return count
+
+
 def hf_to_engine(flat: Mapping[str, Any], names: HFNames, paths: Collection[str]) -> dict[str, Any]:
     """`{hf_name: array}` -> `{engine path: array}` in engine layout, for a model with `paths`.
 
@@ -155,6 +321,9 @@ def hf_to_engine(flat: Mapping[str, Any], names: HFNames, paths: Collection[str]
     out: dict[str, Any] = {}
     source: dict[str, str] = {}
     unmapped: list[str] = []
+    if names.stacks or names.splits:
+        leaves = paths if isinstance(paths, Mapping) else {}
+        flat = dict(assemble(iter(flat.items()), names, stack_sizes(names, leaves)))
     for name, array in flat.items():
         kind, path, transform = names.classify(name, paths)
         if kind == "tied":  # without the embedding, the spec check reports it missing
@@ -197,6 +366,8 @@ def stream_to_engine(
     """
     compare = names.tied_head in all_names and names.tied_head_path() not in paths
     held: Any = None
+    if names.stacks or names.splits:
+        tensors = assemble(tensors, names, stack_sizes(names, paths if isinstance(paths, Mapping) else {}))
     for name, array in tensors:
         kind, path, transform = names.classify(name, paths)
         if kind == "ignored":

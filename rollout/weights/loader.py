@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from rollout.weights.hf_names import HFNameError, HFNames, stream_to_engine, to_engine_layout
+from rollout.weights.hf_names import (
+    HFNameError,
+    HFNames,
+    ShapeOnly,
+    assemble,
+    engine_shape,
+    stack_sizes,
+    stream_to_engine,
+    to_engine_layout,
+)
 from rollout.weights.spec import ParamSpec, SpecMismatchError, spec_of_leaves
 
 ALLOW_PATTERNS = (
@@ -138,9 +147,9 @@ def load_checkpoint(
             array = to_engine_layout(array, transform)
             expected = want[path].shape
             if tuple(array.shape) != expected:
-                flip = (lambda s: s[::-1]) if transform != "none" else (lambda s: s)
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {flip(tuple(array.shape))}, expected {flip(expected)} from config.json"
+                    f"tensor {name!r} has shape {engine_shape(tuple(array.shape), transform)}, expected "
+                    f"{engine_shape(expected, transform)} from config.json"
                 )
             out[path] = place(path, array)
             source[path] = name
@@ -169,25 +178,34 @@ def _counted(tensors: Iterator[tuple[str, np.ndarray]], bar: Any) -> Iterator[tu
 def checkpoint_spec(directory: Path, spec: ParamSpec) -> ParamSpec:
     """The engine-path spec of an HF checkpoint directory, read from the safetensors headers
     alone with `spec.hf`, to compare with `spec` before any worker reads a byte. A tied head
-    is left out (its values are compared with the embedding when the checkpoint is loaded)."""
-    from safetensors import safe_open
-
+    is left out (its values are compared with the embedding when the checkpoint is loaded).
+    Per-expert and fused MoE tensors are assembled as the loader does (`assemble`)."""
     names = _names_of(spec)
     paths = spec.by_path()
     leaves = []
+    try:
+        for name, header in assemble(_headers(directory), names, stack_sizes(names, paths)):
+            kind, path, transform = names.classify(name, paths)
+            if kind in ("ignored", "tied"):
+                continue
+            if kind == "unknown" and not path:
+                raise SpecMismatchError(f"checkpoint tensor {name!r} maps to no parameter of this model")
+            leaves.append((path, engine_shape(header.shape, transform), header.dtype))
+    except HFNameError as err:
+        raise SpecMismatchError(str(err)) from err
+    return spec_of_leaves(leaves)
+
+
+def _headers(directory: Path) -> Iterator[tuple[str, ShapeOnly]]:
+    """(name, shape and dtype) of every tensor, from the safetensors headers alone."""
+    from safetensors import safe_open
+
     for file in safetensors_files(directory):
         with safe_open(str(file), framework="numpy") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                kind, path, transform = names.classify(name, paths)
-                if kind in ("ignored", "tied"):
-                    continue
-                if kind == "unknown" and not path:
-                    raise SpecMismatchError(f"checkpoint tensor {name!r} maps to no parameter of this model")
                 piece = f.get_slice(name)
-                shape = tuple(piece.get_shape())
-                leaves.append((path, shape[::-1] if transform != "none" else shape, _SAFETENSORS_DTYPES.get(
-                    piece.get_dtype(), piece.get_dtype().lower())))
-    return spec_of_leaves(leaves)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype().lower())
+                yield name, ShapeOnly(tuple(piece.get_shape()), dtype)
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

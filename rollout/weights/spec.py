@@ -166,7 +166,7 @@ def _flatten_into(node: Mapping[Any, Any], prefix: str, out: dict[str, Any]) -> 
 
 def _looks_hf(name: str, names: HFNames | None) -> bool:
     if names is not None:
-        return names.to_path(name) is not None
+        return names.to_path(name) is not None or names.stack_of(name) is not None or names.split_of(name) is not None
     return name.startswith("model.") or name == "lm_head.weight"
 
 

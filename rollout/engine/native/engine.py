@@ -38,6 +38,7 @@ Once `commit` returns, no request is admitted under an older version.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -55,7 +56,7 @@ from rollout.engine.native.lora import ResidentBase, merge_adapter
 from rollout.engine.native.runner import Params
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
-from rollout.engine.native.scoring import Scorer
+from rollout.engine.native.scoring import Scorer, check_routes
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
@@ -237,9 +238,13 @@ class Engine:
         *,
         return_logprobs: bool = True,
         timeout: float | None = None,
+        return_routed_experts: bool = False,
     ) -> list[Completion]:
         """Generate for every prompt; completions ordered by (prompt_index, sample_index).
-        Every prompt is validated before any is queued."""
+        Every prompt is validated before any is queued. `return_routed_experts=True` is
+        `sampling.return_routed_experts` (see Completion.routed_experts; MoE models only)."""
+        if return_routed_experts:
+            sampling = dataclasses.replace(sampling, return_routed_experts=True)
         requests = self._intake.requests(prompts, sampling, return_logprobs=return_logprobs)
         self._scheduler.submit(requests)
         return [c for r in requests for c in r.future.result(timeout)]
@@ -254,17 +259,32 @@ class Engine:
 
     # -- scoring (rollout.engine.native.scoring) -------------------------------------------------------
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[Any], *, temperature: float = 1.0) -> Scores:
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Any],
+        *,
+        temperature: float = 1.0,
+        routed_experts: Sequence[Any] | None = None,
+    ) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
         all on one weight version: a `rollout.Scores` (logprobs, weight_version). Every pair is
-        validated (as generate validates prompts) before one consistent version is taken."""
+        validated (as generate validates prompts) before one consistent version is taken.
+
+        `routed_experts[i]` (MoE models): the experts of every fed position of pair i, as
+        `Completion.routed_experts` gives them ((prompt + completion tokens - 1, MoE layers,
+        top_k)); each MoE layer then uses those experts instead of its router's choice (routing
+        replay), so the logprobs are those of the routes generation took."""
         prompt_ids, completion_ids = encode_pairs(
             self._intake.encode, prompts, completions,
             vocab_size=self.model_config.vocab_size, max_seq_len=self.config.max_seq_len,
         )
         temperature = check_temperature(temperature)
+        routes = None
+        if routed_experts is not None:
+            routes = check_routes(self.model_config, prompt_ids, completion_ids, routed_experts)
         version, params, derived = self.weights_snapshot()
-        logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature)
+        logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature, routes)
         return Scores(tuple(logprobs), version)
 
     @functools.cached_property

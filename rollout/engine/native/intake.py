@@ -57,6 +57,7 @@ class RequestIntake:
                 seed = int(self._rng.integers(0, 2**31 - 1))
         eos = frozenset() if sampling.ignore_eos else self._eos_ids
         request = Request(prompt_index, ids, sampling, return_logprobs, frozenset(sampling.stop_token_ids) | eos)
+        request.return_routed_experts = sampling.return_routed_experts
         request.sequences = [
             Sequence(request, i, SamplingRow.of(sampling, seed, i), TextOutput(self._tokenizer.incremental_detokenizer(), sampling.stop))
             for i in range(sampling.n)

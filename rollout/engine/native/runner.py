@@ -18,6 +18,7 @@ from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.sampling import SlotSampling, sample
 from rollout.models import forward
 from rollout.models.bind import ModelDef
+from rollout.models.moe import RouteRecorder
 from rollout.models.sharding import cache_sharding, logical_sharding
 
 Params = dict[str, jax.Array]
@@ -72,10 +73,13 @@ class ModelRunner:
 
     def _prefill_impl(self, params, derived, cache, tokens, lengths, dst_slots, src_rows, sampling: SlotSampling):
         model = self.model_def.bind(params)
-        logits, cache = forward.prefill(model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"))
+        recorder = RouteRecorder(self.model_def.config.num_experts_per_tok)
+        logits, cache = forward.prefill(
+            model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"), route=recorder
+        )
         row_logits = logits[src_rows]  # (M, V): each destination slot samples its own first token
         new_tokens, logprobs = sample(row_logits, sampling, lengths[src_rows])
-        return new_tokens, logprobs, cache
+        return new_tokens, logprobs, cache, recorder.routes(tokens.shape)  # routes (B, P, moe layers, k)
 
     def _decode_impl(
         self, params, derived, cache, slot_ids, tokens, positions, sampling: SlotSampling, *, kv_len: int
@@ -85,16 +89,17 @@ class ModelRunner:
 
         def step(carry, _):
             cache, tok, pos = carry
+            recorder = RouteRecorder(self.model_def.config.num_experts_per_tok)
             logits, cache = forward.decode(
-                model, cache, slot_ids, tok, pos, kv_len, derived.get("head_t"), in_place=in_place
+                model, cache, slot_ids, tok, pos, kv_len, derived.get("head_t"), in_place=in_place, route=recorder
             )
             nxt, lp = sample(logits, sampling, pos + 1)
-            return (cache, nxt, pos + 1), (nxt, lp)
+            return (cache, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0])
 
-        (cache, _, _), (toks, lps) = jax.lax.scan(
+        (cache, _, _), (toks, lps, routes) = jax.lax.scan(
             step, (cache, tokens, positions), None, length=self.decode_steps
         )
-        return toks, lps, cache  # (K, B) each
+        return toks, lps, cache, routes  # (K, B) each; routes (K, B, moe layers, k) of the fed tokens
 
     # -- host-facing API ----------------------------------------------------------------------
 
@@ -120,11 +125,12 @@ class ModelRunner:
         dst_slots: list[int],
         src_rows: list[int],
         sampling: SlotSampling,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
         """Prefill `prompts` (one row each) into `dst_slots` (slot m gets prompt src_rows[m]).
 
         `sampling` has max_batch rows aligned with dst_slots. Returns the first sampled token
-        and its logprob per destination (max_batch,), on the host.
+        and its logprob per destination (max_batch,), on the host, and the experts every
+        prompt position used (rows, length bucket, moe layers, k) int16, left on the devices.
         """
         assert self.params is not None, "set_params() before generating"
         b = pow2_at_least(len(prompts))
@@ -138,20 +144,22 @@ class ModelRunner:
         src = np.zeros((self.max_batch,), np.int32)
         dst[: len(dst_slots)] = dst_slots
         src[: len(src_rows)] = src_rows
-        toks, lps, self.cache = self._prefill(
+        toks, lps, self.cache, routes = self._prefill(
             self.params, self.derived, self.cache, tokens, lengths, dst, src, sampling
         )
-        return np.asarray(toks), np.asarray(lps)
+        return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
         self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
         """Run `decode_steps` steps for the given slots only.
 
         slots, tokens, positions (B,) with B from `decode_batch`; padding rows carry slot id
         max_batch. With B == max_batch, row i must be slot i and idle slots are the padding
         (position max_seq_len): every slot decodes in place, without gathering its keys and
-        values (see `forward.decode`). `sampling` has B rows. Returns tokens and logprobs (K, B).
+        values (see `forward.decode`). `sampling` has B rows. Returns tokens and logprobs (K, B)
+        on the host, and the experts each step's fed token used (K, B, moe layers, k) int16,
+        left on the devices.
         """
         assert self.params is not None, "set_params() before generating"
         if len(slots) == self.max_batch and not np.array_equal(slots, np.arange(self.max_batch)):
@@ -159,7 +167,7 @@ class ModelRunner:
         real = (slots < self.max_batch) & (positions < self.max_seq_len)
         top = int(positions[real].max()) if real.any() else 0
         kv_len = min(pow2_at_least(top + self.decode_steps + 1, 64), self.max_seq_len)
-        toks, lps, self.cache = self._decode(
+        toks, lps, self.cache, routes = self._decode(
             self.params,
             self.derived,
             self.cache,
@@ -169,7 +177,7 @@ class ModelRunner:
             sampling,
             kv_len=kv_len,
         )
-        return np.asarray(toks), np.asarray(lps)
+        return np.asarray(toks), np.asarray(lps), routes
 
     def decode_batch(self, active: int) -> int:
         """Rows a decode call runs for `active` slots: the next power of two, at most max_batch."""

@@ -25,8 +25,9 @@ import json
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -238,24 +239,37 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         """Run one decode call (`decode_steps` steps) for the running sequences and
         `_accept_decoded` its tokens."""
 
-    def _accept_prefilled(self, groups: list[list[Sequence]], tokens: np.ndarray, logprobs: np.ndarray) -> None:
-        """Accept a prefill call's first token of every sequence, in group order (one row each)."""
-        for m, seq in enumerate(seq for group in groups for seq in group):
-            self._accept(seq, int(tokens[m]), float(logprobs[m]))
+    def _accept_prefilled(
+        self, groups: list[list[Sequence]], tokens: np.ndarray, logprobs: np.ndarray, routes: Any = None
+    ) -> None:
+        """Accept a prefill call's first token of every sequence, in group order (one row each).
+        `routes` (groups, length, moe layers, k): the experts of each context's positions."""
+        host = _routes_to_host(routes, (s for group in groups for s in group))
+        m = 0
+        for row, group in enumerate(groups):
+            for seq in group:
+                fed = len(seq.context())
+                self._accept(seq, int(tokens[m]), float(logprobs[m]), None if host is None else host[row, :fed])
+                m += 1
 
-    def _accept_decoded(self, order: tuple[int, ...], tokens: list[list[int]], logprobs: list[list[float]]) -> None:
+    def _accept_decoded(
+        self, order: tuple[int, ...], tokens: list[list[int]], logprobs: list[list[float]], routes: Any = None
+    ) -> None:
         """Accept a decode call's (K, rows) tokens row by row (row i is slot order[i]); a
-        sequence takes its tokens until one finishes it."""
+        sequence takes its tokens until one finishes it. `routes` (K, rows, moe layers, k): the
+        experts of each step's fed token."""
         sequences = self.slots.sequences
+        live = [sequences[slot] for slot in order if slot < self.slots.max_batch]
+        host = _routes_to_host(routes, (s for s in live if s is not None))
         for row, slot in enumerate(order):
             seq = sequences[slot] if slot < self.slots.max_batch else None
             if seq is None:
                 continue
             for k in range(len(tokens)):
-                if self._accept(seq, tokens[k][row], logprobs[k][row]):
+                if self._accept(seq, tokens[k][row], logprobs[k][row], None if host is None else host[k, row][None]):
                     break
 
-    def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
+    def _accept(self, seq: Sequence, token: int, logprob: float, routes: np.ndarray | None = None) -> bool:
         """Record a sampled token; finish the sequence if a stop fires. True if it finished (or
         its request was cancelled: the token is dropped, the next pass ends the sequence "abort").
         Every token of every sequence passes here once (the place for a per-token stream)."""
@@ -263,7 +277,7 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         with future.cancel_lock:  # against Engine.cancel: see RequestFuture
             if future.cancel_asked:
                 return True
-            reason = seq.append(token, logprob, self._weights.serving)
+            reason = seq.append(token, logprob, self._weights.serving, routes)
             if reason is not None and all(s.finish_reason is not None for s in seq.request.sequences if s is not seq):
                 future.settled = True  # the last sample finished by itself: a cancel now is refused
         self.tokens_generated += 1
@@ -299,6 +313,13 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
                 request.future.set_exception(error)
 
 
+def _routes_to_host(routes: Any, sequences: Iterable[Sequence]) -> np.ndarray | None:
+    """A forward's routes on the host if any of `sequences` asks for them (else no copy)."""
+    if routes is None or not any(s.request.return_routed_experts for s in sequences):
+        return None
+    return np.asarray(routes)
+
+
 class Scheduler(BaseScheduler[ModelRunner]):
     """The contiguous layout: each slot owns max_seq_len positions of the runner's KV cache."""
 
@@ -310,10 +331,10 @@ class Scheduler(BaseScheduler[ModelRunner]):
                 dst.append(seq.slot)
                 src.append(row)
                 rows.append(seq.sampling)
-        tokens, logprobs = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
-        self._accept_prefilled(groups, tokens, logprobs)
+        tokens, logprobs, routes = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
+        self._accept_prefilled(groups, tokens, logprobs, routes)
 
     def _decode(self) -> None:
         batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
-        tokens, logprobs = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
-        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist())  # (K, B)
+        tokens, logprobs, routes = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
+        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes)  # (K, B)

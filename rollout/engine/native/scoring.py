@@ -18,6 +18,7 @@ consistent weight version and runs the Scorer on it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,37 @@ from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.runner import pow2_at_least
 from rollout.models import forward
 from rollout.models.bind import ModelDef
+from rollout.models.config import ModelConfig
+from rollout.models.moe import RouteRecorder
 
 # Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
 # to ~this many vocab-sized float32 rows whatever the row length.
 _HEAD_POSITIONS = 256
+
+
+def check_routes(
+    cfg: ModelConfig, prompts: Sequence[list[int]], completions: Sequence[list[int]], routed: Sequence[Any]
+) -> list[np.ndarray]:
+    """Routes to replay, one (prompt + completion - 1, MoE layers, top_k) int array per pair,
+    with experts in [0, num_experts); ValueError naming the pair otherwise."""
+    if not cfg.is_moe:
+        raise ValueError(f"routed_experts given, but {cfg.architecture} is dense (it routes nothing); pass None")
+    if len(routed) != len(prompts):
+        raise ValueError(f"routed_experts has {len(routed)} entries; expected one per pair ({len(prompts)})")
+    out = []
+    for i, (p, c, r) in enumerate(zip(prompts, completions, routed)):
+        r = np.asarray(r)
+        want = (len(p) + len(c) - 1, len(cfg.moe_layers), cfg.num_experts_per_tok)
+        if r.shape != want or (r.size and not np.issubdtype(r.dtype, np.integer)):
+            raise ValueError(
+                f"routed_experts[{i}] has shape {r.shape} ({r.dtype}); expected integer experts of shape {want} "
+                "(prompt + completion tokens - 1, MoE layers, top_k), as Completion.routed_experts gives them"
+            )
+        if r.size and (r.min() < 0 or r.max() >= cfg.num_experts):
+            raise ValueError(f"routed_experts[{i}] names expert {int(r.max()) if r.max() >= cfg.num_experts else int(r.min())}; "
+                             f"experts are 0..{cfg.num_experts - 1}")
+        out.append(r.astype(np.int32))
+    return out
 
 
 class Scorer:
@@ -43,16 +71,21 @@ class Scorer:
         self.min_len = min_len
         self._forward = jax.jit(self._forward_impl)
 
-    def _forward_impl(self, params, derived, tokens, lengths, temperature):
+    def _forward_impl(self, params, derived, tokens, lengths, temperature, given, replay):
         """tokens (B, L) right-padded, lengths (B,) -> (B, L) float32: at column t, the logprob of
-        tokens[:, t + 1] given tokens[:, : t + 1] (the last column is meaningless)."""
+        tokens[:, t + 1] given tokens[:, : t + 1] (the last column is meaningless). given
+        (B, L, MoE layers, k), replay (B, L): the experts to use where replay is True."""
         model = self.model_def.bind(params)
         b, length = tokens.shape
         real = jnp.arange(length)[None, :] < lengths[:, None]
         mask = forward.causal_padding_mask(real)
         positions = jnp.broadcast_to(jnp.arange(length)[None, :], (b, length))
+        recorder = RouteRecorder(self.model_def.config.num_experts_per_tok, given, replay)
         h = model.hidden(
-            tokens, positions, lambda i, q, k, v: forward.attention(q, forward.head_major(k), forward.head_major(v), mask)
+            tokens,
+            positions,
+            lambda i, q, k, v: forward.attention(q, forward.head_major(k), forward.head_major(v), mask),
+            recorder,
         )
         targets = jnp.roll(tokens, -1, axis=1)
         chunk = min(length, max(1, _HEAD_POSITIONS // b))  # both powers of two: divides length
@@ -75,12 +108,16 @@ class Scorer:
         prompts: Sequence[list[int]],
         completions: Sequence[list[int]],
         temperature: float = 1.0,
+        routes: Sequence[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Logprobs of each completion's tokens, one float32 array per pair (validated pairs).
 
         Pairs run `max_rows` at a time (the engine's prefill batch: the same activation memory as
-        one prefill), each batch one forward on the given parameters.
+        one prefill), each batch one forward on the given parameters. `routes` (validated, see
+        `check_routes`): the experts each pair's fed positions use (routing replay).
         """
+        cfg = self.model_def.config
+        moe_shape = (len(cfg.moe_layers), cfg.num_experts_per_tok)
         out: list[np.ndarray] = [np.zeros((0,), np.float32)] * len(prompts)
         rows = [i for i, c in enumerate(completions) if c]  # empty completions score nothing
         # Similar lengths together, so a batch's length bucket fits most of its rows.
@@ -93,10 +130,16 @@ class Scorer:
             length = min(pow2_at_least(max(map(len, seqs)), self.min_len), pow2_at_least(self.max_seq_len))
             tokens = np.zeros((b, length), np.int32)
             lengths = np.zeros((b,), np.int32)
+            given = np.zeros((b, length, *moe_shape), np.int32)
+            replay = np.zeros((b, length), bool)
             for r, seq in enumerate(seqs):
                 tokens[r, : len(seq)] = seq
                 lengths[r] = len(seq)
-            table = np.asarray(self._forward(params, derived, tokens, lengths, temp))
+                if routes is not None:
+                    fed = len(seq) - 1
+                    given[r, :fed] = routes[batch[r]]
+                    replay[r, :fed] = True
+            table = np.asarray(self._forward(params, derived, tokens, lengths, temp, given, replay))
             for r, i in enumerate(batch):
                 first = len(prompts[i]) - 1  # the column that predicts the first completion token
                 out[i] = table[r, first : first + len(completions[i])].astype(np.float32)

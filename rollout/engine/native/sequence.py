@@ -17,6 +17,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
+
 from rollout.engine.native.sampling import SamplingRow
 from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
@@ -57,6 +59,7 @@ class Request:
     future: RequestFuture = dataclasses.field(default_factory=RequestFuture)
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
     sink: Any = None  # a streaming.TokenSink fed as tokens are accepted (streamed requests only)
+    return_routed_experts: bool = False  # keep the experts every fed position used (MoE models)
 
     @property
     def finished(self) -> bool:
@@ -74,6 +77,8 @@ class Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)  # weight version of each token
     finish_reason: str | None = None
+    # the experts of each fed position, (moe layers, k) each, when the request asks for them
+    routes: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def context(self) -> list[int]:
         """Prompt + generated tokens: what a re-prefill of this sequence reads."""
@@ -84,11 +89,21 @@ class Sequence:
         """Position of the last token (sampled, not yet in the KV cache)."""
         return len(self.request.prompt_ids) + len(self.tokens) - 1
 
-    def append(self, token: int, logprob: float, version: int) -> str | None:
-        """Record a sampled token; the finish reason if a stop fires ("stop" | "length"), else None."""
+    def append(self, token: int, logprob: float, version: int, routes: np.ndarray | None = None) -> str | None:
+        """Record a sampled token; the finish reason if a stop fires ("stop" | "length"), else None.
+
+        `routes` (n, moe layers, k): the experts of the last n fed positions, those of the
+        forward that sampled `token` (a prefill: the whole context; a decode step: the token fed).
+        They replace what was recorded for those positions: a re-prefill (a `recompute` swap, a
+        resumed sequence) recomputes them on the weights it runs with.
+        """
         self.tokens.append(token)
         self.logprobs.append(logprob)
         self.versions.append(version)
+        if routes is not None and self.request.return_routed_experts:
+            fed = len(self.request.prompt_ids) + len(self.tokens) - 1
+            del self.routes[fed - len(routes) :]
+            self.routes.extend(routes)
         if self.text.push(token) or token in self.request.stop_ids:
             reason = "stop"
         elif len(self.tokens) >= self.request.sampling.max_tokens:
@@ -110,4 +125,13 @@ class Sequence:
             finish_reason=self.finish_reason or "abort",
             weight_version=self.versions[-1] if self.versions else serving_version,
             token_versions=tuple(self.versions),
+            routed_experts=self.routed_experts(),
         )
+
+    def routed_experts(self) -> np.ndarray | None:
+        """(prompt + completion tokens - 1, moe layers, k) int16, or None if not asked for."""
+        if not self.request.return_routed_experts:
+            return None
+        if not self.routes:  # nothing fed yet (aborted before its prefill)
+            return np.zeros((0, 0, 0), np.int16)
+        return np.stack(self.routes).astype(np.int16)

@@ -170,6 +170,7 @@ class SglangEngine:
         self.config = config
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = ModelConfig.from_pretrained(self.checkpoint)
+        requirements.check_architecture(self.model_config)
         requirements.check_head_dim(self.model_config)
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
         self.prompts = PromptValidator(self.model_config, self.tokenizer, config)

@@ -3,7 +3,7 @@
 Checked in this order, before anything is loaded: the Python version (sglang-jax 0.0.2 requires
 >= 3.12), sglang-jax installed (and which version), the `msgpack` module being msgpack >= 1
 (Ray's and the manifest code's; sglang-jax 0.0.2 drags in msgpack-python 0.5.6, which installs
-the same module), the swap policy, and the checkpoint's head_dim.
+the same module), the swap policy, and the checkpoint's architecture and head_dim.
 """
 
 from __future__ import annotations
@@ -54,9 +54,33 @@ def score_message(version: str = "0.0.2") -> str:
     )
 
 
+def routed_experts_message(version: str = "0.0.2") -> str:
+    return (
+        f"return_routed_experts / routing replay is not available with engine='sglang-jax' (this backend "
+        f"serves dense models only with sglang-jax {version}); use engine='native'"
+    )
+
+
 def capabilities(version: str, platform: str) -> EngineCapabilities:
     """What this backend cannot do, and why (the coordinator refuses those requests up front)."""
-    return EngineCapabilities(unavailable={"logprobs": logprobs_message(version, platform), "score": score_message(version)})
+    return EngineCapabilities(
+        unavailable={
+            "logprobs": logprobs_message(version, platform),
+            "score": score_message(version),
+            "routed_experts": routed_experts_message(version),
+        }
+    )
+
+
+def check_architecture(config: ModelConfig) -> None:
+    """Mixture-of-experts checkpoints are refused: whether sglang-jax 0.0.2 serves Qwen3-MoE was not
+    verified, and this adapter's state mapping and weight sync know dense layers only."""
+    if config.is_moe:
+        raise ValueError(
+            f"{config.architecture} (a mixture-of-experts model, {config.num_experts} experts) cannot be "
+            "served by engine='sglang-jax': this backend is verified with dense Qwen models only (its "
+            "weight mapping has no stacked experts); use engine='native', which serves Qwen3-MoE"
+        )
 
 
 def check_python(version_info: tuple[int, ...] = sys.version_info[:2]) -> None:

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from rollout.engine.native.kv.paged import attention
 from rollout.engine.native.kv.paged.attention import PagedKV
 from rollout.models import forward as model_forward
+from rollout.models.moe import RouteFn
 
 Array = jax.Array
 
@@ -44,6 +45,7 @@ def prefill(
     tail_start: Array,
     tail_page: Array,
     head_t: Array | None = None,
+    route: RouteFn | None = None,
 ) -> tuple[Array, PagedKV]:
     """Run right-padded prompts and write their K/V into pages.
 
@@ -51,8 +53,9 @@ def prefill(
     of each position (num_pages, i.e. out of range, for positions not to write: padding, and
     shared pages another row writes). tail_src, tail_start, tail_page (J,): copy positions
     [tail_start, tail_start + page_size) of prompt row tail_src into page tail_page (out of
-    range: no copy); positions at or past the row's length are not written.
-    Returns float32 logits at each prompt's last real token (B, vocab) and the new pool.
+    range: no copy); positions at or past the row's length are not written. `route`: see
+    `CausalLM.hidden`. Returns float32 logits at each prompt's last real token (B, vocab) and
+    the new pool.
     """
     b, p = tokens.shape
     page_size = pool[0][0].shape[2]
@@ -77,7 +80,7 @@ def prefill(
         new_pool[i] = (kp, vp)
         return model_forward.attention(q, model_forward.head_major(k), model_forward.head_major(v), mask)
 
-    h = model.hidden(tokens, positions, attend)
+    h = model.hidden(tokens, positions, attend, route)
     last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
     return model.logits(last, head_t), tuple(new_pool)
 
@@ -94,8 +97,9 @@ def decode(
     kernel: str = "xla",
     mesh: Mesh | None = None,
     interpret: bool = False,
+    route: RouteFn | None = None,
 ) -> tuple[Array, PagedKV]:
-    """One step for a batch of sequences.
+    """One step for a batch of sequences (`route`: see `CausalLM.hidden`).
 
     page_table (B, W): each row's pages, unused entries num_pages (out of range); tokens,
     positions (B,): the token each row feeds and its position. A write to an unused entry is
@@ -127,7 +131,7 @@ def decode(
             out = attention.decode_attention_xla(q[:, 0], kp, vp, table, lengths)
         return out[:, None]
 
-    h = model.hidden(tokens[:, None], positions[:, None], attend)
+    h = model.hidden(tokens[:, None], positions[:, None], attend, route)
     return model.logits(h[:, 0], head_t), tuple(new_pool)
 
 

@@ -36,6 +36,7 @@ from rollout.engine.native.runner import pow2_at_least
 from rollout.engine.native.sampling import SlotSampling, sample
 from rollout.models import forward as model_forward
 from rollout.models.bind import ModelDef
+from rollout.models.moe import RouteRecorder
 from rollout.models.sharding import cache_sharding, logical_sharding
 
 Params = dict[str, jax.Array]
@@ -160,11 +161,13 @@ class PagedRunner:
     def _prefill_impl(self, params, derived, pool, tokens, lengths, write_pages, tails, src_rows, sampling: SlotSampling):
         model = self.model_def.bind(params)
         tail_src, tail_start, tail_page = tails
+        recorder = RouteRecorder(self.model_def.config.num_experts_per_tok)
         logits, pool = forward.prefill(
-            model, pool, tokens, lengths, write_pages, tail_src, tail_start, tail_page, derived.get("head_t")
+            model, pool, tokens, lengths, write_pages, tail_src, tail_start, tail_page, derived.get("head_t"),
+            route=recorder,
         )
         new_tokens, logprobs = sample(logits[src_rows], sampling, lengths[src_rows])
-        return new_tokens, logprobs, pool
+        return new_tokens, logprobs, pool, recorder.routes(tokens.shape)  # routes (B, P, moe layers, k)
 
     def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
         model = self.model_def.bind(params)
@@ -173,15 +176,16 @@ class PagedRunner:
 
         def step(carry, _):
             pool, tok, pos = carry
+            recorder = RouteRecorder(self.model_def.config.num_experts_per_tok)
             logits, pool = forward.decode(
                 model, pool, page_table, tok, pos, span, derived.get("head_t"),
-                kernel=self.kernel, mesh=self.mesh, interpret=self.interpret,
+                kernel=self.kernel, mesh=self.mesh, interpret=self.interpret, route=recorder,
             )
             nxt, lp = sample(logits, sampling, pos + 1)
-            return (pool, nxt, pos + 1), (nxt, lp)
+            return (pool, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0])
 
-        (pool, _, _), (toks, lps) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
-        return toks, lps, pool  # (K, B) each
+        (pool, _, _), (toks, lps, routes) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
+        return toks, lps, pool, routes  # (K, B) each; routes (K, B, moe layers, k) of the fed tokens
 
     def gathers_once(self, rows: int, span: int) -> bool:
         """Whether a decode call of `rows` rows and `span` pages runs on one gathered block."""
@@ -204,12 +208,15 @@ class PagedRunner:
 
         def step(carry, _):
             block, tok, pos = carry
-            logits, block = model_forward.decode(model, block, rows, tok, pos, kv_len, derived.get("head_t"), in_place=True)
+            recorder = RouteRecorder(self.model_def.config.num_experts_per_tok)
+            logits, block = model_forward.decode(
+                model, block, rows, tok, pos, kv_len, derived.get("head_t"), in_place=True, route=recorder
+            )
             nxt, lp = sample(logits, sampling, pos + 1)
-            return (block, nxt, pos + 1), (nxt, lp)
+            return (block, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0])
 
-        (block, _, _), (toks, lps) = jax.lax.scan(step, (block, tokens, positions), None, length=self.decode_steps)
-        return toks, lps, forward.write_rows(pool, block, page_table, positions, self.decode_steps)
+        (block, _, _), (toks, lps, routes) = jax.lax.scan(step, (block, tokens, positions), None, length=self.decode_steps)
+        return toks, lps, forward.write_rows(pool, block, page_table, positions, self.decode_steps), routes
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -231,42 +238,44 @@ class PagedRunner:
 
     def prefill(
         self, prompts: list[list[int]], groups: list[list[list[int]]], sampling: SlotSampling
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
         """Prefill each prompt once into the page tables of its group of samples.
 
         groups[r] lists the page tables of prompt r's samples (as `PagePool.admit_group` made
         them: full pages shared, a private last page each). `sampling` has max_batch rows, one
         per destination in group order. Returns each destination's first sampled token and its
-        logprob, (max_batch,) on the host.
+        logprob, (max_batch,) on the host, and the experts of every prompt position (prompts,
+        length bucket, moe layers, k) int16, left on the devices (see `ModelRunner.prefill`).
         """
         assert self.params is not None, "set_params() before generating"
         plan = plan_prefill(
             prompts, groups, page_size=self.page_size, num_pages=self.num_pages, max_batch=self.max_batch,
             bucket=min(pow2_at_least(max(len(x) for x in prompts), self.min_prefill_len), self.width * self.page_size),
         )
-        toks, lps, self.pool = self._prefill(
+        toks, lps, self.pool, routes = self._prefill(
             self.params, self.derived, self.pool, plan.tokens, plan.lengths, plan.write_pages,
             plan.tails, plan.src_rows, sampling,
         )
-        return np.asarray(toks), np.asarray(lps)
+        return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
         self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
         """Run `decode_steps` steps for the rows of `tables` (None: a padding row), padded to
         `decode_batch(len(tables))` rows.
 
         tables[i] should cover positions [0, positions[i] + decode_steps) (`PagePool.grow`):
         writes past a row's pages are dropped, so steps there give meaningless tokens (fine
         for steps past a sequence's end). tokens, positions (len(tables),); `sampling` has
-        decode_batch(len(tables)) rows. Returns tokens and logprobs (K, rows).
+        decode_batch(len(tables)) rows. Returns tokens and logprobs (K, rows) on the host, and
+        the experts of each step's fed token (K, rows, moe layers, k), left on the devices.
         """
         assert self.params is not None, "set_params() before generating"
         table, tok, pos, span = self.decode_inputs(tables, tokens, positions)
-        toks, lps, self.pool = self._decode(
+        toks, lps, self.pool, routes = self._decode(
             self.params, self.derived, self.pool, table, tok, pos, sampling, span=span
         )
-        return np.asarray(toks), np.asarray(lps)
+        return np.asarray(toks), np.asarray(lps), routes
 
     def decode_inputs(
         self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray

@@ -195,8 +195,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
     def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
         rows = [seq.sampling for group in groups for seq in group]
         tables = [[self.pool.table(seq) for seq in group] for group in groups]
-        tokens, logprobs = self._runner.prefill(contexts, tables, stack_sampling(rows, self._config.max_batch))
-        self._accept_prefilled(groups, tokens, logprobs)
+        tokens, logprobs, routes = self._runner.prefill(contexts, tables, stack_sampling(rows, self._config.max_batch))
+        self._accept_prefilled(groups, tokens, logprobs, routes)
 
     def _grow_or_preempt(self) -> None:
         """Pages for one decode call of every running sequence, oldest first; the youngest are
@@ -245,8 +245,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                 self.pool.table(sequences[slot]) if slot < self.slots.max_batch and sequences[slot] is not None else None
                 for slot in batch.order
             ]
-            tokens, logprobs = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
-            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist())
+            tokens, logprobs, routes = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
+            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.pool:
