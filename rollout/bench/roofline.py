@@ -197,8 +197,9 @@ def roofline_lines(limits: HostLimits, rows: Sequence[dict[str, Any]]) -> list[s
     """The host's figures and a table of rows, each with keys label, batch, tok_s, ratio (to
     transformers) and the roofline_fields."""
     lines = [*limits.describe(),
-             "roofline: bytes/token = parameter bytes / batch + KV read; FLOPs/token = 2 x params + attention; "
-             "% of bandwidth matters at batch 1, % of matmul peak at the largest batch"]
+             "roofline: bytes/token = weights read per step / batch + KV read; FLOPs/token = 2 x params used + "
+             "attention (MoE: the experts routed to); % of bandwidth matters at batch 1, % of matmul peak at the "
+             "largest batch"]
     lines.append(f"{'engine':>12} {'batch':>5} {'tok/s':>8} {'GB/s read':>10} {'% bandwidth':>12} "
                  f"{'GFLOP/s':>8} {'% matmul peak':>14} {'vs transformers':>16}")
     lines.extend(
