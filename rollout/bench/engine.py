@@ -101,26 +101,9 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
 def host_roofline(args: argparse.Namespace, model_config, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
     """Measures the host, adds each row's roofline fields (under "roofline"); returns the host's
     JSON and the lines to print (transformers' rows too: the same arithmetic on its rate)."""
-    from rollout.bench.roofline import (
-        DecodeCost,
-        decode_matmul_shape,
-        mean_context,
-        measure_host,
-        roofline_fields,
-        roofline_lines,
-    )
+    from rollout.bench.roofline import roofline_table
 
-    limits = measure_host([decode_matmul_shape(model_config, max(args.batches))])
-    cost = DecodeCost.of(model_config, params)
-    context = mean_context(args.prompt_len, args.new_tokens)
-    table = []
-    for r in rows:
-        r["roofline"] = roofline_fields(cost, limits, r["batch"], r["rollout_tok_s"], context)
-        r["transformers_roofline"] = roofline_fields(cost, limits, r["batch"], r["transformers_tok_s"], context)
-        table.append(dict(label="rollout", batch=r["batch"], tok_s=r["rollout_tok_s"], ratio=r["ratio"], **r["roofline"]))
-        table.append(dict(label="transformers", batch=r["batch"], tok_s=r["transformers_tok_s"], ratio=1.0,
-                          **r["transformers_roofline"]))
-    return limits.to_json(), roofline_lines(limits, table)
+    return roofline_table(model_config, params, args, rows, [("rollout", "rollout_tok_s", "ratio"), ("transformers", "transformers_tok_s", None)])
 
 
 def main(argv: list[str] | None = None) -> int:

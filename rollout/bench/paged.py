@@ -126,26 +126,9 @@ def timed(fn):
 def host_roofline(args: argparse.Namespace, cfg, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
     """(c)'s roofline: measures the host, adds each row's fields per side ("<side>_roofline");
     returns the host's JSON and the lines to print."""
-    from rollout.bench.roofline import (
-        DecodeCost,
-        decode_matmul_shape,
-        mean_context,
-        measure_host,
-        roofline_fields,
-        roofline_lines,
-    )
+    from rollout.bench.roofline import roofline_table
 
-    limits = measure_host([decode_matmul_shape(cfg, max(args.batches))])
-    cost = DecodeCost.of(cfg, params)
-    context = mean_context(args.prompt_len, args.new_tokens)
-    table = []
-    for r in rows:
-        for side in ("paged", "contiguous", "transformers"):
-            tok_s = r[f"{side}_tok_s"]
-            r[f"{side}_roofline"] = roofline_fields(cost, limits, r["batch"], tok_s, context)
-            ratio = r[f"{side}_ratio"] if side != "transformers" else 1.0
-            table.append(dict(label=side, batch=r["batch"], tok_s=tok_s, ratio=ratio, **r[f"{side}_roofline"]))
-    return limits.to_json(), roofline_lines(limits, table)
+    return roofline_table(cfg, params, args, rows, [(side, f"{side}_tok_s", f"{side}_ratio") for side in ("paged", "contiguous")] + [("transformers", "transformers_tok_s", None)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,3 +209,26 @@ def roofline_lines(limits: HostLimits, rows: Sequence[dict[str, Any]]) -> list[s
         for r in rows
     )
     return lines
+
+
+def roofline_table(
+    cfg: ModelConfig, params: int, args: Any, rows: list[dict[str, Any]], sides: Sequence[tuple[str, str, str | None]]
+) -> tuple[dict[str, Any], list[str]]:
+    """Measure the host at the largest batch's decode shape, add each row's roofline fields per
+    side, and return (the host's JSON, the lines to print).
+
+    `args` has `batches`, `prompt_len`, `new_tokens`; each side is (label, the row's tok/s key,
+    the row's ratio key or None for the reference, 1.0); a side's fields go under
+    "<label>_roofline", except "rollout", whose go under "roofline".
+    """
+    limits = measure_host([decode_matmul_shape(cfg, max(args.batches))])
+    cost = DecodeCost.of(cfg, params)
+    context = mean_context(args.prompt_len, args.new_tokens)
+    table = []
+    for r in rows:
+        for label, tok_key, ratio_key in sides:
+            key = "roofline" if label == "rollout" else f"{label}_roofline"
+            r[key] = roofline_fields(cost, limits, r["batch"], r[tok_key], context)
+            ratio = r[ratio_key] if ratio_key else 1.0
+            table.append(dict(label=label, batch=r["batch"], tok_s=r[tok_key], ratio=ratio, **r[key]))
+    return limits.to_json(), roofline_lines(limits, table)

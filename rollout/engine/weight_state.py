@@ -20,7 +20,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import jax
 
@@ -182,3 +182,25 @@ class WeightState(Generic[P]):
             self.serving = swap.weights.version
             self.swaps += 1
             self._lock.notify_all()
+
+
+class WeightVersions:
+    """The backend protocol's version properties, read from the backend's `_weights` (its
+    WeightState): one definition for every backend."""
+
+    _weights: WeightState[Any]
+
+    @property
+    def version(self) -> int:
+        """The latest committed version (new requests are served by it or a newer one)."""
+        return self._weights.committed
+
+    @property
+    def serving_version(self) -> int:
+        """The version the model holds now (behind `version` until the swap is applied)."""
+        return self._weights.serving
+
+    @property
+    def staged_version(self) -> int | None:
+        """The staged, not yet committed version, if any."""
+        return self._weights.staged_version

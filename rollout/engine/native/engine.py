@@ -60,7 +60,7 @@ from rollout.engine.native.scoring import Scorer, check_routes
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
-from rollout.engine.weight_state import WeightState
+from rollout.engine.weight_state import WeightState, WeightVersions
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.models.sharding import make_mesh
@@ -72,7 +72,7 @@ from rollout.weights.lora import adapter_factors
 from rollout.weights.spec import ParamSpec
 
 
-class Engine:
+class Engine(WeightVersions):
     """One engine on one device mesh. Construct it, `submit`/`generate`, `stage`/`commit`."""
 
     def __init__(
@@ -117,19 +117,6 @@ class Engine:
     @property
     def param_shardings(self) -> dict[str, jax.sharding.NamedSharding]:
         return self.runner.param_shardings
-
-    @property
-    def version(self) -> int:
-        """The latest committed version (new requests are served by it or a newer one)."""
-        return self._weights.committed
-
-    @property
-    def serving_version(self) -> int:
-        return self._weights.serving
-
-    @property
-    def staged_version(self) -> int | None:
-        return self._weights.staged_version
 
     def current_params(self) -> dict[str, jax.Array]:
         """The serving parameters (device arrays; do not mutate)."""

@@ -55,7 +55,7 @@ from rollout.engine.sglang.compiles import CompileCounter
 from rollout.engine.sglang.requirements import LogprobsUnavailableError, logprobs_unavailable  # noqa: F401 (re-exported)
 from rollout.engine.staging import StagedWeights, check_host_leaf
 from rollout.engine.types import Completion, EngineClosedError
-from rollout.engine.weight_state import WeightState
+from rollout.engine.weight_state import WeightState, WeightVersions
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
@@ -148,7 +148,7 @@ def _paddings(limit: int, start: int) -> list[int]:
     return [*out, limit]
 
 
-class SglangEngine:
+class SglangEngine(WeightVersions):
     """One sglang-jax Engine on `devices` (tensor parallel over them), rollout's interface."""
 
     backend = "sglang-jax"
@@ -361,18 +361,6 @@ class SglangEngine:
     def spec(self) -> ParamSpec:
         """The native engine's spec for the same checkpoint (rollout paths, shapes, dtypes)."""
         return self._spec
-
-    @property
-    def version(self) -> int:
-        return self._weights.committed
-
-    @property
-    def serving_version(self) -> int:
-        return self._weights.serving
-
-    @property
-    def staged_version(self) -> int | None:
-        return self._weights.staged_version
 
     def current_params(self) -> dict[str, Any]:
         """rollout path -> serving device array, in sglang-jax's layout (do not mutate)."""
