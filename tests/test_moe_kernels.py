@@ -47,3 +47,30 @@ def test_expert_mlp_is_the_weighted_sum_of_each_tokens_experts(impl):
     ])
     got = jax.jit(lambda *a: expert_mlp(*a, impl=impl))(x, ids, weights, gate, up, down)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def compiled_flops(impl: str, tokens: int, k: int, experts: int, hidden: int = 64, inter: int = 32) -> float:
+    """XLA's FLOP count of the compiled sparse MoE MLP (CPU), for shapes only."""
+    f = jax.jit(lambda x, ids, wts, g, u, d: expert_mlp(x, ids, wts, g, u, d, impl))
+    args = (
+        jax.ShapeDtypeStruct((tokens, hidden), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+        jax.ShapeDtypeStruct((experts, hidden, inter), jnp.float32),
+        jax.ShapeDtypeStruct((experts, hidden, inter), jnp.float32),
+        jax.ShapeDtypeStruct((experts, inter, hidden), jnp.float32),
+    )
+    cost = f.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def test_the_cpu_expert_matmul_grows_with_top_k_not_with_the_number_of_experts():
+    # Every expert on every token would cost experts / k times the routed work: 16x here. The
+    # tiled grouped matmul stays within about twice the routed work whatever the expert count.
+    tokens, k, hidden, inter = 16, 2, 64, 32
+    routed = 3 * 2 * tokens * k * hidden * inter  # gate, up and down of each (token, expert) slot
+    few, many = compiled_flops("tiled", tokens, k, 8), compiled_flops("tiled", tokens, k, 64)
+    assert many < 1.5 * few
+    assert many < 3 * routed
+    assert compiled_flops("tiled", tokens, 2 * k, 64) > 1.5 * many  # twice top_k: about twice the work
