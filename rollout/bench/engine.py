@@ -7,16 +7,22 @@ needs torch and transformers (`pip install "rollout[bench]"`).
 
     rollout bench engine                              # batch 1 and 16, 64 new tokens
     rollout bench engine --batches 1 4 16 --new-tokens 128
-    rollout bench engine --moe --batches 1 4          # Qwen3-MoE (see MOE_SHAPE) instead
+    rollout bench engine --moe --batches 1 4 16 64    # Qwen3-MoE (see MOE_SHAPE) instead
 
 `--moe` measures a Qwen3-MoE model (`MOE_SHAPE`: 32 experts, top-4, ~205M parameters of which
 ~73M are used per token) that transformers itself writes (save_pretrained), with its weights
-drawn so that greedy tokens and routes are clearly decided (as the tests' MoE checkpoints).
+drawn so that greedy tokens and routes are clearly decided (as the tests' MoE checkpoints). In
+the same run it also times a dense Qwen3 with the same ACTIVE parameters (rollout.bench.dense_active:
+intermediate = top_k x moe_intermediate, all else equal) on the rollout engine, and prints the
+MoE / dense-active tokens/s ratio (`--no-dense-reference` skips it). Memory at batch 64: ~0.8 GB
+of MoE weights each for rollout and transformers, ~0.3 GB for the dense twin, KV caches of a few
+MB; the CPU grouped matmul gathers at most ~2x the routed slots' expert matrices per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=8, help="engine decode steps per host round trip")
     p.add_argument("--checkpoint", type=Path, default=None, help="reuse this HF directory instead of making one")
     p.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (MOE_SHAPE) instead of the dense 75M one")
+    p.add_argument("--no-dense-reference", dest="dense_reference", action="store_false",
+                   help="with --moe: skip the dense model of the same active parameters")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -119,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     params = sum(int(np.prod(leaf.shape)) for leaf in engine.spec.leaves)
+    dense = None
+    if args.moe and args.dense_reference and not args.checkpoint:
+        from rollout.bench.dense_active import DenseActiveReference
+
+        dense = DenseActiveReference.start(root / "qwen3-dense-active", MOE_SHAPE, engine.config, prompts, sampling)
 
     def run_engine(batch: int) -> list[list[int]]:
         return [list(c.token_ids) for c in engine.generate(prompts[:batch], sampling)]
@@ -145,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
                  ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal)
         )
+        if dense is not None:
+            rows[-1].update(dense.measure(batch, functools.partial(run_engine, batch), args.repeats,
+                                          interleaved_best, args.new_tokens))
     engine.shutdown()
 
     kind = f"Qwen3-MoE ({engine.model_config.num_experts} experts, top-{engine.model_config.num_experts_per_tok})" \
@@ -158,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         steal_text = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
         print(f"{r['batch']:>5} {r['rollout_tok_s']:>14.1f} {r['transformers_tok_s']:>19.1f} "
               f"{r['ratio']:>6.2f}x {r['identical_outputs']:>12} {steal_text:>10}")
+    if dense is not None:
+        from rollout.bench.dense_active import active_params
+
+        print("\n".join(dense.lines(rows, params, active_params(engine.model_config, params))))
+        dense.shutdown()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
