@@ -136,3 +136,12 @@ def test_a_continued_sample_keeps_its_continuations_routes_cut_to_its_length(val
     assert first is not None and first.routed_experts is None
     assert last is not None and last.routed_experts is not None
     np.testing.assert_array_equal(last.routed_experts, routes[: 4 + 5 - 1])
+
+
+def test_return_routed_experts_reaches_sampling_and_a_dense_model_refuses_it(validator):
+    req = CompletionRequest(model="m", prompt="x", return_routed_experts=True)
+    sp = translate.sampling_params(req, 4, [1], 64)
+    assert sp.return_routed_experts and not translate.sampling_params(CompletionRequest(model="m", prompt="x"), 4, [1],
+                                                                      64).return_routed_experts
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        validator.validate([1, 2], sp)  # the Job turns this into a 400 before anything is sent
