@@ -333,7 +333,8 @@ class RolloutService:
     ) -> TokenStream:
         """One prompt's samples token by token: an async iterator of TokenDelta lists, for
         servers and agents on an event loop (see rollout.coordinator.streaming). Validated now; the request
-        is sent when iteration starts and cancelled on its worker if the iteration stops early."""
+        is sent when iteration starts and cancelled on its worker if the iteration stops early.
+        With sampling.return_routed_experts, each sample's last delta carries its routed_experts."""
         return TokenStream(self._fleet_request(prompt, sampling, return_logprobs))
 
     async def agenerate(
