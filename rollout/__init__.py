@@ -164,10 +164,14 @@ def score(
     *,
     temperature: float = 1.0,
     timeout: float | None = None,
+    routed_experts: Sequence[Any] | None = None,
 ) -> Scores:
     """Per-token logprobs of each completion (token ids) after its prompt, teacher-forced, on one
-    weight version (returned with them). See RolloutService.score."""
-    return _service().score(prompts, completions, temperature=temperature, timeout=timeout)
+    weight version (returned with them); `routed_experts` (MoE models, from
+    Completion.routed_experts) are replayed. See RolloutService.score."""
+    return _service().score(
+        prompts, completions, temperature=temperature, timeout=timeout, routed_experts=routed_experts
+    )
 
 
 def status() -> dict[str, Any]:

@@ -36,7 +36,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "Shows a progress bar, then a summary table; writes a reward plot (PNG) and a "
             "JSON-lines step log to --out-dir. --engine sglang-jax runs it on sglang-jax workers "
             "(Python >= 3.12): a head_dim-128 tiny model, and no logprob check (it returns no "
-            "logprobs on CPU; the demo says so)."
+            "logprobs on CPU; the demo says so). --moe trains a built-in tiny Qwen3-MoE instead: the "
+            "rollout returns each sample's routed experts and the trainer's forward replays them "
+            "(routing replay), so the logprob check holds for MoE too."
         ),
     )
     p.add_argument("--model", default=None, help="HF directory or repo id instead of the built-in tiny Qwen3")

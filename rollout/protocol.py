@@ -138,9 +138,17 @@ class WorkerCalls(Protocol):
         """The same request token by token (a Ray streaming generator: call it with
         `.options(num_returns="streaming")`); cancelling the stream cancels the request."""
 
-    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
+    async def score(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        temperature: float = 1.0,
+        routed_experts: list[Any] | None = None,
+    ) -> Any:
         """Per-token logprobs of each completion after its prompt on the committed version (a
-        rollout.scores.Scores); refused by a backend without scoring (see its capabilities)."""
+        rollout.scores.Scores), with `routed_experts` (one int16 (prompt + completion - 1, MoE
+        layers, top_k) array per pair) replayed when given; refused by a backend without
+        scoring or routing replay (see its capabilities)."""
 
     async def node_id(self) -> str:
         """The Ray node this worker runs on (the coordinator plans a sync's relay by node)."""

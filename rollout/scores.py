@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rollout.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +93,28 @@ def encode_pairs(
     completion_ids = [encode_completion(c) for c in completions]
     validate_pairs(prompt_ids, completion_ids, vocab_size=vocab_size, max_seq_len=max_seq_len)
     return prompt_ids, completion_ids
+
+
+def check_routes(
+    cfg: ModelConfig, prompts: Sequence[list[int]], completions: Sequence[list[int]], routed: Sequence[Any]
+) -> list[np.ndarray]:
+    """Routes to replay, one (prompt + completion - 1, MoE layers, top_k) int array per pair,
+    with experts in [0, num_experts); ValueError naming the pair otherwise."""
+    if not cfg.is_moe:
+        raise ValueError(f"routed_experts given, but {cfg.architecture} is dense (it routes nothing); pass None")
+    if len(routed) != len(prompts):
+        raise ValueError(f"routed_experts has {len(routed)} entries; expected one per pair ({len(prompts)})")
+    out = []
+    for i, (p, c, r) in enumerate(zip(prompts, completions, routed)):
+        r = np.asarray(r)
+        want = (len(p) + len(c) - 1, len(cfg.moe_layers), cfg.num_experts_per_tok)
+        if r.shape != want or (r.size and not np.issubdtype(r.dtype, np.integer)):
+            raise ValueError(
+                f"routed_experts[{i}] has shape {r.shape} ({r.dtype}); expected integer experts of shape {want} "
+                "(prompt + completion tokens - 1, MoE layers, top_k), as Completion.routed_experts gives them"
+            )
+        if r.size and (r.min() < 0 or r.max() >= cfg.num_experts):
+            raise ValueError(f"routed_experts[{i}] names expert {int(r.max()) if r.max() >= cfg.num_experts else int(r.min())}; "
+                             f"experts are 0..{cfg.num_experts - 1}")
+        out.append(r.astype(np.int32))
+    return out

@@ -1,9 +1,9 @@
-"""Public test helpers: tiny Hugging Face-format Qwen3 / Qwen2 checkpoints, made on the spot.
+"""Public test helpers: tiny Hugging Face-format Qwen3 / Qwen2 / Qwen3-MoE checkpoints, made on the spot.
 
 `make_tiny_checkpoint` writes a complete checkpoint directory that both `rollout` and
 transformers (`AutoModelForCausalLM`, `AutoTokenizer`) load, with nothing downloaded:
 
-    config.json                      HF config of Qwen3ForCausalLM or Qwen2ForCausalLM
+    config.json                      HF config of Qwen3ForCausalLM, Qwen2ForCausalLM or Qwen3MoeForCausalLM
     model.safetensors                random float32 weights under the exact HF tensor names
       (or model-0000i-of-0000n.safetensors + model.safetensors.index.json when sharded)
     tokenizer.json                   byte-level BPE trained here on a small embedded corpus
@@ -13,7 +13,9 @@ transformers (`AutoModelForCausalLM`, `AutoTokenizer`) load, with nothing downlo
 Weights are deterministic in `seed` and scaled so that the next-token distribution is clearly
 peaked (top-1 logit well above top-2), which lets tests compare greedy continuations of two
 implementations token by token. `make_bench_checkpoint` writes a ~75M-parameter Qwen3 model with
-the same tokenizer for benchmarks. The demo's built-in model also comes from here.
+the same tokenizer for benchmarks. The demo's built-in models also come from here (`rollout demo
+--moe`: the tiny Qwen3-MoE, TINY_QWEN3_MOE: per-expert tensors as transformers' save_pretrained
+names them, and a router drawn so that each token's top-k experts are clearly apart).
 
 Example:
     >>> path = make_tiny_checkpoint(tmp_path / "qwen3")                      # doctest: +SKIP
@@ -44,6 +46,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TINY_QWEN2",
     "TINY_QWEN3",
+    "TINY_QWEN3_MOE",
     "TOKENIZER_SIZE",
     "make_bench_checkpoint",
     "make_tiny_checkpoint",
@@ -51,7 +54,9 @@ __all__ = [
 ]
 
 # HF architecture name -> config.json `model_type`.
-ARCHITECTURES: dict[str, str] = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES: dict[str, str] = {
+    "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3_moe",
+}
 
 # Size defaults of the tiny models. head_dim (32) is deliberately != hidden/heads (16) for Qwen3,
 # so code that derives head_dim instead of reading it fails loudly.
@@ -67,6 +72,19 @@ TINY_QWEN3: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
     max_position_embeddings=1024,
+)
+# Qwen3-MoE: Qwen3's attention; every layer's MLP is 8 experts of width 32, each token using 2.
+TINY_QWEN3_MOE: dict[str, Any] = dict(
+    TINY_QWEN3,
+    intermediate_size=96,  # of dense layers (none unless mlp_only_layers / decoder_sparse_step say so)
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    output_router_logits=False,
+    router_aux_loss_coef=0.001,
 )
 # Qwen2 has no head_dim in its config: it is hidden_size // num_attention_heads (16 here).
 TINY_QWEN2: dict[str, Any] = {k: v for k, v in TINY_QWEN3.items() if k != "head_dim"}
@@ -200,11 +218,12 @@ def _special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 def _base_config(architecture: str) -> dict[str, Any]:
     """The HF config.json keys of `architecture` at tiny defaults (token ids filled in later)."""
-    qwen3 = architecture == "Qwen3ForCausalLM"
+    qwen3 = architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+    sizes = {"Qwen3ForCausalLM": TINY_QWEN3, "Qwen2ForCausalLM": TINY_QWEN2, "Qwen3MoeForCausalLM": TINY_QWEN3_MOE}
     config: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": ARCHITECTURES[architecture],
-        **(TINY_QWEN3 if qwen3 else TINY_QWEN2),
+        **sizes[architecture],
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "use_cache": True,
@@ -272,16 +291,46 @@ def _head_dim(config: dict[str, Any]) -> int:
 
 
 # Kinds of tensors, each with its own random init (see _random_tensor).
-_EMBED, _LINEAR, _RESIDUAL_OUT, _BIAS, _NORM = "embed", "linear", "residual_out", "bias", "norm"
+_EMBED, _LINEAR, _RESIDUAL_OUT, _BIAS, _NORM, _ROUTER = "embed", "linear", "residual_out", "bias", "norm", "router"
+
+
+def _sparse_layers(config: dict[str, Any]) -> set[int]:
+    """Layers whose MLP is a sparse MoE block, as transformers' Qwen3MoeDecoderLayer decides."""
+    if not config.get("num_experts"):
+        return set()
+    step, dense = config["decoder_sparse_step"], set(config["mlp_only_layers"])
+    return {i for i in range(config["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0}
+
+
+def _mlp_specs(config: dict[str, Any], p: str, sparse: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """The MLP tensors of layer prefix `p`: dense, or a router and per-expert SwiGLUs."""
+    hidden = config["hidden_size"]
+    if not sparse:
+        inter = config["intermediate_size"]
+        return [
+            (f"{p}.mlp.gate_proj.weight", (inter, hidden), _LINEAR),
+            (f"{p}.mlp.up_proj.weight", (inter, hidden), _LINEAR),
+            (f"{p}.mlp.down_proj.weight", (hidden, inter), _RESIDUAL_OUT),
+        ]
+    inter = config["moe_intermediate_size"]
+    specs: list[tuple[str, tuple[int, ...], str]] = [(f"{p}.mlp.gate.weight", (config["num_experts"], hidden), _ROUTER)]
+    for e in range(config["num_experts"]):
+        specs += [
+            (f"{p}.mlp.experts.{e}.gate_proj.weight", (inter, hidden), _LINEAR),
+            (f"{p}.mlp.experts.{e}.up_proj.weight", (inter, hidden), _LINEAR),
+            (f"{p}.mlp.experts.{e}.down_proj.weight", (hidden, inter), _RESIDUAL_OUT),
+        ]
+    return specs
 
 
 def _tensor_specs(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
     """(HF name, shape, init kind) of every tensor of the checkpoint, in HF order."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hidden = config["hidden_size"]
     vocab, head_dim = config["vocab_size"], _head_dim(config)
     q_dim = config["num_attention_heads"] * head_dim
     kv_dim = config["num_key_value_heads"] * head_dim
-    qwen3 = config["model_type"] == "qwen3"
+    qwen3 = config["model_type"] in ("qwen3", "qwen3_moe")
+    sparse = _sparse_layers(config)
     qkv_bias = not qwen3 or bool(config.get("attention_bias"))
     o_bias = qwen3 and bool(config.get("attention_bias"))
 
@@ -308,12 +357,8 @@ def _tensor_specs(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], st
         specs.append((f"{p}.self_attn.o_proj.weight", (hidden, q_dim), _RESIDUAL_OUT))
         if o_bias:
             specs.append((f"{p}.self_attn.o_proj.bias", (hidden,), _BIAS))
-        specs += [
-            (f"{p}.post_attention_layernorm.weight", (hidden,), _NORM),
-            (f"{p}.mlp.gate_proj.weight", (inter, hidden), _LINEAR),
-            (f"{p}.mlp.up_proj.weight", (inter, hidden), _LINEAR),
-            (f"{p}.mlp.down_proj.weight", (hidden, inter), _RESIDUAL_OUT),
-        ]
+        specs.append((f"{p}.post_attention_layernorm.weight", (hidden,), _NORM))
+        specs += _mlp_specs(config, p, i in sparse)
     specs.append(("model.norm.weight", (hidden,), _NORM))
     if not config["tie_word_embeddings"]:
         specs.append(("lm_head.weight", (vocab, hidden), _EMBED))
@@ -329,6 +374,7 @@ def _tensor_specs(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], st
 # top1-top2 logit gap median 2.3, 1st percentile 0.08, min 0.007, against a float32-vs-float64
 # logit error of 3e-5.
 _RESIDUAL_OUT_GAIN = 12.0
+_ROUTER_GAIN = 4.0  # router logits of std ~4: each token's top-k experts are well apart
 _NORM_JITTER = 0.1
 _BIAS_STD = 0.1
 
@@ -343,6 +389,8 @@ def _random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int) -> n
     x = rng.standard_normal(shape, dtype=np.float32)  # (out, in) for linear layers
     if kind == _LINEAR:
         x *= np.float32(1.0 / np.sqrt(shape[1]))
+    elif kind == _ROUTER:
+        x *= np.float32(_ROUTER_GAIN / np.sqrt(shape[1]))
     elif kind == _RESIDUAL_OUT:
         x *= np.float32(_RESIDUAL_OUT_GAIN / np.sqrt(shape[1]))
     return x
@@ -434,7 +482,8 @@ def make_tiny_checkpoint(
 
     Args:
         path: directory to write (created if missing; existing checkpoint files are replaced).
-        architecture: "Qwen3ForCausalLM" or "Qwen2ForCausalLM".
+        architecture: "Qwen3ForCausalLM", "Qwen2ForCausalLM" or "Qwen3MoeForCausalLM"
+            (TINY_QWEN3_MOE sizes; `num_experts=...`, `mlp_only_layers=[...]` etc. override).
         seed: weights are a pure function of (seed, tensor name, shape).
         shard_max_bytes: if set, split the weights into model-0000i-of-0000n.safetensors files
             of at most this many bytes (one tensor may exceed it alone) plus

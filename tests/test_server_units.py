@@ -117,3 +117,31 @@ def test_a_continued_sample_finds_a_stop_string_across_the_seam(validator):
     finished = len(tokenizer.decode(ids[: seam + len(out.token_ids)])) >= text.find(stop) + len(stop)
     assert finished and len(out.token_ids) < len(rest)  # tokens after the stop are dropped
     assert cont.feed(TokenDelta(0, (5,), None, (1,), "x")) is None
+
+
+def test_a_continued_sample_keeps_its_continuations_routes_cut_to_its_length(validator):
+    import numpy as np
+
+    from rollout.coordinator.streaming import _SampleState, _Seam
+    from rollout.engine.sampling_params import SamplingParams
+    from rollout.engine.streaming import TokenDelta
+
+    # a prompt of 4, 3 tokens delivered before the worker died, 2 more from the continuation:
+    # the sample's routes cover 4 + 5 - 1 positions, whatever the continuation's delta holds
+    state = _SampleState(token_ids=[5, 6, 7], text="")
+    cont = _Seam(0, state, validator.tokenizer, SamplingParams(return_routed_experts=True), prompt_len=4)
+    routes = np.arange(10 * 2, dtype=np.int16).reshape(10, 2, 1)
+    first = cont.feed(TokenDelta(0, (8,), None, (1,), ""))
+    last = cont.feed(TokenDelta(0, (9,), None, (1,), "", finish_reason="length", routed_experts=routes))
+    assert first is not None and first.routed_experts is None
+    assert last is not None and last.routed_experts is not None
+    np.testing.assert_array_equal(last.routed_experts, routes[: 4 + 5 - 1])
+
+
+def test_return_routed_experts_reaches_sampling_and_a_dense_model_refuses_it(validator):
+    req = CompletionRequest(model="m", prompt="x", return_routed_experts=True)
+    sp = translate.sampling_params(req, 4, [1], 64)
+    assert sp.return_routed_experts and not translate.sampling_params(CompletionRequest(model="m", prompt="x"), 4, [1],
+                                                                      64).return_routed_experts
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        validator.validate([1, 2], sp)  # the Job turns this into a 400 before anything is sent

@@ -211,3 +211,17 @@ def test_bench_checkpoint_has_60_to_80m_parameters(tmp_path: pathlib.Path) -> No
     assert 60e6 <= count <= 80e6
     config = json.loads((path / "config.json").read_text())
     assert config["vocab_size"] == 32000 and config["model_type"] == "qwen3"
+
+
+def test_tiny_moe_checkpoint_loads_in_transformers_and_in_rollout(tmp_path: pathlib.Path) -> None:
+    from rollout.models.bind import ModelDef
+    from rollout.models.config import ModelConfig
+    from rollout.weights.loader import load_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "moe", "Qwen3MoeForCausalLM", mlp_only_layers=[1])
+    model = _load_model(path)  # no missing or unexpected tensor
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.moe_layers == (0,) and cfg.num_experts == 8 and cfg.num_experts_per_tok == 2
+    params = load_checkpoint(path, ModelDef.create(cfg, "float32").spec, lambda _p, a: a)
+    assert set(params) == set(ModelDef.create(cfg, "float32").paths)  # every leaf, the experts stacked

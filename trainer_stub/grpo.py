@@ -10,6 +10,13 @@ with m the mask of completion tokens: the mean over all completion tokens of the
 advantage times logprob, under a full-sequence forward of prompt + completion (right-padded).
 The same forward returns the per-token logprobs under the pre-update parameters, which the loop
 compares with the rollout's logprobs (same parameters, so they must agree).
+
+Mixture-of-experts models (routing replay): when the rollout returned each sample's routed
+experts, the batch carries them, and every MoE layer of the trainer's forward uses the rollout's
+experts instead of its own router's choice (rollout.models.moe.RouteRecorder, the forward the
+engine's scorer replays with), so the recomputed logprobs, and the gradient, are those of the
+routes that sampled the tokens. The router still gets gradients through the routing weights
+(the router's probabilities at the replayed experts).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import optax
 
 from rollout.models import forward
 from rollout.models.bind import ModelDef
+from rollout.models.moe import RouteRecorder
 
 Params = dict[str, jax.Array]
 
@@ -54,6 +62,10 @@ class Batch:
     target_mask: np.ndarray  # (B, L-1) float32, 1 where tokens[:, 1:] is a completion token
     advantages: np.ndarray  # (B,) float32
     rollout_logprobs: np.ndarray  # (B, L-1) float32, the rollout's logprobs at the target positions
+    # MoE routing replay (None: dense, or no routes returned): the rollout's experts at every fed
+    # position, and where to replay them (False on padding and on each row's last token)
+    routes: np.ndarray | None = None  # (B, L, MoE layers, top_k) int32
+    replay: np.ndarray | None = None  # (B, L) bool
 
     @property
     def num_tokens(self) -> int:
@@ -63,9 +75,18 @@ class Batch:
 def make_batch(completions: Sequence[Any], advantages: np.ndarray, pad_to: int) -> Batch:
     """Right-pad prompt + completion of each Completion to `pad_to` tokens.
 
-    A fixed `pad_to` keeps the jitted step at one compiled shape for the whole run.
+    A fixed `pad_to` keeps the jitted step at one compiled shape for the whole run. Completions
+    that carry `routed_experts` (all of them or none) give the batch its routes to replay.
     """
     b = len(completions)
+    with_routes = [c.routed_experts is not None for c in completions]
+    routes = replay = None
+    if any(with_routes):
+        if not all(with_routes):
+            raise ValueError("some completions carry routed_experts and some do not; ask for them on every sample")
+        layers_k = next(c.routed_experts.shape[1:] for c in completions if c.routed_experts.size)
+        routes = np.zeros((b, pad_to, *layers_k), np.int32)
+        replay = np.zeros((b, pad_to), bool)
     tokens = np.zeros((b, pad_to), np.int32)
     attention_mask = np.zeros((b, pad_to), np.int32)
     target_mask = np.zeros((b, pad_to - 1), np.float32)
@@ -81,18 +102,31 @@ def make_batch(completions: Sequence[Any], advantages: np.ndarray, pad_to: int) 
         target_mask[i, n - 1 : n - 1 + m] = 1.0
         if c.logprobs is not None:
             rollout_logprobs[i, n - 1 : n - 1 + m] = c.logprobs
-    return Batch(tokens, attention_mask, target_mask, np.asarray(advantages, np.float32), rollout_logprobs)
+        if routes is not None and replay is not None:
+            fed = n + m - 1  # every position but the last token was fed through the model
+            routes[i, :fed] = c.routed_experts
+            replay[i, :fed] = True
+    return Batch(tokens, attention_mask, target_mask, np.asarray(advantages, np.float32), rollout_logprobs,
+                 routes, replay)
 
 
 def token_logprobs(
-    model_def: ModelDef, params: Params, tokens: jax.Array, attention_mask: jax.Array, temperature: float = 1.0
+    model_def: ModelDef,
+    params: Params,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    temperature: float = 1.0,
+    routes: jax.Array | None = None,
+    replay: jax.Array | None = None,
 ) -> jax.Array:
     """Logprob of each next token under log_softmax(logits / temperature): (B, L-1).
 
     The rollout reports logprobs of the distribution it sampled from, log_softmax(logits / T),
-    so the recompute divides by the same temperature.
+    so the recompute divides by the same temperature. `routes` (B, L, MoE layers, k) with
+    `replay` (B, L): experts each MoE layer uses where replay is True (see the module docstring).
     """
-    logits = forward.forward_full(model_def.bind(params), tokens, attention_mask)  # (B, L, V) f32
+    route = None if routes is None else RouteRecorder(model_def.config.num_experts_per_tok, routes, replay)
+    logits = forward.forward_full(model_def.bind(params), tokens, attention_mask, route)  # (B, L, V) f32
     logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -101,7 +135,8 @@ def pg_loss(
     model_def: ModelDef, params: Params, batch: dict[str, jax.Array], temperature: float
 ) -> tuple[jax.Array, jax.Array]:
     """(loss, per-token logprobs (B, L-1)) of one batch; see the module docstring."""
-    logp = token_logprobs(model_def, params, batch["tokens"], batch["attention_mask"], temperature)
+    logp = token_logprobs(model_def, params, batch["tokens"], batch["attention_mask"], temperature,
+                          batch.get("routes"), batch.get("replay"))
     mask = batch["target_mask"]
     weighted = batch["advantages"][:, None] * logp * mask
     loss = -weighted.sum() / jnp.maximum(mask.sum(), 1.0)
@@ -155,13 +190,29 @@ def _train_step_for(config: Any, dtype: str, learning_rate: float, temperature: 
 
 
 def batch_arrays(batch: Batch) -> dict[str, np.ndarray]:
-    """The arrays of `batch` the jitted step reads."""
-    return {
+    """The arrays of `batch` the jitted step reads (the routes to replay, when it has them)."""
+    arrays = {
         "tokens": batch.tokens,
         "attention_mask": batch.attention_mask,
         "target_mask": batch.target_mask,
         "advantages": batch.advantages,
     }
+    if batch.routes is not None and batch.replay is not None:
+        arrays.update(routes=batch.routes, replay=batch.replay)
+    return arrays
+
+
+def unreplayed_logprobs(model_def: ModelDef, params: Params, batch: Batch, temperature: float = 1.0) -> np.ndarray:
+    """The trainer's logprobs (B, L-1) with its own router's choice of experts (no replay):
+    what a MoE trainer recomputes without routing replay, for comparison."""
+    fn = _unreplayed_fn(model_def.config, str(model_def.dtype), temperature)
+    return np.asarray(fn(params, batch.tokens, batch.attention_mask))
+
+
+@functools.lru_cache(maxsize=8)
+def _unreplayed_fn(config: Any, dtype: str, temperature: float) -> Callable[..., jax.Array]:
+    model_def = ModelDef.create(config, dtype)
+    return jax.jit(lambda params, tokens, mask: token_logprobs(model_def, params, tokens, mask, temperature))
 
 
 def logprob_diff(batch: Batch, trainer_logprobs: np.ndarray) -> tuple[float, float]:

@@ -26,6 +26,9 @@ class LoopConfig:
     # > 0: train a rank-`lora_rank` LoRA adapter on every linear layer (base frozen) and sync only
     # the adapter (trainer_stub/lora.py); LoRA wants a larger learning rate than full training
     lora_rank: int = 0
+    # mixture-of-experts models: ask the rollout for each sample's routed experts and replay them
+    # in the trainer's forward (routing replay); False recomputes with the trainer's own routing
+    replay_routes: bool = True
 
     def syncs_after(self, step: int) -> bool:
         return (step + 1) % self.sync_every == 0 and step not in self.skip_sync_at
@@ -53,6 +56,10 @@ class StepRecord:
     new_version: int  # the version serving after this step's sync
     example: str  # one completion's text, for eyeballing
     sync_bytes: int = 0  # bytes this step's sync sent (the adapter's with --lora); 0 when skipped
+    # MoE models: the same difference, mean and max, with the trainer's own routing instead of the
+    # rollout's replayed routes (what replay saves); None for dense models or without logprobs
+    logprob_diff_unreplayed: float | None = None
+    logprob_max_diff_unreplayed: float | None = None
 
     def to_json(self) -> str:
         return json.dumps({"event": "step", **dataclasses.asdict(self)}, ensure_ascii=False)

@@ -21,6 +21,7 @@ def summarize(result: LoopResult, loop: LoopConfig, *, wall_s: float, startup_s:
         if r.logprob_diff is not None and r.version_ok and r.step not in _unsynced_steps(loop, len(recs))
     ]
     syncs = [r.sync_ms for r in recs if r.synced]
+    unreplayed = [r.logprob_max_diff_unreplayed for r in recs if r.logprob_max_diff_unreplayed is not None]
     nan = float("nan")
     return {
         "steps": len(recs),
@@ -31,6 +32,8 @@ def summarize(result: LoopResult, loop: LoopConfig, *, wall_s: float, startup_s:
         "logprob_check_unavailable_reason": unavailable,
         "max_logprob_diff_on_policy": None if unavailable is not None else (max(on_policy) if on_policy else nan),
         "max_logprob_diff": None if unavailable is not None else max(diffs, default=nan),
+        # MoE models: the largest per-token difference with the trainer's own routing (no replay)
+        "max_token_logprob_diff_unreplayed": max(unreplayed) if unreplayed else None,
         "versions_ok": all(r.version_ok for r in recs),
         "final_version": recs[-1].new_version if recs else 0,
         "median_sync_ms": float(np.median(syncs)) if syncs else float("nan"),
@@ -76,6 +79,9 @@ def summary_table(records: Sequence[StepRecord], summary: dict[str, Any], rows: 
         f"mean reward, first 5 steps      {summary['first5_reward']:.3f}",
         f"mean reward, last 5 steps       {summary['last5_reward']:.3f}",
         f"max logprob diff (on-policy)    {check}",
+        *([f"max token diff without replay   {summary['max_token_logprob_diff_unreplayed']:.2e} "
+           "(MoE: the trainer's own routing instead of the rollout's)"]
+          if summary.get("max_token_logprob_diff_unreplayed") is not None else []),
         f"every sample from synced weights {summary['versions_ok']}",
         f"weight version at the end       {summary['final_version']}",
         f"median sync                     {summary['median_sync_ms']:.1f} ms, "

@@ -8,7 +8,9 @@
         optimizer update -> rollout.sync_weights(new params) -> version v + 1
 
 On-policy, the trainer's recomputed logprobs and the rollout's agree to float32 rounding
-(about 1e-6 here), because both use the very same weights. A missed sync, or a sync that did not
+(about 1e-6 here), because both use the very same weights. With a mixture-of-experts model the
+loop asks for each sample's routed experts and the trainer's forward replays them (routing
+replay, trainer_stub/grpo.py); each step also records the difference without replay. A missed sync, or a sync that did not
 take effect, shows at once as a large difference; the loop reports it every step and also checks
 that every completion carries the version the trainer last synced. `skip_sync_at` and
 `sync_every` skip syncs on purpose, to see the check fail. Where the engine backend declares
@@ -73,6 +75,7 @@ def run_loop(
     from trainer_stub import grpo
 
     unavailable = logprob_check_unavailable(client)
+    replay = model_def.config.is_moe and config.replay_routes
     start = time.perf_counter()
     version = _checked_sync(client, params, previous=-1)  # with --lora: the base the adapters merge onto
     initial_sync_ms = (time.perf_counter() - start) * 1e3
@@ -92,7 +95,8 @@ def run_loop(
     records: list[StepRecord] = []
     for step in range(config.steps):
         sampling = SamplingParams(
-            max_tokens=config.max_tokens, temperature=config.temperature, n=config.group_size, seed=config.seed + step
+            max_tokens=config.max_tokens, temperature=config.temperature, n=config.group_size, seed=config.seed + step,
+            return_routed_experts=replay,
         )
         t0 = time.perf_counter()
         outs = client.generate(list(task.prompts), sampling, return_logprobs=unavailable is None)
@@ -104,6 +108,9 @@ def run_loop(
         if longest > pad_to:  # fixed after the first step: one compiled shape
             pad_to = -(-longest // 8) * 8
         batch = grpo.make_batch(outs, advantages, pad_to)
+        unreplayed: tuple[float | None, float | None] = (None, None)
+        if model_def.config.is_moe and unavailable is None and lora is None:  # before params move on
+            unreplayed = grpo.logprob_diff(batch, grpo.unreplayed_logprobs(model_def, params, batch, config.temperature))
 
         t0 = time.perf_counter()
         if lora is None:
@@ -151,6 +158,8 @@ def run_loop(
             new_version=version,
             example=outs[0].text,
             sync_bytes=sync_bytes,
+            logprob_diff_unreplayed=unreplayed[0],
+            logprob_max_diff_unreplayed=unreplayed[1],
         )
         records.append(record)
         if on_step is not None:
@@ -179,6 +188,7 @@ TINY_HEAD_DIM = 32
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
     model: str | None = None  # HF directory or repo id; None = make the built-in tiny Qwen3
+    moe: bool = False  # the built-in model is the tiny Qwen3-MoE (rollout.testing.TINY_QWEN3_MOE)
     backend: str = "fleet"  # "fleet" (Ray workers) or "local" (one engine in this process)
     init: str = "checkpoint"  # "checkpoint": start from the model's weights; "fresh": random init
     out_dir: Path | None = None  # None = a new temporary directory
@@ -186,13 +196,16 @@ class DemoOptions:
     progress: bool = True
 
 
-def builtin_checkpoint(directory: Path, seed: int = DEMO_MODEL_SEED, head_dim: int = TINY_HEAD_DIM) -> Path:
-    """The demo's tiny Qwen3 (rollout.testing.make_tiny_checkpoint), written once into `directory`."""
+def builtin_checkpoint(
+    directory: Path, seed: int = DEMO_MODEL_SEED, head_dim: int = TINY_HEAD_DIM, *, moe: bool = False
+) -> Path:
+    """The demo's tiny Qwen3, or with `moe` its tiny Qwen3-MoE (rollout.testing.make_tiny_checkpoint),
+    written once into `directory`."""
     from rollout.testing import make_tiny_checkpoint
 
     if not (directory / "config.json").is_file():
         sizes = {} if head_dim == TINY_HEAD_DIM else {"head_dim": head_dim}
-        make_tiny_checkpoint(directory, "Qwen3ForCausalLM", seed=seed, **sizes)
+        make_tiny_checkpoint(directory, "Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM", seed=seed, **sizes)
     return directory
 
 
@@ -231,8 +244,9 @@ def devices_per_worker_for(engine: str) -> int:
     return int(getattr(_backend_module(engine), "DEMO_DEVICES_PER_WORKER", FleetOptions.devices_per_worker))
 
 
-def builtin_model_dir(out_dir: Path, head_dim: int) -> Path:
-    return out_dir / ("tiny-qwen3" if head_dim == TINY_HEAD_DIM else f"tiny-qwen3-hd{head_dim}")
+def builtin_model_dir(out_dir: Path, head_dim: int, moe: bool = False) -> Path:
+    name = "tiny-qwen3-moe" if moe else "tiny-qwen3"
+    return out_dir / (name if head_dim == TINY_HEAD_DIM else f"{name}-hd{head_dim}")
 
 
 def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[str, Any]:
@@ -254,7 +268,7 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
         model: str | Path = demo.model
     else:
         head_dim = head_dim_for(fleet.engine)
-        model = builtin_checkpoint(builtin_model_dir(out_dir, head_dim), head_dim=head_dim)
+        model = builtin_checkpoint(builtin_model_dir(out_dir, head_dim, demo.moe), head_dim=head_dim, moe=demo.moe)
     say = printer(demo.progress)
     say(f"model: {model}")
     say(
@@ -277,6 +291,10 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
             model_def, params = model_io.load_params(model, dtype=fleet.dtype)
         _, directory = model_io.model_def_for(model, fleet.dtype)
         task = DigitsTask.for_tokenizer(Tokenizer.from_pretrained(directory))
+        if model_def.config.is_moe:
+            how = "uses the rollout's routed experts" if loop.replay_routes else "routes with its own router"
+            say(f"routing replay: {'on' if loop.replay_routes else 'OFF'} (the trainer's forward {how}; "
+                "each step also records the logprob difference without replay)")
         say(f"task: make the completion digits ({len(task.prompts)} prompts x {loop.group_size} samples, "
             f"{loop.max_tokens} tokens, reward = digit fraction)")
         unavailable = logprob_check_unavailable(client)
@@ -340,6 +358,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"Adam learning rate (default {d.learning_rate}; {LORA_LEARNING_RATE} with --lora)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="train a rank-RANK LoRA adapter on every linear layer and sync only the adapter (0: full)")
+    p.add_argument("--moe", action="store_true",
+                   help="the built-in model is a tiny Qwen3-MoE (8 experts, top-2): the rollout returns each "
+                   "sample's routed experts and the trainer replays them (routing replay)")
+    p.add_argument("--no-route-replay", action="store_true",
+                   help="MoE models: the trainer routes with its own router instead of replaying the rollout's routes")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--sync-every", type=int, default=d.sync_every, help="sync after every k-th update (1 = on-policy)")
     p.add_argument(
@@ -377,6 +400,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         seed=args.seed,
         sync_every=args.sync_every,
         skip_sync_at=tuple(args.skip_sync_at),
+        replay_routes=not args.no_route_replay,
     )
     fleet = FleetOptions(
         num_workers=args.workers,
@@ -389,6 +413,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
     )
     demo = DemoOptions(
         model=getattr(args, "model", None),
+        moe=args.moe,
         backend=args.backend,
         init=args.init,
         out_dir=args.out_dir,

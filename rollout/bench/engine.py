@@ -14,16 +14,22 @@ largest batch) beside the ratio to transformers (rollout.bench.roofline); `--no-
     rollout bench engine                              # batch 1 and 16, 64 new tokens
     rollout bench engine --batches 1 4 16 --new-tokens 128
     rollout bench engine --shape qwen3-128 --batches 1 4 16 64
-    rollout bench engine --moe --batches 1 4          # Qwen3-MoE (see MOE_SHAPE) instead
+    rollout bench engine --moe --batches 1 4 16 64    # Qwen3-MoE (see MOE_SHAPE) instead
 
 `--moe` measures a Qwen3-MoE model (`MOE_SHAPE`: 32 experts, top-4, ~205M parameters of which
 ~73M are used per token) that transformers itself writes (save_pretrained), with its weights
-drawn so that greedy tokens and routes are clearly decided (as the tests' MoE checkpoints).
+drawn so that greedy tokens and routes are clearly decided (as the tests' MoE checkpoints). In
+the same run it also times a dense Qwen3 with the same ACTIVE parameters (rollout.bench.dense_active:
+intermediate = top_k x moe_intermediate, all else equal) on the rollout engine, and prints the
+MoE / dense-active tokens/s ratio (`--no-dense-reference` skips it). Memory at batch 64: ~0.8 GB
+of MoE weights each for rollout and transformers, ~0.3 GB for the dense twin, KV caches of a few
+MB; the CPU grouped matmul gathers at most ~2x the routed slots' expert matrices per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -66,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-host", dest="host", action="store_false",
                    help="skip measuring the host (bandwidth, matmul peak) and the roofline fractions")
     p.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (MOE_SHAPE) instead of a dense --shape")
+    p.add_argument("--no-dense-reference", dest="dense_reference", action="store_false",
+                   help="with --moe: skip the dense model of the same active parameters")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -145,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     params = sum(int(np.prod(leaf.shape)) for leaf in engine.spec.leaves)
+    dense = None
+    if args.moe and args.dense_reference and not args.checkpoint:
+        from rollout.bench.dense_active import DenseActiveReference
+
+        dense = DenseActiveReference.start(root / "qwen3-dense-active", MOE_SHAPE, engine.config, prompts, sampling)
 
     def run_engine(batch: int) -> list[list[int]]:
         return [list(c.token_ids) for c in engine.generate(prompts[:batch], sampling)]
@@ -171,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
                  ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal)
         )
+        if dense is not None:
+            rows[-1].update(dense.measure(batch, functools.partial(run_engine, batch), args.repeats,
+                                          interleaved_best, args.new_tokens))
     model_config = engine.model_config
     engine.shutdown()
     host = host_roofline(args, model_config, params, rows) if args.host else None
@@ -188,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ratio']:>6.2f}x {r['identical_outputs']:>12} {steal_text:>10}")
     if host is not None:
         print("\n" + "\n".join(host[1]))
+    if dense is not None:
+        from rollout.bench.dense_active import active_params
+
+        print("\n".join(dense.lines(rows, params, active_params(engine.model_config, params))))
+        dense.shutdown()
     if args.json:
         args.json.write_text(json.dumps({"host": host[0] if host else None, "rows": rows}, indent=2))
     return 0

@@ -61,15 +61,20 @@ def score_on_fleet(
     temperature: float,
     timeout: float | None,
     min_version: int = 0,
+    routes: Sequence[Any] | None = None,
 ) -> Scores:
     """Score validated token-id pairs on the fleet; every logprob comes from one version
-    (>= `min_version`, the fleet's committed version when the call started)."""
+    (>= `min_version`, the fleet's committed version when the call started). `routes`
+    (validated, one per pair): the experts to replay (routing replay), sent with their pairs."""
 
     def part(rows: list[int]) -> _Part:
         cost = sum(len(prompts[i]) + len(completions[i]) for i in rows)
         route = fleet.route(cost=cost, name=f"score: a part of {len(rows)} pairs")
         ps, cs = [prompts[i] for i in rows], [completions[i] for i in rows]
-        return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature))
+        if routes is None:  # the call without routes: every backend that scores takes it
+            return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature))
+        rs = [routes[i] for i in rows]
+        return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature, rs))
 
     parts = [part(rows) for rows in split(len(prompts), max(1, len(fleet.live_workers())))]
     if not parts:

@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Self
 
+import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -54,7 +55,7 @@ from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.protocol import WorkerStatus
-from rollout.scores import Scores, check_temperature, encode_pairs
+from rollout.scores import Scores, check_routes, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.lora import LoraAdapter
@@ -332,7 +333,8 @@ class RolloutService:
     ) -> TokenStream:
         """One prompt's samples token by token: an async iterator of TokenDelta lists, for
         servers and agents on an event loop (see rollout.coordinator.streaming). Validated now; the request
-        is sent when iteration starts and cancelled on its worker if the iteration stops early."""
+        is sent when iteration starts and cancelled on its worker if the iteration stops early.
+        With sampling.return_routed_experts, each sample's last delta carries its routed_experts."""
         return TokenStream(self._fleet_request(prompt, sampling, return_logprobs))
 
     async def agenerate(
@@ -345,11 +347,8 @@ class RolloutService:
         self._check_open()
         if return_logprobs:
             self.capabilities.require("logprobs")
-        if sampling.return_routed_experts:  # the token stream carries no routes (yet)
-            raise ValueError(
-                "return_routed_experts=True is not available on token streams (generate_stream, agenerate, "
-                "the HTTP server); use generate or generate_async, whose Completions carry routed_experts"
-            )
+        if sampling.return_routed_experts:  # streams: on each sample's last TokenDelta
+            self.capabilities.require("routed_experts")
         ids = self._validator.encode_all([prompt], sampling)[0]
         return FleetRequest(
             self._fleet, prompt_ids=ids, sampling=sampling, return_logprobs=return_logprobs, tokenizer=self.tokenizer
@@ -362,21 +361,32 @@ class RolloutService:
         *,
         temperature: float = 1.0,
         timeout: float | None = None,
+        routed_experts: Sequence[Any] | None = None,
     ) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced:
         a `Scores` with one float32 array per pair and the one weight version that computed them
         all (at least the version committed when the call started). At `temperature` T the
         numbers are log_softmax(logits / T), the distribution generate samples from. Every pair
-        is validated before any is sent. See rollout.coordinator.score_dispatch."""
+        is validated before any is sent. See rollout.coordinator.score_dispatch.
+
+        `routed_experts[i]` (mixture-of-experts models): the experts of pair i's fed positions,
+        as `Completion.routed_experts` gives them ((prompt + completion tokens - 1, MoE layers,
+        top_k)); the workers' forwards use them instead of their routers' choice (routing
+        replay), so the logprobs are those of the routes generation took. Checked here (shape,
+        expert range, a MoE model) before any pair is sent."""
         self._check_open()
         self.capabilities.require("score")
         prompt_ids, completion_ids = encode_pairs(
             self._validator.encode, prompts, completions,
             vocab_size=self.model_config.vocab_size, max_seq_len=self.engine_config.max_seq_len,
         )
+        routes = None
+        if routed_experts is not None:
+            self.capabilities.require("routed_experts")
+            routes = [r.astype(np.int16) for r in check_routes(self.model_config, prompt_ids, completion_ids, routed_experts)]
         return score_on_fleet(
             self._fleet, prompts=prompt_ids, completions=completion_ids, temperature=check_temperature(temperature),
-            timeout=timeout, min_version=self._version,
+            timeout=timeout, min_version=self._version, routes=routes,
         )
 
     # -- workers: liveness and catching up --------------------------------------------------------

@@ -19,6 +19,12 @@ itself and checks their stop strings across the seam, so the caller gets exactly
 every token and text that reads as if one worker had made it all. (A continued sample draws
 its randomness afresh, and its later tokens may come from a newer weight version; each
 token's version is in `token_versions`.)
+
+Routed experts (SamplingParams.return_routed_experts, MoE models) come whole on each sample's
+last delta and in its Completion. A continued sample gets the routes its continuation computed
+(it re-fed the delivered tokens as its prompt: like a `recompute` swap, one forward's routes for
+every position), cut to the sample's length; if the sample ended at a stop string across the
+seam before its continuation finished, its routes are unknown and `routed_experts` is None.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Self
+
+import numpy as np
 
 from rollout.coordinator.fleet_view import FleetView
 from rollout.coordinator.resend import DiedMidStream, call_resending, resending
@@ -46,6 +54,7 @@ class _SampleState:
     versions: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    routed_experts: np.ndarray | None = None
 
 
 class FleetRequest:
@@ -154,7 +163,7 @@ class TokenStream:
         seams, streams = [], []
         for index, state in enumerate(self._samples):
             if state.finish_reason is None and len(state.token_ids) < request.sampling.max_tokens:
-                seams.append(_Seam(index, state, request.tokenizer, request.sampling))
+                seams.append(_Seam(index, state, request.tokenizer, request.sampling, len(request.prompt_ids)))
                 streams.append(TokenStream(request.continuation(state.token_ids)))
         merged = StreamMerge(streams)
         try:
@@ -176,6 +185,8 @@ class TokenStream:
             s.versions += d.token_versions
             s.text += d.text
             s.finish_reason = d.finish_reason or s.finish_reason
+            if d.routed_experts is not None:
+                s.routed_experts = d.routed_experts
 
     def completions(self) -> list[Completion]:
         """The n Completions made of the deltas streamed so far (finish_reason "abort" for a
@@ -192,6 +203,7 @@ class TokenStream:
                 finish_reason=s.finish_reason or "abort",
                 weight_version=s.versions[-1] if s.versions else -1,
                 token_versions=tuple(s.versions),
+                routed_experts=s.routed_experts,
             )
             for i, s in enumerate(self._samples)
         ]
@@ -206,8 +218,10 @@ class _Seam:
     back), so the caller's text is what an uninterrupted sample would have had.
     """
 
-    def __init__(self, index: int, state: _SampleState, tokenizer: Any, sampling: SamplingParams):
+    def __init__(self, index: int, state: _SampleState, tokenizer: Any, sampling: SamplingParams, prompt_len: int = 0):
         self.index = index
+        self.prompt_len = prompt_len  # of the original request (to cut its routes to the sample)
+        self.tokens = len(state.token_ids)  # the sample's tokens so far, delivered and continued
         self.stops = sampling.stop
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.detok = IncrementalDetokenizer(tokenizer)
@@ -226,10 +240,14 @@ class _Seam:
             if self.stops and self._cut_stop(len(piece)):
                 taken, reason, cut = k + 1, "stop", True
                 break
+        self.tokens += taken
+        routes = None
         if reason is not None:
             if not cut:
                 self.text += self.detok.flush()
             self.done = True
+            if delta.routed_experts is not None:  # the continuation's routes, past any stop cut
+                routes = delta.routed_experts[: self.prompt_len + self.tokens - 1]
         visible = len(self.text) if self.done else max(0, len(self.text) - self.holdback)
         text = self.text[self.sent:visible] if visible > self.sent else ""
         self.sent = max(self.sent, visible)
@@ -240,6 +258,7 @@ class _Seam:
             token_versions=delta.token_versions[:taken],
             text=text,
             finish_reason=reason,
+            routed_experts=routes,
         )
 
     def _cut_stop(self, new_chars: int) -> bool:

@@ -160,7 +160,9 @@ class ScoringBackend(Protocol):
     does not is refused scoring by `capabilities_of`."""
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
-        """Logprobs of each completion after its prompt on the committed version (a Scores)."""
+        """Logprobs of each completion after its prompt on the committed version (a Scores).
+        A backend that replays routes (capability "routed_experts", MoE models) also takes
+        `routed_experts=` (one (prompt + completion - 1, MoE layers, top_k) array per pair)."""
 
 
 def no_lora_message(engine: Any) -> str:

@@ -5,7 +5,9 @@ request (and once when a sample finishes). The sink turns the sample's growing s
 `TokenDelta`s: new token ids, their logprobs and weight versions, and new text. Text that could
 still be the start of a stop string is held back (up to the longest stop string minus one
 character), so nothing streamed is ever taken back when the engine cuts the text before a stop.
-The deltas of one sample concatenate to exactly its final Completion.
+The deltas of one sample concatenate to exactly its final Completion; when the request asks
+for routed experts (SamplingParams.return_routed_experts), the sample's last delta carries its
+`routed_experts` whole (Completion.routed_experts), known only once the sample finished.
 
 `stream_request(engine, ...)` is the asynchronous reader a worker uses: it submits the request
 with a sink, yields the deltas gathered since the last wake-up (so a burst of decode steps is
@@ -21,12 +23,15 @@ import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import numpy as np
+
 from rollout.engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenDelta:
-    """What one sample gained since its previous delta. `finish_reason` is set on its last one."""
+    """What one sample gained since its previous delta. `finish_reason` is set on its last one,
+    and so is `routed_experts` (the whole sample's, as Completion.routed_experts) when asked for."""
 
     sample_index: int
     token_ids: tuple[int, ...]
@@ -34,6 +39,7 @@ class TokenDelta:
     token_versions: tuple[int, ...]
     text: str
     finish_reason: str | None = None
+    routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class TokenSink:
@@ -42,6 +48,7 @@ class TokenSink:
     def __init__(self, sampling: SamplingParams, return_logprobs: bool, loop: asyncio.AbstractEventLoop):
         self._holdback = max((len(s) for s in sampling.stop), default=1) - 1
         self._return_logprobs = return_logprobs
+        self._return_routes = sampling.return_routed_experts
         self._loop = loop
         self._event = asyncio.Event()
         self._lock = threading.Lock()
@@ -72,6 +79,8 @@ class TokenSink:
             token_versions=tuple(sample.versions[start:]),
             text=new_text,
             finish_reason=sample.finish_reason,
+            # `routed_experts()` of the engine's Sequence: the sample's routes, once it finished
+            routed_experts=sample.routed_experts() if finished and self._return_routes else None,
         )
         self._sent_tokens[i] = len(sample.tokens)
         self._sent_chars[i] = max(self._sent_chars[i], visible)
@@ -117,6 +126,7 @@ def merge_deltas(deltas: list[TokenDelta]) -> list[TokenDelta]:
             token_versions=prev.token_versions + d.token_versions,
             text=prev.text + d.text,
             finish_reason=d.finish_reason or prev.finish_reason,
+            routed_experts=d.routed_experts if d.routed_experts is not None else prev.routed_experts,
         )
     return list(merged.values())
 

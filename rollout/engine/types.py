@@ -22,7 +22,8 @@ class Completion:
     the last completion token is never fed. Row t belongs to the forward that last computed
     position t: under `continue` a position keeps the route of the version that decoded it,
     under `recompute` (and a paged resume) the re-prefill's routes replace earlier ones.
-    `Engine.score(..., routed_experts=...)` replays them.
+    `score(..., routed_experts=...)` (Engine, RolloutService, rollout.score) replays them; token
+    streams carry them on each sample's last TokenDelta, the HTTP server per choice.
     """
 
     prompt_index: int

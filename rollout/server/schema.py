@@ -2,7 +2,9 @@
 
 The standard fields follow OpenAI's API. Extra fields (sent by the `openai` client through
 `extra_body`): `top_k`, `stop_token_ids`, `ignore_eos`, `return_token_ids` (each choice then
-carries `prompt_token_ids`, `token_ids` and `token_versions`), and for chat
+carries `prompt_token_ids`, `token_ids` and `token_versions`), `return_routed_experts`
+(mixture-of-experts models: each choice then carries `routed_experts`, [positions][MoE
+layers][top_k], on a stream in the sample's last chunk), and for chat
 `chat_template_kwargs` / `enable_thinking` (passed to the chat template, like transformers'
 `apply_chat_template(**kwargs)`), and `prompt_token_ids` (the conversation so far as token ids,
 exactly as returned; `messages` then holds only the messages after it, so nothing sampled
@@ -45,6 +47,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False
+    return_routed_experts: bool = False  # MoE models: each choice's routed_experts (routing replay)
 
     def unsupported(self) -> list[str]:
         out = []

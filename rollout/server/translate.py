@@ -2,7 +2,10 @@
 
 Pure functions over the tokenizer and the engine limits (no Ray, no HTTP), so the whole mapping
 is unit-testable. Each choice carries rollout's `weight_version` (the version that produced its
-last token) and, with `return_token_ids`, `prompt_token_ids`, `token_ids` and `token_versions`.
+last token) and, with `return_token_ids`, `prompt_token_ids`, `token_ids` and `token_versions`;
+with `return_routed_experts` (MoE models), `routed_experts` as nested lists [prompt + completion
+tokens - 1][MoE layers][top_k] (Completion.routed_experts; a stream sends it in the sample's
+last chunk).
 """
 
 from __future__ import annotations
@@ -209,6 +212,7 @@ def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequenc
             stop=tuple(stop),
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
+            return_routed_experts=req.return_routed_experts,
         )
     except ValueError as err:
         field = str(err).split("=")[0].removeprefix("SamplingParams.")
@@ -259,4 +263,6 @@ def extra_fields(c: Completion | TokenDelta, prompt_ids: Sequence[int] | None, r
             out["prompt_token_ids"] = list(prompt_ids)
         out["token_ids"] = list(c.token_ids)
         out["token_versions"] = list(versions)
+    if c.routed_experts is not None:  # asked for (return_routed_experts): the sample's last chunk
+        out["routed_experts"] = c.routed_experts.tolist()
     return out

@@ -138,10 +138,17 @@ class RolloutWorker:
             self._restart_if_engine_died()
             raise
 
-    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
-        """Per-token logprobs of each completion after its prompt (WorkerHost.score)."""
+    async def score(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        temperature: float = 1.0,
+        routed_experts: list[Any] | None = None,
+    ) -> Any:
+        """Per-token logprobs of each completion after its prompt, `routed_experts` replayed
+        when given (WorkerHost.score)."""
         await self._start()
-        return await self.host.score(prompts, completions, temperature)
+        return await self.host.score(prompts, completions, temperature, routed_experts)
 
     async def generate_stream(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool

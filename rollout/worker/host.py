@@ -12,7 +12,7 @@ drive a WorkerHost on an asyncio loop with a fake engine, real buckets and a rea
     await host.relay_copy(sync_id, index)            # a relay copy for a worker below this one
     await host.generate(ids, sampling, index, logprobs)           # one prompt's completions
     async for deltas in host.generate_stream(ids, sampling, index, logprobs): ...   # token by token
-    await host.score(prompts, completions, temperature)           # teacher-forced logprobs
+    await host.score(prompts, completions, temperature, routes)   # teacher-forced logprobs
 
 Generation awaits engine futures on the event loop, so many requests are in flight at once; a
 request whose caller goes away (a cancelled call, a closed stream) is cancelled in the engine.
@@ -173,13 +173,23 @@ class WorkerHost:
             async for deltas in stream:
                 yield deltas
 
-    async def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0) -> Any:
+    async def score(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        temperature: float = 1.0,
+        routed_experts: list[Any] | None = None,
+    ) -> Any:
         """Per-token logprobs of each completion after its prompt on the engine's committed
-        version (a rollout.scores.Scores). FeatureUnavailableError, before the engine is called,
-        if the backend cannot score (`capabilities_of`: the same refusal as the coordinator's)."""
+        version (a rollout.scores.Scores); `routed_experts`: routes to replay (MoE models).
+        FeatureUnavailableError, before the engine is called, if the backend cannot score or
+        replay routes (`capabilities_of`: the same refusal as the coordinator's)."""
         self.capabilities.require("score")
         engine = cast(ScoringBackend, self.engine)  # capabilities_of checked that it scores
         score = functools.partial(engine.score, prompts, completions, temperature=temperature)
+        if routed_experts is not None:
+            self.capabilities.require("routed_experts")
+            score = functools.partial(score, routed_experts=routed_experts)
         return await asyncio.get_running_loop().run_in_executor(None, score)
 
     # -- phase 1 ------------------------------------------------------------------------------

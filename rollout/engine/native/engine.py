@@ -56,7 +56,7 @@ from rollout.engine.native.lora import ResidentBase, merge_adapter
 from rollout.engine.native.runner import Params
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
-from rollout.engine.native.scoring import Scorer, check_routes
+from rollout.engine.native.scoring import Scorer
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
@@ -65,7 +65,7 @@ from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.models.sharding import make_mesh
 from rollout.prompts import Prompt, PromptValidator
-from rollout.scores import Scores, check_temperature, encode_pairs
+from rollout.scores import Scores, check_routes, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.lora import adapter_factors

@@ -18,7 +18,6 @@ consistent weight version and runs the Scorer on it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,37 +27,11 @@ from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.runner import pow2_at_least
 from rollout.models import forward
 from rollout.models.bind import ModelDef
-from rollout.models.config import ModelConfig
 from rollout.models.moe import RouteRecorder
 
 # Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
 # to ~this many vocab-sized float32 rows whatever the row length.
 _HEAD_POSITIONS = 256
-
-
-def check_routes(
-    cfg: ModelConfig, prompts: Sequence[list[int]], completions: Sequence[list[int]], routed: Sequence[Any]
-) -> list[np.ndarray]:
-    """Routes to replay, one (prompt + completion - 1, MoE layers, top_k) int array per pair,
-    with experts in [0, num_experts); ValueError naming the pair otherwise."""
-    if not cfg.is_moe:
-        raise ValueError(f"routed_experts given, but {cfg.architecture} is dense (it routes nothing); pass None")
-    if len(routed) != len(prompts):
-        raise ValueError(f"routed_experts has {len(routed)} entries; expected one per pair ({len(prompts)})")
-    out = []
-    for i, (p, c, r) in enumerate(zip(prompts, completions, routed)):
-        r = np.asarray(r)
-        want = (len(p) + len(c) - 1, len(cfg.moe_layers), cfg.num_experts_per_tok)
-        if r.shape != want or (r.size and not np.issubdtype(r.dtype, np.integer)):
-            raise ValueError(
-                f"routed_experts[{i}] has shape {r.shape} ({r.dtype}); expected integer experts of shape {want} "
-                "(prompt + completion tokens - 1, MoE layers, top_k), as Completion.routed_experts gives them"
-            )
-        if r.size and (r.min() < 0 or r.max() >= cfg.num_experts):
-            raise ValueError(f"routed_experts[{i}] names expert {int(r.max()) if r.max() >= cfg.num_experts else int(r.min())}; "
-                             f"experts are 0..{cfg.num_experts - 1}")
-        out.append(r.astype(np.int32))
-    return out
 
 
 class Scorer:
@@ -114,7 +87,7 @@ class Scorer:
 
         Pairs run `max_rows` at a time (the engine's prefill batch: the same activation memory as
         one prefill), each batch one forward on the given parameters. `routes` (validated, see
-        `check_routes`): the experts each pair's fed positions use (routing replay).
+        `rollout.scores.check_routes`): the experts each pair's fed positions use (routing replay).
         """
         cfg = self.model_def.config
         moe_shape = (len(cfg.moe_layers), cfg.num_experts_per_tok)
