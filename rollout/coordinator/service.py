@@ -319,9 +319,9 @@ class RolloutService:
             raise ValueError(f"worker={worker!r}: expected None or an index in [0, {self.fleet_config.num_workers})")
         if return_logprobs:
             self.capabilities.require("logprobs")
+        encoded = self._validator.encode_all(prompts, sampling)  # checks sampling's type first
         if sampling.return_routed_experts:
             self.capabilities.require("routed_experts")
-        encoded = self._validator.encode_all(prompts, sampling)
         dispatch = Dispatch(
             self._fleet, prompts=encoded, sampling=sampling, return_logprobs=return_logprobs, worker=worker,
             timeout=timeout,
@@ -347,9 +347,9 @@ class RolloutService:
         self._check_open()
         if return_logprobs:
             self.capabilities.require("logprobs")
+        ids = self._validator.encode_all([prompt], sampling)[0]  # checks sampling's type first
         if sampling.return_routed_experts:  # streams: on each sample's last TokenDelta
             self.capabilities.require("routed_experts")
-        ids = self._validator.encode_all([prompt], sampling)[0]
         return FleetRequest(
             self._fleet, prompt_ids=ids, sampling=sampling, return_logprobs=return_logprobs, tokenizer=self.tokenizer
         )
