@@ -114,6 +114,22 @@ def test_router_of_the_wrong_shape_is_refused_and_the_old_version_keeps_serving(
     assert engine.generate(prompt, greedy, timeout=120)[0].token_ids == before
 
 
+def test_a_nan_in_one_expert_is_refused_naming_it_and_the_old_version_keeps_serving(engine, per_expert):
+    from rollout.weights.finite import NonFiniteWeightsError
+
+    prompt = [[5, 6, 7]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    before = engine.generate(prompt, greedy, timeout=120)[0].token_ids
+    version = engine.version
+    name = f"{EXPERT}.2.down_proj.weight"
+    poisoned = per_expert[name].copy()
+    poisoned[0, 0] = np.nan
+    with pytest.raises(NonFiniteWeightsError, match=r"down_proj"):
+        engine.stage(version + 1, {**per_expert, name: poisoned})
+    assert engine.version == version and engine.staged_version is None
+    assert engine.generate(prompt, greedy, timeout=120)[0].token_ids == before
+
+
 def test_sglang_backend_refuses_moe_before_start(checkpoint):
     from rollout.engine.sglang import requirements
 
