@@ -170,13 +170,13 @@ def greedy(runner: PagedRunner, prompts: list[list[int]], new_tokens: int) -> li
     groups = admit(pool, prompts)
     seqs = [s for g in groups for s in g]
     index = [s for (_, s) in seqs]
-    first, _ = runner.prefill(prompts, [[pool.table(s) for s in g] for g in groups], greedy_sampling(index, runner.max_batch))
+    first, _, _ = runner.prefill(prompts, [[pool.table(s) for s in g] for g in groups], greedy_sampling(index, runner.max_batch))
     out = {seq: [int(first[m])] for m, seq in enumerate(seqs)}
     pos = {seq: len(prompts[seq[0]]) for seq in seqs}
     while min(len(t) for t in out.values()) < new_tokens:
         for seq in seqs:
             assert pool.grow(seq, pos[seq] + runner.decode_steps)
-        toks, _ = runner.decode(
+        toks, _, _ = runner.decode(
             [pool.table(s) for s in seqs],
             np.array([out[s][-1] for s in seqs], np.int32),
             np.array([pos[s] for s in seqs], np.int32),
@@ -270,7 +270,7 @@ def check_decode_call_equals_its_steps(runner, *, gathers_once: bool) -> None:
     pool = fragmented_pool()
     groups = admit(pool, PROMPTS)
     seqs = [s for g in groups for s in g][:-1]  # one padding row
-    first, _ = runner.prefill(PROMPTS, [[pool.table(s) for s in g] for g in groups], greedy_sampling([], MAX_BATCH))
+    first, _, _ = runner.prefill(PROMPTS, [[pool.table(s) for s in g] for g in groups], greedy_sampling([], MAX_BATCH))
     positions = np.array([len(PROMPTS[r]) for r, _ in seqs], np.int32)
     for seq, pos in zip(seqs, positions):
         assert pool.grow(seq, int(pos) + runner.decode_steps)
@@ -292,7 +292,7 @@ def check_decode_call_equals_its_steps(runner, *, gathers_once: bool) -> None:
         want_logprobs.append(lp)
         pos = pos + 1
 
-    got_tokens, got_logprobs = runner.decode(tables, tokens, positions, sampling)
+    got_tokens, got_logprobs, _ = runner.decode(tables, tokens, positions, sampling)
     rows = len(seqs)
     assert np.array_equal(got_tokens[:, :rows], np.stack(want_tokens)[:, :rows])
     np.testing.assert_allclose(got_logprobs[:, :rows], np.stack(want_logprobs)[:, :rows], rtol=1e-5, atol=1e-5)
