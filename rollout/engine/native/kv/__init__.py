@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rollout.engine.config import KV_LAYOUTS  # the one list: EngineConfig and the CLI check it
 from rollout.engine.native.kv.layout import KvLayout
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from rollout.engine.config import EngineConfig
     from rollout.models.bind import ModelDef
 
-KV_LAYOUTS = ("contiguous", "paged")
 __all__ = ["KV_LAYOUTS", "KvLayout", "make_layout"]
 
 
