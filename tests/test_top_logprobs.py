@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_engine_generation import reference_logits
 
 from rollout.engine import EngineConfig, SamplingParams
 from rollout.engine.alternatives import MAX_TOP_LOGPROBS
 from rollout.engine.native.engine import Engine
 from rollout.engine.native.sampling import SamplingRow, sample_top, stack_sampling
-
-from test_engine_generation import reference_logits
 
 
 @pytest.fixture(scope="module", params=["contiguous", "paged"])
@@ -81,7 +80,7 @@ def test_a_step_without_top_logprobs_computes_none():
     assert sampling.top_n == 0
     _, _, (ids, logprobs) = sample_top(jnp.zeros((4, 64)), sampling, jnp.zeros((4,), jnp.int32))
     assert ids.shape == logprobs.shape == (4, 0)
-    assert stack_sampling(rows + [SamplingRow(top_logprobs=1)], 4).top_n == MAX_TOP_LOGPROBS
+    assert stack_sampling([*rows, SamplingRow(top_logprobs=1)], 4).top_n == MAX_TOP_LOGPROBS
 
 
 def test_top_logprobs_above_the_limit_are_refused_naming_it():
