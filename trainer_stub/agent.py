@@ -127,20 +127,22 @@ def run_agent_loop(
     env: CalculatorEnv,
     config: LoopConfig = LoopConfig(),
     *,
+    sync: Callable[..., int],
+    unavailable: str | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> LoopResult:
     """`config.steps` GRPO steps on `env` against `client` (train.run_loop's loop, with episodes
-    of several turns instead of single completions); per-step records and final params."""
+    of several turns instead of single completions); per-step records and final params.
+    `sync(client, params, previous=version)`: train.py's checked sync; `unavailable`: why the
+    backend returns no logprobs (None: the logprob check runs)."""
     import jax
 
     from trainer_stub import grpo
-    from trainer_stub.train import _checked_sync, logprob_check_unavailable
 
     if config.lora_rank or model_def.config.is_moe:
         raise ValueError("the agent demo trains a dense model with full weights: leave out --lora and --moe")
-    unavailable = logprob_check_unavailable(client)
     start = time.perf_counter()
-    version = _checked_sync(client, params, previous=-1)
+    version = sync(client, params, previous=-1)
     initial_sync_ms = (time.perf_counter() - start) * 1e3
     optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature)
     opt_state = optimizer.init(params)
@@ -169,7 +171,7 @@ def run_agent_loop(
         sync_ms = 0.0
         if synced:
             t0 = time.perf_counter()
-            version = _checked_sync(client, params, previous=version)
+            version = sync(client, params, previous=version)
             sync_ms = (time.perf_counter() - t0) * 1e3
         tokens = sum(t.model_token_count for t in trajs)
         record = StepRecord(

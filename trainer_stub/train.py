@@ -329,7 +329,8 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
             if demo.agent:
                 from trainer_stub.agent import run_agent_loop
 
-                result = run_agent_loop(client, model_def, params, task, loop, on_step=on_step)
+                result = run_agent_loop(client, model_def, params, task, loop, sync=_checked_sync,
+                                        unavailable=unavailable, on_step=on_step)
             else:
                 result = run_loop(client, model_def, params, task, loop, on_step=on_step)
             status = client.status()
