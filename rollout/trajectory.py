@@ -94,30 +94,49 @@ class Trajectory:
         """Append a model turn: the generation prompt, exactly `completion.token_ids` (mask 1, with
         its logprobs and token_versions), then the template's closing of an assistant turn.
 
-        `completion`: a rollout Completion (or anything with token_ids, logprobs, token_versions,
-        text, prompt_token_ids) sampled from `prompt()`. `message`: the assistant message later
+        `completion`: a rollout Completion sampled from `prompt()` (`add_sampled` takes the same
+        as plain values, e.g. from an HTTP reply). `message`: the assistant message later
         renderings of the conversation use (default: its text as content; pass the parsed one
         with `tool_calls` where the template renders calls).
         """
+        return self.add_sampled(
+            completion.token_ids, logprobs=completion.logprobs, weight_versions=completion.token_versions,
+            text=completion.text, prompt_token_ids=completion.prompt_token_ids, message=message,
+        )
+
+    def add_sampled(
+        self,
+        token_ids: Sequence[int],
+        *,
+        logprobs: Sequence[float] | None = None,
+        weight_versions: Sequence[int] | None = None,
+        text: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        message: Mapping[str, Any] | None = None,
+    ) -> Trajectory:
+        """`add_model_turn` from plain values: the sampled `token_ids` (e.g. an HTTP choice's
+        `token_ids` with `return_token_ids`), their logprobs and weight versions if known, the
+        turn's text (for the default assistant message; decoded from the ids if not given) and
+        the prompt they were sampled from, checked against `prompt()` if given."""
         prompt = self.prompt()
-        given = getattr(completion, "prompt_token_ids", None)
-        if given is not None and list(given) != prompt:
+        if prompt_token_ids is not None and [int(t) for t in prompt_token_ids] != prompt:
             raise ValueError(
-                f"the completion was sampled from a prompt of {len(given)} tokens that is not this trajectory's "
-                f"prompt() ({len(prompt)} tokens): generate from traj.prompt() and add its completion before "
-                "adding anything else"
+                f"the completion was sampled from a prompt of {len(prompt_token_ids)} tokens that is not this "
+                f"trajectory's prompt() ({len(prompt)} tokens): generate from traj.prompt() and add its completion "
+                "before adding anything else"
             )
-        ids = [int(t) for t in completion.token_ids]
-        logprobs = getattr(completion, "logprobs", None)
-        versions = list(getattr(completion, "token_versions", ()) or ())
+        ids = [int(t) for t in token_ids]
         if logprobs is not None and len(logprobs) != len(ids):
             raise ValueError(f"{len(logprobs)} logprobs for {len(ids)} sampled tokens: expected one per token")
         start = len(self.token_ids)
         self._append(prompt[start:], None)
-        self._append(ids, None, model=True, logprobs=logprobs, versions=versions)
+        self._append(ids, None, model=True, logprobs=logprobs, versions=list(weight_versions or ()))
         self._append(self._encode(self._closing(ids)), None)
         self.turns.append(Turn("assistant", start, len(self.token_ids)))
-        self.messages.append(dict(message) if message is not None else {"role": "assistant", "content": completion.text})
+        if message is None:
+            content = text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
+            message = {"role": "assistant", "content": content}
+        self.messages.append(dict(message))
         return self
 
     def add_message(self, message: Mapping[str, Any]) -> Trajectory:

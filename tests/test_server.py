@@ -201,6 +201,27 @@ def test_streamed_chat_top_logprobs_equal_the_whole_response(client):
 # -- agents: tool_choice, token ids back ---------------------------------------------------------
 
 
+def test_a_trajectory_over_http_holds_exactly_the_sampled_ids(client, tokenizer):
+    """rollout.Trajectory driven through /v1/completions with token-id prompts (an external agent's
+    way): each turn's ids come back with return_token_ids and are appended as they are."""
+    traj = rollout.Trajectory(tokenizer, [{"role": "user", "content": "What is 3 + 4?"}])
+    sampled = []
+    for turn in range(2):
+        choice = client.completions.create(model=MODEL, prompt=traj.prompt(), max_tokens=6, temperature=1.0,
+                                           seed=turn, logprobs=0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+        traj.add_sampled(choice.token_ids, logprobs=choice.logprobs.token_logprobs,
+                         weight_versions=choice.token_versions, text=choice.text,
+                         prompt_token_ids=choice.prompt_token_ids)
+        traj.add_message({"role": "tool", "content": f"result {turn}"})
+        sampled.append(choice.token_ids)
+    spans = [t for t in traj.turns if t.role == "assistant"]
+    model_ids = [[i for i, m in zip(traj.token_ids[t.start:t.end], traj.loss_mask[t.start:t.end]) if m] for t in spans]
+    assert model_ids == sampled
+    assert sum(traj.loss_mask) == sum(len(s) for s in sampled)
+
+
+
 def test_tool_choice_decides_which_tools_the_template_renders(client, tokenizer):
     tools = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "Hi"}]
