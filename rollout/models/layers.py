@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rollout.models.quant import matmul
+
 Array = jax.Array
 
 
@@ -26,7 +28,8 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); `axes` are the logical axes of (in, out)."""
+    """y = x @ kernel (+ bias); `axes` are the logical axes of (in, out). The engine may hold a
+    quantized kernel here (rollout.models.quant.QuantizedKernel): `matmul` multiplies either."""
 
     def __init__(
         self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs
@@ -36,7 +39,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if bias else None  # (out,)
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.kernel[...]
+        y = matmul(x, self.kernel.get_value())
         return y + self.bias[...] if self.bias is not None else y
 
 

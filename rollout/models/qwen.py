@@ -20,6 +20,7 @@ from rollout.models.config import ModelConfig
 from rollout.models.forward import AttendFn
 from rollout.models.layers import Linear, RMSNorm, rope
 from rollout.models.moe import RouteFn
+from rollout.models.quant import matmul
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule
 
 Array = jax.Array
@@ -82,7 +83,7 @@ class OutputHead:
         than against the transpose of a (vocab, hidden) one at decode batch sizes.
         """
         if head_t is not None:
-            out = h @ head_t
+            out = matmul(h, head_t)  # the engine may quantize this copy (rollout.engine.quantized)
         elif self.lm_head is None:
             out = h @ self.embed_tokens[...].T
         else:

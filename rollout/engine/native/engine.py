@@ -57,9 +57,10 @@ from rollout.engine.native.runner import Params
 from rollout.engine.native.runner_api import Runner
 from rollout.engine.native.scheduler import BaseScheduler
 from rollout.engine.native.scoring import Scorer
+from rollout.engine.quantized import Quantizer, check_quantization
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
-from rollout.engine.types import Completion
+from rollout.engine.types import Completion, WeightSyncError
 from rollout.engine.weight_state import WeightState, WeightVersions
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
@@ -90,12 +91,22 @@ class Engine(WeightVersions):
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
         self.mesh = make_mesh(devices)
+        check_quantization(config.quantization, self.model_def, list(self.mesh.devices.flat))  # before loading
         layout = make_layout(self.model_def, self.mesh, config)  # contiguous or paged: see kv/
         self.runner: Runner = layout.runner  # what the engine and its weight state use of either
+        # quantization: every placed leaf (load, sync) and derived head copy is quantized on the
+        # devices after validation (rollout.engine.quantized); None: placed as they are
+        self._quantizer = (
+            Quantizer(config.quantization, self.model_def, self.param_shardings) if config.quantization else None
+        )
+        self._place = self._quantizer.place(self.runner.place) if self._quantizer else self.runner.place
+        self._derive = self._quantizer.derive(self.runner.derive) if self._quantizer else self.runner.derive
         if config.load_format == "dummy":
-            self.runner.set_params(dummy_params(self.spec, self.param_shardings))
+            initial = dummy_params(self.spec, self.param_shardings)
+            initial = self._quantizer.tree(initial) if self._quantizer else initial
         else:
-            self.runner.set_params(self._load(self.checkpoint, progress=progress))
+            initial = self._load(self.checkpoint, progress=progress)
+        self.runner.set_params(initial, self._derive(initial))
         self._intake = RequestIntake(
             PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
         )
@@ -134,7 +145,9 @@ class Engine(WeightVersions):
         """
         self._scheduler.check_open()
         staged = self._weights.stage(
-            version, lambda: place_params(params, self.spec, self.runner.place, finite_checked=finite_checked)
+            version,
+            lambda: place_params(params, self.spec, self._place, finite_checked=finite_checked),
+            derive=self._derive,
         )
         self._base.staged_full(version, staged.params, staged.derived)
         return staged
@@ -146,7 +159,7 @@ class Engine(WeightVersions):
         checkpoint must describe the same model (config shapes) as the one being served.
         """
         self._scheduler.check_open()
-        staged = self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)))
+        staged = self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)), derive=self._derive)
         self._base.staged_full(version, staged.params, staged.derived)
         return staged
 
@@ -159,6 +172,12 @@ class Engine(WeightVersions):
         the engine's weights, version and outputs are unchanged.
         """
         self._scheduler.check_open()
+        if self._quantizer is not None:
+            raise WeightSyncError(
+                f"cannot stage a LoRA adapter into an engine with quantization={self.config.quantization!r}: "
+                "adapters merge into full-precision kernels; sync the merged full weights instead "
+                "(they are re-quantized), or serve without quantization"
+            )
         factors = adapter_factors(adapter, self.spec)
         base, derived = self._base.current()
         staged = self._weights.stage(
@@ -175,7 +194,7 @@ class Engine(WeightVersions):
         return self._base.version
 
     def _load(self, directory: Path, *, progress: bool = False) -> dict[str, jax.Array]:
-        return load_params(directory, self.spec, self.runner.place, progress=progress)
+        return load_params(directory, self.spec, self._place, progress=progress)
 
     def commit(self, version: int, policy: str | None = None, *, wait: bool = False, timeout: float | None = None) -> int:
         """Swap in the staged `version` at the next step boundary allowed by `policy`.
