@@ -15,6 +15,7 @@ largest batch) beside the ratio to transformers (rollout.bench.roofline); `--no-
     rollout bench engine --batches 1 4 16 --new-tokens 128
     rollout bench engine --shape qwen3-128 --batches 1 4 16 64
     rollout bench engine --moe --batches 1 4 16 64    # Qwen3-MoE (see MOE_SHAPE) instead
+    rollout bench engine --quantization int8 --batches 1 4 16 64   # float32 vs bfloat16 vs int8
 
 `--moe` measures a Qwen3-MoE model (`MOE_SHAPE`: 32 experts, top-4, ~205M parameters of which
 ~73M are used per token) that transformers itself writes (save_pretrained), with its weights
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense-reference", dest="dense_reference", action="store_false",
                    help="with --moe: skip the dense model of the same active parameters")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    p.add_argument("--quantization", choices=["int8", "fp8"], default=None,
+                   help="instead: float32, bfloat16 and this quantized engine side by side (rollout.bench.quantized)")
     return p.parse_args(argv)
 
 
@@ -118,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.quantization:
+        from rollout.bench.quantized import run
+
+        return run(args)
     try:
         import torch
         import transformers
