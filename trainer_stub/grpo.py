@@ -8,6 +8,15 @@ matters and no value network is needed. The loss is
 
 with m the mask of completion tokens: the mean over all completion tokens of the batch of
 advantage times logprob, under a full-sequence forward of prompt + completion (right-padded).
+
+Truncated importance sampling (TIS, `tis_cap`; as verl's `tis_imp_ratio_cap` and slime's TIS):
+when the rollout samples from a slightly different distribution than the trainer's (an int8 or
+bfloat16 rollout engine), each token's term is weighted by the ratio of the trainer's
+probability to the rollout's, truncated at the cap and held constant (no gradient through it):
+
+    w_{b,t} = stop_gradient(min(exp(log pi(x_{b,t}) - log pi_rollout(x_{b,t})), cap))
+
+so the gradient is that of the trainer's policy, with the variance a cap bounds.
 The same forward returns the per-token logprobs under the pre-update parameters, which the loop
 compares with the rollout's logprobs (same parameters, so they must agree).
 
@@ -131,15 +140,28 @@ def token_logprobs(
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
+def tis_weights(logp: jax.Array, rollout_logprobs: jax.Array, cap: float) -> jax.Array:
+    """min(pi_trainer / pi_rollout, cap) per token, without gradient (see the module docstring).
+
+    >>> tis_weights(jnp.log(jnp.array([0.5, 0.9, 0.1])), jnp.log(jnp.array([0.5, 0.3, 0.2])), 2.0).round(3).tolist()
+    [1.0, 2.0, 0.5]
+    """
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(logp - rollout_logprobs), cap))
+
+
 def pg_loss(
-    model_def: ModelDef, params: Params, batch: dict[str, jax.Array], temperature: float
+    model_def: ModelDef, params: Params, batch: dict[str, jax.Array], temperature: float, tis_cap: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """(loss, per-token logprobs (B, L-1)) of one batch; see the module docstring."""
+    """(loss, per-token logprobs (B, L-1)) of one batch; see the module docstring. With
+    `tis_cap`, `batch["rollout_logprobs"]` weights each token (truncated importance sampling)."""
     logp = token_logprobs(model_def, params, batch["tokens"], batch["attention_mask"], temperature,
                           batch.get("routes"), batch.get("replay"))
     mask = batch["target_mask"]
+    if tis_cap is not None:
+        mask = mask * tis_weights(logp, batch["rollout_logprobs"], tis_cap)
+        # the mean stays over completion tokens, not over the weights
     weighted = batch["advantages"][:, None] * logp * mask
-    loss = -weighted.sum() / jnp.maximum(mask.sum(), 1.0)
+    loss = -weighted.sum() / jnp.maximum(batch["target_mask"].sum(), 1.0)
     return loss, logp
 
 
@@ -152,7 +174,8 @@ def make_optimizer(learning_rate: float, max_grad_norm: float = 1.0) -> optax.Gr
 
 
 def make_train_step(
-    model_def: ModelDef, optimizer: optax.GradientTransformation, temperature: float = 1.0
+    model_def: ModelDef, optimizer: optax.GradientTransformation, temperature: float = 1.0,
+    tis_cap: float | None = None,
 ) -> TrainStep:
     """A jitted `step(params, opt_state, batch) -> (new_params, opt_state, metrics)`.
 
@@ -162,7 +185,7 @@ def make_train_step(
 
     def step(params: Params, opt_state: Any, batch: dict[str, jax.Array]):
         (loss, logp), grads = jax.value_and_grad(
-            lambda p: pg_loss(model_def, p, batch, temperature), has_aux=True
+            lambda p: pg_loss(model_def, p, batch, temperature, tis_cap), has_aux=True
         )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -173,24 +196,28 @@ def make_train_step(
 
 
 def train_step_for(
-    model_def: ModelDef, learning_rate: float, temperature: float = 1.0, max_grad_norm: float = 1.0
+    model_def: ModelDef, learning_rate: float, temperature: float = 1.0, max_grad_norm: float = 1.0,
+    tis_cap: float | None = None,
 ) -> tuple[optax.GradientTransformation, TrainStep]:
     """(optimizer, jitted step) for a model and hyperparameters, built once per process.
 
     jax caches executables per function object, so a fresh `make_train_step` compiles again;
     keyed by the (hashable) model config, repeated loops in one process (tests, sweeps) share one.
     """
-    return _train_step_for(model_def.config, str(model_def.dtype), learning_rate, temperature, max_grad_norm)
+    return _train_step_for(model_def.config, str(model_def.dtype), learning_rate, temperature, max_grad_norm, tis_cap)
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step_for(config: Any, dtype: str, learning_rate: float, temperature: float, max_grad_norm: float):
+def _train_step_for(
+    config: Any, dtype: str, learning_rate: float, temperature: float, max_grad_norm: float, tis_cap: float | None
+):
     optimizer = make_optimizer(learning_rate, max_grad_norm)
-    return optimizer, make_train_step(ModelDef.create(config, dtype), optimizer, temperature)
+    return optimizer, make_train_step(ModelDef.create(config, dtype), optimizer, temperature, tis_cap)
 
 
-def batch_arrays(batch: Batch) -> dict[str, np.ndarray]:
-    """The arrays of `batch` the jitted step reads (the routes to replay, when it has them)."""
+def batch_arrays(batch: Batch, rollout_logprobs: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of `batch` the jitted step reads (the routes to replay, when it has them; the
+    rollout's logprobs with `rollout_logprobs`, for TIS)."""
     arrays = {
         "tokens": batch.tokens,
         "attention_mask": batch.attention_mask,
@@ -199,6 +226,8 @@ def batch_arrays(batch: Batch) -> dict[str, np.ndarray]:
     }
     if batch.routes is not None and batch.replay is not None:
         arrays.update(routes=batch.routes, replay=batch.replay)
+    if rollout_logprobs:
+        arrays["rollout_logprobs"] = batch.rollout_logprobs
     return arrays
 
 

@@ -29,6 +29,10 @@ class LoopConfig:
     # mixture-of-experts models: ask the rollout for each sample's routed experts and replay them
     # in the trainer's forward (routing replay); False recomputes with the trainer's own routing
     replay_routes: bool = True
+    # truncated importance sampling (trainer_stub/grpo.py): weight each token by
+    # min(pi_trainer / pi_rollout, tis_cap), correcting a rollout that samples from slightly other
+    # probabilities (int8/bfloat16 engine); None: off. verl's default cap is 2
+    tis_cap: float | None = None
 
     def syncs_after(self, step: int) -> bool:
         return (step + 1) % self.sync_every == 0 and step not in self.skip_sync_at

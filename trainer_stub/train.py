@@ -41,6 +41,7 @@ from trainer_stub.records import LoopConfig, LoopResult, StepRecord
 from trainer_stub.report import plot_rewards, printer, progress_bar, status_line, summarize, summary_table
 
 LORA_LEARNING_RATE = 2e-2  # --lora's default: the factors start at zero and want larger steps
+DEFAULT_TIS_CAP = 2.0  # --quantization's TIS cap unless --tis-cap says otherwise (verl's default)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -80,7 +81,11 @@ def run_loop(
     start = time.perf_counter()
     version = _checked_sync(client, params, previous=-1)  # with --lora: the base the adapters merge onto
     initial_sync_ms = (time.perf_counter() - start) * 1e3
-    optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature)
+    if config.tis_cap is not None and (unavailable is not None or config.lora_rank):
+        raise ValueError("tis_cap needs the rollout's logprobs and full-weight training (not LoRA)")
+    optimizer, train_step = grpo.train_step_for(
+        model_def, config.learning_rate, config.temperature, tis_cap=config.tis_cap
+    )
     lora = None
     if config.lora_rank:
         from trainer_stub.lora import LoraTraining
@@ -115,7 +120,9 @@ def run_loop(
 
         t0 = time.perf_counter()
         if lora is None:
-            params, opt_state, metrics = train_step(params, opt_state, grpo.batch_arrays(batch))
+            params, opt_state, metrics = train_step(
+                params, opt_state, grpo.batch_arrays(batch, rollout_logprobs=config.tis_cap is not None)
+            )
         else:
             factors, opt_state, metrics = lora_step(factors, opt_state, grpo.batch_arrays(batch), lora.base)
         # metrics["logprobs"] are under the params before this update: the ones synced as `version`.
@@ -307,6 +314,10 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
         else:
             say(f"task: make the completion digits ({len(task.prompts)} prompts x {loop.group_size} samples, "
                 f"{loop.max_tokens} tokens, reward = digit fraction)")
+        if fleet.quantization:
+            say(f"rollout weights: {fleet.quantization} (re-quantized at every sync); the trainer keeps "
+                f"{fleet.dtype} and corrects with truncated importance sampling (cap {loop.tis_cap}); the logprob "
+                "diff column is the quantization's mismatch, not an on-policy check")
         unavailable = logprob_check_unavailable(client)
         check = logprob_check_record(fleet.engine, unavailable)
         if unavailable is not None:
@@ -402,6 +413,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the trainer starts from the checkpoint's weights or from a random init",
     )
     p.add_argument("--dtype", default=f.dtype, choices=("float32", "bfloat16"))  # what the trainer trains in
+    p.add_argument("--quantization", default=None, choices=("int8",),
+                   help="the rollout engines serve int8 weights, re-quantized at every sync; the trainer keeps "
+                        f"full precision and corrects with TIS (--tis-cap, default {DEFAULT_TIS_CAP} then)")
+    p.add_argument("--tis-cap", type=float, default=None,
+                   help="truncated importance sampling: weight tokens by min(pi_trainer / pi_rollout, cap)")
     p.add_argument("--max-batch", type=int, default=f.max_batch, help="decode slots per worker")
     p.add_argument("--accelerator", default=f.accelerator, help="cpu, tpu or gpu (passed to rollout.init)")
     p.add_argument("--worker-logs", action="store_true", help="stream the Ray workers' logs to the console")
@@ -420,6 +436,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         sync_every=args.sync_every,
         skip_sync_at=tuple(args.skip_sync_at),
         replay_routes=not args.no_route_replay,
+        tis_cap=(args.tis_cap or DEFAULT_TIS_CAP) if args.quantization else args.tis_cap,
     )
     fleet = FleetOptions(
         num_workers=args.workers,
@@ -430,6 +447,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         accelerator=args.accelerator,
         worker_logs=args.worker_logs,
         engine=args.engine,
+        quantization=args.quantization,
     )
     demo = DemoOptions(
         model=getattr(args, "model", None),

@@ -91,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
           f"{'vs f32':>7} {'vs bf16':>8} {'same tokens':>12} {'cpu steal':>10}")
     for r in rows:
         q, f, b = r[f"{qname}_tok_s"], r["float32_tok_s"], r["bfloat16_tok_s"]
-        steal = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
+        steal_text = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
         print(f"{r['batch']:>5} {f:>14.1f} {b:>15.1f} {q:>11.1f} {q / f:>6.2f}x {q / b:>7.2f}x "
-              f"{r['same_tokens_as_float32']:>8}/{r['batch']:<3} {steal:>10}")
+              f"{r['same_tokens_as_float32']:>8}/{r['batch']:<3} {steal_text:>10}")
     print("weights in memory (parameters and derived head copy): "
           + ", ".join(f"{name} {b / 2**20:.1f} MiB" for name, b in memory.items()))
     print(f"per-token logprob |difference| vs float32 over {ref.size} tokens (scoring float32's greedy "

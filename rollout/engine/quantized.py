@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rollout.engine import placement
 from rollout.errors import UnsupportedConfigError
 from rollout.models.bind import ModelDef
 from rollout.models.quant import QuantizedKernel, chunk_cols, quantize
@@ -96,23 +95,24 @@ class Quantizer:
     def _quantize(self, array: jax.Array) -> QuantizedKernel:
         """One placed (in, out) kernel -> QuantizedKernel on the same devices; the float array
         is left to the caller."""
-        sharding = array.sharding
+        sharding: Any = array.sharding  # a NamedSharding where the runner placed it
         key = (tuple(array.shape), sharding)
         fn = self._jitted.get(key)
         if fn is None:
             d_in, d_out = array.shape
-            mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-            cols = chunk_cols(d_in, d_out, next(iter(sharding.device_set)).platform)
-            out_shardings = None
-            if mesh is not None:
+            device: Any = next(iter(sharding.device_set))  # jaxlib's Device class ships no type stubs
+            cols = chunk_cols(d_in, d_out, device.platform)
+            out_shardings: Any = None
+            if isinstance(sharding, NamedSharding):
+                mesh = sharding.mesh
                 spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
                 in_axis, out_axis = spec[0], spec[1]
                 # columns split as the kernel's out axis, inside each chunk (the scan over
                 # chunks then never slices across devices); rows as its in axis
                 split_cols = out_axis if out_axis is not None and cols % mesh.size == 0 else None
                 out_shardings = QuantizedKernel(
-                    NamedSharding(mesh, PartitionSpec(None, in_axis, split_cols)),
-                    NamedSharding(mesh, PartitionSpec()),  # (out,) scales: small, replicated
+                    NamedSharding(mesh, PartitionSpec(None, in_axis, split_cols)),  # type: ignore[arg-type]
+                    NamedSharding(mesh, PartitionSpec()),  # type: ignore[arg-type]  # (out,) scales: replicated
                 )
             fn = jax.jit(lambda w, c=cols: quantize(w, self.kind, c, self.dtype), out_shardings=out_shardings)
             self._jitted[key] = fn

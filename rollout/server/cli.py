@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ROLLOUT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
     from rollout.engine.backend import BACKENDS
-    from rollout.engine.config import DTYPES, KV_LAYOUTS, LOAD_FORMATS, SWAP_POLICIES, EngineConfig
+    from rollout.engine.config import DTYPES, KV_LAYOUTS, LOAD_FORMATS, QUANTIZATIONS, SWAP_POLICIES, EngineConfig
     from rollout.fleet_config import FleetConfig
 
     p.add_argument("--workers", type=int, default=1, help="engines (Ray workers)")
@@ -59,6 +59,9 @@ def add_parser(sub: Any) -> None:
                       help="paged, TPU/GPU: pool = this fraction of device memory, less what is in use")
     p.add_argument("--kv-admission-ratio", type=float, default=EngineConfig.kv_admission_ratio,
                    help="paged: expected share of max_tokens still to generate, for admission (default: learned)")
+    p.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
+                   help="weight-only int8 (or fp8 on TPU v5p+/H100) of the linear layers, re-quantized at every "
+                        "sync (default: none, the --dtype weights)")
     p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
                    help="split <think>...</think> off into the message's reasoning_content (default: off)")
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
@@ -71,7 +74,7 @@ def add_parser(sub: Any) -> None:
 def service_options(args: argparse.Namespace) -> dict:
     """The fleet and engine options of `rollout serve`'s flags, for RolloutService."""
     names = ("accelerator", "dtype", "max_batch", "max_seq_len", "decode_steps", "load_format", "swap_policy",
-             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio")
+             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio", "quantization")
     return {name: getattr(args, name) for name in names}
 
 

@@ -167,6 +167,7 @@ class SglangEngine(WeightVersions):
         self.sglang_version = requirements.installed_version()
         requirements.check_msgpack()
         requirements.check_swap_policy(config.swap_policy)
+        requirements.check_quantization(config.quantization)
         self.config = config
         self.checkpoint = resolve_checkpoint(model)
         self.model_config = ModelConfig.from_pretrained(self.checkpoint)

@@ -157,3 +157,13 @@ def check_head_dim(config: ModelConfig) -> None:
             "and no weight sync could fit; use a checkpoint whose head_dim is a multiple of 128 "
             "(Qwen3 models are), or engine='native'"
         )
+
+
+def check_quantization(quantization: str | None) -> None:
+    """The native engine quantizes at placement (rollout.engine.quantized); this adapter hands
+    full-precision leaves to sglang-jax's model state and has no quantized path."""
+    if quantization is not None:
+        raise ValueError(
+            f"quantization={quantization!r} is not available with engine='sglang-jax' (it serves the --dtype "
+            "weights); use engine='native' for int8 weights, or quantization=None"
+        )
