@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantization:
         from rollout.bench.quantized import run
 
-        return run(args)
+        def steal_reading() -> Any:
+            before = cpu_times()
+            return lambda: steal_percent(before, cpu_times())
+
+        return run(args, SHAPES[args.shape], steal_reading)
     try:
         import torch
         import transformers

@@ -17,24 +17,26 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ENGINES = (("float32", "float32", None), ("bfloat16", "bfloat16", None), ("int8", "float32", "int8"))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, shape: dict[str, Any], steal: Callable[[], Callable[[], float | None]]) -> int:
+    """`shape`: the --shape's checkpoint overrides; `steal()` starts a CPU-steal reading and
+    returns the function that ends it (rollout.bench.engine's, which calls this)."""
     import jax
     import numpy as np
 
-    from rollout.bench.engine import SHAPES, cpu_times, steal_percent
     from rollout.engine import EngineConfig, SamplingParams
     from rollout.engine.native.engine import Engine
     from rollout.engine.quantized import weight_bytes
     from rollout.testing import make_bench_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="rollout-bench-q-"))
-    ckpt = args.checkpoint or make_bench_checkpoint(root / args.shape, **SHAPES[args.shape])
+    ckpt = args.checkpoint or make_bench_checkpoint(root / args.shape, **shape)
     max_batch = max(args.batches)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, 400, (max_batch, args.prompt_len)).tolist()
@@ -56,16 +58,15 @@ def run(args: argparse.Namespace) -> int:
     for batch in args.batches:
         outputs = {name: generate(e, batch) for name, e in engines.items()}  # warm-up: compiles
         times: dict[str, list[float]] = {name: [] for name in engines}
-        before = cpu_times()
+        steal_reading = steal()
         for _ in range(args.repeats):
             for name, engine in engines.items():
                 time.sleep(0.3)
                 start = time.perf_counter()
                 generate(engine, batch)
                 times[name].append(time.perf_counter() - start)
-        steal = steal_percent(before, cpu_times())
         n = batch * args.new_tokens
-        row: dict[str, Any] = {"batch": batch, "cpu_steal_percent": steal}
+        row: dict[str, Any] = {"batch": batch, "cpu_steal_percent": steal_reading()}
         for name in engines:
             row[f"{name}_tok_s"] = n / min(times[name])
         row["same_tokens_as_float32"] = sum(a == b for a, b in zip(outputs[qname], outputs["float32"]))
