@@ -82,8 +82,8 @@ def is_quantized_path(path: str, ndim: int) -> bool:
 
 
 class Quantizer:
-    """Places and quantizes one engine's weights: `place` for each leaf of a load or a sync,
-    `derive` for the runner's serving-only copies, `tree` for already placed parameters."""
+    """Quantizes one engine's placed weights: `quantize_placed` for each leaf of a load or a
+    sync, `quantize_derived` for the runner's serving-only copies, `tree` for a dummy init."""
 
     def __init__(self, kind: str, model_def: ModelDef, shardings: Mapping[str, NamedSharding]):
         self.kind = kind
@@ -118,36 +118,27 @@ class Quantizer:
             self._jitted[key] = fn
         return fn(array)
 
-    def place(self, place: Callable[[str, np.ndarray], jax.Array]) -> Callable[[str, np.ndarray], Any]:
-        """`place` (the runner's), quantizing the leaves that are quantized once they are on
-        the devices (the full-precision copy is dropped right after)."""
-
-        def place_quantized(path: str, host: np.ndarray) -> Any:
-            placed = place(path, host)
-            if path not in self.paths:
-                return placed
-            quantized = jax.block_until_ready(self._quantize(placed))
-            placed.delete()  # one full-precision kernel at a time, never the whole tree
-            return quantized
-
-        return place_quantized
+    def quantize_placed(self, path: str, placed: jax.Array) -> Any:
+        """A leaf the runner placed (a load's or a sync's), quantized if its path is; the
+        full-precision copy is dropped at once (one kernel at a time, never the whole tree)."""
+        if path not in self.paths:
+            return placed
+        quantized = jax.block_until_ready(self._quantize(placed))
+        placed.delete()
+        return quantized
 
     def tree(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Placed full-precision parameters (a dummy init) -> the quantized tree."""
         return {path: self._quantize(a) if path in self.paths else a for path, a in params.items()}
 
-    def derive(self, derive: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-        """The runner's `derive`, with its head copy (`head_t`, (hidden, vocab)) quantized."""
-
-        def derive_quantized(params: Any) -> dict[str, Any]:
-            derived = dict(derive(params))
-            if "head_t" in derived:
-                head = derived["head_t"]
-                derived["head_t"] = jax.block_until_ready(self._quantize(head))
-                head.delete()
-            return derived
-
-        return derive_quantized
+    def quantize_derived(self, derived: Mapping[str, Any]) -> dict[str, Any]:
+        """The runner's derived leaves with its head copy (`head_t`, (hidden, vocab)) quantized."""
+        out = dict(derived)
+        if "head_t" in out:
+            head = out["head_t"]
+            out["head_t"] = jax.block_until_ready(self._quantize(head))
+            head.delete()
+        return out
 
 
 def weight_bytes(params: Mapping[str, Any], derived: Mapping[str, Any] | None = None) -> int:

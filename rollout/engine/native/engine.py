@@ -99,14 +99,12 @@ class Engine(WeightVersions):
         self._quantizer = (
             Quantizer(config.quantization, self.model_def, self.param_shardings) if config.quantization else None
         )
-        self._place = self._quantizer.place(self.runner.place) if self._quantizer else self.runner.place
-        self._derive = self._quantizer.derive(self.runner.derive) if self._quantizer else self.runner.derive
         if config.load_format == "dummy":
             initial = dummy_params(self.spec, self.param_shardings)
             initial = self._quantizer.tree(initial) if self._quantizer else initial
         else:
             initial = self._load(self.checkpoint, progress=progress)
-        self.runner.set_params(initial, self._derive(initial))
+        self.runner.set_params(initial, self._derive(initial) if self._quantizer else None)
         self._intake = RequestIntake(
             PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
         )
@@ -147,7 +145,7 @@ class Engine(WeightVersions):
         staged = self._weights.stage(
             version,
             lambda: place_params(params, self.spec, self._place, finite_checked=finite_checked),
-            derive=self._derive,
+            derive=self._derive if self._quantizer else None,
         )
         self._base.staged_full(version, staged.params, staged.derived)
         return staged
@@ -159,7 +157,9 @@ class Engine(WeightVersions):
         checkpoint must describe the same model (config shapes) as the one being served.
         """
         self._scheduler.check_open()
-        staged = self._weights.stage(version, lambda: self._load(resolve_checkpoint(model)), derive=self._derive)
+        staged = self._weights.stage(
+            version, lambda: self._load(resolve_checkpoint(model)), derive=self._derive if self._quantizer else None
+        )
         self._base.staged_full(version, staged.params, staged.derived)
         return staged
 
@@ -192,6 +192,16 @@ class Engine(WeightVersions):
     def base_version(self) -> int:
         """The version of the full update adapters are merged onto (0: the weights loaded at start)."""
         return self._base.version
+
+    def _place(self, path: str, host: Any) -> Any:
+        """The runner's `place`, then (with quantization) the leaf quantized on its devices."""
+        placed = self.runner.place(path, host)
+        return placed if self._quantizer is None else self._quantizer.quantize_placed(path, placed)
+
+    def _derive(self, params: Params) -> dict[str, Any]:
+        """The runner's serving-only leaves, with (quantization) its head copy quantized."""
+        derived = self.runner.derive(params)
+        return derived if self._quantizer is None else self._quantizer.quantize_derived(derived)
 
     def _load(self, directory: Path, *, progress: bool = False) -> dict[str, jax.Array]:
         return load_params(directory, self.spec, self._place, progress=progress)
