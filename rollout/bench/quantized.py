@@ -7,7 +7,9 @@ hit all three; the best of --repeats runs is kept. It prints tokens/s and the in
 ratio to each, the serving weights' bytes of each (rollout.engine.quantized.weight_bytes: the
 quantized kernels' values and scales, and the derived head copy), and the int8 engine's
 per-token logprob difference against the float32 engine, both scoring the float32 engine's
-greedy completions (teacher-forced, so the sequences are the same).
+greedy completions (teacher-forced, so the sequences are the same), and the time a sync's
+stage takes on each (the same full-precision update: validated, placed and, for int8,
+quantized on the worker). Quantizing on the coordinator to ship int8 bytes is not implemented.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ def run(args: argparse.Namespace, shape: dict[str, Any], steal: Callable[[], Cal
         for name in ("bfloat16", qname)
     }
     memory = {name: weight_bytes(e.current_params(), e.runner.derived) for name, e in engines.items()}
+    # a sync's stage on the worker (validate, cast, count finite, place; int8: and quantize) of
+    # the same full-precision update, as a trainer sends it; best of 3, then dropped (abort)
+    update = {path: np.asarray(a) for path, a in engines["float32"].current_params().items()}
+    stage_s = {}
+    for name, e in engines.items():
+        seconds = []
+        for _ in range(3):
+            seconds.append(e.stage(e.version + 1, update).seconds)
+            e.abort()
+        stage_s[name] = min(seconds)
     for e in engines.values():
         e.shutdown()
 
@@ -100,6 +112,9 @@ def run(args: argparse.Namespace, shape: dict[str, Any], steal: Callable[[], Cal
     print(f"per-token logprob |difference| vs float32 over {ref.size} tokens (scoring float32's greedy "
           "completions): " + ", ".join(f"{name} mean {m['mean_abs']:.4f} max {m['max_abs']:.4f}"
                                       for name, m in mismatch.items()))
+    print("a sync's stage of the full-precision update on the worker (validate, place, quantize): "
+          + ", ".join(f"{name} {t:.2f} s" for name, t in stage_s.items()))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "weight_bytes": memory, "logprob_mismatch": mismatch}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "weight_bytes": memory, "logprob_mismatch": mismatch,
+                                              "stage_seconds": stage_s}, indent=2))
     return 0

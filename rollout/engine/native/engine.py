@@ -343,6 +343,7 @@ class Engine(WeightVersions):
                 "swaps": weights.swaps,
                 "compiled": self.runner.compiled_count(),
                 "devices": len(self.mesh.devices.flat),
+                "quantization": self.config.quantization,  # None, or how the kernels are stored (int8)
                 "alive": scheduler.alive,
             }
 
