@@ -144,7 +144,8 @@ def run_agent_loop(
     start = time.perf_counter()
     version = sync(client, params, previous=-1)
     initial_sync_ms = (time.perf_counter() - start) * 1e3
-    optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature)
+    optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature,
+                                                tis_cap=config.tis_cap)
     opt_state = optimizer.init(params)
     full_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(params))
     pad_to = 0
@@ -160,7 +161,9 @@ def run_agent_loop(
             pad_to = -(-(longest + 32) // 32) * 32
         batch = trajectory_batch(trajs, advantages, pad_to)
         t0 = time.perf_counter()
-        params, opt_state, metrics = train_step(params, opt_state, grpo.batch_arrays(batch))
+        params, opt_state, metrics = train_step(
+            params, opt_state, grpo.batch_arrays(batch, rollout_logprobs=config.tis_cap is not None)
+        )
         diff_mean = diff_max = None
         if unavailable is None:
             diff_mean, diff_max = grpo.logprob_diff(batch, np.asarray(metrics["logprobs"]))
