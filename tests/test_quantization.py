@@ -24,7 +24,8 @@ CONFIG = EngineConfig(max_batch=4, max_seq_len=64, decode_steps=4)
 INT8 = EngineConfig(max_batch=4, max_seq_len=64, decode_steps=4, quantization="int8")
 
 # Stated tolerances of the int8 engine against float32 on the tiny Qwen3 (per-token logprobs of
-# the same completions): measured mean |diff| ~0.03 and max ~0.12; bfloat16 for scale: ~0.01.
+# the same completions), ~3x what was measured (2026-12-07): int8 mean |diff| 0.018, max 0.093;
+# a bfloat16 engine for scale: mean 0.019, max 0.10.
 LOGPROB_MEAN_TOL = 0.06
 LOGPROB_MAX_TOL = 0.3
 
@@ -221,18 +222,14 @@ def test_tis_weights_are_the_truncated_probability_ratio_without_gradient():
 INT8_RL_STEPS = 15
 
 
-def test_the_rl_loop_learns_from_an_int8_rollout_with_tis(tmp_path):
-    from rollout.tokenizer import Tokenizer
+def test_the_rl_loop_learns_from_an_int8_rollout_with_tis(demo_model, demo_task):
     from trainer_stub import clients, model_io, train
     from trainer_stub.records import LoopConfig
-    from trainer_stub.tasks import DigitsTask
 
-    model = train.builtin_checkpoint(tmp_path / "tiny-qwen3")
-    task = DigitsTask.for_tokenizer(Tokenizer.from_pretrained(model))
-    client = clients.LocalEngineClient(model, clients.FleetOptions(devices_per_worker=2, quantization="int8"))
+    client = clients.LocalEngineClient(demo_model, clients.FleetOptions(devices_per_worker=2, quantization="int8"))
     try:
-        model_def, params = model_io.load_params(model)
-        result = train.run_loop(client, model_def, params, task, LoopConfig(steps=INT8_RL_STEPS, tis_cap=2.0))
+        model_def, params = model_io.load_params(demo_model)
+        result = train.run_loop(client, model_def, params, demo_task, LoopConfig(steps=INT8_RL_STEPS, tis_cap=2.0))
     finally:
         client.shutdown()
     rewards = [r.mean_reward for r in result.records]
