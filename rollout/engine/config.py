@@ -39,6 +39,10 @@ class EngineConfig:
     # preemption (admits less; except one request whose n samples outgrow the pool, and
     # recompute swaps); 0: admit on the next decode call's pages (more preemptions).
     kv_admission_ratio: float | None = None
+    # Bitwise-reproducible numbers (rollout.models.invariant): a request's tokens and logprobs do
+    # not depend on the rest of the batch, and `score` returns generate's logprobs bit for bit.
+    # Costs speed (fixed-shape matmul tiles, blocked attention); dense models, native engine only.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.swap_policy not in SWAP_POLICIES:

@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rollout.models import invariant
+
 Array = jax.Array
+
+
+def matmul(x: Array, w: Array) -> Array:
+    """x (..., in) @ w (in, out): every Linear's product, in one place (batch-invariant mode
+    swaps in `rollout.models.invariant.matmul`)."""
+    return invariant.matmul(x, w) if invariant.active() else x @ w
 
 
 class RMSNorm(nnx.Module):
@@ -20,6 +28,11 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
+        if invariant.active():  # the mean over a row, on fixed-shape row tiles
+            return invariant.rowwise(self._normalize, x)
+        return self._normalize(x)
+
+    def _normalize(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * xf.astype(x.dtype)
@@ -36,7 +49,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if bias else None  # (out,)
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.kernel[...]
+        y = matmul(x, self.kernel[...])
         return y + self.bias[...] if self.bias is not None else y
 
 

@@ -61,6 +61,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion
 from rollout.engine.weight_state import WeightState, WeightVersions
+from rollout.models import invariant
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.models.sharding import make_mesh
@@ -89,6 +90,8 @@ class Engine(WeightVersions):
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
+        if config.batch_invariant:
+            invariant.check_supported(self.model_config)
         self.mesh = make_mesh(devices)
         layout = make_layout(self.model_def, self.mesh, config)  # contiguous or paged: see kv/
         self.runner: Runner = layout.runner  # what the engine and its weight state use of either
@@ -277,7 +280,10 @@ class Engine(WeightVersions):
     @functools.cached_property
     def scorer(self) -> Scorer:
         """The jitted scoring forward, built on the first `score`."""
-        return Scorer(self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len)
+        return Scorer(
+            self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len,
+            batch_invariant=self.config.batch_invariant,
+        )
 
     def weights_snapshot(self) -> tuple[int, dict[str, jax.Array], dict[str, jax.Array]]:
         """(version, params, derived) of the committed version, consistent with swaps (see

@@ -26,7 +26,9 @@ import numpy as np
 from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.runner import pow2_at_least
 from rollout.models import forward
+from rollout.models import invariant
 from rollout.models.bind import ModelDef
+from rollout.models.logprobs import logprobs_of
 from rollout.models.moe import RouteRecorder
 
 # Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
@@ -37,12 +39,15 @@ _HEAD_POSITIONS = 256
 class Scorer:
     """The jitted scoring forward of one model on one mesh; parameters come with each call."""
 
-    def __init__(self, model_def: ModelDef, *, max_rows: int, max_seq_len: int, min_len: int = 16):
+    def __init__(
+        self, model_def: ModelDef, *, max_rows: int, max_seq_len: int, min_len: int = 16, batch_invariant: bool = False
+    ):
         self.model_def = model_def
         self.max_rows = max_rows
         self.max_seq_len = max_seq_len
         self.min_len = min_len
-        self._forward = jax.jit(self._forward_impl)
+        self.batch_invariant = batch_invariant  # rollout.models.invariant: bitwise generate's logprobs
+        self._forward = jax.jit(invariant.traced(self._forward_impl, batch_invariant))
 
     def _forward_impl(self, params, derived, tokens, lengths, temperature, given, replay):
         """tokens (B, L) right-padded, lengths (B,) -> (B, L) float32: at column t, the logprob of
@@ -67,7 +72,10 @@ class Scorer:
 
         def one(args):
             h_chunk, t_chunk = args
-            logits = model.logits(h_chunk, derived.get("head_t")) / temperature  # (B, C, V) float32
+            logits = model.logits(h_chunk, derived.get("head_t"))  # (B, C, V) float32
+            if self.batch_invariant:  # the sampler's arithmetic, as rollout.models.token_logprobs
+                return logprobs_of(logits, t_chunk, temperature)
+            logits = logits / temperature
             chosen = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
             return chosen - jax.nn.logsumexp(logits, axis=-1)
 
