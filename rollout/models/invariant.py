@@ -125,6 +125,14 @@ def rowwise(fn: Callable[[Array], Array], x: Array, tile: int = ROW_TILE) -> Arr
     return out.reshape(tiles * tile, -1)[:n].reshape(*lead, out.shape[-1])
 
 
+def row_sum(x: Array) -> Array:
+    """x (..., n) summed over its last axis; in batch-invariant mode on fixed-shape row tiles
+    (a plain sum over a (rows, vocab) block changes its order with the number of rows)."""
+    if not active():
+        return jnp.sum(x, axis=-1)
+    return rowwise(lambda t: jnp.sum(t, axis=-1, keepdims=True), x)[..., 0]
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """`rollout.models.forward.attention` with a fixed reduction order per query.
 

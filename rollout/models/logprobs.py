@@ -30,7 +30,7 @@ def logprobs_of(logits: Array, targets: Array, temperature: Array | float = 1.0)
     by the sampler's arithmetic (see the module docstring)."""
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     picked = jnp.take_along_axis(scaled, targets[..., None], axis=-1)[..., 0]
-    return picked - jnp.log(jnp.sum(jnp.exp(scaled), axis=-1))
+    return picked - jnp.log(invariant.row_sum(jnp.exp(scaled)))
 
 
 def token_logprobs(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rollout.engine.sampling_params import SamplingParams
+from rollout.models import invariant
 
 # The smallest normal float32: positive temperatures below it are served as it (see above).
 MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
@@ -100,7 +101,7 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
     # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return tokens, picked - jnp.log(jnp.sum(weights, axis=-1))
+    return tokens, picked - jnp.log(invariant.row_sum(weights))  # per row in batch-invariant mode
 
 
 def shifted_logits(logits: jax.Array, temp: jax.Array) -> jax.Array:
