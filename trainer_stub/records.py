@@ -29,6 +29,9 @@ class LoopConfig:
     # mixture-of-experts models: ask the rollout for each sample's routed experts and replay them
     # in the trainer's forward (routing replay); False recomputes with the trainer's own routing
     replay_routes: bool = True
+    # the trainer recomputes logprobs with rollout.models.token_logprobs in batch-invariant mode:
+    # bit for bit the rollout's when the rollout runs with batch_invariant=True on as many devices
+    batch_invariant: bool = False
 
     def syncs_after(self, step: int) -> bool:
         return (step + 1) % self.sync_every == 0 and step not in self.skip_sync_at

@@ -79,7 +79,9 @@ def run_loop(
     start = time.perf_counter()
     version = _checked_sync(client, params, previous=-1)  # with --lora: the base the adapters merge onto
     initial_sync_ms = (time.perf_counter() - start) * 1e3
-    optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature)
+    optimizer, train_step = grpo.train_step_for(
+        model_def, config.learning_rate, config.temperature, batch_invariant=config.batch_invariant
+    )
     lora = None
     if config.lora_rank:
         from trainer_stub.lora import LoraTraining
@@ -382,6 +384,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--init", choices=("checkpoint", "fresh"), default="checkpoint",
         help="the trainer starts from the checkpoint's weights or from a random init",
     )
+    p.add_argument(
+        "--batch-invariant", action="store_true",
+        help="the rollout runs in batch-invariant mode and the trainer recomputes logprobs with "
+        "rollout.models.token_logprobs: the logprob difference is exactly 0 (one device per worker, as the trainer)",
+    )
     p.add_argument("--dtype", default=f.dtype, choices=("float32", "bfloat16"))  # what the trainer trains in
     p.add_argument("--max-batch", type=int, default=f.max_batch, help="decode slots per worker")
     p.add_argument("--accelerator", default=f.accelerator, help="cpu, tpu or gpu (passed to rollout.init)")
@@ -401,15 +408,18 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         sync_every=args.sync_every,
         skip_sync_at=tuple(args.skip_sync_at),
         replay_routes=not args.no_route_replay,
+        batch_invariant=args.batch_invariant,
     )
     fleet = FleetOptions(
         num_workers=args.workers,
-        devices_per_worker=args.devices_per_worker or devices_per_worker_for(args.engine),
+        # batch-invariant numbers hold for one device count: the trainer's one device
+        devices_per_worker=args.devices_per_worker or (1 if args.batch_invariant else devices_per_worker_for(args.engine)),
         max_batch=args.max_batch,
         dtype=args.dtype,
         accelerator=args.accelerator,
         worker_logs=args.worker_logs,
         engine=args.engine,
+        batch_invariant=args.batch_invariant,
     )
     demo = DemoOptions(
         model=getattr(args, "model", None),
