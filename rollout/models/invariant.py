@@ -8,29 +8,33 @@ tiny test model. Attention reduces over a span (prefill bucket, decode span, sco
 that also changes with the batch.
 
 The mode (`enabled`, a trace-time switch the engine's jitted functions and
-`rollout.models.token_logprobs` set) swaps in two kernels, and nothing else changes:
+`rollout.models.token_logprobs` set) swaps in fixed-shape kernels, and nothing else changes:
 
-- `matmul`: every product `x @ w` flattens x to rows, pads them to a multiple of `ROW_TILE`
-  and runs ONE fixed-shape product (ROW_TILE, in) x (in, out) per tile in a `lax.map`. Every
-  row, whatever the batch, goes through the same compiled kernel with the same shapes, so the
-  accumulation order over `in` is fixed; a row's result depends only on its own values (checked
-  per position in a tile and per number of tiles in tests/test_batch_invariant.py).
-- `attention`: each query is reduced over its keys in blocks of `KV_BLOCK` absolute positions,
-  in order, with an online softmax (running max, sum and weighted values, all float32). Keys
-  are indexed by absolute position in every path (a prefill's fresh K/V, the contiguous cache,
-  the paged layout's gathered block, a scoring row), so block j always holds the same keys.
-  A block the query may not see at all (past its position, or padding of a longer span)
-  changes nothing bit for bit: its scores are masked to -1e30, so the running max stays, the
-  rescale factor is exp(0) = 1 exactly and it adds exact zeros. So prefill, decode and
-  full-sequence scoring give a position the same numbers, whatever the span bucket. The
-  scores and the weighted sum are multiply-reduce loops over a fixed axis (head_dim,
-  KV_BLOCK), per query.
+- `matmul` (every Linear and the output head): x is flattened to rows, padded to a multiple
+  of `ROW_TILE`, and ONE fixed-shape product (ROW_TILE, in) x (in, out) runs per tile in a
+  `lax.map`. Every row, whatever the batch, goes through the same compiled kernel with the same
+  shapes, so its accumulation order over `in` is fixed, and its result depends on its own
+  values only (checked per position in a tile and per number of tiles in
+  tests/test_batch_invariant.py).
+- `rowwise` / `row_sum`: the same row tiling for the reductions over a row: RMSNorm's mean
+  (layers.RMSNorm) and the log-softmax's sum over the vocabulary (the sampler's logprob and
+  scoring's, `rollout.models.logprobs.logprobs_of`). Measured: a plain mean over (rows, 64) or
+  sum over (rows, 512) changes its low bits with the number of rows on XLA:CPU.
+- `attention`: each query (QUERY_TILE = 1 at a time, in a `lax.map`, with its own row's keys)
+  is reduced over its keys in blocks of `KV_BLOCK` absolute positions, in order, with an online
+  softmax (running max, sum and weighted values, float32). Keys are indexed by absolute position
+  in every path (a prefill's fresh K/V, the contiguous cache, the paged layout's gathered block,
+  a scoring row), so block j always holds the same keys. A block the query may not see at all
+  (past its position, or padding of a longer span) changes nothing bit for bit: its scores are
+  masked to -1e30, so the running max stays, the rescale factor is exp(0) = 1 exactly and it
+  adds exact zeros. So prefill, decode and full-sequence scoring give a position the same
+  numbers whatever the span bucket, the number of queries or rows.
 
-Everything else is already per row: RMSNorm, RoPE and the activations are elementwise or reduce
-over a row's own hidden vector; the sampler's log-softmax reduces over one row's vocabulary.
-The output head in this mode is `matmul` against the embedding's transpose made inside the jitted
-function (never the serving-only transposed copy), so the engine and a trainer that has only the
-parameters run the same product.
+RoPE, the activations and residual adds are elementwise (per element, the same at any shape);
+max is exact in any order. The output head in this mode is `matmul` against the embedding's
+transpose made inside the jitted function (never the serving-only transposed copy), so the
+engine and a trainer that has only the parameters run the same product. The sampler's draw is
+already per row (keys from seed, sample index and position).
 
 Not covered: a different device count (tensor-parallel products reduce across devices in
 another order), dtype, platform, or XLA/JAX version; MoE models (the grouped expert matmul
@@ -167,7 +171,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
         qt = qt.astype(jnp.float32) * (d**-0.5)
 
         def step(carry: tuple[Array, Array, Array], j: Array):
-            m, l, acc = carry  # (QT, KVH, G), (QT, KVH, G), (QT, KVH, G, D)
+            m, total, acc = carry  # (QT, KVH, G), (QT, KVH, G), (QT, KVH, G, D)
             kj = kb[rt, j].astype(jnp.float32)  # (QT, KVH, KB, D)
             vj = vb[rt, j].astype(jnp.float32)
             scores = jnp.sum(qt[:, :, :, None, :] * kj[:, :, None], axis=-1)  # (QT, KVH, G, KB)
@@ -175,17 +179,17 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
             m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
             p = jnp.exp(scores - m_new[..., None])
             scale = jnp.exp(m - m_new)
-            l = l * scale + jnp.sum(p, axis=-1)
+            total = total * scale + jnp.sum(p, axis=-1)
             pv = jnp.sum(p[..., None] * vj[:, :, None], axis=-2)  # (QT, KVH, G, D)
-            return (m_new, l, acc * scale[..., None] + pv), None
+            return (m_new, total, acc * scale[..., None] + pv), None
 
         init = (
             jnp.full((QUERY_TILE, kvh, g), -jnp.inf, jnp.float32),
             jnp.zeros((QUERY_TILE, kvh, g), jnp.float32),
             jnp.zeros((QUERY_TILE, kvh, g, d), jnp.float32),
         )
-        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(blocks))
-        return acc / l[..., None]
+        (_, total, acc), _ = jax.lax.scan(step, init, jnp.arange(blocks))
+        return acc / total[..., None]
 
     out = jax.lax.map(
         one_tile, (qs.reshape(*tile_of, kvh, g, d), ms.reshape(*tile_of, blocks, KV_BLOCK), rows.reshape(tile_of))

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rollout.models import invariant
 from rollout.models.config import ModelConfig
 from rollout.models.forward import AttendFn
-from rollout.models import invariant
 from rollout.models.layers import Linear, RMSNorm, matmul, rope
 from rollout.models.moe import RouteFn
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule

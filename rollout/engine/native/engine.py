@@ -256,6 +256,7 @@ class Engine(WeightVersions):
         *,
         temperature: float = 1.0,
         routed_experts: Sequence[Any] | None = None,
+        return_hidden_states: Sequence[int] | None = None,
     ) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
         all on one weight version: a `rollout.Scores` (logprobs, weight_version). Every pair is
@@ -264,7 +265,12 @@ class Engine(WeightVersions):
         `routed_experts[i]` (MoE models): the experts of every fed position of pair i, as
         `Completion.routed_experts` gives them ((prompt + completion tokens - 1, MoE layers,
         top_k)); each MoE layer then uses those experts instead of its router's choice (routing
-        replay), so the logprobs are those of the routes generation took."""
+        replay), so the logprobs are those of the routes generation took.
+
+        `return_hidden_states=[layer indices]` (dense models): `Scores.hidden_states` holds, per
+        pair, the residual stream at those layers (0: the embeddings, i: after layer i,
+        num_layers: after the final norm, as transformers' output_hidden_states) at every
+        position of prompt + completion, from the same forward as the logprobs."""
         prompt_ids, completion_ids = encode_pairs(
             self._intake.encode, prompts, completions,
             vocab_size=self.model_config.vocab_size, max_seq_len=self.config.max_seq_len,
@@ -274,8 +280,20 @@ class Engine(WeightVersions):
         if routed_experts is not None:
             routes = check_routes(self.model_config, prompt_ids, completion_ids, routed_experts)
         version, params, derived = self.weights_snapshot()
-        logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature, routes)
-        return Scores(tuple(logprobs), version)
+        if not return_hidden_states:
+            logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature, routes)
+            return Scores(tuple(logprobs), version)
+        if self.model_config.is_moe:
+            raise ValueError("return_hidden_states is supported for dense models only (this one is mixture-of-experts)")
+        layers = [int(i) for i in return_hidden_states]
+        bad = [i for i in layers if not 0 <= i <= self.model_config.num_layers]
+        if bad:
+            raise ValueError(f"return_hidden_states={bad}: layer indices must be in 0..{self.model_config.num_layers} "
+                             "(0: the embeddings, i: after layer i)")
+        logprobs, hidden = self.scorer.score_with_hidden(
+            params, derived, prompt_ids, completion_ids, temperature, routes, hidden_layers=layers
+        )
+        return Scores(tuple(logprobs), version, tuple(hidden))
 
     @functools.cached_property
     def scorer(self) -> Scorer:
