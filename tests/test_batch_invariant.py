@@ -23,7 +23,7 @@ from rollout.engine import EngineConfig, SamplingParams
 from rollout.engine.native.engine import Engine
 from rollout.models import invariant
 from rollout.models.invariant import BatchInvariantUnsupportedError
-from rollout.models.logprobs import token_logprobs
+from rollout.models.logprobs import token_logprobs, token_logprobs_and_hidden
 from rollout.testing import make_tiny_checkpoint
 
 from hf_reference import hf_model
@@ -219,7 +219,7 @@ def test_hidden_states_equal_transformers_output_hidden_states(tiny_qwen3, refer
     params = {k: jax.device_get(v) for k, v in engine.current_params().items()}
     layers = engine.model_config.num_layers
     seq = [*TARGET, 9, 10, 11]
-    _, states = token_logprobs(engine.model_def, params, np.asarray([seq + [0] * 3], np.int32),
+    _, states = token_logprobs_and_hidden(engine.model_def, params, np.asarray([seq + [0] * 3], np.int32),
                                np.asarray([len(seq)], np.int32), hidden_layers=list(range(layers + 1)))
     with torch.no_grad():
         want = hf_model(str(tiny_qwen3))(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states

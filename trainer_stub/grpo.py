@@ -133,7 +133,7 @@ def token_logprobs(
     if batch_invariant:  # the engine's batch-invariant numbers, bit for bit (right-padded rows)
         lengths = attention_mask.astype(jnp.int32).sum(axis=-1)
         logp = invariant_token_logprobs(model_def, params, tokens, lengths, temperature=temperature)
-        return logp[:, :-1]  # type: ignore[index]
+        return logp[:, :-1]
     route = None if routes is None else RouteRecorder(model_def.config.num_experts_per_tok, routes, replay)
     logits = forward.forward_full(model_def.bind(params), tokens, attention_mask, route)  # (B, L, V) f32
     logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)

@@ -40,19 +40,33 @@ def token_logprobs(
     lengths: Array | None = None,
     *,
     temperature: Array | float = 1.0,
-    hidden_layers: Sequence[int] = (),
     batch_invariant: bool = True,
-) -> Array | tuple[Array, Array]:
+) -> Array:
     """Teacher-forced logprobs of right-padded sequences.
 
     tokens (B, L) int, right-padded; lengths (B,) real lengths (None: all L). Returns (B, L)
     float32 whose column t is the logprob of tokens[:, t + 1] after tokens[:, : t + 1] (the
-    last real column of a row, and padding, are meaningless). With `hidden_layers`, also the
-    residual stream at those layers, (len(hidden_layers), B, L, hidden), indexed as
-    transformers' `output_hidden_states` (0: the embeddings, i: after layer i, num_layers:
-    after the final norm). Jit it with the model definition static, e.g.
-    `jax.jit(functools.partial(token_logprobs, model_def))`.
+    last real column of a row, and padding, are meaningless). Jit it with the model definition
+    bound, e.g. `jax.jit(functools.partial(token_logprobs, model_def))`.
     """
+    return token_logprobs_and_hidden(
+        model_def, params, tokens, lengths, temperature=temperature, batch_invariant=batch_invariant
+    )[0]
+
+
+def token_logprobs_and_hidden(
+    model_def: ModelDef,
+    params: Mapping[str, Array],
+    tokens: Array,
+    lengths: Array | None = None,
+    *,
+    temperature: Array | float = 1.0,
+    hidden_layers: Sequence[int] = (),
+    batch_invariant: bool = True,
+) -> tuple[Array, Array]:
+    """`token_logprobs`, and from the same forward the residual stream at `hidden_layers`,
+    (len(hidden_layers), B, L, hidden), indexed as transformers' `output_hidden_states` (0: the
+    embeddings, i: after layer i, num_layers: after the final norm). Dense models."""
     b, length = tokens.shape
     if lengths is None:
         lengths = jnp.full((b,), length, jnp.int32)
@@ -72,9 +86,12 @@ def token_logprobs(
             **({"states": states} if hidden_layers else {}),
         )
         logprobs = logprobs_of(model.logits(h), jnp.roll(tokens, -1, axis=1), temperature)
-    if not hidden_layers:
-        return logprobs
-    return logprobs, select_layers(states, h, model_def.config.num_layers, hidden_layers)
+    hidden = (
+        select_layers(states, h, model_def.config.num_layers, hidden_layers)
+        if hidden_layers
+        else jnp.zeros((0, b, length, model_def.config.hidden_size), h.dtype)
+    )
+    return logprobs, hidden
 
 
 def select_layers(states: Sequence[Array], final: Array, num_layers: int, layers: Sequence[int]) -> Array:
