@@ -12,6 +12,7 @@ devices is batch-invariant too, but its numbers differ from one device's (tested
 from __future__ import annotations
 
 import functools
+import json
 from concurrent.futures import Future
 
 import jax
@@ -277,3 +278,15 @@ def test_the_sglang_backend_is_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="needs engine='native'"):
         service_configs({"engine": "sglang-jax", "batch_invariant": True})
+
+
+def test_the_demo_in_batch_invariant_mode_reports_a_logprob_difference_of_exactly_zero(tmp_path):
+    from test_demo import run_cli
+
+    proc = run_cli("demo", "--backend", "local", "--batch-invariant", "--steps", "2", "--group-size", "4",
+                   "--quiet", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    records = [line for line in lines if line["event"] == "step"]
+    assert len(records) == 2
+    assert all(r["logprob_max_diff"] == 0.0 for r in records), [r["logprob_max_diff"] for r in records]
