@@ -290,3 +290,13 @@ def test_the_demo_in_batch_invariant_mode_reports_a_logprob_difference_of_exactl
     records = [line for line in lines if line["event"] == "step"]
     assert len(records) == 2
     assert all(r["logprob_max_diff"] == 0.0 for r in records), [r["logprob_max_diff"] for r in records]
+
+
+def test_serve_takes_batch_invariant_into_the_engine_config():
+    from rollout.cli import build_parser
+    from rollout.coordinator.fleet import service_configs
+    from rollout.server.cli import service_options
+
+    args = build_parser().parse_args(["serve", "some/model", "--batch-invariant"])
+    assert service_configs(service_options(args))[1].batch_invariant
+    assert not service_configs(service_options(build_parser().parse_args(["serve", "some/model"])))[1].batch_invariant
