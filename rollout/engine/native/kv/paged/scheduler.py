@@ -196,7 +196,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         rows = [seq.sampling for group in groups for seq in group]
         tables = [[self.pool.table(seq) for seq in group] for group in groups]
         tokens, logprobs, routes = self._runner.prefill(contexts, tables, stack_sampling(rows, self._config.max_batch))
-        self._accept_prefilled(groups, tokens, logprobs, routes)
+        self._accept_prefilled(groups, tokens, logprobs, routes, self._runner.alternatives)
 
     def _grow_or_preempt(self) -> None:
         """Pages for one decode call of every running sequence, oldest first; the youngest are
@@ -246,7 +246,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                 for slot in batch.order
             ]
             tokens, logprobs, routes = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
-            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes)
+            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes, self._runner.alternatives)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.pool:
