@@ -25,6 +25,10 @@ class Scores:
 
     logprobs: tuple[np.ndarray, ...]
     weight_version: int
+    # with score(..., return_hidden_states=[layers]): per pair, the residual stream at those layers
+    # (transformers' output_hidden_states indexing) at every prompt + completion position,
+    # (layers, tokens, hidden) float32; None when not asked
+    hidden_states: tuple[np.ndarray, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.logprobs)

@@ -59,6 +59,7 @@ class FleetOptions:
     load_format: str = "dummy"  # the loop's first sync brings the real weights anyway
     accelerator: str = "cpu"  # the demo's Ray is local; "auto" would also pick cpu there
     engine: str = str(FleetConfig.engine)  # the engine backend, a name in rollout.engine.backend.BACKENDS (FleetConfig's default)
+    batch_invariant: bool = EngineConfig.batch_invariant  # bitwise logprobs (rollout.models.invariant)
     quantization: str | None = EngineConfig.quantization  # "int8": the engines serve int8 weights (the trainer corrects with TIS)
     worker_logs: bool = False  # the client's own: stream the workers' logs (noisy under a progress bar)
 

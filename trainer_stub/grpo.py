@@ -42,6 +42,7 @@ import optax
 
 from rollout.models import forward
 from rollout.models.bind import ModelDef
+from rollout.models.logprobs import token_logprobs as invariant_token_logprobs
 from rollout.models.moe import RouteRecorder
 
 Params = dict[str, jax.Array]
@@ -127,13 +128,21 @@ def token_logprobs(
     temperature: float = 1.0,
     routes: jax.Array | None = None,
     replay: jax.Array | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array:
     """Logprob of each next token under log_softmax(logits / temperature): (B, L-1).
+
+    `batch_invariant`: by `rollout.models.token_logprobs` in batch-invariant mode, bit for bit
+    the logprobs of a rollout engine with batch_invariant=True (dense models).
 
     The rollout reports logprobs of the distribution it sampled from, log_softmax(logits / T),
     so the recompute divides by the same temperature. `routes` (B, L, MoE layers, k) with
     `replay` (B, L): experts each MoE layer uses where replay is True (see the module docstring).
     """
+    if batch_invariant:  # the engine's batch-invariant numbers, bit for bit (right-padded rows)
+        lengths = attention_mask.astype(jnp.int32).sum(axis=-1)
+        logp = invariant_token_logprobs(model_def, params, tokens, lengths, temperature=temperature)
+        return logp[:, :-1]
     route = None if routes is None else RouteRecorder(model_def.config.num_experts_per_tok, routes, replay)
     logits = forward.forward_full(model_def.bind(params), tokens, attention_mask, route)  # (B, L, V) f32
     logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
@@ -150,12 +159,13 @@ def tis_weights(logp: jax.Array, rollout_logprobs: jax.Array, cap: float) -> jax
 
 
 def pg_loss(
-    model_def: ModelDef, params: Params, batch: dict[str, jax.Array], temperature: float, tis_cap: float | None = None
+    model_def: ModelDef, params: Params, batch: dict[str, jax.Array], temperature: float,
+    batch_invariant: bool = False, tis_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(loss, per-token logprobs (B, L-1)) of one batch; see the module docstring. With
     `tis_cap`, `batch["rollout_logprobs"]` weights each token (truncated importance sampling)."""
     logp = token_logprobs(model_def, params, batch["tokens"], batch["attention_mask"], temperature,
-                          batch.get("routes"), batch.get("replay"))
+                          batch.get("routes"), batch.get("replay"), batch_invariant)
     mask = batch["target_mask"]
     if tis_cap is not None:
         mask = mask * tis_weights(logp, batch["rollout_logprobs"], tis_cap)
@@ -175,6 +185,7 @@ def make_optimizer(learning_rate: float, max_grad_norm: float = 1.0) -> optax.Gr
 
 def make_train_step(
     model_def: ModelDef, optimizer: optax.GradientTransformation, temperature: float = 1.0,
+    batch_invariant: bool = False,
     tis_cap: float | None = None,
 ) -> TrainStep:
     """A jitted `step(params, opt_state, batch) -> (new_params, opt_state, metrics)`.
@@ -185,7 +196,7 @@ def make_train_step(
 
     def step(params: Params, opt_state: Any, batch: dict[str, jax.Array]):
         (loss, logp), grads = jax.value_and_grad(
-            lambda p: pg_loss(model_def, p, batch, temperature, tis_cap), has_aux=True
+            lambda p: pg_loss(model_def, p, batch, temperature, batch_invariant, tis_cap), has_aux=True
         )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -197,6 +208,7 @@ def make_train_step(
 
 def train_step_for(
     model_def: ModelDef, learning_rate: float, temperature: float = 1.0, max_grad_norm: float = 1.0,
+    batch_invariant: bool = False,
     tis_cap: float | None = None,
 ) -> tuple[optax.GradientTransformation, TrainStep]:
     """(optimizer, jitted step) for a model and hyperparameters, built once per process.
@@ -204,15 +216,17 @@ def train_step_for(
     jax caches executables per function object, so a fresh `make_train_step` compiles again;
     keyed by the (hashable) model config, repeated loops in one process (tests, sweeps) share one.
     """
-    return _train_step_for(model_def.config, str(model_def.dtype), learning_rate, temperature, max_grad_norm, tis_cap)
+    return _train_step_for(model_def.config, str(model_def.dtype), learning_rate, temperature, max_grad_norm,
+                           batch_invariant, tis_cap)
 
 
 @functools.lru_cache(maxsize=8)
 def _train_step_for(
-    config: Any, dtype: str, learning_rate: float, temperature: float, max_grad_norm: float, tis_cap: float | None
+    config: Any, dtype: str, learning_rate: float, temperature: float, max_grad_norm: float, batch_invariant: bool,
+    tis_cap: float | None,
 ):
     optimizer = make_optimizer(learning_rate, max_grad_norm)
-    return optimizer, make_train_step(ModelDef.create(config, dtype), optimizer, temperature, tis_cap)
+    return optimizer, make_train_step(ModelDef.create(config, dtype), optimizer, temperature, batch_invariant, tis_cap)
 
 
 def batch_arrays(batch: Batch, rollout_logprobs: bool = False) -> dict[str, np.ndarray]:

@@ -29,6 +29,9 @@ class LoopConfig:
     # mixture-of-experts models: ask the rollout for each sample's routed experts and replay them
     # in the trainer's forward (routing replay); False recomputes with the trainer's own routing
     replay_routes: bool = True
+    # the trainer recomputes logprobs with rollout.models.token_logprobs in batch-invariant mode:
+    # bit for bit the rollout's when the rollout runs with batch_invariant=True on as many devices
+    batch_invariant: bool = False
     # truncated importance sampling (trainer_stub/grpo.py): weight each token by
     # min(pi_trainer / pi_rollout, tis_cap), correcting a rollout that samples from slightly other
     # probabilities (int8/bfloat16 engine); None: off. verl's default cap is 2

@@ -84,7 +84,8 @@ def run_loop(
     if config.tis_cap is not None and (unavailable is not None or config.lora_rank):
         raise ValueError("tis_cap needs the rollout's logprobs and full-weight training (not LoRA)")
     optimizer, train_step = grpo.train_step_for(
-        model_def, config.learning_rate, config.temperature, tis_cap=config.tis_cap
+        model_def, config.learning_rate, config.temperature, batch_invariant=config.batch_invariant,
+        tis_cap=config.tis_cap,
     )
     lora = None
     if config.lora_rank:
@@ -412,6 +413,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--init", choices=("checkpoint", "fresh"), default="checkpoint",
         help="the trainer starts from the checkpoint's weights or from a random init",
     )
+    p.add_argument(
+        "--batch-invariant", action="store_true",
+        help="the rollout runs in batch-invariant mode and the trainer recomputes logprobs with "
+        "rollout.models.token_logprobs: the logprob difference is exactly 0 (one device per worker, as the trainer)",
+    )
     p.add_argument("--dtype", default=f.dtype, choices=("float32", "bfloat16"))  # what the trainer trains in
     p.add_argument("--quantization", default=None, choices=("int8",),
                    help="the rollout engines serve int8 weights, re-quantized at every sync; the trainer keeps "
@@ -436,17 +442,20 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         sync_every=args.sync_every,
         skip_sync_at=tuple(args.skip_sync_at),
         replay_routes=not args.no_route_replay,
+        batch_invariant=args.batch_invariant,
         tis_cap=(args.tis_cap or DEFAULT_TIS_CAP) if args.quantization else args.tis_cap,
     )
     fleet = FleetOptions(
         num_workers=args.workers,
-        devices_per_worker=args.devices_per_worker or devices_per_worker_for(args.engine),
+        # batch-invariant numbers hold for one device count: the trainer's one device
+        devices_per_worker=args.devices_per_worker or (1 if args.batch_invariant else devices_per_worker_for(args.engine)),
         max_batch=args.max_batch,
         max_seq_len=AGENT_MAX_SEQ_LEN if args.agent else FleetOptions.max_seq_len,
         dtype=args.dtype,
         accelerator=args.accelerator,
         worker_logs=args.worker_logs,
         engine=args.engine,
+        batch_invariant=args.batch_invariant,
         quantization=args.quantization,
     )
     demo = DemoOptions(

@@ -15,6 +15,7 @@ largest batch) beside the ratio to transformers (rollout.bench.roofline); `--no-
     rollout bench engine --batches 1 4 16 --new-tokens 128
     rollout bench engine --shape qwen3-128 --batches 1 4 16 64
     rollout bench engine --moe --batches 1 4 16 64    # Qwen3-MoE (see MOE_SHAPE) instead
+    rollout bench engine --batch-invariant --batches 1 4 16 64   # + the batch-invariant mode's cost
     rollout bench engine --quantization int8 --batches 1 4 16 64   # float32 vs bfloat16 vs int8
 
 `--moe` measures a Qwen3-MoE model (`MOE_SHAPE`: 32 experts, top-4, ~205M parameters of which
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (MOE_SHAPE) instead of a dense --shape")
     p.add_argument("--no-dense-reference", dest="dense_reference", action="store_false",
                    help="with --moe: skip the dense model of the same active parameters")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="also time a second engine with batch_invariant=True against the default one, "
+                   "alternating, and print the mode's cost (time on / time off) per batch")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     p.add_argument("--quantization", choices=["int8", "fp8"], default=None,
                    help="instead: float32, bfloat16 and this quantized engine side by side (rollout.bench.quantized)")
@@ -162,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps),
         devices=jax.devices()[:1],
     )
+    invariant = None
+    if args.batch_invariant:
+        invariant = Engine(
+            ckpt,
+            EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps, batch_invariant=True),
+            devices=jax.devices()[:1],
+        )
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     params = sum(int(np.prod(leaf.shape)) for leaf in engine.spec.leaves)
     dense = None
@@ -195,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
                  ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal)
         )
+        if invariant is not None:
+            inv_tokens = [list(c.token_ids) for c in invariant.generate(prompts[:batch], sampling)]  # warm-up
+            t_off, t_on = interleaved_best(
+                lambda b=batch: run_engine(b),
+                lambda b=batch: invariant.generate(prompts[:b], sampling),
+                args.repeats,
+            )
+            rows[-1].update(invariant_tok_s=n / t_on, invariant_default_tok_s=n / t_off, invariant_cost=t_on / t_off,
+                            invariant_same_tokens=f"{sum(a == b for a, b in zip(inv_tokens, ours_tokens))}/{batch}")
         if dense is not None:
             rows[-1].update(dense.measure(batch, functools.partial(run_engine, batch), args.repeats,
                                           interleaved_best, args.new_tokens))
@@ -213,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         steal_text = "n/a" if r["cpu_steal_percent"] is None else f"{r['cpu_steal_percent']:.0f}%"
         print(f"{r['batch']:>5} {r['rollout_tok_s']:>14.1f} {r['transformers_tok_s']:>19.1f} "
               f"{r['ratio']:>6.2f}x {r['identical_outputs']:>12} {steal_text:>10}")
+    if invariant is not None:
+        invariant.shutdown()
+        print("\nbatch-invariant mode (the same engine with batch_invariant=True, timed alternating with the default)")
+        print(f"{'batch':>5} {'default tok/s':>14} {'invariant tok/s':>16} {'cost':>7} {'same tokens':>12}")
+        for r in rows:
+            print(f"{r['batch']:>5} {r['invariant_default_tok_s']:>14.1f} {r['invariant_tok_s']:>16.1f} "
+                  f"{r['invariant_cost']:>6.2f}x {r['invariant_same_tokens']:>12}")
     if host is not None:
         print("\n" + "\n".join(host[1]))
     if dense is not None:

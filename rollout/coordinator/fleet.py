@@ -54,10 +54,14 @@ def service_configs(options: Mapping[str, Any]) -> tuple[FleetConfig, EngineConf
             f"unknown option(s) {unknown}; expected fields of FleetConfig {sorted(FLEET_OPTIONS)} "
             f"or EngineConfig {sorted(ENGINE_OPTIONS)}"
         )
-    return (
-        FleetConfig(**{k: v for k, v in options.items() if k in FLEET_OPTIONS}),
-        EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS}),
-    )
+    fleet = FleetConfig(**{k: v for k, v in options.items() if k in FLEET_OPTIONS})
+    engine = EngineConfig(**{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
+    if engine.batch_invariant and fleet.engine != "native":
+        raise ValueError(
+            f"batch_invariant=True needs engine='native', got engine={fleet.engine!r}: only the native engine "
+            "has batch-invariant kernels (rollout.models.invariant)"
+        )
+    return fleet, engine
 
 
 def resolve_accelerator(accelerator: str, cluster: Mapping[str, float]) -> str:

@@ -40,6 +40,10 @@ class EngineConfig:
     # preemption (admits less; except one request whose n samples outgrow the pool, and
     # recompute swaps); 0: admit on the next decode call's pages (more preemptions).
     kv_admission_ratio: float | None = None
+    # Bitwise-reproducible numbers (rollout.models.invariant): a request's tokens and logprobs do
+    # not depend on the rest of the batch, and `score` returns generate's logprobs bit for bit.
+    # Costs speed (fixed-shape matmul tiles, blocked attention); dense models, native engine only.
+    batch_invariant: bool = False
     # Weight-only quantization of the linear layers' kernels and the output head, per output
     # channel (rollout.engine.quantized): None keeps `dtype`. "int8": ~1/4 of float32's weight
     # bytes (decode at small batch reads every weight per token), logprobs off by ~1e-2 (the
@@ -56,6 +60,11 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r}: expected None or one of {QUANTIZATIONS}")
+        if self.quantization is not None and self.batch_invariant:
+            raise ValueError(
+                f"quantization={self.quantization!r} with batch_invariant=True: the invariant mode's matmul tiles "
+                "take full-precision kernels; choose one"
+            )
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout={self.kv_layout!r}: expected one of {KV_LAYOUTS}")
         if self.kv_pages is not None and self.kv_memory_fraction is not None:

@@ -11,9 +11,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rollout.models.quant import matmul
+from rollout.models import invariant
+from rollout.models.quant import QuantizedKernel
+from rollout.models.quant import matmul as quantized_matmul
 
 Array = jax.Array
+
+
+def matmul(x: Array, w: Array | QuantizedKernel) -> Array:
+    """x (..., in) @ w (in, out): every Linear's product, in one place (batch-invariant mode
+    swaps in `rollout.models.invariant.matmul`; a quantized kernel multiplies as
+    `rollout.models.quant.matmul`)."""
+    if isinstance(w, QuantizedKernel):
+        return quantized_matmul(x, w)
+    return invariant.matmul(x, w) if invariant.active() else x @ w
 
 
 class RMSNorm(nnx.Module):
@@ -22,6 +33,11 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
+        if invariant.active():  # the mean over a row, on fixed-shape row tiles
+            return invariant.rowwise(self._normalize, x)
+        return self._normalize(x)
+
+    def _normalize(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * xf.astype(x.dtype)

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rollout.models import invariant
 from rollout.models.config import ModelConfig
 from rollout.models.forward import AttendFn
-from rollout.models.layers import Linear, RMSNorm, rope
+from rollout.models.layers import Linear, RMSNorm, matmul, rope
 from rollout.models.moe import RouteFn
-from rollout.models.quant import matmul
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule
 
 Array = jax.Array
@@ -82,10 +82,10 @@ class OutputHead:
         the output projection: on CPU, XLA's dot is much faster against a (hidden, vocab) matrix
         than against the transpose of a (vocab, hidden) one at decode batch sizes.
         """
-        if head_t is not None:
+        if head_t is not None and not invariant.active():  # the mode runs what a trainer can
             out = matmul(h, head_t)  # the engine may quantize this copy (rollout.engine.quantized)
         elif self.lm_head is None:
-            out = h @ self.embed_tokens[...].T
+            out = matmul(h, self.embed_tokens[...].T)
         else:
             out = self.lm_head(h)
         return out.astype(jnp.float32)
@@ -108,11 +108,17 @@ class QwenForCausalLM(OutputHead, nnx.Module):
             else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def hidden(self, tokens: Array, positions: Array, attend: AttendFn, route: RouteFn | None = None) -> Array:
+    def hidden(
+        self, tokens: Array, positions: Array, attend: AttendFn, route: RouteFn | None = None,
+        states: list[Array] | None = None,
+    ) -> Array:
         """tokens, positions (B, T) -> final hidden states (B, T, hidden). `route` is unused: a
-        dense model routes nothing."""
+        dense model routes nothing. `states`, if given, receives each layer's input (the
+        residual stream; the first is the embeddings)."""
         x = self.embed_tokens[...][tokens]
         for i, layer in enumerate(self.layers):
+            if states is not None:
+                states.append(x)
             b, t, _ = x.shape
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), positions)
             o = attend(i, q, k, v).reshape(b, t, -1)

@@ -59,6 +59,8 @@ def add_parser(sub: Any) -> None:
                       help="paged, TPU/GPU: pool = this fraction of device memory, less what is in use")
     p.add_argument("--kv-admission-ratio", type=float, default=EngineConfig.kv_admission_ratio,
                    help="paged: expected share of max_tokens still to generate, for admission (default: learned)")
+    p.add_argument("--batch-invariant", action="store_true", default=EngineConfig.batch_invariant,
+                   help="bitwise-reproducible tokens and logprobs whatever the batch (native engine, dense models; slower)")
     p.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                    help="weight-only int8 (or fp8 on TPU v5p+/H100) of the linear layers, re-quantized at every "
                         "sync (default: none, the --dtype weights)")
@@ -74,7 +76,8 @@ def add_parser(sub: Any) -> None:
 def service_options(args: argparse.Namespace) -> dict:
     """The fleet and engine options of `rollout serve`'s flags, for RolloutService."""
     names = ("accelerator", "dtype", "max_batch", "max_seq_len", "decode_steps", "load_format", "swap_policy",
-             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio", "quantization")
+             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio", "batch_invariant",
+             "quantization")
     return {name: getattr(args, name) for name in names}
 
 

@@ -62,6 +62,7 @@ from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
 from rollout.engine.types import Completion, WeightSyncError
 from rollout.engine.weight_state import WeightState, WeightVersions
+from rollout.models import invariant
 from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.models.sharding import make_mesh
@@ -90,6 +91,8 @@ class Engine(WeightVersions):
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
         self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.model_def = ModelDef.create(self.model_config, config.dtype)
+        if config.batch_invariant:
+            invariant.check_supported(self.model_config)
         self.mesh = make_mesh(devices)
         check_quantization(config.quantization, self.model_def, list(self.mesh.devices.flat))  # before loading
         layout = make_layout(self.model_def, self.mesh, config)  # contiguous or paged: see kv/
@@ -282,6 +285,7 @@ class Engine(WeightVersions):
         *,
         temperature: float = 1.0,
         routed_experts: Sequence[Any] | None = None,
+        return_hidden_states: Sequence[int] | None = None,
     ) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced,
         all on one weight version: a `rollout.Scores` (logprobs, weight_version). Every pair is
@@ -290,7 +294,12 @@ class Engine(WeightVersions):
         `routed_experts[i]` (MoE models): the experts of every fed position of pair i, as
         `Completion.routed_experts` gives them ((prompt + completion tokens - 1, MoE layers,
         top_k)); each MoE layer then uses those experts instead of its router's choice (routing
-        replay), so the logprobs are those of the routes generation took."""
+        replay), so the logprobs are those of the routes generation took.
+
+        `return_hidden_states=[layer indices]` (dense models): `Scores.hidden_states` holds, per
+        pair, the residual stream at those layers (0: the embeddings, i: after layer i,
+        num_layers: after the final norm, as transformers' output_hidden_states) at every
+        position of prompt + completion, from the same forward as the logprobs."""
         prompt_ids, completion_ids = encode_pairs(
             self._intake.encode, prompts, completions,
             vocab_size=self.model_config.vocab_size, max_seq_len=self.config.max_seq_len,
@@ -300,13 +309,28 @@ class Engine(WeightVersions):
         if routed_experts is not None:
             routes = check_routes(self.model_config, prompt_ids, completion_ids, routed_experts)
         version, params, derived = self.weights_snapshot()
-        logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature, routes)
-        return Scores(tuple(logprobs), version)
+        if not return_hidden_states:
+            logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature, routes)
+            return Scores(tuple(logprobs), version)
+        if self.model_config.is_moe:
+            raise ValueError("return_hidden_states is supported for dense models only (this one is mixture-of-experts)")
+        layers = [int(i) for i in return_hidden_states]
+        bad = [i for i in layers if not 0 <= i <= self.model_config.num_layers]
+        if bad:
+            raise ValueError(f"return_hidden_states={bad}: layer indices must be in 0..{self.model_config.num_layers} "
+                             "(0: the embeddings, i: after layer i)")
+        logprobs, hidden = self.scorer.score_with_hidden(
+            params, derived, prompt_ids, completion_ids, temperature, routes, hidden_layers=layers
+        )
+        return Scores(tuple(logprobs), version, tuple(hidden))
 
     @functools.cached_property
     def scorer(self) -> Scorer:
         """The jitted scoring forward, built on the first `score`."""
-        return Scorer(self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len)
+        return Scorer(
+            self.model_def, max_rows=self.config.max_prefill_batch, max_seq_len=self.config.max_seq_len,
+            batch_invariant=self.config.batch_invariant,
+        )
 
     def weights_snapshot(self) -> tuple[int, dict[str, jax.Array], dict[str, jax.Array]]:
         """(version, params, derived) of the committed version, consistent with swaps (see

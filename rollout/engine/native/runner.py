@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from rollout.engine import placement
 from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.sampling import SlotSampling, sample_top
-from rollout.models import forward
+from rollout.models import forward, invariant
 from rollout.models.bind import ModelDef
 from rollout.models.moe import RouteRecorder
 from rollout.models.sharding import cache_sharding, logical_sharding
@@ -49,6 +49,7 @@ class ModelRunner:
         max_batch: int,
         max_seq_len: int,
         decode_steps: int,
+        batch_invariant: bool = False,
     ):
         self.model_def = model_def
         self.max_batch = max_batch
@@ -76,8 +77,11 @@ class ModelRunner:
             # The sharding an untied (hidden, vocab) lm_head kernel gets: vocab-parallel.
             head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)
             self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("kv_len",))
+        # batch_invariant: the model traced in rollout.models.invariant's mode
+        self._prefill = jax.jit(invariant.traced(self._prefill_impl, batch_invariant), donate_argnums=(2,))
+        self._decode = jax.jit(
+            invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("kv_len",)
+        )
 
     # -- compiled functions -------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from rollout.engine.alternatives import MAX_TOP_LOGPROBS
 from rollout.engine.sampling_params import SamplingParams
+from rollout.models import invariant
 
 # The smallest normal float32: positive temperatures below it are served as it (see above).
 MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
@@ -111,7 +112,7 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
     # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return tokens, picked - jnp.log(jnp.sum(weights, axis=-1))
+    return tokens, picked - jnp.log(invariant.row_sum(weights))  # per row in batch-invariant mode
 
 
 def sample_top(
@@ -128,7 +129,7 @@ def sample_top(
     greedy = params.temperature <= 0.0
     scaled = shifted_logits(logits, jnp.where(greedy, 1.0, params.temperature)[:, None])
     top_values, top_ids = jax.lax.top_k(scaled, min(params.top_n, logits.shape[-1]))
-    log_total = jnp.log(jnp.sum(jnp.exp(scaled), axis=-1, keepdims=True))
+    log_total = jnp.log(invariant.row_sum(jnp.exp(scaled)))[:, None]  # as `sample`'s, per row in batch-invariant mode
     return tokens, logprobs, (top_ids.astype(jnp.int32), top_values - log_total)
 
 

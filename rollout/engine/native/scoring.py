@@ -25,8 +25,9 @@ import numpy as np
 
 from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.runner import pow2_at_least
-from rollout.models import forward
+from rollout.models import forward, invariant
 from rollout.models.bind import ModelDef
+from rollout.models.logprobs import logprobs_of, select_layers
 from rollout.models.moe import RouteRecorder
 
 # Positions whose logits are computed at once (rows x chunk): bounds the head's activation memory
@@ -37,28 +38,35 @@ _HEAD_POSITIONS = 256
 class Scorer:
     """The jitted scoring forward of one model on one mesh; parameters come with each call."""
 
-    def __init__(self, model_def: ModelDef, *, max_rows: int, max_seq_len: int, min_len: int = 16):
+    def __init__(
+        self, model_def: ModelDef, *, max_rows: int, max_seq_len: int, min_len: int = 16, batch_invariant: bool = False
+    ):
         self.model_def = model_def
         self.max_rows = max_rows
         self.max_seq_len = max_seq_len
         self.min_len = min_len
-        self._forward = jax.jit(self._forward_impl)
+        self.batch_invariant = batch_invariant  # rollout.models.invariant: bitwise generate's logprobs
+        self._forward = jax.jit(invariant.traced(self._forward_impl, batch_invariant), static_argnames=("hidden_layers",))
 
-    def _forward_impl(self, params, derived, tokens, lengths, temperature, given, replay):
+    def _forward_impl(self, params, derived, tokens, lengths, temperature, given, replay, hidden_layers=()):
         """tokens (B, L) right-padded, lengths (B,) -> (B, L) float32: at column t, the logprob of
         tokens[:, t + 1] given tokens[:, : t + 1] (the last column is meaningless). given
-        (B, L, MoE layers, k), replay (B, L): the experts to use where replay is True."""
+        (B, L, MoE layers, k), replay (B, L): the experts to use where replay is True.
+        `hidden_layers` (static): also the residual stream at those layers, (layers, B, L, hidden)
+        (rollout.models.logprobs.select_layers); then the result is a pair."""
         model = self.model_def.bind(params)
         b, length = tokens.shape
         real = jnp.arange(length)[None, :] < lengths[:, None]
         mask = forward.causal_padding_mask(real)
         positions = jnp.broadcast_to(jnp.arange(length)[None, :], (b, length))
         recorder = RouteRecorder(self.model_def.config.num_experts_per_tok, given, replay)
+        states: list[jax.Array] = []
         h = model.hidden(
             tokens,
             positions,
             lambda i, q, k, v: forward.attention(q, forward.head_major(k), forward.head_major(v), mask),
             recorder,
+            **({"states": states} if hidden_layers else {}),
         )
         targets = jnp.roll(tokens, -1, axis=1)
         chunk = min(length, max(1, _HEAD_POSITIONS // b))  # both powers of two: divides length
@@ -67,12 +75,18 @@ class Scorer:
 
         def one(args):
             h_chunk, t_chunk = args
-            logits = model.logits(h_chunk, derived.get("head_t")) / temperature  # (B, C, V) float32
+            logits = model.logits(h_chunk, derived.get("head_t"))  # (B, C, V) float32
+            if self.batch_invariant:  # the sampler's arithmetic, as rollout.models.token_logprobs
+                return logprobs_of(logits, t_chunk, temperature)
+            logits = logits / temperature
             chosen = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
             return chosen - jax.nn.logsumexp(logits, axis=-1)
 
         out = jax.lax.map(one, (hc, tc))  # (chunks, B, C)
-        return out.transpose(1, 0, 2).reshape(b, length)
+        table = out.transpose(1, 0, 2).reshape(b, length)
+        if not hidden_layers:
+            return table
+        return table, select_layers(states, h, self.model_def.config.num_layers, hidden_layers)
 
     def score(
         self,
@@ -88,8 +102,24 @@ class Scorer:
         Pairs run `max_rows` at a time (the engine's prefill batch: the same activation memory as
         one prefill), each batch one forward on the given parameters. `routes` (validated, see
         `rollout.scores.check_routes`): the experts each pair's fed positions use (routing replay).
+        For the residual stream at chosen layers beside them, see `score_with_hidden`.
         """
+        return self.score_with_hidden(params, derived, prompts, completions, temperature, routes)[0]
+
+    def score_with_hidden(
+        self,
+        params: dict[str, jax.Array],
+        derived: dict[str, jax.Array],
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        temperature: float = 1.0,
+        routes: Sequence[np.ndarray] | None = None,
+        hidden_layers: Sequence[int] = (),
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """`score`, and per pair the residual stream at `hidden_layers` (layers, tokens, hidden)."""
+        layers = tuple(int(i) for i in hidden_layers)
         cfg = self.model_def.config
+        hidden: list[np.ndarray] = [np.zeros((len(layers), 0, cfg.hidden_size), np.float32)] * len(prompts)
         moe_shape = (len(cfg.moe_layers), cfg.num_experts_per_tok)
         out: list[np.ndarray] = [np.zeros((0,), np.float32)] * len(prompts)
         rows = [i for i, c in enumerate(completions) if c]  # empty completions score nothing
@@ -112,11 +142,15 @@ class Scorer:
                     fed = len(seq) - 1
                     given[r, :fed] = routes[batch[r]]
                     replay[r, :fed] = True
-            table = np.asarray(self._forward(params, derived, tokens, lengths, temp, given, replay))
+            result = self._forward(params, derived, tokens, lengths, temp, given, replay, hidden_layers=layers)
+            table = np.asarray(result[0] if layers else result)
+            states = np.asarray(result[1]) if layers else None
             for r, i in enumerate(batch):
                 first = len(prompts[i]) - 1  # the column that predicts the first completion token
                 out[i] = table[r, first : first + len(completions[i])].astype(np.float32)
-        return out
+                if states is not None:
+                    hidden[i] = states[:, r, : len(seqs[r])].astype(np.float32)
+        return out, hidden
 
     def compiled_count(self) -> int:
         return compiled_executables(self._forward)

@@ -163,6 +163,13 @@ class SglangEngine(WeightVersions):
         engine_options: Mapping[str, Any] | None = None,
         _skip_workarounds: tuple[str, ...] = (),
     ):
+        if config.batch_invariant:
+            from rollout.models.invariant import BatchInvariantUnsupportedError
+
+            raise BatchInvariantUnsupportedError(
+                "batch_invariant=True needs the native engine (engine='native'): sglang-jax's kernels (its "
+                "matmuls, attention and sampler) are not batch-invariant, and its deterministic mode only seeds the sampler"
+            )
         requirements.check_python()
         self.sglang_version = requirements.installed_version()
         requirements.check_msgpack()

@@ -19,6 +19,7 @@ from rollout.models.bind import ModelDef
 
 def make_contiguous(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> KvLayout:
     runner = ModelRunner(
-        model_def, mesh, max_batch=config.max_batch, max_seq_len=config.max_seq_len, decode_steps=config.decode_steps
+        model_def, mesh, max_batch=config.max_batch, max_seq_len=config.max_seq_len, decode_steps=config.decode_steps,
+        batch_invariant=config.batch_invariant,
     )
     return KvLayout("contiguous", runner, lambda lock, weights: Scheduler(lock, runner, weights, config))

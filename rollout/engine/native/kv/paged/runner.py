@@ -35,6 +35,7 @@ from rollout.engine.native.kv.paged.pool import pages_for
 from rollout.engine.native.runner import alternatives_to_host, pow2_at_least
 from rollout.engine.native.sampling import SlotSampling, sample_top
 from rollout.models import forward as model_forward
+from rollout.models import invariant
 from rollout.models.bind import ModelDef
 from rollout.models.moe import RouteRecorder
 from rollout.models.sharding import cache_sharding, logical_sharding
@@ -121,6 +122,7 @@ class PagedRunner:
         min_prefill_len: int = 16,
         min_span_tokens: int = 64,
         block_budget_bytes: int | None = None,
+        batch_invariant: bool = False,
     ):
         if kernel not in ("auto", *attention.KERNELS):
             raise ValueError(f"kernel={kernel!r}: expected 'auto', 'xla' or 'pallas'")
@@ -136,6 +138,10 @@ class PagedRunner:
         self.min_span_pages = max(1, min_span_tokens // page_size)
         platform = mesh.devices.flat[0].platform
         self.kernel = attention.choose_kernel(platform, model_def.dtype) if kernel == "auto" else kernel
+        if batch_invariant:  # rollout.models.invariant's attention: the XLA path only
+            if kernel == "pallas":
+                raise ValueError("kernel='pallas' cannot run batch_invariant=True: use kernel='xla' or 'auto'")
+            self.kernel = "xla"
         self.interpret = interpret
         cfg = model_def.config
         self.param_shardings = model_def.shardings(mesh)
@@ -153,8 +159,10 @@ class PagedRunner:
         if cfg.tie_word_embeddings and platform == "cpu":
             head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)  # see ModelRunner
             self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("span",))
+        self._prefill = jax.jit(invariant.traced(self._prefill_impl, batch_invariant), donate_argnums=(2,))
+        self._decode = jax.jit(
+            invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("span",)
+        )
         # the last call's top-k alternatives on the host, or None (see ModelRunner.alternatives)
         self.alternatives: tuple[np.ndarray, np.ndarray] | None = None
 

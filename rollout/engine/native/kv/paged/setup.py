@@ -46,6 +46,7 @@ def make_paged(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> KvLayou
     runner = PagedRunner(
         model_def, mesh, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
         decode_steps=config.decode_steps, num_pages=pages, page_size=config.page_size,
+        batch_invariant=config.batch_invariant,
     )
     pool = PagePool(pages, config.page_size)
     return KvLayout("paged", runner, lambda lock, weights: PagedScheduler(lock, runner, weights, config, pool))
