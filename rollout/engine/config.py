@@ -39,6 +39,11 @@ class EngineConfig:
     # preemption (admits less; except one request whose n samples outgrow the pool, and
     # recompute swaps); 0: admit on the next decode call's pages (more preemptions).
     kv_admission_ratio: float | None = None
+    # paged: keep prompts' full pages after use and let a later prompt that starts with the same
+    # tokens share them instead of prefilling them (rollout.engine.native.kv.paged.prefix_cache);
+    # dropped at every weight swap. Idle cached pages are evicted under pool pressure. The
+    # contiguous layout has no prefix cache (this option does nothing there).
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.swap_policy not in SWAP_POLICIES:
