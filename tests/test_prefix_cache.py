@@ -58,7 +58,7 @@ def test_pool_gives_every_sample_of_a_group_the_cached_pages():
     assert pool.admit_cached(["a"], prompt) == 0
     pool.register("a", prompt, version=0)
     pool.free("a")
-    start = pool.admit_cached(["b0", "b1", "b2"], prompt + [99])
+    start = pool.admit_cached(["b0", "b1", "b2"], [*prompt, 99])
     assert start == 3 * PAGE
     cached = pool.table("b0")[:3]
     assert all(pool.table(s)[:3] == cached for s in ("b1", "b2"))
@@ -86,8 +86,8 @@ def test_pool_evicts_idle_cached_pages_oldest_first_and_never_held_ones():
     assert pool.stats().free_pages == 6 and pool.cache is not None and pool.cache.idle_pages == 2
     assert pool.admit_cached(["big"], list(range(300, 323))) == 0  # 6 pages: the free 4 and the idle 2
     assert pool.cache.stats().evictions == 2
-    assert pool.cache.match(held + [1], 2) == pool.table("held")[:2]  # the held chain is intact
-    assert pool.cache.match(idle + [1], 2) == []  # its pages went to "big"
+    assert pool.cache.match([*held, 1], 2) == pool.table("held")[:2]  # the held chain is intact
+    assert pool.cache.match([*idle, 1], 2) == []  # its pages went to "big"
     pool.check()
 
 
@@ -112,7 +112,7 @@ def test_pool_drop_forgets_every_entry_and_leaves_held_pages_with_their_holders(
 
 def test_a_prompt_sharing_a_cached_prefix_prefills_only_the_rest_with_the_same_output(cached, uncached):
     prefix = system_prompt(1)  # 23 tokens: 5 full pages
-    first, second = prefix + [5, 6, 7], prefix + [9, 10, 11, 12, 13]
+    first, second = [*prefix, 5, 6, 7], [*prefix, 9, 10, 11, 12, 13]
     assert_same_outputs(cached.generate([first], GREEDY), uncached.generate([first], GREEDY))
     before = kv(cached)["prefill_tokens"]
     got = cached.generate([second], GREEDY)
@@ -122,9 +122,9 @@ def test_a_prompt_sharing_a_cached_prefix_prefills_only_the_rest_with_the_same_o
 
 def test_the_n_samples_of_a_request_share_its_cached_prefix(cached, uncached):
     prefix = system_prompt(2)
-    cached.generate([prefix + [1]], GREEDY)
+    cached.generate([[*prefix, 1]], GREEDY)
     sampled = SamplingParams(max_tokens=8, temperature=4.0, seed=3, n=4, ignore_eos=True)
-    prompt = prefix + [2, 3]
+    prompt = [*prefix, 2, 3]
     before = kv(cached)
     got = cached.generate([prompt], sampled)
     after = kv(cached)
@@ -138,8 +138,8 @@ def test_the_n_samples_of_a_request_share_its_cached_prefix(cached, uncached):
 def test_status_counts_lookups_hits_and_cached_pages(cached):
     prefix = system_prompt(3, length=16)  # 4 full pages
     before = kv(cached)["prefix_cache"]
-    cached.generate([prefix + [1, 2]], GREEDY)  # a miss: publishes 4 pages
-    cached.generate([prefix + [3]], GREEDY)  # a hit of 4 pages
+    cached.generate([[*prefix, 1, 2]], GREEDY)  # a miss: publishes 4 pages
+    cached.generate([[*prefix, 3]], GREEDY)  # a hit of 4 pages
     after = kv(cached)["prefix_cache"]
     assert after["lookups"] - before["lookups"] == 2
     assert after["hit_requests"] - before["hit_requests"] == 1
@@ -177,8 +177,8 @@ def rescored(engine: Engine, prompt: list[int], completion) -> np.ndarray:
 
 
 def test_a_prompt_repeated_across_a_continue_swap_reads_only_the_new_weights_kv(swapping, tiny_qwen3_perturbed):
-    prompt = system_prompt(5) + [7, 8]
-    running = system_prompt(6) + [9]
+    prompt = [*system_prompt(5), 7, 8]
+    running = [*system_prompt(6), 9]
     swapping.generate([prompt], GREEDY)  # its pages are cached under version 0
     long = swapping.submit(running, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
     before = kv(swapping)["prefix_cache"]
@@ -198,7 +198,7 @@ def test_a_prompt_repeated_across_a_continue_swap_reads_only_the_new_weights_kv(
 def test_control_stale_pages_kept_across_a_swap_would_change_the_output(swapping, tiny_qwen3_perturbed, monkeypatch):
     """What the drop prevents: with it disabled, the repeated prompt reuses pages the old weights
     computed, and its logprobs are no longer the new weights' own."""
-    prompt = system_prompt(7) + [7, 8]
+    prompt = [*system_prompt(7), 7, 8]
     swapping.generate([prompt], GREEDY)
     pool = swapping._scheduler.pool
     monkeypatch.setattr(swapping._scheduler, "_drop_prefix_cache", lambda version: setattr(pool.cache, "version", version))
@@ -207,3 +207,12 @@ def test_control_stale_pages_kept_across_a_swap_would_change_the_output(swapping
     stale = swapping.generate([prompt], GREEDY)[0]
     assert kv(swapping)["prefix_cache"]["hit_requests"] == 1
     assert np.max(np.abs(np.asarray(stale.logprobs) - rescored(swapping, prompt, stale))) > 1e-2
+
+
+def test_the_fleet_status_sums_the_workers_prefix_cache_counters():
+    from rollout.coordinator.cache_totals import prefix_cache_totals
+
+    counters = dict(cached_pages=3, idle_pages=1, lookups=4, hit_requests=2, hit_tokens=64, evictions=1)
+    workers = [{"kv": {"prefix_cache": counters}}] * 2 + [{"error": "no status reply"}, {"kv": {"layout": "contiguous"}}]
+    assert prefix_cache_totals(workers) == {"workers": 2, **{k: 2 * v for k, v in counters.items()}}
+    assert prefix_cache_totals([{"kv": {"layout": "paged", "prefix_cache": None}}]) is None
