@@ -59,6 +59,8 @@ def add_parser(sub: Any) -> None:
                       help="paged, TPU/GPU: pool = this fraction of device memory, less what is in use")
     p.add_argument("--kv-admission-ratio", type=float, default=EngineConfig.kv_admission_ratio,
                    help="paged: expected share of max_tokens still to generate, for admission (default: learned)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=EngineConfig.prefix_cache,
+                   help="paged: do not keep prompts' pages for later prompts that start the same way")
     p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
                    help="split <think>...</think> off into the message's reasoning_content (default: off)")
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
@@ -71,7 +73,8 @@ def add_parser(sub: Any) -> None:
 def service_options(args: argparse.Namespace) -> dict:
     """The fleet and engine options of `rollout serve`'s flags, for RolloutService."""
     names = ("accelerator", "dtype", "max_batch", "max_seq_len", "decode_steps", "load_format", "swap_policy",
-             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio")
+             "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio",
+             "prefix_cache")
     return {name: getattr(args, name) for name in names}
 
 
