@@ -135,6 +135,17 @@ def test_the_n_samples_of_a_request_share_its_cached_prefix(cached, uncached):
     assert_same_outputs(got, uncached.generate([prompt], sampled))
 
 
+def test_a_burst_sharing_a_prefix_prefills_it_once(cached, uncached):
+    """Requests queued together: the first computes the shared pages, the others wait one pass
+    and find them cached."""
+    prefix = system_prompt(8)  # 23 tokens: 5 full pages
+    prompts = [[*prefix, 40 + i, 50 + i, 60 + i] for i in range(4)]
+    before = kv(cached)["prefill_tokens"]
+    got = cached.generate(prompts, GREEDY)
+    assert kv(cached)["prefill_tokens"] - before == 26 + 3 * (26 - 5 * PAGE)
+    assert_same_outputs(got, uncached.generate(prompts, GREEDY))
+
+
 def test_status_counts_lookups_hits_and_cached_pages(cached):
     prefix = system_prompt(3, length=16)  # 4 full pages
     before = kv(cached)["prefix_cache"]

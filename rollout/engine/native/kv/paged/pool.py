@@ -205,6 +205,23 @@ class PagePool:
             self.cache.counted(len(hits))
         return start
 
+    def first_miss(self, tokens: Sequence[int]) -> tuple[int, ...] | None:
+        """The tokens up to the end of the first full page of `tokens` the cache lacks (what an
+        admission now would prefill first), or None (cache off, or no full page missing). Two
+        prompts with the same first miss share a prefix only one of them should compute.
+
+        >>> pool = PagePool(8, 2, prefix_cache=True)
+        >>> pool.first_miss([1, 2, 3, 4, 5])
+        (1, 2)
+        """
+        if self.cache is None:
+            return None
+        s = self.page_size
+        hits = len(self.cache.match(tokens, (len(tokens) - 1) // s))
+        if (hits + 1) * s > len(tokens) - 1:  # the rest is the page of the last token: always run
+            return None
+        return tuple(tokens[: (hits + 1) * s])
+
     def _admit(self, seqs: Sequence[SeqId], prompt_len: int, hits: list[int]) -> int | None:
         if not seqs:
             raise ValueError("admit_group needs at least one sequence")

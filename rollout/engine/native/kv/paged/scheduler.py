@@ -26,7 +26,9 @@ contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
   its policy, drops every entry before anything is admitted on the new weights (a `continue`
   swap's running sequences keep their old pages, which no new request can find any more).
   Requests that return routed experts (MoE routing replay) bypass the lookup: routes come from
-  a prefill of every prompt position.
+  a prefill of every prompt position. A request whose first uncached page another request
+  admitted in the same pass computes (a burst sharing a system prompt) waits for the next pass,
+  which finds that page cached: the shared prefix is prefilled once, not once per request.
 
 Age is the first admission's order, kept across preemptions, so the oldest sequences always
 progress. Pool bookkeeping is the scheduler thread's alone; `kv_status` publishes a snapshot
@@ -165,11 +167,15 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         free = len(self.slots.free())
         admitted: list[Request] = []
         plan: PoolPlan | None = None
+        computing: set[tuple[int, ...]] = set()  # first uncached pages of this pass's admissions
         while self.waiting and len(admitted) < self._config.max_prefill_batch:
             request = self.waiting[0]
             n = request.sampling.n
             if n > free:
                 break
+            miss = None if request.return_routed_experts else self.pool.first_miss(request.prompt_ids)
+            if miss is not None and miss in computing:
+                break  # the next pass finds it cached (see the module)
             plan = plan or self._plan()
             seqs = request.sequences
             prompt = len(request.prompt_ids)
@@ -192,6 +198,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                 break
             self.waiting.popleft()
             self._starts[seqs[0]] = start
+            if miss is not None:
+                computing.add(miss)
             for seq in seqs:
                 self._age[seq] = next(self._ticks)
             self.slots.occupy(seqs)
