@@ -6,6 +6,7 @@
     version = rollout.sync_weights(params)     # pytree, {hf_name: array}, or HF dir / repo id
     version = rollout.sync_weights(rollout.LoraAdapter.from_peft_dir("adapter/"))  # only the adapter
     outs = rollout.generate(prompts, sampling=rollout.SamplingParams(n=8, max_tokens=256))
+    traj = rollout.Trajectory(tokenizer, messages)   # multi-turn agents, token-exact (rollout.trajectory)
     for c in rollout.generate_async(prompts):  # completions as prompts finish (or `async for`)
         ...
     scores = rollout.score(prompts, completions)   # per-token logprobs of given token ids
@@ -31,6 +32,7 @@ from rollout.engine.types import Completion, EngineClosedError, WeightSyncError
 from rollout.errors import PlacementError, ServiceClosedError, SyncError, WorkerStartError, WorkerUnavailableError
 from rollout.fleet_config import FleetConfig
 from rollout.scores import Scores
+from rollout.trajectory import TemplateNotPrefixStableError, Trajectory
 from rollout.weights.finite import NonFiniteWeightsError
 from rollout.weights.lora import LoraAdapter, LoraAdapterError, LoraConfig
 from rollout.weights.spec import SpecMismatchError
@@ -56,6 +58,8 @@ __all__ = [
     "ServiceClosedError",
     "SpecMismatchError",
     "SyncError",
+    "TemplateNotPrefixStableError",
+    "Trajectory",
     "WeightSyncError",
     "WorkerStartError",
     "WorkerUnavailableError",

@@ -38,7 +38,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "(Python >= 3.12): a head_dim-128 tiny model, and no logprob check (it returns no "
             "logprobs on CPU; the demo says so). --moe trains a built-in tiny Qwen3-MoE instead: the "
             "rollout returns each sample's routed experts and the trainer's forward replays them "
-            "(routing replay), so the logprob check holds for MoE too."
+            "(routing replay), so the logprob check holds for MoE too. --agent trains multi-turn episodes "
+            "(model, calculator tool, model) held as token-exact rollout.Trajectory objects, with the tool's "
+            "and the chat template's tokens masked out of the loss."
         ),
     )
     p.add_argument("--model", default=None, help="HF directory or repo id instead of the built-in tiny Qwen3")

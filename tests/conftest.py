@@ -48,3 +48,31 @@ def ray_local():
         ray.init(num_cpus=4, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# -- the demo's built-in tiny Qwen3, its task and one in-process engine (trainer_stub tests) ------
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer_stub import train
+
+    return train.builtin_checkpoint(tmp_path_factory.mktemp("demo") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def demo_task(demo_model: Path):
+    from rollout.tokenizer import Tokenizer
+    from trainer_stub.tasks import DigitsTask
+
+    return DigitsTask.for_tokenizer(Tokenizer.from_pretrained(demo_model))
+
+
+@pytest.fixture(scope="module")
+def demo_client(demo_model: Path):
+    """The demo's LocalEngineClient (one engine over 2 devices), shared by a module's tests."""
+    from trainer_stub import clients
+
+    c = clients.LocalEngineClient(demo_model, clients.FleetOptions(devices_per_worker=2))
+    yield c
+    c.shutdown()

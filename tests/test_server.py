@@ -156,7 +156,70 @@ def test_chat_logprobs_equal_python_api(client, server, tokenizer):
     assert "".join(c.token for c in content) == tokenizer.decode(ref.token_ids, skip_special_tokens=False)
 
 
+# -- top-k alternatives ---------------------------------------------------------------------------
+
+
+def test_completion_top_logprobs_equal_python_api(client, server, tokenizer):
+    prompt = [7, 8, 9, 10, 11]
+    sampling = rollout.SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True, top_logprobs=3)
+    ref = server.service.generate([prompt], sampling)[0]
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.8, seed=3, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    top = out.choices[0].logprobs.top_logprobs
+    assert len(top) == 8
+    for row, ids, lps in zip(top, ref.top_logprobs.token_ids, ref.top_logprobs.logprobs):
+        expected = {}
+        for i, lp in zip(ids.tolist(), lps.tolist()):
+            expected.setdefault(tokenizer.decode([i], skip_special_tokens=False), lp)
+        assert row == pytest.approx(expected, abs=1e-6)
+
+
+def test_chat_top_logprobs_list_the_most_likely_tokens_led_by_the_greedy_one(client, tokenizer):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=6,
+                                         temperature=0.0, logprobs=True, top_logprobs=4,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = out.choices[0]
+    content = choice.logprobs.content
+    assert [len(c.top_logprobs) for c in content] == [4] * 6
+    for c, token_id in zip(content, choice.token_ids):
+        first = c.top_logprobs[0]
+        assert first.token == c.token == tokenizer.decode([token_id], skip_special_tokens=False)
+        assert first.logprob == pytest.approx(c.logprob, abs=1e-6) and first.bytes == c.bytes
+        assert [a.logprob for a in c.top_logprobs] == sorted((a.logprob for a in c.top_logprobs), reverse=True)
+
+
+def test_streamed_chat_top_logprobs_equal_the_whole_response(client):
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "Count."}], max_tokens=10, temperature=0.9,
+                   seed=5, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**request).choices[0].logprobs.content
+    streamed = [c for chunk in client.chat.completions.create(stream=True, **request) for choice in chunk.choices
+                if choice.logprobs for c in choice.logprobs.content]
+    assert [[(a.token, a.logprob) for a in c.top_logprobs] for c in streamed] == \
+        [[(a.token, pytest.approx(a.logprob, abs=1e-6)) for a in c.top_logprobs] for c in whole]
+
+
 # -- agents: tool_choice, token ids back ---------------------------------------------------------
+
+
+def test_a_trajectory_over_http_holds_exactly_the_sampled_ids(client, tokenizer):
+    """rollout.Trajectory driven through /v1/completions with token-id prompts (an external agent's
+    way): each turn's ids come back with return_token_ids and are appended as they are."""
+    traj = rollout.Trajectory(tokenizer, [{"role": "user", "content": "What is 3 + 4?"}])
+    sampled = []
+    for turn in range(2):
+        choice = client.completions.create(model=MODEL, prompt=traj.prompt(), max_tokens=6, temperature=1.0,
+                                           seed=turn, logprobs=0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+        traj.add_sampled(choice.token_ids, logprobs=choice.logprobs.token_logprobs,
+                         weight_versions=choice.token_versions, text=choice.text,
+                         prompt_token_ids=choice.prompt_token_ids)
+        traj.add_message({"role": "tool", "content": f"result {turn}"})
+        sampled.append(choice.token_ids)
+    spans = [t for t in traj.turns if t.role == "assistant"]
+    model_ids = [[i for i, m in zip(traj.token_ids[t.start:t.end], traj.loss_mask[t.start:t.end]) if m] for t in spans]
+    assert model_ids == sampled
+    assert sum(traj.loss_mask) == sum(len(s) for s in sampled)
+
 
 
 def test_tool_choice_decides_which_tools_the_template_renders(client, tokenizer):
@@ -291,7 +354,7 @@ def test_stop_token_ids_end_the_sample(client, server):
     (dict(top_p=0.0), "top_p"),
     (dict(n=0), "n"),
     (dict(max_tokens=5000), "prompt"),  # prompt + max_tokens > max_seq_len
-    (dict(logprobs=2), "logprobs"),  # top alternatives are not computed: refused, not faked
+    (dict(logprobs=21), "logprobs"),  # more alternatives than OpenAI's limit of 20
     (dict(extra_body={"top_k": -5}), "top_k"),
     (dict(prompt=[10**7]), "prompt"),  # out of the vocabulary
 ])
@@ -306,10 +369,10 @@ def test_invalid_values_get_400_and_queue_nothing(client, server, kwargs, param)
     assert routed(server) == before
 
 
-def test_chat_top_logprobs_refused_with_400(client):
-    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+def test_chat_top_logprobs_over_the_limit_refused_with_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs=21 .*\[0, 20\]"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                       logprobs=True, top_logprobs=3)
+                                       logprobs=True, top_logprobs=21)
 
 
 def test_unknown_model_gets_404(client):

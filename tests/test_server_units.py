@@ -119,6 +119,29 @@ def test_a_continued_sample_finds_a_stop_string_across_the_seam(validator):
     assert cont.feed(TokenDelta(0, (5,), None, (1,), "x")) is None
 
 
+def test_a_continued_sample_keeps_the_top_logprobs_of_the_tokens_it_keeps(validator):
+    import numpy as np
+
+    from rollout.coordinator.streaming import _SampleState, _Seam
+    from rollout.engine.alternatives import TopLogprobs
+    from rollout.engine.sampling_params import SamplingParams
+    from rollout.engine.streaming import TokenDelta
+
+    tokenizer = validator.tokenizer
+    ids = tokenizer.encode("one two three four five six")
+    stop = "three"
+    seam = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("two"))
+    state = _SampleState(token_ids=ids[:seam], text="")
+    cont = _Seam(0, state, tokenizer, SamplingParams(stop=(stop,), top_logprobs=2))
+    rest = ids[seam:]
+    top = TopLogprobs(np.arange(2 * len(rest), dtype=np.int32).reshape(-1, 2),
+                      -np.arange(2 * len(rest), dtype=np.float32).reshape(-1, 2))
+    out = cont.feed(TokenDelta(0, tuple(rest), None, (1,) * len(rest), "", top_logprobs=top))
+    assert out is not None and out.finish_reason == "stop" and len(out.token_ids) < len(rest)
+    assert out.top_logprobs is not None
+    np.testing.assert_array_equal(out.top_logprobs.token_ids, top.token_ids[: len(out.token_ids)])
+
+
 def test_a_continued_sample_keeps_its_continuations_routes_cut_to_its_length(validator):
     import numpy as np
 

@@ -54,6 +54,15 @@ def test_its_capabilities_refuse_logprobs_and_score_with_its_reasons():
         caps.require("score")
 
 
+def test_its_capabilities_refuse_top_logprobs_saying_why_and_what_to_use():
+    from rollout.engine.backend import FeatureUnavailableError
+
+    caps = requirements.capabilities("0.0.2", "cpu")
+    with pytest.raises(FeatureUnavailableError, match=r"top_logprobs is not available with engine='sglang-jax'.*"
+                                                       r"top_logprobs_num.*engine='native'"):
+        caps.require("top_logprobs")
+
+
 def test_a_backend_that_declares_no_capabilities_can_do_everything():
     from rollout.engine.backend import FULL_CAPABILITIES, capabilities_of
 

@@ -6,13 +6,10 @@ in-process engine (the fleet adds Ray, not numerics; tests/test_demo.py runs it 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from trainer_stub import clients, grpo, model_io, train
-from trainer_stub.tasks import DigitsTask
+from trainer_stub import grpo, model_io, train
 
 # Measured on the built-in model (lr 5e-3, group 8, 16 tokens) for sampling seeds 0-3, with the
 # inverse-transform sampler (2026-12-01): the untrained policy's step 0 scores 0.008-0.036 (the
@@ -23,25 +20,6 @@ FIRST_STEP_BELOW = 0.15
 LAST_STEPS_ABOVE = 0.85
 ON_POLICY_LOGPROB_DIFF = 1e-4  # measured ~2e-6 (float32, 2-device engine vs 1-device trainer)
 STALE_LOGPROB_DIFF = 1e-2  # measured ~1 after one skipped sync
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train.builtin_checkpoint(tmp_path_factory.mktemp("demo") / "tiny-qwen3")
-
-
-@pytest.fixture(scope="module")
-def task(demo_model: Path) -> DigitsTask:
-    from rollout.tokenizer import Tokenizer
-
-    return DigitsTask.for_tokenizer(Tokenizer.from_pretrained(demo_model))
-
-
-@pytest.fixture(scope="module")
-def client(demo_model: Path):
-    c = clients.LocalEngineClient(demo_model, clients.FleetOptions(devices_per_worker=2))
-    yield c
-    c.shutdown()
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -65,12 +43,12 @@ def test_batch_masks_exactly_the_completion_tokens():
     assert batch.rollout_logprobs[0, 2:4].tolist() == [-0.5, -1.5]
 
 
-def test_digit_reward_counts_digit_tokens(task):
-    assert len(task.digit_ids) == 10
-    digit = min(task.digit_ids)
-    assert task.reward([digit] * 4) == 1.0
-    assert task.reward([digit, digit, 100, 101]) == 0.5
-    assert task.reward([]) == 0.0
+def test_digit_reward_counts_digit_tokens(demo_task):
+    assert len(demo_task.digit_ids) == 10
+    digit = min(demo_task.digit_ids)
+    assert demo_task.reward([digit] * 4) == 1.0
+    assert demo_task.reward([digit, digit, 100, 101]) == 0.5
+    assert demo_task.reward([]) == 0.0
 
 
 def test_params_from_the_checkpoint_and_from_init_share_the_engine_spec(demo_model):
@@ -86,12 +64,12 @@ def test_params_from_the_checkpoint_and_from_init_share_the_engine_spec(demo_mod
         assert all(a.devices() == {jax.local_devices()[0]} for a in params.values())
 
 
-def test_trainer_logprobs_equal_the_engine_logprobs_for_the_same_weights(client, demo_model, task):
+def test_trainer_logprobs_equal_the_engine_logprobs_for_the_same_weights(demo_client, demo_model, demo_task):
     from rollout.engine.sampling_params import SamplingParams
 
     model_def, params = model_io.load_params(demo_model)
-    client.sync_weights(params)
-    outs = client.generate(list(task.prompts[:2]), SamplingParams(max_tokens=8, n=2, seed=3))
+    demo_client.sync_weights(params)
+    outs = demo_client.generate(list(demo_task.prompts[:2]), SamplingParams(max_tokens=8, n=2, seed=3))
     batch = grpo.make_batch(outs, np.zeros(len(outs)), pad_to=32)
     logp = grpo.token_logprobs(model_def, params, batch.tokens, batch.attention_mask)
     mean, worst = grpo.logprob_diff(batch, np.asarray(logp))
@@ -102,10 +80,10 @@ def test_trainer_logprobs_equal_the_engine_logprobs_for_the_same_weights(client,
 
 
 @pytest.fixture(scope="module")
-def on_policy_run(client, demo_model, task) -> list[train.StepRecord]:
+def on_policy_run(demo_client, demo_model, demo_task) -> list[train.StepRecord]:
     model_def, params = model_io.load_params(demo_model)
     config = train.LoopConfig(steps=RL_STEPS, seed=0)
-    return train.run_loop(client, model_def, params, task, config).records
+    return train.run_loop(demo_client, model_def, params, demo_task, config).records
 
 
 def test_mean_reward_rises_clearly_over_the_loop(on_policy_run):
@@ -126,10 +104,10 @@ def test_every_sample_comes_from_the_version_synced_last(on_policy_run):
     assert [r.weight_version for r in on_policy_run[1:]] == versions[:-1]
 
 
-def test_a_skipped_sync_shows_as_a_large_logprob_difference(client, demo_model, task):
+def test_a_skipped_sync_shows_as_a_large_logprob_difference(demo_client, demo_model, demo_task):
     model_def, params = model_io.load_params(demo_model)
     config = train.LoopConfig(steps=4, seed=0, skip_sync_at=(1,))
-    records = train.run_loop(client, model_def, params, task, config).records
+    records = train.run_loop(demo_client, model_def, params, demo_task, config).records
     assert [r.synced for r in records] == [True, False, True, True]
     # step 2 sampled from the weights synced after step 0; the trainer had updated twice since
     assert records[2].logprob_diff > STALE_LOGPROB_DIFF
@@ -138,10 +116,10 @@ def test_a_skipped_sync_shows_as_a_large_logprob_difference(client, demo_model, 
         assert r.logprob_diff <= ON_POLICY_LOGPROB_DIFF
 
 
-def test_syncing_every_other_step_is_off_policy_in_between(client, demo_model, task):
+def test_syncing_every_other_step_is_off_policy_in_between(demo_client, demo_model, demo_task):
     model_def, params = model_io.load_params(demo_model)
     config = train.LoopConfig(steps=4, seed=0, sync_every=2)
-    records = train.run_loop(client, model_def, params, task, config).records
+    records = train.run_loop(demo_client, model_def, params, demo_task, config).records
     assert [r.synced for r in records] == [False, True, False, True]
     assert records[1].logprob_diff > STALE_LOGPROB_DIFF and records[3].logprob_diff > STALE_LOGPROB_DIFF
     assert records[0].logprob_diff <= ON_POLICY_LOGPROB_DIFF and records[2].logprob_diff <= ON_POLICY_LOGPROB_DIFF

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout.engine.backend import BACKENDS, FeatureUnavailableError
+from trainer_stub.agent import AGENT_MAX_SEQ_LEN
 from trainer_stub.clients import FleetOptions, RolloutClient, configure_devices, make_client
 from trainer_stub.records import LoopConfig, LoopResult, StepRecord
 from trainer_stub.report import plot_rewards, printer, progress_bar, status_line, summarize, summary_table
@@ -189,6 +190,7 @@ TINY_HEAD_DIM = 32
 class DemoOptions:
     model: str | None = None  # HF directory or repo id; None = make the built-in tiny Qwen3
     moe: bool = False  # the built-in model is the tiny Qwen3-MoE (rollout.testing.TINY_QWEN3_MOE)
+    agent: bool = False  # the multi-turn calculator environment (trainer_stub/agent.py) instead of the digits task
     backend: str = "fleet"  # "fleet" (Ray workers) or "local" (one engine in this process)
     init: str = "checkpoint"  # "checkpoint": start from the model's weights; "fresh": random init
     out_dir: Path | None = None  # None = a new temporary directory
@@ -290,13 +292,21 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
         else:
             model_def, params = model_io.load_params(model, dtype=fleet.dtype)
         _, directory = model_io.model_def_for(model, fleet.dtype)
-        task = DigitsTask.for_tokenizer(Tokenizer.from_pretrained(directory))
+        task: Any = DigitsTask.for_tokenizer(Tokenizer.from_pretrained(directory))
         if model_def.config.is_moe:
             how = "uses the rollout's routed experts" if loop.replay_routes else "routes with its own router"
             say(f"routing replay: {'on' if loop.replay_routes else 'OFF'} (the trainer's forward {how}; "
                 "each step also records the logprob difference without replay)")
-        say(f"task: make the completion digits ({len(task.prompts)} prompts x {loop.group_size} samples, "
-            f"{loop.max_tokens} tokens, reward = digit fraction)")
+        if demo.agent:
+            from trainer_stub.agent import CalculatorEnv
+
+            task = CalculatorEnv.for_tokenizer(Tokenizer.from_pretrained(directory))
+            say(f"task: agent episodes (model, calculator tool, model; {len(task.prompts)} questions x "
+                f"{loop.group_size} episodes, {loop.max_tokens} tokens a turn, reward = digit fraction of the "
+                "model's tokens; tool and template tokens masked out of the loss)")
+        else:
+            say(f"task: make the completion digits ({len(task.prompts)} prompts x {loop.group_size} samples, "
+                f"{loop.max_tokens} tokens, reward = digit fraction)")
         unavailable = logprob_check_unavailable(client)
         check = logprob_check_record(fleet.engine, unavailable)
         if unavailable is not None:
@@ -316,7 +326,13 @@ def run_demo(loop: LoopConfig, fleet: FleetOptions, demo: DemoOptions) -> dict[s
                 )
                 bar.update(1)
 
-            result = run_loop(client, model_def, params, task, loop, on_step=on_step)
+            if demo.agent:
+                from trainer_stub.agent import run_agent_loop
+
+                result = run_agent_loop(client, model_def, params, task, loop, sync=_checked_sync,
+                                        unavailable=unavailable, on_step=on_step)
+            else:
+                result = run_loop(client, model_def, params, task, loop, on_step=on_step)
             status = client.status()
             summary = summarize(result, loop, wall_s=time.perf_counter() - wall0, startup_s=startup_s)
             summary.update(log_file=str(log_path), plot=str(out_dir / "reward.png"), model=str(model), engine=fleet.engine)
@@ -361,6 +377,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe", action="store_true",
                    help="the built-in model is a tiny Qwen3-MoE (8 experts, top-2): the rollout returns each "
                    "sample's routed experts and the trainer replays them (routing replay)")
+    p.add_argument("--agent", action="store_true",
+                   help="multi-turn agent episodes with a calculator tool, held as token-exact rollout.Trajectory "
+                   "objects; the loss mask keeps tool and template tokens out of the loss (trainer_stub/agent.py)")
     p.add_argument("--no-route-replay", action="store_true",
                    help="MoE models: the trainer routes with its own router instead of replaying the rollout's routes")
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -406,6 +425,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
         num_workers=args.workers,
         devices_per_worker=args.devices_per_worker or devices_per_worker_for(args.engine),
         max_batch=args.max_batch,
+        max_seq_len=AGENT_MAX_SEQ_LEN if args.agent else FleetOptions.max_seq_len,
         dtype=args.dtype,
         accelerator=args.accelerator,
         worker_logs=args.worker_logs,
@@ -414,6 +434,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[LoopConfig, FleetOption
     demo = DemoOptions(
         model=getattr(args, "model", None),
         moe=args.moe,
+        agent=args.agent,
         backend=args.backend,
         init=args.init,
         out_dir=args.out_dir,

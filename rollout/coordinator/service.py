@@ -323,6 +323,8 @@ class RolloutService:
         encoded = self._validator.encode_all(prompts, sampling)  # checks sampling's type first
         if sampling.return_routed_experts:
             self.capabilities.require("routed_experts")
+        if sampling.top_logprobs:
+            self.capabilities.require("top_logprobs")
         dispatch = Dispatch(
             self._fleet, prompts=encoded, sampling=sampling, return_logprobs=return_logprobs, worker=worker,
             timeout=timeout,
@@ -351,6 +353,8 @@ class RolloutService:
         ids = self._validator.encode_all([prompt], sampling)[0]  # checks sampling's type first
         if sampling.return_routed_experts:  # streams: on each sample's last TokenDelta
             self.capabilities.require("routed_experts")
+        if sampling.top_logprobs:
+            self.capabilities.require("top_logprobs")
         return FleetRequest(
             self._fleet, prompt_ids=ids, sampling=sampling, return_logprobs=return_logprobs, tokenizer=self.tokenizer
         )

@@ -25,6 +25,8 @@ last delta and in its Completion. A continued sample gets the routes its continu
 (it re-fed the delivered tokens as its prompt: like a `recompute` swap, one forward's routes for
 every position), cut to the sample's length; if the sample ended at a stop string across the
 seam before its continuation finished, its routes are unknown and `routed_experts` is None.
+Top-k alternatives (SamplingParams.top_logprobs) ride on every delta with its tokens, and are
+cut at a seam's stop like them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from rollout.coordinator.fleet_view import FleetView
 from rollout.coordinator.resend import DiedMidStream, call_resending, resending
 from rollout.coordinator.routing import request_cost
+from rollout.engine.alternatives import TopLogprobs
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
@@ -55,6 +58,7 @@ class _SampleState:
     text: str = ""
     finish_reason: str | None = None
     routed_experts: np.ndarray | None = None
+    top_logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)  # per delta
 
 
 class FleetRequest:
@@ -187,6 +191,8 @@ class TokenStream:
             s.finish_reason = d.finish_reason or s.finish_reason
             if d.routed_experts is not None:
                 s.routed_experts = d.routed_experts
+            if d.top_logprobs is not None:
+                s.top_logprobs.append(d.top_logprobs)
 
     def completions(self) -> list[Completion]:
         """The n Completions made of the deltas streamed so far (finish_reason "abort" for a
@@ -204,9 +210,17 @@ class TokenStream:
                 weight_version=s.versions[-1] if s.versions else -1,
                 token_versions=tuple(s.versions),
                 routed_experts=s.routed_experts,
+                top_logprobs=self._top(s),
             )
             for i, s in enumerate(self._samples)
         ]
+
+
+    def _top(self, s: _SampleState) -> TopLogprobs | None:
+        n = self._request.sampling.top_logprobs
+        if not n:
+            return None
+        return TopLogprobs.concat(s.top_logprobs) if s.top_logprobs else TopLogprobs.empty(n)
 
 
 class _Seam:
@@ -259,6 +273,7 @@ class _Seam:
             text=text,
             finish_reason=reason,
             routed_experts=routes,
+            top_logprobs=None if delta.top_logprobs is None else delta.top_logprobs[:taken],
         )
 
     def _cut_stop(self, new_chars: int) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from rollout.engine.alternatives import MAX_TOP_LOGPROBS
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -20,6 +22,9 @@ class SamplingParams:
     # mixture-of-experts models: each Completion carries `routed_experts`, the experts of every
     # fed position (for routing replay in scoring/training); refused on a dense model
     return_routed_experts: bool = False
+    # the N most likely alternatives of every generated token, with logprobs (Completion.top_logprobs;
+    # rollout.engine.alternatives); 0 = off, and then nothing is computed for them
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; store tuples so the params stay hashable.
@@ -51,6 +56,8 @@ class SamplingParams:
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
         if not isinstance(self.return_routed_experts, bool):
             raise bad("return_routed_experts", self.return_routed_experts, "a bool")
+        if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] (0 = off)")
 
 
 def _is_number(x: object) -> bool:

@@ -7,7 +7,8 @@ still be the start of a stop string is held back (up to the longest stop string 
 character), so nothing streamed is ever taken back when the engine cuts the text before a stop.
 The deltas of one sample concatenate to exactly its final Completion; when the request asks
 for routed experts (SamplingParams.return_routed_experts), the sample's last delta carries its
-`routed_experts` whole (Completion.routed_experts), known only once the sample finished.
+`routed_experts` whole (Completion.routed_experts), known only once the sample finished. With
+SamplingParams.top_logprobs, each delta carries the `top_logprobs` of its own tokens.
 
 `stream_request(engine, ...)` is the asynchronous reader a worker uses: it submits the request
 with a sink, yields the deltas gathered since the last wake-up (so a burst of decode steps is
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from rollout.engine.alternatives import TopLogprobs
 from rollout.engine.sampling_params import SamplingParams
 
 
@@ -40,6 +42,8 @@ class TokenDelta:
     text: str
     finish_reason: str | None = None
     routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    # the top-k alternatives of this delta's tokens (SamplingParams.top_logprobs), else None
+    top_logprobs: TopLogprobs | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class TokenSink:
@@ -49,6 +53,7 @@ class TokenSink:
         self._holdback = max((len(s) for s in sampling.stop), default=1) - 1
         self._return_logprobs = return_logprobs
         self._return_routes = sampling.return_routed_experts
+        self._return_top = sampling.top_logprobs > 0
         self._loop = loop
         self._event = asyncio.Event()
         self._lock = threading.Lock()
@@ -81,6 +86,8 @@ class TokenSink:
             finish_reason=sample.finish_reason,
             # `routed_experts()` of the engine's Sequence: the sample's routes, once it finished
             routed_experts=sample.routed_experts() if finished and self._return_routes else None,
+            # `top_logprobs(start)` of the engine's Sequence: the alternatives of the new tokens
+            top_logprobs=sample.top_logprobs(start) if self._return_top else None,
         )
         self._sent_tokens[i] = len(sample.tokens)
         self._sent_chars[i] = max(self._sent_chars[i], visible)
@@ -127,8 +134,16 @@ def merge_deltas(deltas: list[TokenDelta]) -> list[TokenDelta]:
             text=prev.text + d.text,
             finish_reason=d.finish_reason or prev.finish_reason,
             routed_experts=d.routed_experts if d.routed_experts is not None else prev.routed_experts,
+            top_logprobs=concat_top(prev.top_logprobs, d.top_logprobs),
         )
     return list(merged.values())
+
+
+def concat_top(first: TopLogprobs | None, second: TopLogprobs | None) -> TopLogprobs | None:
+    """The alternatives of two consecutive runs of tokens (None when not asked for)."""
+    if first is None or second is None:
+        return first if second is None else second
+    return TopLogprobs.concat([first, second])
 
 
 async def stream_request(

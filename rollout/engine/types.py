@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from rollout.engine.alternatives import TopLogprobs
+
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
@@ -24,6 +26,10 @@ class Completion:
     under `recompute` (and a paged resume) the re-prefill's routes replace earlier ones.
     `score(..., routed_experts=...)` (Engine, RolloutService, rollout.score) replays them; token
     streams carry them on each sample's last TokenDelta, the HTTP server per choice.
+
+    `top_logprobs` (when asked for with SamplingParams.top_logprobs = N): the N most likely
+    tokens at each completion position and their logprobs, (completion tokens, N) each, from
+    the same distribution as `logprobs` (rollout.engine.alternatives).
     """
 
     prompt_index: int
@@ -36,6 +42,7 @@ class Completion:
     weight_version: int
     token_versions: tuple[int, ...]
     routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    top_logprobs: TopLogprobs | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def mixed_versions(self) -> bool:

@@ -37,11 +37,6 @@ class Job:
         self.start = time.perf_counter()
         validator = state.service.validator
         if self.chat:
-            if req.top_logprobs:
-                raise bad_request(
-                    f"top_logprobs={req.top_logprobs}: this server returns the log-probability of each sampled "
-                    "token only (the engine does not compute alternatives); send logprobs=true with "
-                    "top_logprobs=0 or omit it", "top_logprobs")
             self.want_logprobs = bool(req.logprobs)
             self.prompts = [translate.chat_prompt(req, validator)]
             self.tools = translate.tool_choice(req)
@@ -55,16 +50,11 @@ class Job:
                 validator.tokenizer.decode(self.prompts[0][-16:], skip_special_tokens=False))
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         else:
-            if req.logprobs is not None and req.logprobs != 0:
-                raise bad_request(
-                    f"logprobs={req.logprobs} asks for the {req.logprobs} most likely alternatives per token; "
-                    "this server returns the sampled token's log-probability only (the engine does not compute "
-                    "alternatives): send logprobs=0", "logprobs")
             self.want_logprobs = req.logprobs is not None
             self.prompts = translate.completion_prompts(req, validator)
             max_tokens = req.max_tokens
         self.sampling: SamplingParams = translate.sampling_params(
-            req, max_tokens, [len(p) for p in self.prompts], state.max_seq_len)
+            req, max_tokens, [len(p) for p in self.prompts], state.max_seq_len, translate.top_logprobs(req))
         for i, ids in enumerate(self.prompts):  # every prompt, before any is queued
             try:
                 validator.validate(ids, self.sampling)
@@ -112,12 +102,13 @@ class Job:
                 if self.chat:
                     parsed = self.parser().parse(c.text)
                     choice["message"] = self.message(parsed)
-                    choice["logprobs"] = (translate.chat_logprobs(c.token_ids, c.logprobs or (), self.state.texts)
+                    choice["logprobs"] = (translate.chat_logprobs(c.token_ids, c.logprobs or (), self.state.texts,
+                                                                  c.top_logprobs)
                                           if self.want_logprobs else None)
                 else:
                     choice["text"] = c.text
                     choice["logprobs"] = (translate.completion_logprobs(c.token_ids, c.logprobs or (),
-                                                                        self.state.texts, 0)
+                                                                        self.state.texts, 0, c.top_logprobs)
                                           if self.want_logprobs else None)
                 choice["finish_reason"] = c.finish_reason
                 if self.chat and parsed.tool_calls and c.finish_reason == "stop":
@@ -167,14 +158,15 @@ class Job:
                         if index not in started:
                             delta = {"role": "assistant", **delta}
                         choice["delta"] = delta
-                        choice["logprobs"] = (translate.chat_logprobs(d.token_ids, d.logprobs or (), self.state.texts)
+                        choice["logprobs"] = (translate.chat_logprobs(d.token_ids, d.logprobs or (), self.state.texts,
+                                                                      d.top_logprobs)
                                               if self.want_logprobs else None)
                     else:
                         choice["text"] = d.text
                         lp = None
                         if self.want_logprobs:
                             lp = translate.completion_logprobs(d.token_ids, d.logprobs or (), self.state.texts,
-                                                               offsets.get(index, 0))
+                                                               offsets.get(index, 0), d.top_logprobs)
                             offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
                         choice["logprobs"] = lp
                     choice["finish_reason"] = d.finish_reason

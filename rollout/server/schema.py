@@ -63,7 +63,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None  # N: the chosen token plus the N most likely (only 0 is served)
+    logprobs: int | None = None  # N: the chosen token's logprob plus the N most likely (N <= 20)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -84,7 +84,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = None  # None: up to the context length
     max_completion_tokens: int | None = None  # wins over max_tokens (OpenAI's newer name)
     logprobs: bool = False
-    top_logprobs: int | None = None  # alternatives per token (only 0 is served)
+    top_logprobs: int | None = None  # alternatives per token (N <= 20; needs logprobs=true)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool | None = None  # every call the model writes is returned either way

@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from rollout.engine.alternatives import MAX_TOP_LOGPROBS, TopLogprobs
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.streaming import TokenDelta
 from rollout.engine.types import Completion
@@ -187,7 +188,8 @@ def _template_call(call: Any, index: int) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequence[int], max_seq_len: int) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequence[int], max_seq_len: int,
+                    top_logprobs: int = 0) -> SamplingParams:
     """SamplingParams for the request; ValueError (a 400) for values out of range.
 
     With no max_tokens (chat), a sample may use all of the context the longest prompt leaves.
@@ -213,6 +215,7 @@ def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequenc
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             return_routed_experts=req.return_routed_experts,
+            top_logprobs=top_logprobs,
         )
     except ValueError as err:
         field = str(err).split("=")[0].removeprefix("SamplingParams.")
@@ -235,20 +238,53 @@ class TokenTexts:
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
-def completion_logprobs(ids: Sequence[int], logprobs: Sequence[float], texts: TokenTexts, offset: int) -> dict[str, Any]:
+def completion_logprobs(ids: Sequence[int], logprobs: Sequence[float], texts: TokenTexts, offset: int,
+                        top: TopLogprobs | None = None) -> dict[str, Any]:
+    """OpenAI's completions `logprobs`; `top_logprobs` a {token text: logprob} dict per token
+    (tokens whose texts coincide keep the likelier one's), or None without `top`."""
     tokens = texts(ids)
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    alternatives = None
+    if top is not None:
+        alternatives = []
+        for row in top.rows():
+            listed: dict[str, float] = {}
+            for text, lp in zip(texts([i for i, _ in row]), (lp for _, lp in row)):
+                listed.setdefault(text, lp)
+            alternatives.append(listed)
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": alternatives, "text_offset": offsets}
 
 
-def chat_logprobs(ids: Sequence[int], logprobs: Sequence[float], texts: TokenTexts) -> dict[str, Any]:
+def chat_logprobs(ids: Sequence[int], logprobs: Sequence[float], texts: TokenTexts,
+                  top: TopLogprobs | None = None) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: per token {token, logprob, bytes, top_logprobs: [{token,
+    logprob, bytes}, ...] (most likely first; empty without `top`)}."""
+    rows = top.rows() if top is not None else [[] for _ in ids]
     return {"content": [
-        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-        for t, lp in zip(texts(ids), logprobs)
+        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+         "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))}
+                          for a, alp in zip(texts([i for i, _ in row]), (alp for _, alp in row))]}
+        for t, lp, row in zip(texts(ids), logprobs, rows)
     ]}
+
+
+def top_logprobs(req: CompletionRequest | ChatCompletionRequest) -> int:
+    """How many alternatives per token a request asks for (completions: `logprobs`; chat:
+    `top_logprobs`, which needs `logprobs: true`); a 400 outside [0, MAX_TOP_LOGPROBS]."""
+    field = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+    n = req.top_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs
+    if n is None:
+        return 0
+    if not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"{field}={n} is out of range: expected an integer in [0, {MAX_TOP_LOGPROBS}] "
+                          f"(at most {MAX_TOP_LOGPROBS} alternatives per token)", field)
+    if isinstance(req, ChatCompletionRequest) and n and not req.logprobs:
+        raise bad_request(f"top_logprobs={n} needs logprobs=true: send both, or leave top_logprobs out",
+                          "top_logprobs")
+    return n
 
 
 def extra_fields(c: Completion | TokenDelta, prompt_ids: Sequence[int] | None, return_token_ids: bool) -> dict[str, Any]:

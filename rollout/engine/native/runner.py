@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from rollout.engine import placement
 from rollout.engine.native.jit_cache import compiled_executables
-from rollout.engine.native.sampling import SlotSampling, sample
+from rollout.engine.native.sampling import SlotSampling, sample_top
 from rollout.models import forward
 from rollout.models.bind import ModelDef
 from rollout.models.moe import RouteRecorder
@@ -31,6 +31,13 @@ def pow2_at_least(n: int, floor: int = 1) -> int:
     """>>> pow2_at_least(5), pow2_at_least(1, floor=16), pow2_at_least(64)
     (8, 16, 64)"""
     return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def alternatives_to_host(top: tuple[jax.Array, jax.Array], sampling: SlotSampling) -> tuple[np.ndarray, np.ndarray] | None:
+    """A step's top-k alternatives (ids, logprobs) on the host, or None when none were asked for."""
+    if sampling.top_n == 0:
+        return None
+    return np.asarray(top[0]), np.asarray(top[1])
 
 
 class ModelRunner:
@@ -62,6 +69,9 @@ class ModelRunner:
         self.params: Params | None = None
         self.derived: Derived = {}
         self._transpose_head = None
+        # the top-k alternatives of the last prefill/decode call, on the host (None when its
+        # sampling rows asked for none): ids, logprobs (rows, top_n) / (K, rows, top_n)
+        self.alternatives: tuple[np.ndarray, np.ndarray] | None = None
         if cfg.tie_word_embeddings and mesh.devices.flat[0].platform == "cpu":
             # The sharding an untied (hidden, vocab) lm_head kernel gets: vocab-parallel.
             head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)
@@ -78,8 +88,8 @@ class ModelRunner:
             model, cache, tokens, lengths, dst_slots, src_rows, derived.get("head_t"), route=recorder
         )
         row_logits = logits[src_rows]  # (M, V): each destination slot samples its own first token
-        new_tokens, logprobs = sample(row_logits, sampling, lengths[src_rows])
-        return new_tokens, logprobs, cache, recorder.routes(tokens.shape)  # routes (B, P, moe layers, k)
+        new_tokens, logprobs, top = sample_top(row_logits, sampling, lengths[src_rows])
+        return new_tokens, logprobs, cache, recorder.routes(tokens.shape), top  # routes (B, P, moe layers, k)
 
     def _decode_impl(
         self, params, derived, cache, slot_ids, tokens, positions, sampling: SlotSampling, *, kv_len: int
@@ -93,13 +103,14 @@ class ModelRunner:
             logits, cache = forward.decode(
                 model, cache, slot_ids, tok, pos, kv_len, derived.get("head_t"), in_place=in_place, route=recorder
             )
-            nxt, lp = sample(logits, sampling, pos + 1)
-            return (cache, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0])
+            nxt, lp, top = sample_top(logits, sampling, pos + 1)
+            return (cache, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0], top)
 
-        (cache, _, _), (toks, lps, routes) = jax.lax.scan(
+        (cache, _, _), (toks, lps, routes, top) = jax.lax.scan(
             step, (cache, tokens, positions), None, length=self.decode_steps
         )
-        return toks, lps, cache, routes  # (K, B) each; routes (K, B, moe layers, k) of the fed tokens
+        # (K, B) each; routes (K, B, moe layers, k) of the fed tokens; top: ids, logprobs (K, B, top_n)
+        return toks, lps, cache, routes, top
 
     # -- host-facing API ----------------------------------------------------------------------
 
@@ -144,9 +155,10 @@ class ModelRunner:
         src = np.zeros((self.max_batch,), np.int32)
         dst[: len(dst_slots)] = dst_slots
         src[: len(src_rows)] = src_rows
-        toks, lps, self.cache, routes = self._prefill(
+        toks, lps, self.cache, routes, top = self._prefill(
             self.params, self.derived, self.cache, tokens, lengths, dst, src, sampling
         )
+        self.alternatives = alternatives_to_host(top, sampling)
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
@@ -167,7 +179,7 @@ class ModelRunner:
         real = (slots < self.max_batch) & (positions < self.max_seq_len)
         top = int(positions[real].max()) if real.any() else 0
         kv_len = min(pow2_at_least(top + self.decode_steps + 1, 64), self.max_seq_len)
-        toks, lps, self.cache, routes = self._decode(
+        toks, lps, self.cache, routes, top = self._decode(
             self.params,
             self.derived,
             self.cache,
@@ -177,6 +189,7 @@ class ModelRunner:
             sampling,
             kv_len=kv_len,
         )
+        self.alternatives = alternatives_to_host(top, sampling)
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode_batch(self, active: int) -> int:

@@ -13,6 +13,12 @@ turn the request greedy on some devices and not on others.
 Tokens are drawn by inverse transform sampling (`inverse_cdf`): two uniform numbers per row,
 from a key derived from (seed, sample index, absolute position), so a seeded request gets the
 same tokens for the same weights whatever else is in the batch.
+
+Top-k alternatives (SamplingParams.top_logprobs): `sample_top` also returns the most likely
+tokens of every row and their logprobs, `jax.lax.top_k` over the same log-softmax the sampled
+token's logprob is read from. How many is `SlotSampling.top_n`, a static (meta) field: 0 when no
+row asks (the step compiles without them, at no cost), else MAX_TOP_LOGPROBS for every row (one
+more compiled variant, not one per N); each sample keeps the N it asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rollout.engine.alternatives import MAX_TOP_LOGPROBS
 from rollout.engine.sampling_params import SamplingParams
 
 # The smallest normal float32: positive temperatures below it are served as it (see above).
@@ -41,13 +48,16 @@ class SamplingRow:
     top_p: float = 1.0
     seed: int = 0
     sample_index: int = 0
+    top_logprobs: int = 0  # alternatives this row's sample keeps (the step computes top_n of them)
 
     @classmethod
     def of(cls, sampling: SamplingParams, seed: int, sample_index: int) -> SamplingRow:
         temperature = float(sampling.temperature)
         if 0.0 < temperature < MIN_TEMPERATURE:
             temperature = MIN_TEMPERATURE
-        return cls(temperature, int(sampling.top_k), float(sampling.top_p), seed, sample_index)
+        return cls(
+            temperature, int(sampling.top_k), float(sampling.top_p), seed, sample_index, int(sampling.top_logprobs)
+        )
 
 
 IDLE_ROW = SamplingRow()
@@ -62,10 +72,11 @@ class SlotSampling:
     top_p: jax.Array  # float32
     seed: jax.Array  # int32
     sample_index: jax.Array  # int32
+    top_n: int = 0  # static: alternatives per row that `sample_top` computes (0 or MAX_TOP_LOGPROBS)
 
 
 jax.tree_util.register_dataclass(
-    SlotSampling, data_fields=["temperature", "top_k", "top_p", "seed", "sample_index"], meta_fields=[]
+    SlotSampling, data_fields=["temperature", "top_k", "top_p", "seed", "sample_index"], meta_fields=["top_n"]
 )
 
 
@@ -101,6 +112,24 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     return tokens, picked - jnp.log(jnp.sum(weights, axis=-1))
+
+
+def sample_top(
+    logits: jax.Array, params: SlotSampling, position: jax.Array
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """`sample`, plus the `params.top_n` most likely tokens of each row and their logprobs,
+    ((S, top_n) int32, (S, top_n) float32), most likely first: log_softmax(shifted_logits) as
+    `sample` computes it for the sampled token (in one jitted step XLA computes it once).
+    With top_n == 0 they are empty arrays and nothing more is computed."""
+    tokens, logprobs = sample(logits, params, position)
+    rows = logits.shape[0]
+    if params.top_n == 0:
+        return tokens, logprobs, (jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32))
+    greedy = params.temperature <= 0.0
+    scaled = shifted_logits(logits, jnp.where(greedy, 1.0, params.temperature)[:, None])
+    top_values, top_ids = jax.lax.top_k(scaled, min(params.top_n, logits.shape[-1]))
+    log_total = jnp.log(jnp.sum(jnp.exp(scaled), axis=-1, keepdims=True))
+    return tokens, logprobs, (top_ids.astype(jnp.int32), top_values - log_total)
 
 
 def shifted_logits(logits: jax.Array, temp: jax.Array) -> jax.Array:
@@ -206,10 +235,12 @@ def _truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arra
 def stack_sampling(rows: Sequence[SamplingRow], slots: int) -> SlotSampling:
     """Host rows padded with idle (greedy) rows to `slots` rows, as device arrays."""
     rows = list(rows) + [IDLE_ROW] * (slots - len(rows))
+    top_n = MAX_TOP_LOGPROBS if any(r.top_logprobs > 0 for r in rows) else 0
     return SlotSampling(
         temperature=jnp.asarray([r.temperature for r in rows], jnp.float32),
         top_k=jnp.asarray([r.top_k for r in rows], jnp.int32),
         top_p=jnp.asarray([r.top_p for r in rows], jnp.float32),
         seed=jnp.asarray([r.seed for r in rows], jnp.int32),
         sample_index=jnp.asarray([r.sample_index for r in rows], jnp.int32),
+        top_n=top_n,
     )

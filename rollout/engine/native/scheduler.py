@@ -240,24 +240,28 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         `_accept_decoded` its tokens."""
 
     def _accept_prefilled(
-        self, groups: list[list[Sequence]], tokens: np.ndarray, logprobs: np.ndarray, routes: Any = None
+        self, groups: list[list[Sequence]], tokens: np.ndarray, logprobs: np.ndarray, routes: Any = None,
+        alternatives: Alternatives = None,
     ) -> None:
         """Accept a prefill call's first token of every sequence, in group order (one row each).
-        `routes` (groups, length, moe layers, k): the experts of each context's positions."""
+        `routes` (groups, length, moe layers, k): the experts of each context's positions.
+        `alternatives` (the runner's, or None): top-k ids and logprobs (rows, top_n)."""
         host = _routes_to_host(routes, (s for group in groups for s in group))
         m = 0
         for row, group in enumerate(groups):
             for seq in group:
                 fed = len(seq.context())
-                self._accept(seq, int(tokens[m]), float(logprobs[m]), None if host is None else host[row, :fed])
+                top = None if alternatives is None else (alternatives[0][m], alternatives[1][m])
+                self._accept(seq, int(tokens[m]), float(logprobs[m]), None if host is None else host[row, :fed], top)
                 m += 1
 
     def _accept_decoded(
-        self, order: tuple[int, ...], tokens: list[list[int]], logprobs: list[list[float]], routes: Any = None
+        self, order: tuple[int, ...], tokens: list[list[int]], logprobs: list[list[float]], routes: Any = None,
+        alternatives: Alternatives = None,
     ) -> None:
         """Accept a decode call's (K, rows) tokens row by row (row i is slot order[i]); a
         sequence takes its tokens until one finishes it. `routes` (K, rows, moe layers, k): the
-        experts of each step's fed token."""
+        experts of each step's fed token. `alternatives`: top-k ids and logprobs (K, rows, top_n)."""
         sequences = self.slots.sequences
         live = [sequences[slot] for slot in order if slot < self.slots.max_batch]
         host = _routes_to_host(routes, (s for s in live if s is not None))
@@ -266,10 +270,14 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             if seq is None:
                 continue
             for k in range(len(tokens)):
-                if self._accept(seq, tokens[k][row], logprobs[k][row], None if host is None else host[k, row][None]):
+                top = None if alternatives is None else (alternatives[0][k, row], alternatives[1][k, row])
+                if self._accept(seq, tokens[k][row], logprobs[k][row], None if host is None else host[k, row][None], top):
                     break
 
-    def _accept(self, seq: Sequence, token: int, logprob: float, routes: np.ndarray | None = None) -> bool:
+    def _accept(
+        self, seq: Sequence, token: int, logprob: float, routes: np.ndarray | None = None,
+        top: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> bool:
         """Record a sampled token; finish the sequence if a stop fires. True if it finished (or
         its request was cancelled: the token is dropped, the next pass ends the sequence "abort").
         Every token of every sequence passes here once (the place for a per-token stream)."""
@@ -277,7 +285,7 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
         with future.cancel_lock:  # against Engine.cancel: see RequestFuture
             if future.cancel_asked:
                 return True
-            reason = seq.append(token, logprob, self._weights.serving, routes)
+            reason = seq.append(token, logprob, self._weights.serving, routes, top)
             if reason is not None and all(s.finish_reason is not None for s in seq.request.sequences if s is not seq):
                 future.settled = True  # the last sample finished by itself: a cancel now is refused
         self.tokens_generated += 1
@@ -313,6 +321,10 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
                 request.future.set_exception(error)
 
 
+# a forward's top-k alternatives on the host: (ids, logprobs), or None when none were asked for
+Alternatives = tuple[np.ndarray, np.ndarray] | None
+
+
 def _routes_to_host(routes: Any, sequences: Iterable[Sequence]) -> np.ndarray | None:
     """A forward's routes on the host if any of `sequences` asks for them (else no copy)."""
     if routes is None or not any(s.request.return_routed_experts for s in sequences):
@@ -332,9 +344,9 @@ class Scheduler(BaseScheduler[ModelRunner]):
                 src.append(row)
                 rows.append(seq.sampling)
         tokens, logprobs, routes = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
-        self._accept_prefilled(groups, tokens, logprobs, routes)
+        self._accept_prefilled(groups, tokens, logprobs, routes, self._runner.alternatives)
 
     def _decode(self) -> None:
         batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
         tokens, logprobs, routes = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
-        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes)  # (K, B)
+        self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes, self._runner.alternatives)  # (K, B)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from rollout.engine.alternatives import TopLogprobs
 from rollout.engine.native.sampling import SamplingRow
 from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
@@ -79,6 +80,8 @@ class Sequence:
     finish_reason: str | None = None
     # the experts of each fed position, (moe layers, k) each, when the request asks for them
     routes: list[np.ndarray] = dataclasses.field(default_factory=list)
+    # per token, its top-k alternatives (ids, logprobs), (top_logprobs,) each, when asked for
+    top: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def context(self) -> list[int]:
         """Prompt + generated tokens: what a re-prefill of this sequence reads."""
@@ -89,15 +92,25 @@ class Sequence:
         """Position of the last token (sampled, not yet in the KV cache)."""
         return len(self.request.prompt_ids) + len(self.tokens) - 1
 
-    def append(self, token: int, logprob: float, version: int, routes: np.ndarray | None = None) -> str | None:
+    def append(
+        self, token: int, logprob: float, version: int, routes: np.ndarray | None = None,
+        top: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> str | None:
         """Record a sampled token; the finish reason if a stop fires ("stop" | "length"), else None.
 
         `routes` (n, moe layers, k): the experts of the last n fed positions, those of the
         forward that sampled `token` (a prefill: the whole context; a decode step: the token fed).
         They replace what was recorded for those positions: a re-prefill (a `recompute` swap, a
-        resumed sequence) recomputes them on the weights it runs with.
+        resumed sequence) recomputes them on the weights it runs with. `top`: the step's top-k
+        alternatives at `token`'s position (ids, logprobs), of which the first
+        `sampling.top_logprobs` are kept.
         """
         self.tokens.append(token)
+        keep = self.request.sampling.top_logprobs
+        if keep:
+            if top is None:  # a bug: the sampler row asked for them (SamplingRow.top_logprobs)
+                raise RuntimeError(f"a step computed no alternatives for a sample that asked for {keep}")
+            self.top.append((np.asarray(top[0][:keep], np.int32), np.asarray(top[1][:keep], np.float32)))
         self.logprobs.append(logprob)
         self.versions.append(version)
         if routes is not None and self.request.return_routed_experts:
@@ -126,7 +139,18 @@ class Sequence:
             weight_version=self.versions[-1] if self.versions else serving_version,
             token_versions=tuple(self.versions),
             routed_experts=self.routed_experts(),
+            top_logprobs=self.top_logprobs(),
         )
+
+    def top_logprobs(self, start: int = 0) -> TopLogprobs | None:
+        """The alternatives of tokens[start:] ((tokens, N) each), or None if not asked for."""
+        keep = self.request.sampling.top_logprobs
+        if not keep:
+            return None
+        rows = self.top[start:]
+        if not rows:
+            return TopLogprobs.empty(keep)
+        return TopLogprobs(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
 
     def routed_experts(self) -> np.ndarray | None:
         """(prompt + completion tokens - 1, moe layers, k) int16, or None if not asked for."""

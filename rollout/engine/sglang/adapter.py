@@ -417,6 +417,8 @@ class SglangEngine(WeightVersions):
         the scheduler thread), then the finished sample."""
         if return_logprobs:
             raise logprobs_unavailable(self.sglang_version, self.devices[0].platform)
+        if sampling.top_logprobs:
+            raise FeatureUnavailableError(requirements.top_logprobs_message(self.sglang_version, self.devices[0].platform))
         ids = self.encode_prompt(prompt)
         self.prompts.validate(ids, sampling)
         if sampling.ignore_eos and sampling.stop_token_ids:

@@ -61,6 +61,14 @@ def routed_experts_message(version: str = "0.0.2") -> str:
     )
 
 
+def top_logprobs_message(version: str = "0.0.2", platform: str = "cpu") -> str:
+    return (
+        f"top_logprobs is not available with engine='sglang-jax': sglang-jax {version} returns top-k "
+        f"alternatives only on its logprob path (top_logprobs_num), which crashes its scheduler on {platform}, "
+        "so this adapter reads no logprobs; send top_logprobs=0, or use engine='native'"
+    )
+
+
 def capabilities(version: str, platform: str) -> EngineCapabilities:
     """What this backend cannot do, and why (the coordinator refuses those requests up front)."""
     return EngineCapabilities(
@@ -68,6 +76,7 @@ def capabilities(version: str, platform: str) -> EngineCapabilities:
             "logprobs": logprobs_message(version, platform),
             "score": score_message(version),
             "routed_experts": routed_experts_message(version),
+            "top_logprobs": top_logprobs_message(version, platform),
         }
     )
 

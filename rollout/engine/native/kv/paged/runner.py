@@ -32,8 +32,8 @@ from rollout.engine import placement
 from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.kv.paged import attention, forward
 from rollout.engine.native.kv.paged.pool import pages_for
-from rollout.engine.native.runner import pow2_at_least
-from rollout.engine.native.sampling import SlotSampling, sample
+from rollout.engine.native.runner import alternatives_to_host, pow2_at_least
+from rollout.engine.native.sampling import SlotSampling, sample_top
 from rollout.models import forward as model_forward
 from rollout.models.bind import ModelDef
 from rollout.models.moe import RouteRecorder
@@ -165,6 +165,8 @@ class PagedRunner:
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
         self._prefill_cached = jax.jit(self._prefill_cached_impl, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), static_argnames=("span",))
+        # the last call's top-k alternatives on the host, or None (see ModelRunner.alternatives)
+        self.alternatives: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- compiled functions -------------------------------------------------------------------
 
@@ -176,8 +178,8 @@ class PagedRunner:
             model, pool, tokens, lengths, write_pages, tail_src, tail_start, tail_page, derived.get("head_t"),
             route=recorder,
         )
-        new_tokens, logprobs = sample(logits[src_rows], sampling, lengths[src_rows])
-        return new_tokens, logprobs, pool, recorder.routes(tokens.shape)  # routes (B, P, moe layers, k)
+        new_tokens, logprobs, top = sample_top(logits[src_rows], sampling, lengths[src_rows])
+        return new_tokens, logprobs, pool, recorder.routes(tokens.shape), top  # routes (B, P, moe layers, k)
 
     def _prefill_cached_impl(
         self, params, derived, pool, tokens, starts, lengths, write_pages, tails, page_table, src_rows, sampling: SlotSampling
@@ -189,8 +191,8 @@ class PagedRunner:
             model, pool, tokens, starts, lengths, write_pages, tail_src, tail_start, tail_page, page_table,
             derived.get("head_t"), route=recorder,
         )
-        new_tokens, logprobs = sample(logits[src_rows], sampling, (starts + lengths)[src_rows])
-        return new_tokens, logprobs, pool, recorder.routes(tokens.shape)  # routes of the rows run only
+        new_tokens, logprobs, top = sample_top(logits[src_rows], sampling, (starts + lengths)[src_rows])
+        return new_tokens, logprobs, pool, recorder.routes(tokens.shape), top  # routes of the rows run only
 
     def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
         model = self.model_def.bind(params)
@@ -204,11 +206,12 @@ class PagedRunner:
                 model, pool, page_table, tok, pos, span, derived.get("head_t"),
                 kernel=self.kernel, mesh=self.mesh, interpret=self.interpret, route=recorder,
             )
-            nxt, lp = sample(logits, sampling, pos + 1)
-            return (pool, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0])
+            nxt, lp, top = sample_top(logits, sampling, pos + 1)
+            return (pool, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0], top)
 
-        (pool, _, _), (toks, lps, routes) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
-        return toks, lps, pool, routes  # (K, B) each; routes (K, B, moe layers, k) of the fed tokens
+        (pool, _, _), (toks, lps, routes, top) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
+        # (K, B) each; routes (K, B, moe layers, k) of the fed tokens; top: ids, logprobs (K, B, top_n)
+        return toks, lps, pool, routes, top
 
     def gathers_once(self, rows: int, span: int) -> bool:
         """Whether a decode call of `rows` rows and `span` pages runs on one gathered block."""
@@ -235,11 +238,13 @@ class PagedRunner:
             logits, block = model_forward.decode(
                 model, block, rows, tok, pos, kv_len, derived.get("head_t"), in_place=True, route=recorder
             )
-            nxt, lp = sample(logits, sampling, pos + 1)
-            return (block, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0])
+            nxt, lp, top = sample_top(logits, sampling, pos + 1)
+            return (block, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0], top)
 
-        (block, _, _), (toks, lps, routes) = jax.lax.scan(step, (block, tokens, positions), None, length=self.decode_steps)
-        return toks, lps, forward.write_rows(pool, block, page_table, positions, self.decode_steps), routes
+        (block, _, _), (toks, lps, routes, top) = jax.lax.scan(
+            step, (block, tokens, positions), None, length=self.decode_steps
+        )
+        return toks, lps, forward.write_rows(pool, block, page_table, positions, self.decode_steps), routes, top
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -288,15 +293,17 @@ class PagedRunner:
             for r, tables in enumerate(groups):
                 pages = tables[0][:span]
                 table[r, : len(pages)] = pages
-            toks, lps, self.pool, routes = self._prefill_cached(
+            toks, lps, self.pool, routes, top = self._prefill_cached(
                 self.params, self.derived, self.pool, plan.tokens, plan.starts, plan.lengths, plan.write_pages,
                 plan.tails, table, plan.src_rows, sampling,
             )
+            self.alternatives = alternatives_to_host(top, sampling)
             return np.asarray(toks), np.asarray(lps), routes
-        toks, lps, self.pool, routes = self._prefill(
+        toks, lps, self.pool, routes, top = self._prefill(
             self.params, self.derived, self.pool, plan.tokens, plan.lengths, plan.write_pages,
             plan.tails, plan.src_rows, sampling,
         )
+        self.alternatives = alternatives_to_host(top, sampling)
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
@@ -313,9 +320,10 @@ class PagedRunner:
         """
         assert self.params is not None, "set_params() before generating"
         table, tok, pos, span = self.decode_inputs(tables, tokens, positions)
-        toks, lps, self.pool, routes = self._decode(
+        toks, lps, self.pool, routes, top = self._decode(
             self.params, self.derived, self.pool, table, tok, pos, sampling, span=span
         )
+        self.alternatives = alternatives_to_host(top, sampling)
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode_inputs(

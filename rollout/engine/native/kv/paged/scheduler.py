@@ -234,7 +234,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         self.prefill_tokens += sum(len(c) - start for c, start in zip(contexts, starts))
         for context, group in zip(contexts, groups):  # before any of them can finish and free its pages
             self.pool.register(group[0], context, self._weights.serving)
-        self._accept_prefilled(groups, tokens, logprobs, routes)
+        self._accept_prefilled(groups, tokens, logprobs, routes, self._runner.alternatives)
 
     def _grow_or_preempt(self) -> None:
         """Pages for one decode call of every running sequence, oldest first; the youngest are
@@ -284,7 +284,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                 for slot in batch.order
             ]
             tokens, logprobs, routes = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
-            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes)
+            self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes, self._runner.alternatives)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.pool:
