@@ -135,6 +135,16 @@ def test_the_n_samples_of_a_request_share_its_cached_prefix(cached, uncached):
     assert_same_outputs(got, uncached.generate([prompt], sampled))
 
 
+def test_a_cached_prefix_keeps_the_top_logprobs_of_the_first_token(cached, uncached):
+    prefix = system_prompt(9)
+    cached.generate([[*prefix, 1]], GREEDY)
+    prompt, sampling = [*prefix, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, top_logprobs=3)
+    got, want = cached.generate([prompt], sampling)[0], uncached.generate([prompt], sampling)[0]
+    assert got.top_logprobs is not None and want.top_logprobs is not None
+    np.testing.assert_array_equal(got.top_logprobs.token_ids, want.top_logprobs.token_ids)
+    np.testing.assert_allclose(got.top_logprobs.logprobs, want.top_logprobs.logprobs, atol=1e-4)
+
+
 def test_a_burst_sharing_a_prefix_prefills_it_once(cached, uncached):
     """Requests queued together: the first computes the shared pages, the others wait one pass
     and find them cached."""
