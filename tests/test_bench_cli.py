@@ -59,3 +59,12 @@ def test_a_tiny_engine_benchmark_runs_from_the_installed_package(tmp_path, tiny_
     assert result["host"]["memory_bandwidth_bytes_s"] > 0 and result["host"]["matmul_peak_flops_s"] > 0
     assert result["rows"][0]["roofline"]["bandwidth_fraction"] > 0
     assert "% bandwidth" in proc.stdout and "% matmul peak" in proc.stdout
+
+
+def test_a_tiny_agent_benchmark_runs_with_and_without_the_prefix_cache(tmp_path):
+    proc = run_from_a_copy(tmp_path, ["bench", "agent", "--tiny", "--json", str(tmp_path / "agent.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "agent.json").read_text())
+    assert result["cache"]["generated_tokens"] == result["no_cache"]["generated_tokens"] > 0
+    assert 0 < result["cache"]["prefill_tokens"] < result["no_cache"]["prefill_tokens"]
+    assert result["cache"]["hit_requests"] > 0 and "fewer prefill tokens" in proc.stdout

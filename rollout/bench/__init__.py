@@ -7,6 +7,7 @@ BENCHMARKS = {
     "engine": "rollout.bench.engine",  # engine tokens/s against transformers' generate
     "sync": "rollout.bench.sync",  # sync_weights against a put + get + place floor and per-tensor calls
     "paged": "rollout.bench.paged",  # paged vs contiguous KV on one memory budget; both against transformers
+    "agent": "rollout.bench.agent",  # multi-turn conversations on the paged engine, prefix cache on vs off
     "serve": "rollout.bench.serve",  # the HTTP server against the Python API (needs the serve extra)
     "backends": "rollout.bench.backends",  # native vs sglang-jax vs transformers, same checkpoint (head_dim 128)
     "fanout": "rollout.bench.fanout",  # bytes the coordinator's node sends per sync to 1/2/4 worker nodes, relay off/on

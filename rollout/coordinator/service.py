@@ -31,6 +31,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rollout.coordinator.cache_totals import prefix_cache_totals
 from rollout.coordinator.dispatch import Dispatch, GenerationStream
 from rollout.coordinator.fleet import (
     FleetConfig,
@@ -475,6 +476,7 @@ class RolloutService:
             "num_workers": self.fleet_config.num_workers,
             "devices_per_worker": self.fleet_config.devices_per_worker,
             "workers": workers,
+            "prefix_cache": prefix_cache_totals(workers),  # summed over workers; None: no cache
             "syncs": [record.as_dict() for record in self._history],
         }
 

@@ -48,7 +48,7 @@ class EngineStatus(TypedDict):
     swaps: int
     compiled: int  # programs compiled so far
     devices: int
-    kv: NotRequired[dict[str, Any]]  # KV cache: "layout"; paged: pool use, shared pages, preemptions
+    kv: NotRequired[dict[str, Any]]  # KV cache: "layout"; paged: pool use, shared pages, preemptions, prefix cache
 
 
 class FeatureUnavailableError(ValueError):

@@ -50,6 +50,11 @@ class EngineConfig:
     # trainer corrects with TIS). "fp8" (e4m3): only where matmuls run fp8 (TPU v5p+, H100).
     # Every sync re-quantizes the full-precision update on the worker.
     quantization: str | None = None
+    # paged: keep prompts' full pages after use and let a later prompt that starts with the same
+    # tokens share them instead of prefilling them (rollout.engine.native.kv.paged.prefix_cache);
+    # dropped at every weight swap. Idle cached pages are evicted under pool pressure. The
+    # contiguous layout has no prefix cache (this option does nothing there).
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.swap_policy not in SWAP_POLICIES:

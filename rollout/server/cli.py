@@ -64,6 +64,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                    help="weight-only int8 (or fp8 on TPU v5p+/H100) of the linear layers, re-quantized at every "
                         "sync (default: none, the --dtype weights)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=EngineConfig.prefix_cache,
+                   help="paged: do not keep prompts' pages for later prompts that start the same way")
     p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
                    help="split <think>...</think> off into the message's reasoning_content (default: off)")
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
@@ -77,7 +79,7 @@ def service_options(args: argparse.Namespace) -> dict:
     """The fleet and engine options of `rollout serve`'s flags, for RolloutService."""
     names = ("accelerator", "dtype", "max_batch", "max_seq_len", "decode_steps", "load_format", "swap_policy",
              "engine", "kv_layout", "page_size", "kv_pages", "kv_memory_fraction", "kv_admission_ratio", "batch_invariant",
-             "quantization")
+             "quantization", "prefix_cache")
     return {name: getattr(args, name) for name in names}
 
 

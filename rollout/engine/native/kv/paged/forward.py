@@ -9,6 +9,8 @@ pages and attends:
   share its full pages, so only one of them (the group's first) writes them; every other
   sample's private copy of the partial last page is filled by a tail write (`tail_*`): the
   prompt's positions [start, start + page_size) of row src, into one page.
+- `prefill_cached`: the same for prompts whose leading pages are cached (a prefix cache hit):
+  only the rest runs, its queries attending over the row's pages (cached and new K/V).
 - `decode`: one token per row; the new K/V go to (page_table[b, pos // S], pos % S), then the
   row attends over the first `span` pages of its table (a static bucket), by the XLA gather
   kernel or the Pallas one. The Pallas path runs this every step (the kernel reads pages in
@@ -79,6 +81,59 @@ def prefill(
         vp = attention.write(vp, v[tail_src[:, None], tail_pos], tail_pages, tail_off)
         new_pool[i] = (kp, vp)
         return model_forward.attention(q, model_forward.head_major(k), model_forward.head_major(v), mask)
+
+    h = model.hidden(tokens, positions, attend, route)
+    last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
+    return model.logits(last, head_t), tuple(new_pool)
+
+
+def prefill_cached(
+    model: model_forward.CausalLM,
+    pool: PagedKV,
+    tokens: Array,
+    starts: Array,
+    lengths: Array,
+    write_pages: Array,
+    tail_src: Array,
+    tail_start: Array,
+    tail_page: Array,
+    page_table: Array,
+    head_t: Array | None = None,
+    route: RouteFn | None = None,
+) -> tuple[Array, PagedKV]:
+    """`prefill` of prompts whose first `starts[b]` positions are already in row b's pages (a
+    prefix cache hit; a multiple of page_size): only the rest is run.
+
+    tokens (B, P) right-padded: each row's positions [starts[b], starts[b] + lengths[b]);
+    write_pages, tail_* as in `prefill`, positions counted from starts[b] (tail_start too).
+    page_table (B, span): each row's first `span` pages (unused: num_pages), covering its cached
+    and new positions. Each layer writes the new K/V into the pages first, then the queries
+    attend over the row's pages gathered (cached and new positions together; the rest masked).
+    Returns float32 logits at each row's last token (B, vocab) and the new pool.
+    """
+    b, p = tokens.shape
+    page_size = pool[0][0].shape[2]
+    num_pages = pool[0][0].shape[1]
+    rel = jnp.arange(p)[None, :]
+    positions = starts[:, None] + rel  # (B, P) absolute positions
+    offsets = jnp.broadcast_to(rel % page_size, (b, p))  # starts are whole pages
+    keys = jnp.arange(page_table.shape[1] * page_size)[None, None, :]  # (1, 1, span x S)
+    mask = (keys <= positions[:, :, None]) & (keys < (starts + lengths)[:, None, None])  # (B, P, span x S)
+    tail_pos = tail_start[:, None] + jnp.arange(page_size)[None, :]
+    tail_pages = jnp.where(tail_pos < lengths[tail_src][:, None], tail_page[:, None], num_pages)
+    tail_off = jnp.broadcast_to(jnp.arange(page_size)[None, :], tail_pos.shape)
+    tail_pos = jnp.minimum(tail_pos, p - 1)
+    table = jnp.minimum(page_table, num_pages - 1)
+    new_pool = list(pool)
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        kp, vp = new_pool[i]
+        kp = attention.write(kp, k, write_pages, offsets)
+        vp = attention.write(vp, v, write_pages, offsets)
+        kp = attention.write(kp, k[tail_src[:, None], tail_pos], tail_pages, tail_off)
+        vp = attention.write(vp, v[tail_src[:, None], tail_pos], tail_pages, tail_off)
+        new_pool[i] = (kp, vp)
+        return model_forward.attention(q, attention.gather(kp, table), attention.gather(vp, table), mask)
 
     h = model.hidden(tokens, positions, attend, route)
     last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]

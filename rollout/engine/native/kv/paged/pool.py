@@ -17,6 +17,13 @@ Lifecycle: `admit_group` (all or nothing) -> `grow` before each decode call (Fal
 pool is short: the caller preempts) -> `free` on finish or cancel, or `preempt` (free, counted:
 the sequence is recomputed later by a new `admit_group` of prompt + generated tokens).
 `victims` picks which sequences to preempt (youngest first) to free a number of pages.
+
+Prefix cache (`prefix_cache=True`; rollout.engine.native.kv.paged.prefix_cache). A prompt's
+full pages are published once prefilled (`register`), and `admit_cached` starts a new group's
+table with the cached pages its tokens begin with (held by one more table each), so its prefill
+covers only the rest. A cached page nobody holds is *idle*: it counts as free, and `_take`
+evicts idle pages (least recently released first) only once the free list is empty; a held page
+is never evicted. `drop_cache` forgets every entry (a weight swap).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TypeVar
+
+from rollout.engine.native.kv.paged.prefix_cache import PrefixCache
 
 SeqId = Hashable
 S = TypeVar("S", bound=Hashable)  # victims() returns the caller's own sequence type
@@ -45,7 +54,7 @@ class PoolStats:
     num_pages: int
     page_size: int
     used_pages: int  # pages held by at least one sequence
-    free_pages: int
+    free_pages: int  # pages no sequence holds (cached idle pages included)
     shared_pages: int  # pages held by more than one sequence right now
     sequences: int  # sequences holding pages
     tokens: int  # positions allocated over all sequences (shared pages counted once per holder)
@@ -65,7 +74,7 @@ class PoolExhaustedError(RuntimeError):
 class PagePool:
     """Page tables and reference counts over `num_pages` pages of `page_size` positions."""
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, *, prefix_cache: bool = False):
         if num_pages < 1 or page_size < 1:
             raise ValueError(
                 f"a page pool needs num_pages >= 1 and page_size >= 1; got {num_pages} and {page_size}"
@@ -81,16 +90,21 @@ class PagePool:
         # Kept as references change, so stats() costs nothing whatever the pool size.
         self._entries = 0  # page-table entries over all sequences (sum of reference counts)
         self._shared = 0  # pages with more than one holder
+        self.cache = PrefixCache(page_size) if prefix_cache else None
 
     # -- queries ------------------------------------------------------------------------------
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages no sequence holds: the free list and the idle cached pages."""
+        return len(self._free) + self._idle()
 
     @property
     def used_pages(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.free_pages
+
+    def _idle(self) -> int:
+        return self.cache.idle_pages if self.cache is not None else 0
 
     def __contains__(self, seq: SeqId) -> bool:
         return seq in self._tables
@@ -125,12 +139,12 @@ class PagePool:
         return self._refs[page]
 
     def stats(self) -> PoolStats:
-        used = self.num_pages - len(self._free)
+        used = self.used_pages
         return PoolStats(
             num_pages=self.num_pages,
             page_size=self.page_size,
             used_pages=used,
-            free_pages=len(self._free),
+            free_pages=self.free_pages,
             shared_pages=self._shared,
             sequences=len(self._tables),
             tokens=self._entries * self.page_size,
@@ -151,9 +165,21 @@ class PagePool:
         self._entries -= 1
         assert self._refs[page] >= 0, f"page {page} released more often than taken"
         if self._refs[page] == 0:
-            self._free.append(page)
+            if self.cache is not None and page in self.cache:
+                self.cache.released(page)  # stays findable, idle, until evicted
+            else:
+                self._free.append(page)
             return True
         return False
+
+    def _share(self, page: int, holders: int) -> None:
+        """A cached page taken by `holders` more tables (an idle one is reused)."""
+        assert self.cache is not None
+        if self._refs[page] == 0:
+            self.cache.reused(page)
+        self._shared += self._refs[page] <= 1 < self._refs[page] + holders
+        self._refs[page] += holders
+        self._entries += holders
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -164,33 +190,83 @@ class PagePool:
         partial last page, if any. False, with nothing allocated, if the pages do not fit (how
         much room to keep for growth is the scheduler's admission plan, not the pool's).
         """
+        return self._admit(seqs, prompt_len, []) is not None
+
+    def admit_cached(self, seqs: Sequence[SeqId], tokens: Sequence[int], *, reuse: bool = True) -> int | None:
+        """`admit_group` for the prompt `tokens`, its leading full pages taken from the prefix
+        cache where they are cached (`reuse`; never the page of the last token: its logits are
+        computed by the prefill). Returns the positions found cached (a multiple of page_size:
+        the prefill starts there), or None, with nothing allocated, if the rest does not fit."""
+        if self.cache is None or not reuse:
+            return 0 if self._admit(seqs, len(tokens), []) is not None else None
+        hits = self.cache.match(tokens, (len(tokens) - 1) // self.page_size)
+        start = self._admit(seqs, len(tokens), hits)
+        if start is not None:
+            self.cache.counted(len(hits))
+        return start
+
+    def first_miss(self, tokens: Sequence[int]) -> tuple[int, ...] | None:
+        """The tokens up to the end of the first full page of `tokens` the cache lacks (what an
+        admission now would prefill first), or None (cache off, or no full page missing). Two
+        prompts with the same first miss share a prefix only one of them should compute.
+
+        >>> pool = PagePool(8, 2, prefix_cache=True)
+        >>> pool.first_miss([1, 2, 3, 4, 5])
+        (1, 2)
+        """
+        if self.cache is None:
+            return None
+        s = self.page_size
+        hits = len(self.cache.match(tokens, (len(tokens) - 1) // s))
+        if (hits + 1) * s > len(tokens) - 1:  # the rest is the page of the last token: always run
+            return None
+        return tuple(tokens[: (hits + 1) * s])
+
+    def _admit(self, seqs: Sequence[SeqId], prompt_len: int, hits: list[int]) -> int | None:
         if not seqs:
             raise ValueError("admit_group needs at least one sequence")
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         if len(set(seqs)) != len(seqs) or any(s in self._tables for s in seqs):
             raise ValueError(f"sequences {list(seqs)} must be distinct and hold no pages yet")
-        need = self.group_pages(prompt_len, len(seqs))
-        if need > len(self._free):
-            return False
+        need = self.group_pages(prompt_len, len(seqs)) - len(hits)
+        idle_hits = sum(self._refs[page] == 0 for page in hits)  # counted free, but not to take
+        if need > self.free_pages - idle_hits:
+            return None
         full, tail = divmod(prompt_len, self.page_size)
-        shared = self._take(full)
-        for page in shared:
+        for page in hits:  # before `_take`, which could evict them otherwise
+            self._share(page, len(seqs))
+        fresh = self._take(full - len(hits))
+        for page in fresh:
             self._hold(page, len(seqs))
+        shared = hits + fresh
         for seq in seqs:
             own = self._take(1) if tail else []
             for page in own:
                 self._hold(page, 1)
             self._tables[seq] = shared + own
             self._lengths[seq] = prompt_len
-        return True
+        return len(hits) * self.page_size
+
+    def register(self, seq: SeqId, tokens: Sequence[int], version: int) -> int:
+        """Publish the full pages of `seq`'s first `len(tokens)` positions, just prefilled from
+        `tokens` by weight `version`, in the prefix cache (if on). Returns the pages added."""
+        if self.cache is None:
+            return 0
+        return self.cache.register(self._tables[seq], tokens, version)
+
+    def drop_cache(self, version: int) -> None:
+        """Forget every cached prefix (a swap to weight `version`): idle pages go back to the
+        free list, held pages stay with their holders."""
+        if self.cache is not None:
+            self._free.extend(self.cache.drop(version))
 
     def grow(self, seq: SeqId, length: int) -> bool:
         """Make `seq`'s pages cover positions [0, length). False (nothing allocated) if the
         pool is short; the caller then preempts someone and tries again."""
         table = self._tables[seq]
         extra = pages_for(length, self.page_size) - len(table)
-        if extra > len(self._free):
+        if extra > self.free_pages:
             return False
         if length > self._lengths[seq] and self._lengths[seq] % self.page_size:
             # positions from the current length on go into the last page: it must be private
@@ -208,7 +284,8 @@ class PagePool:
         a double free is a bug the pool must not hide."""
         table = self._tables.pop(seq)
         del self._lengths[seq]
-        return sum(self._release(page) for page in table)
+        # deepest first: idle cached pages are evicted oldest first, so a chain loses its tail first
+        return sum(self._release(page) for page in (reversed(table) if self.cache is not None else table))
 
     def preempt(self, seq: SeqId) -> int:
         """`free` for a sequence that will be recomputed later; counted in `preemptions`."""
@@ -225,10 +302,10 @@ class PagePool:
         """The shortest prefix of `youngest_first` whose preemption frees `pages_needed` more
         pages, counting a shared page only once all its holders are in the prefix. None if
         preempting all of them would not be enough."""
-        if pages_needed <= len(self._free):
+        if pages_needed <= self.free_pages:
             return []
         dropped: dict[int, int] = {}
-        freed = len(self._free)
+        freed = self.free_pages
         chosen: list[S] = []
         for seq in youngest_first:
             chosen.append(seq)
@@ -241,9 +318,14 @@ class PagePool:
         return None
 
     def _take(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise PoolExhaustedError(f"asked for {count} pages, {len(self._free)} free of {self.num_pages}")
-        return [self._free.pop() for _ in range(count)]
+        """`count` unheld pages: the free list's first, then idle cached ones, oldest first."""
+        if count > self.free_pages:
+            raise PoolExhaustedError(f"asked for {count} pages, {self.free_pages} free of {self.num_pages}")
+        return [self._free.pop() if self._free else self._evict() for _ in range(count)]
+
+    def _evict(self) -> int:
+        assert self.cache is not None
+        return self.cache.evict_oldest()
 
     # -- checking -----------------------------------------------------------------------------
 
@@ -262,4 +344,9 @@ class PagePool:
         assert self._entries == sum(counts) and self._shared == sum(c > 1 for c in counts), "stale counters"
         free = set(self._free)
         assert len(free) == len(self._free), "a page is on the free list twice"
-        assert free == {p for p in range(self.num_pages) if counts[p] == 0}, "free list != unreferenced pages"
+        idle = set()
+        if self.cache is not None:
+            self.cache.check(self._refs)
+            idle = {p for p in range(self.num_pages) if self.cache.is_idle(p)}
+        assert not free & idle, "a cached idle page is on the free list"
+        assert free | idle == {p for p in range(self.num_pages) if counts[p] == 0}, "free list != unreferenced pages"

@@ -58,19 +58,23 @@ def batch_bucket(n: int) -> int:
 class PrefillPlan:
     """Host arrays of one paged prefill (see `forward.prefill`)."""
 
-    tokens: np.ndarray  # (B, P) right-padded prompts, B a power of two
-    lengths: np.ndarray  # (B,)
+    tokens: np.ndarray  # (B, P) right-padded prompts (from each row's start), B a power of two
+    lengths: np.ndarray  # (B,) positions to run per row
     write_pages: np.ndarray  # (B, P) page of each position; num_pages: not written
     tails: tuple[np.ndarray, np.ndarray, np.ndarray]  # (src row, start position, page), (max_batch,) each
     src_rows: np.ndarray  # (max_batch,) prompt row of each destination, in group order
+    starts: np.ndarray  # (B,) positions already in the row's pages (prefix cache hits); 0: none
 
 
 def plan_prefill(
-    prompts: list[list[int]], groups: list[list[list[int]]], *, page_size: int, num_pages: int, max_batch: int, bucket: int
+    prompts: list[list[int]], groups: list[list[list[int]]], *, page_size: int, num_pages: int, max_batch: int,
+    bucket: int, starts: list[int] | None = None,
 ) -> PrefillPlan:
     """Where each prompt position goes: the group's first table writes all positions; every
     other sample of the group gets only its private copy of the partial last page (a tail
-    copy), since it shares the full pages. `bucket`: the padded prompt length P."""
+    copy), since it shares the full pages. `starts[r]`: prompt r's leading positions already in
+    its pages (whole pages, a prefix cache hit): its row runs only the rest. `bucket`: the
+    padded length P of the rows run."""
     dests = sum(len(g) for g in groups)
     if dests > max_batch:
         raise ValueError(f"{dests} destinations in one prefill; at most max_batch={max_batch}")
@@ -83,27 +87,32 @@ def plan_prefill(
     tail_start = np.zeros((max_batch,), np.int32)
     tail_page = np.full((max_batch,), num_pages, np.int32)
     src_rows = np.zeros((max_batch,), np.int32)
+    row_starts = np.zeros((b,), np.int32)
     m = j = 0
     for row, (ids, tables) in enumerate(zip(prompts, groups)):
         n = len(ids)
-        if n > bucket:
-            raise ValueError(f"prompt {row} has {n} tokens, more than the bucket of {bucket}")
-        tokens[row, :n] = ids
-        lengths[row] = n
+        start = starts[row] if starts else 0
+        if start % s or not 0 <= start < n:
+            raise ValueError(f"prompt {row}: start {start} must be whole pages of {s} before its {n} tokens")
+        if n - start > bucket:
+            raise ValueError(f"prompt {row} runs {n - start} tokens, more than the bucket of {bucket}")
+        tokens[row, : n - start] = ids[start:]
+        lengths[row] = n - start
+        row_starts[row] = start
         full = n // s
         first = tables[0]
         if len(first) < pages_for(n, s):
             raise ValueError(f"prompt {row}: {n} tokens need {pages_for(n, s)} pages, its table has {len(first)}")
-        write_pages[row, :n] = np.asarray(first, np.int32)[np.arange(n) // s]
+        write_pages[row, : n - start] = np.asarray(first, np.int32)[np.arange(start, n) // s]
         for table in tables[1:]:
             if list(table[:full]) != list(first[:full]):
                 raise ValueError(f"prompt {row}: the samples of a group must share its full pages")
             if n % s:
-                tail_src[j], tail_start[j], tail_page[j] = row, full * s, table[full]
+                tail_src[j], tail_start[j], tail_page[j] = row, full * s - start, table[full]
                 j += 1
         src_rows[m : m + len(tables)] = row
         m += len(tables)
-    return PrefillPlan(tokens, lengths, write_pages, (tail_src, tail_start, tail_page), src_rows)
+    return PrefillPlan(tokens, lengths, write_pages, (tail_src, tail_start, tail_page), src_rows, row_starts)
 
 
 class PagedRunner:
@@ -160,6 +169,7 @@ class PagedRunner:
             head_sharding = logical_sharding(model_def.axes["embed_tokens"][::-1], mesh, cfg)  # see ModelRunner
             self._transpose_head = jax.jit(lambda embed: embed.T, out_shardings=head_sharding)
         self._prefill = jax.jit(invariant.traced(self._prefill_impl, batch_invariant), donate_argnums=(2,))
+        self._prefill_cached = jax.jit(invariant.traced(self._prefill_cached_impl, batch_invariant), donate_argnums=(2,))
         self._decode = jax.jit(
             invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("span",)
         )
@@ -178,6 +188,19 @@ class PagedRunner:
         )
         new_tokens, logprobs, top = sample_top(logits[src_rows], sampling, lengths[src_rows])
         return new_tokens, logprobs, pool, recorder.routes(tokens.shape), top  # routes (B, P, moe layers, k)
+
+    def _prefill_cached_impl(
+        self, params, derived, pool, tokens, starts, lengths, write_pages, tails, page_table, src_rows, sampling: SlotSampling
+    ):
+        model = self.model_def.bind(params)
+        tail_src, tail_start, tail_page = tails
+        recorder = RouteRecorder(self.model_def.config.num_experts_per_tok)
+        logits, pool = forward.prefill_cached(
+            model, pool, tokens, starts, lengths, write_pages, tail_src, tail_start, tail_page, page_table,
+            derived.get("head_t"), route=recorder,
+        )
+        new_tokens, logprobs, top = sample_top(logits[src_rows], sampling, (starts + lengths)[src_rows])
+        return new_tokens, logprobs, pool, recorder.routes(tokens.shape), top  # routes of the rows run only
 
     def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
         model = self.model_def.bind(params)
@@ -250,7 +273,8 @@ class PagedRunner:
     # -- host-facing API ----------------------------------------------------------------------
 
     def prefill(
-        self, prompts: list[list[int]], groups: list[list[list[int]]], sampling: SlotSampling
+        self, prompts: list[list[int]], groups: list[list[list[int]]], sampling: SlotSampling,
+        starts: list[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
         """Prefill each prompt once into the page tables of its group of samples.
 
@@ -259,12 +283,30 @@ class PagedRunner:
         per destination in group order. Returns each destination's first sampled token and its
         logprob, (max_batch,) on the host, and the experts of every prompt position (prompts,
         length bucket, moe layers, k) int16, left on the devices (see `ModelRunner.prefill`).
+
+        `starts[r]` (whole pages): prompt r's leading positions already hold its K/V in its
+        group's pages (prefix cache hits); only the rest is run, attending over those pages too,
+        and its routes cover only the rest (callers that need every position's pass 0).
         """
         assert self.params is not None, "set_params() before generating"
+        starts = starts if starts and any(starts) else None
+        run = [len(x) - (starts[r] if starts else 0) for r, x in enumerate(prompts)]
         plan = plan_prefill(
             prompts, groups, page_size=self.page_size, num_pages=self.num_pages, max_batch=self.max_batch,
-            bucket=min(pow2_at_least(max(len(x) for x in prompts), self.min_prefill_len), self.width * self.page_size),
+            bucket=min(pow2_at_least(max(run), self.min_prefill_len), self.width * self.page_size), starts=starts,
         )
+        if starts is not None:
+            span = self.span_pages(max(len(x) for x in prompts))
+            table = np.full((len(plan.tokens), span), self.num_pages, np.int32)
+            for r, tables in enumerate(groups):
+                pages = tables[0][:span]
+                table[r, : len(pages)] = pages
+            toks, lps, self.pool, routes, top = self._prefill_cached(
+                self.params, self.derived, self.pool, plan.tokens, plan.starts, plan.lengths, plan.write_pages,
+                plan.tails, table, plan.src_rows, sampling,
+            )
+            self.alternatives = alternatives_to_host(top, sampling)
+            return np.asarray(toks), np.asarray(lps), routes
         toks, lps, self.pool, routes, top = self._prefill(
             self.params, self.derived, self.pool, plan.tokens, plan.lengths, plan.write_pages,
             plan.tails, plan.src_rows, sampling,
@@ -361,4 +403,7 @@ class PagedRunner:
 
     def compiled_count(self) -> int:
         """Executables compiled so far (grows only with new shape buckets)."""
-        return compiled_executables(self._prefill) + compiled_executables(self._decode)
+        return (
+            compiled_executables(self._prefill) + compiled_executables(self._prefill_cached)
+            + compiled_executables(self._decode)
+        )

@@ -20,6 +20,15 @@ contiguous `Scheduler` (both are `BaseScheduler`s), each pass:
 - Swaps: `drain` waits for running *and* parked sequences, which resume on the old weights;
   `recompute` drops every running sequence's pages (KV of the old weights) and re-prefills it on
   the new ones, parking those that no longer fit; `continue` keeps the pages.
+- Prefix cache (`EngineConfig.prefix_cache`, rollout.engine.native.kv.paged.prefix_cache): an
+  admission (or a resume) starts its table with the cached full pages its tokens begin with and
+  prefills only the rest; each prefill publishes the full pages it wrote. Every swap, whatever
+  its policy, drops every entry before anything is admitted on the new weights (a `continue`
+  swap's running sequences keep their old pages, which no new request can find any more).
+  Requests that return routed experts (MoE routing replay) bypass the lookup: routes come from
+  a prefill of every prompt position. A request whose first uncached page another request
+  admitted in the same pass computes (a burst sharing a system prompt) waits for the next pass,
+  which finds that page cached: the shared prefix is prefilled once, not once per request.
 
 Age is the first admission's order, kept across preemptions, so the oldest sequences always
 progress. Pool bookkeeping is the scheduler thread's alone; `kv_status` publishes a snapshot
@@ -60,6 +69,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         self._ticks = itertools.count()
         self.estimate = LengthEstimate(fixed=config.kv_admission_ratio)
         self.peak_active = 0
+        self.prefill_tokens = 0  # positions run by prefills (cache hits are not run)
+        self._starts: dict[Sequence, int] = {}  # a group's first sequence -> positions found cached
         self._kv_status = self._snapshot()
         super().__init__(lock, runner, weights, config)
 
@@ -83,6 +94,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
             "parked": len(self.parked),
             "peak_active": self.peak_active,
             "admission_ratio": round(self.estimate.ratio, 3),
+            "prefill_tokens": self.prefill_tokens,
+            "prefix_cache": self.pool.cache.stats().as_dict() if self.pool.cache is not None else None,
         }
 
     # -- the scheduler thread -----------------------------------------------------------------
@@ -137,8 +150,12 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
             seq = self.parked[0]
             rows = self._fresh_rows(len(seq.context()), self._limit(seq), 1)
             alone = self.slots.active() == 0 and not resumed
-            if not plan.admit(rows, force=alone) or not self.pool.admit_group([seq], len(seq.context())):
+            if not plan.admit(rows, force=alone):
                 break
+            start = self.pool.admit_cached([seq], seq.context(), reuse=not seq.request.return_routed_experts)
+            if start is None:
+                break
+            self._starts[seq] = start
             self.parked.pop(0)
             self.slots.occupy([seq])
             resumed.append(seq)
@@ -150,17 +167,24 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         free = len(self.slots.free())
         admitted: list[Request] = []
         plan: PoolPlan | None = None
+        computing: set[tuple[int, ...]] = set()  # first uncached pages of this pass's admissions
         while self.waiting and len(admitted) < self._config.max_prefill_batch:
             request = self.waiting[0]
             n = request.sampling.n
             if n > free:
                 break
+            miss = None if request.return_routed_experts else self.pool.first_miss(request.prompt_ids)
+            if miss is not None and miss in computing:
+                break  # the next pass finds it cached (see the module)
             plan = plan or self._plan()
             seqs = request.sequences
             prompt = len(request.prompt_ids)
             rows = self._fresh_rows(prompt, prompt + request.sampling.max_tokens, n)
             alone = self.slots.active() == 0 and not admitted  # admitted when its prompt fits: see the module
-            if not plan.admit(rows, force=alone) or not self.pool.admit_group(seqs, prompt):
+            start = None
+            if plan.admit(rows, force=alone):
+                start = self.pool.admit_cached(seqs, request.prompt_ids, reuse=not request.return_routed_experts)
+            if start is None:
                 if alone:  # an empty pool cannot hold its prompt: it never will
                     self.waiting.popleft()
                     plan = None  # it held this request's rows only (nothing runs): start afresh
@@ -173,6 +197,9 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                     continue
                 break
             self.waiting.popleft()
+            self._starts[seqs[0]] = start
+            if miss is not None:
+                computing.add(miss)
             for seq in seqs:
                 self._age[seq] = next(self._ticks)
             self.slots.occupy(seqs)
@@ -181,6 +208,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         return admitted
 
     def _swap(self, swap: PendingSwap) -> None:
+        self._drop_prefix_cache(swap.weights.version)
         if swap.policy == "recompute":
             # KV computed under the old weights is never reused: drop it, re-admit oldest first.
             running = sorted(self.slots.running(), key=self._age.__getitem__)
@@ -192,10 +220,20 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                     self._park(seq)
         super()._swap(swap)  # swaps the leaves; under recompute, re-prefills slots.running()
 
+    def _drop_prefix_cache(self, version: int) -> None:
+        """Forget every cached prefix: KV of the old weights is never found again (swap)."""
+        self.pool.drop_cache(version)
+
     def _prefill(self, contexts: list[list[int]], groups: list[list[Sequence]]) -> None:
         rows = [seq.sampling for group in groups for seq in group]
         tables = [[self.pool.table(seq) for seq in group] for group in groups]
-        tokens, logprobs, routes = self._runner.prefill(contexts, tables, stack_sampling(rows, self._config.max_batch))
+        starts = [self._starts.pop(group[0], 0) for group in groups]
+        tokens, logprobs, routes = self._runner.prefill(
+            contexts, tables, stack_sampling(rows, self._config.max_batch), starts
+        )
+        self.prefill_tokens += sum(len(c) - start for c, start in zip(contexts, starts))
+        for context, group in zip(contexts, groups):  # before any of them can finish and free its pages
+            self.pool.register(group[0], context, self._weights.serving)
         self._accept_prefilled(groups, tokens, logprobs, routes, self._runner.alternatives)
 
     def _grow_or_preempt(self) -> None:
@@ -254,6 +292,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         if reason != "abort":
             self.estimate.finished(len(seq.tokens), seq.request.sampling.max_tokens)
         self._age.pop(seq, None)
+        self._starts.pop(seq, None)
         self._publish()  # before the future resolves: a caller then sees the pages free
         super()._finish(seq, reason)
 

@@ -48,5 +48,5 @@ def make_paged(model_def: ModelDef, mesh: Mesh, config: EngineConfig) -> KvLayou
         decode_steps=config.decode_steps, num_pages=pages, page_size=config.page_size,
         batch_invariant=config.batch_invariant,
     )
-    pool = PagePool(pages, config.page_size)
+    pool = PagePool(pages, config.page_size, prefix_cache=config.prefix_cache)
     return KvLayout("paged", runner, lambda lock, weights: PagedScheduler(lock, runner, weights, config, pool))
