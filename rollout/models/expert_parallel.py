@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from rollout.models.moe import expert_mlp, grouped_matmul
+from rollout.models.moe import expert_mlp, grouped_matmul, loop_zeros
 from rollout.models.sharding import TP
 
 Array = jax.Array
@@ -81,7 +81,7 @@ def sparse_moe_mlp(
 
     def local(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array) -> Array:
         first = jax.lax.axis_index(TP) * gate.shape[0]
-        partial = local_expert_mlp(x, ids - first, weights, gate, up, down, local_rows(ids.size, n), impl, (TP,))
+        partial = local_expert_mlp(x, ids - first, weights, gate, up, down, local_rows(ids.size, n), impl)
         return jax.lax.psum(partial, TP)
 
     return jax.shard_map(
@@ -98,7 +98,6 @@ def local_expert_mlp(
     down: Array,
     chunk: int,
     impl: str | None = None,
-    varying_axes: tuple[str, ...] = (),
 ) -> Array:
     """One device's share of the MoE MLP: the slots routed to the experts it holds.
 
@@ -106,8 +105,7 @@ def local_expert_mlp(
     [0, local experts) belong to other devices and contribute nothing); weights (N, k); gate,
     up (local experts, hidden, inter); down (local experts, inter, hidden). The local slots are
     sorted first, grouped by expert, and multiplied `chunk` rows at a time for as many chunks as
-    they fill. `varying_axes`: the shard_map mesh axes it runs under, if any (its weights differ
-    along them). Returns the weighted sum over the local slots (N, hidden) in x's dtype.
+    they fill. Returns the weighted sum over the local slots (N, hidden) in x's dtype.
     """
     n, k = ids.shape
     g = gate.shape[0]
@@ -130,10 +128,7 @@ def local_expert_mlp(
         h = jax.nn.silu(grouped_matmul(rows, gate, in_chunk, impl)) * grouped_matmul(rows, up, in_chunk, impl)
         return jax.lax.dynamic_update_slice_in_dim(ys, grouped_matmul(h, down, in_chunk, impl), lo, 0)
 
-    ys = jnp.zeros_like(xs)
-    if varying_axes:  # under shard_map the chunks' products vary over the devices: so must the carry
-        ys = jax.lax.pcast(ys, varying_axes, to="varying")
-    ys = jax.lax.fori_loop(0, -(-count // chunk), one_chunk, ys)
+    ys = jax.lax.fori_loop(0, -(-count // chunk), one_chunk, loop_zeros(xs.shape, xs.dtype, xs, gate, up, down))
     ys = jnp.where((jnp.arange(m) < count)[:, None], ys[:m], 0)  # (M, hidden), sorted order
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to (token, rank)
     return jnp.sum(y * weights.astype(x.dtype)[..., None], axis=1).astype(x.dtype)
