@@ -113,7 +113,7 @@ def test_greedy_logprobs_equal_transformers_log_softmax_at_the_same_positions(ca
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = engine.generate(PROMPTS, greedy, timeout=300)
     tokens, _, ref = left_padded(path)  # rows of prompt + transformers' greedy continuation
-    for row, (prompt, out) in enumerate(zip(PROMPTS, outs)):
+    for row, out in enumerate(outs):
         assert list(out.token_ids) == continuations(path)[row]
         # the column predicting completion token j of a left-padded row of length P + NEW_TOKENS
         cols = tokens.shape[1] - NEW_TOKENS - 1 + np.arange(NEW_TOKENS)

@@ -23,9 +23,9 @@ from flax import nnx
 
 from rollout.models import qwen
 from rollout.models.config import ModelConfig
+from rollout.models.expert_parallel import sparse_moe_mlp
 from rollout.models.forward import AttendFn
 from rollout.models.layers import Linear, RMSNorm
-from rollout.models.expert_parallel import sparse_moe_mlp
 from rollout.models.moe import RouteFn, routing_weights, top_k_experts
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule, SplitRule, StackRule
 

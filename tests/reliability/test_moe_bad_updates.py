@@ -17,9 +17,9 @@ from rollout.weights.spec import SpecMismatchError
 
 from .bad_updates import BadUpdate, try_bad_update
 from .harness import FLEET, engine_params, fingerprint
+from moe_reference import make_moe_checkpoint
 
 pytest.importorskip("torch")
-from moe_reference import make_moe_checkpoint  # noqa: E402 - needs torch
 
 pytestmark = pytest.mark.ray
 
