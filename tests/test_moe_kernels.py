@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rollout.models.moe import expert_mlp, grouped_matmul
+from rollout.models.moe import expert_mlp, grouped_matmul, tile_plan
 
-CPU_IMPLS = ("tiled", "megablox_interpret")
+CPU_IMPLS = ("looped", "tiled", "megablox_interpret")
 
 
 def per_group_reference(x: np.ndarray, w: np.ndarray, sizes: list[int]) -> np.ndarray:
@@ -74,3 +74,19 @@ def test_the_cpu_expert_matmul_grows_with_top_k_not_with_the_number_of_experts()
     assert many < 1.5 * few
     assert many < 3 * routed
     assert compiled_flops("tiled", tokens, 2 * k, 64) > 1.5 * many  # twice top_k: about twice the work
+
+
+def looped_work_rows(tokens: int, k: int, experts: int, seed: int = 0) -> int:
+    """Rows the CPU default ("looped") multiplies for random routes: tiles run x tile height."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+    tile, tiles = tile_plan(jnp.asarray(np.bincount(ids.reshape(-1), minlength=experts)), tokens * k)
+    return tile * int(tiles)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 256], ids=["decode-1", "decode-16", "prefill"])
+def test_the_looped_expert_matmul_runs_about_the_routed_rows_whatever_the_number_of_experts(tokens):
+    k = 2
+    for experts in (8, 64):
+        assert tokens * k <= looped_work_rows(tokens, k, experts) < 2 * tokens * k + experts
+    assert looped_work_rows(tokens, 2 * k, 64) >= 2 * tokens * k  # twice top_k: at least twice the rows

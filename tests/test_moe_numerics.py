@@ -6,7 +6,8 @@ without renormalisation with a dense layer every other layer (decoder_sparse_ste
 a dense layer named in mlp_only_layers (GQA 4). On 1 and 4 devices:
 
 - the full-sequence logits of a padded batch match transformers' (<= 1e-4 of max|ref|);
-- the engine's greedy continuation is transformers' `generate(do_sample=False)` token for token;
+- the engine's greedy continuation is transformers' `generate(do_sample=False)` token for token,
+  and its logprobs are transformers' log_softmax at the same positions (within 1e-4);
 - the routed experts generate returns are transformers' router top-k at every fed position;
 - scoring sampled completions with their routes replayed gives generate's logprobs.
 
@@ -105,6 +106,22 @@ def test_greedy_continuation_equals_transformers_generate(case):
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = engine.generate(PROMPTS, greedy, return_logprobs=False, timeout=300)
     assert [list(o.token_ids) for o in outs] == continuations(path)
+
+
+def test_greedy_logprobs_equal_transformers_log_softmax_at_the_same_positions(case):
+    _, path, engine = case
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = engine.generate(PROMPTS, greedy, timeout=300)
+    tokens, _, ref = left_padded(path)  # rows of prompt + transformers' greedy continuation
+    for row, out in enumerate(outs):
+        assert list(out.token_ids) == continuations(path)[row]
+        # the column predicting completion token j of a left-padded row of length P + NEW_TOKENS
+        cols = tokens.shape[1] - NEW_TOKENS - 1 + np.arange(NEW_TOKENS)
+        logits = ref[row, cols].astype(np.float64)  # (NEW_TOKENS, vocab)
+        peak = logits.max(axis=-1, keepdims=True)
+        log_softmax = logits - peak - np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
+        want = log_softmax[np.arange(NEW_TOKENS), list(out.token_ids)]
+        np.testing.assert_allclose(out.logprobs, want, atol=LOGPROB_ATOL, rtol=0, err_msg=f"prompt {row}")
 
 
 def assert_routes_match_transformers(path: Path, outs) -> None:

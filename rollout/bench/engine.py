@@ -25,7 +25,7 @@ the same run it also times a dense Qwen3 with the same ACTIVE parameters (rollou
 intermediate = top_k x moe_intermediate, all else equal) on the rollout engine, and prints the
 MoE / dense-active tokens/s ratio (`--no-dense-reference` skips it). Memory at batch 64: ~0.8 GB
 of MoE weights each for rollout and transformers, ~0.3 GB for the dense twin, KV caches of a few
-MB; the CPU grouped matmul gathers at most ~2x the routed slots' expert matrices per layer.
+MB; the CPU grouped matmul reads each routed expert's matrices in place (no gathered copies).
 """
 
 from __future__ import annotations

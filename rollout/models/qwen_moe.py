@@ -23,9 +23,10 @@ from flax import nnx
 
 from rollout.models import qwen
 from rollout.models.config import ModelConfig
+from rollout.models.expert_parallel import sparse_moe_mlp
 from rollout.models.forward import AttendFn
 from rollout.models.layers import Linear, RMSNorm
-from rollout.models.moe import RouteFn, expert_mlp, routing_weights, top_k_experts
+from rollout.models.moe import RouteFn, routing_weights, top_k_experts
 from rollout.weights.hf_names import TRANSPOSE, HFNames, NameRule, SplitRule, StackRule
 
 Array = jax.Array
@@ -55,7 +56,7 @@ class SparseMoeBlock(nnx.Module):
         ids = pick(moe_index, probs)  # (B, T, k)
         weights = routing_weights(probs, ids, self.norm_topk_prob).astype(x.dtype)
         e = self.experts
-        out = expert_mlp(
+        out = sparse_moe_mlp(
             x.reshape(b * t, h), ids.reshape(b * t, -1), weights.reshape(b * t, -1),
             e.gate_proj[...], e.up_proj[...], e.down_proj[...],
         )

@@ -19,7 +19,11 @@ Mixture of experts: expert parallelism when the expert count divides by the devi
 device holds num_experts / tp whole experts); otherwise tensor parallelism inside every expert
 (each device holds a 1/tp slice of every expert's intermediate dimension) when
 moe_intermediate_size divides; otherwise the experts are replicated. Never both: an expert is
-split one way only.
+split one way only. Expert parallelism splits the compute as well as the memory: the MoE MLP
+runs under shard_map (rollout.models.expert_parallel), each device multiplying only the
+(token, expert) rows routed to its own experts, and one all-reduce per MoE layer sums the
+devices' partial outputs; tokens, router and routes are replicated. Inside-expert tensor
+parallelism is left to XLA's partitioner (column-parallel gate/up, row-parallel down).
 """
 
 from __future__ import annotations
