@@ -17,7 +17,7 @@ from rollout.engine.native.engine import Engine
 
 pytestmark = pytest.mark.ray
 
-ENGINE = dict(max_batch=8, max_seq_len=128, decode_steps=4, max_prefill_batch=4, batch_invariant=True)
+ENGINE = dict(max_batch=8, max_seq_len=64, decode_steps=4, max_prefill_batch=4, batch_invariant=True)
 CONFIG = dict(num_workers=2, devices_per_worker=1, accelerator="cpu", bucket_bytes=64 << 10, **ENGINE)
 TARGET = [7, 99, 23, 4, 150, 61, 12, 88, 5, 200, 31, 42, 17]
 OTHERS = [[5, 6, 7], list(range(30, 46)), [11, 12], [201, 3, 77, 9, 120], list(range(60, 90, 3))]
