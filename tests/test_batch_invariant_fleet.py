@@ -100,5 +100,5 @@ def test_the_sglang_backend_refuses_hidden_states_through_its_capabilities():
     from rollout.engine.backend import FeatureUnavailableError
     from rollout.engine.sglang import requirements
 
-    with pytest.raises(FeatureUnavailableError, match="return_hidden_states.*engine='native'"):
+    with pytest.raises(FeatureUnavailableError, match=r"return_hidden_states.*engine='native'"):
         requirements.capabilities("0.0.2", "cpu").require("hidden_states")
