@@ -169,12 +169,15 @@ def score(
     temperature: float = 1.0,
     timeout: float | None = None,
     routed_experts: Sequence[Any] | None = None,
+    return_hidden_states: Sequence[int] | None = None,
 ) -> Scores:
     """Per-token logprobs of each completion (token ids) after its prompt, teacher-forced, on one
     weight version (returned with them); `routed_experts` (MoE models, from
-    Completion.routed_experts) are replayed. See RolloutService.score."""
+    Completion.routed_experts) are replayed; `return_hidden_states=[layer indices]` (dense
+    models) also returns the residual stream at those layers. See RolloutService.score."""
     return _service().score(
-        prompts, completions, temperature=temperature, timeout=timeout, routed_experts=routed_experts
+        prompts, completions, temperature=temperature, timeout=timeout, routed_experts=routed_experts,
+        return_hidden_states=return_hidden_states,
     )
 
 

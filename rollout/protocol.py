@@ -144,11 +144,14 @@ class WorkerCalls(Protocol):
         completions: list[list[int]],
         temperature: float = 1.0,
         routed_experts: list[Any] | None = None,
+        return_hidden_states: list[int] | None = None,
     ) -> Any:
         """Per-token logprobs of each completion after its prompt on the committed version (a
         rollout.scores.Scores), with `routed_experts` (one int16 (prompt + completion - 1, MoE
-        layers, top_k) array per pair) replayed when given; refused by a backend without
-        scoring or routing replay (see its capabilities)."""
+        layers, top_k) array per pair) replayed when given, and with `return_hidden_states`
+        (layer indices, checked by the coordinator) the residual stream at those layers in
+        Scores.hidden_states; refused by a backend without scoring, routing replay or hidden
+        states (see its capabilities)."""
 
     async def node_id(self) -> str:
         """The Ray node this worker runs on (the coordinator plans a sync's relay by node)."""

@@ -122,3 +122,33 @@ def check_routes(
                              f"experts are 0..{cfg.num_experts - 1}")
         out.append(r.astype(np.int32))
     return out
+
+
+def check_hidden_layers(cfg: ModelConfig, layers: Any) -> list[int]:
+    """`return_hidden_states` as a list of layer indices (0: the embeddings, i: after layer i,
+    num_layers: after the final norm, transformers' output_hidden_states indexing); ValueError
+    saying what was expected otherwise. Dense models only.
+
+    Checked on the driver (RolloutService.score) before any pair is sent, and by the engine."""
+    if cfg.is_moe:
+        raise ValueError(
+            f"return_hidden_states is supported for dense models only ({cfg.architecture} is mixture-of-experts); pass None"
+        )
+    if isinstance(layers, np.ndarray):
+        layers = layers.tolist() if layers.ndim == 1 else layers
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+        raise ValueError(
+            f"return_hidden_states={layers!r}: expected a non-empty list of layer indices in 0..{cfg.num_layers} "
+            "(0: the embeddings, i: after layer i), or None for no hidden states"
+        )
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if bad:
+        raise ValueError(f"return_hidden_states: layer indices must be integers; got {type(bad[0]).__name__} ({bad[0]!r})")
+    out = [int(i) for i in layers]
+    outside = [i for i in out if not 0 <= i <= cfg.num_layers]
+    if outside:
+        raise ValueError(
+            f"return_hidden_states={outside}: layer indices must be in 0..{cfg.num_layers} "
+            f"(0: the embeddings, i: after layer i, {cfg.num_layers}: after the final norm)"
+        )
+    return out

@@ -6,7 +6,8 @@ committed version (`Engine.score`). A part whose worker died is sent again to an
 Parts can come back from different versions when a sync commits while they run (workers commit
 one after the other); the parts of an older version are then sent again to a worker that
 reported the newest one (versions only go forward), until every part has the same version. The
-result is `Scores(logprobs, weight_version)` for the whole call.
+result is `Scores(logprobs, weight_version)` for the whole call; with hidden layers asked for,
+each part's hidden states come back with its logprobs and are put in input order the same way.
 """
 
 from __future__ import annotations
@@ -62,23 +63,26 @@ def score_on_fleet(
     timeout: float | None,
     min_version: int = 0,
     routes: Sequence[Any] | None = None,
+    hidden_layers: Sequence[int] | None = None,
 ) -> Scores:
     """Score validated token-id pairs on the fleet; every logprob comes from one version
     (>= `min_version`, the fleet's committed version when the call started). `routes`
-    (validated, one per pair): the experts to replay (routing replay), sent with their pairs."""
+    (validated, one per pair): the experts to replay (routing replay), sent with their pairs.
+    `hidden_layers` (validated layer indices): every part also returns the residual stream at
+    those layers (Scores.hidden_states)."""
+    # only what was asked for is sent: the plain call is the one every backend that scores takes
+    extra: dict[str, Any] = {} if hidden_layers is None else {"return_hidden_states": list(hidden_layers)}
 
     def part(rows: list[int]) -> _Part:
         cost = sum(len(prompts[i]) + len(completions[i]) for i in rows)
         route = fleet.route(cost=cost, name=f"score: a part of {len(rows)} pairs")
         ps, cs = [prompts[i] for i in rows], [completions[i] for i in rows]
-        if routes is None:  # the call without routes: every backend that scores takes it
-            return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature))
-        rs = [routes[i] for i in rows]
-        return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature, rs))
+        kwargs = extra if routes is None else {**extra, "routed_experts": [routes[i] for i in rows]}
+        return _Part(rows, route, lambda worker: fleet.handles[worker].score.remote(ps, cs, temperature, **kwargs))
 
     parts = [part(rows) for rows in split(len(prompts), max(1, len(fleet.live_workers())))]
     if not parts:
-        return Scores((), min_version)
+        return Scores((), min_version, None if hidden_layers is None else ())
     calls: Calls[int] = Calls("score", "parts", None if timeout is None else time.monotonic() + timeout)
 
     def collect() -> None:
@@ -112,7 +116,19 @@ def score_on_fleet(
         calls.cancel()
         raise
     logprobs: list[Any] = [None] * len(prompts)
+    hidden: list[Any] = [None] * len(prompts)
     for p in parts:
         for row, values in zip(p.rows, p.scores().logprobs):
             logprobs[row] = values
-    return Scores(tuple(logprobs), parts[0].scores().weight_version)
+        if hidden_layers is not None:
+            states = p.scores().hidden_states
+            if states is None or len(states) != len(p.rows):
+                raise RuntimeError(
+                    f"score: a worker returned no hidden states for a part of {len(p.rows)} pairs although "
+                    f"layers {list(hidden_layers)} were asked for (a backend bug); report this"
+                )
+            for row, values in zip(p.rows, states):
+                hidden[row] = values
+    return Scores(
+        tuple(logprobs), parts[0].scores().weight_version, None if hidden_layers is None else tuple(hidden)
+    )

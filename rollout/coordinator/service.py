@@ -56,7 +56,7 @@ from rollout.local_ray import start_local_ray
 from rollout.models.config import ModelConfig
 from rollout.prompts import Prompt, PromptValidator
 from rollout.protocol import WorkerStatus
-from rollout.scores import Scores, check_routes, check_temperature, encode_pairs
+from rollout.scores import Scores, check_hidden_layers, check_routes, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.lora import LoraAdapter
@@ -367,6 +367,7 @@ class RolloutService:
         temperature: float = 1.0,
         timeout: float | None = None,
         routed_experts: Sequence[Any] | None = None,
+        return_hidden_states: Sequence[int] | None = None,
     ) -> Scores:
         """Per-token logprobs of `completions[i]` (token ids) after `prompts[i]`, teacher-forced:
         a `Scores` with one float32 array per pair and the one weight version that computed them
@@ -378,7 +379,13 @@ class RolloutService:
         as `Completion.routed_experts` gives them ((prompt + completion tokens - 1, MoE layers,
         top_k)); the workers' forwards use them instead of their routers' choice (routing
         replay), so the logprobs are those of the routes generation took. Checked here (shape,
-        expert range, a MoE model) before any pair is sent."""
+        expert range, a MoE model) before any pair is sent.
+
+        `return_hidden_states=[layer indices]` (dense models; 0: the embeddings, i: after layer
+        i, num_layers: after the final norm): `Scores.hidden_states` holds, per pair, the
+        workers' residual stream at those layers at every prompt + completion position (float32
+        (layers, tokens, hidden), as Engine.score gives it), from the same forward as the
+        logprobs. Checked here (integers in range, a dense model) before any pair is sent."""
         self._check_open()
         self.capabilities.require("score")
         prompt_ids, completion_ids = encode_pairs(
@@ -389,9 +396,13 @@ class RolloutService:
         if routed_experts is not None:
             self.capabilities.require("routed_experts")
             routes = [r.astype(np.int16) for r in check_routes(self.model_config, prompt_ids, completion_ids, routed_experts)]
+        hidden_layers = None
+        if return_hidden_states is not None:
+            self.capabilities.require("hidden_states")
+            hidden_layers = check_hidden_layers(self.model_config, return_hidden_states)
         return score_on_fleet(
             self._fleet, prompts=prompt_ids, completions=completion_ids, temperature=check_temperature(temperature),
-            timeout=timeout, min_version=self._version, routes=routes,
+            timeout=timeout, min_version=self._version, routes=routes, hidden_layers=hidden_layers,
         )
 
     # -- workers: liveness and catching up --------------------------------------------------------

@@ -162,7 +162,9 @@ class ScoringBackend(Protocol):
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, temperature: float = 1.0) -> Any:
         """Logprobs of each completion after its prompt on the committed version (a Scores).
         A backend that replays routes (capability "routed_experts", MoE models) also takes
-        `routed_experts=` (one (prompt + completion - 1, MoE layers, top_k) array per pair)."""
+        `routed_experts=` (one (prompt + completion - 1, MoE layers, top_k) array per pair); one
+        that returns activations (capability "hidden_states") takes `return_hidden_states=`
+        (layer indices) and fills Scores.hidden_states."""
 
 
 def no_lora_message(engine: Any) -> str:

@@ -144,11 +144,12 @@ class RolloutWorker:
         completions: list[list[int]],
         temperature: float = 1.0,
         routed_experts: list[Any] | None = None,
+        return_hidden_states: list[int] | None = None,
     ) -> Any:
         """Per-token logprobs of each completion after its prompt, `routed_experts` replayed
-        when given (WorkerHost.score)."""
+        when given, with the hidden states of `return_hidden_states` layers (WorkerHost.score)."""
         await self._start()
-        return await self.host.score(prompts, completions, temperature, routed_experts)
+        return await self.host.score(prompts, completions, temperature, routed_experts, return_hidden_states)
 
     async def generate_stream(
         self, prompt_ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool

@@ -12,7 +12,7 @@ drive a WorkerHost on an asyncio loop with a fake engine, real buckets and a rea
     await host.relay_copy(sync_id, index)            # a relay copy for a worker below this one
     await host.generate(ids, sampling, index, logprobs)           # one prompt's completions
     async for deltas in host.generate_stream(ids, sampling, index, logprobs): ...   # token by token
-    await host.score(prompts, completions, temperature, routes)   # teacher-forced logprobs
+    await host.score(prompts, completions, temperature, routes, layers)   # teacher-forced logprobs
 
 Generation awaits engine futures on the event loop, so many requests are in flight at once; a
 request whose caller goes away (a cancelled call, a closed stream) is cancelled in the engine.
@@ -179,17 +179,23 @@ class WorkerHost:
         completions: list[list[int]],
         temperature: float = 1.0,
         routed_experts: list[Any] | None = None,
+        return_hidden_states: list[int] | None = None,
     ) -> Any:
         """Per-token logprobs of each completion after its prompt on the engine's committed
-        version (a rollout.scores.Scores); `routed_experts`: routes to replay (MoE models).
-        FeatureUnavailableError, before the engine is called, if the backend cannot score or
-        replay routes (`capabilities_of`: the same refusal as the coordinator's)."""
+        version (a rollout.scores.Scores); `routed_experts`: routes to replay (MoE models);
+        `return_hidden_states`: layer indices whose residual stream to return too.
+        FeatureUnavailableError, before the engine is called, if the backend cannot score,
+        replay routes or return hidden states (`capabilities_of`: the same refusal as the
+        coordinator's)."""
         self.capabilities.require("score")
         engine = cast(ScoringBackend, self.engine)  # capabilities_of checked that it scores
         score = functools.partial(engine.score, prompts, completions, temperature=temperature)
         if routed_experts is not None:
             self.capabilities.require("routed_experts")
             score = functools.partial(score, routed_experts=routed_experts)
+        if return_hidden_states is not None:
+            self.capabilities.require("hidden_states")
+            score = functools.partial(score, return_hidden_states=return_hidden_states)
         return await asyncio.get_running_loop().run_in_executor(None, score)
 
     # -- phase 1 ------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from rollout.models.bind import ModelDef
 from rollout.models.config import ModelConfig
 from rollout.models.sharding import make_mesh
 from rollout.prompts import Prompt, PromptValidator
-from rollout.scores import Scores, check_routes, check_temperature, encode_pairs
+from rollout.scores import Scores, check_hidden_layers, check_routes, check_temperature, encode_pairs
 from rollout.tokenizer import Tokenizer
 from rollout.weights.loader import resolve_checkpoint
 from rollout.weights.lora import adapter_factors
@@ -308,17 +308,11 @@ class Engine(WeightVersions):
         routes = None
         if routed_experts is not None:
             routes = check_routes(self.model_config, prompt_ids, completion_ids, routed_experts)
+        layers = None if return_hidden_states is None else check_hidden_layers(self.model_config, return_hidden_states)
         version, params, derived = self.weights_snapshot()
-        if not return_hidden_states:
+        if layers is None:
             logprobs = self.scorer.score(params, derived, prompt_ids, completion_ids, temperature, routes)
             return Scores(tuple(logprobs), version)
-        if self.model_config.is_moe:
-            raise ValueError("return_hidden_states is supported for dense models only (this one is mixture-of-experts)")
-        layers = [int(i) for i in return_hidden_states]
-        bad = [i for i in layers if not 0 <= i <= self.model_config.num_layers]
-        if bad:
-            raise ValueError(f"return_hidden_states={bad}: layer indices must be in 0..{self.model_config.num_layers} "
-                             "(0: the embeddings, i: after layer i)")
         logprobs, hidden = self.scorer.score_with_hidden(
             params, derived, prompt_ids, completion_ids, temperature, routes, hidden_layers=layers
         )

@@ -61,6 +61,13 @@ def routed_experts_message(version: str = "0.0.2") -> str:
     )
 
 
+def hidden_states_message(version: str = "0.0.2") -> str:
+    return (
+        f"score(..., return_hidden_states=...) is not available with engine='sglang-jax' (sglang-jax {version} "
+        "has no teacher-forced scoring call to return activations from); use engine='native'"
+    )
+
+
 def top_logprobs_message(version: str = "0.0.2", platform: str = "cpu") -> str:
     return (
         f"top_logprobs is not available with engine='sglang-jax': sglang-jax {version} returns top-k "
@@ -76,6 +83,7 @@ def capabilities(version: str, platform: str) -> EngineCapabilities:
             "logprobs": logprobs_message(version, platform),
             "score": score_message(version),
             "routed_experts": routed_experts_message(version),
+            "hidden_states": hidden_states_message(version),
             "top_logprobs": top_logprobs_message(version, platform),
         }
     )
