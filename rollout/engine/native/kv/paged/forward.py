@@ -25,6 +25,8 @@ pages and attends:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -35,6 +37,29 @@ from rollout.models import forward as model_forward
 from rollout.models.moe import RouteFn
 
 Array = jax.Array
+
+
+class _TailCopies(NamedTuple):
+    """Where a prefill writes each row's partial last page for the samples that copy it:
+    (J, S) source positions (clipped into the bucket), target pages (out of range past the
+    row's length: not written) and offsets."""
+
+    src: Array
+    pos: Array
+    pages: Array
+    offsets: Array
+
+    @staticmethod
+    def of(src: Array, start: Array, page: Array, lengths: Array, page_size: int, num_pages: int, p: int) -> _TailCopies:
+        pos = start[:, None] + jnp.arange(page_size)[None, :]
+        pages = jnp.where(pos < lengths[src][:, None], page[:, None], num_pages)
+        offsets = jnp.broadcast_to(jnp.arange(page_size)[None, :], pos.shape)
+        return _TailCopies(src, jnp.minimum(pos, p - 1), pages, offsets)
+
+    def write(self, pages: Array, x: Array, write_pages: Array, offsets: Array) -> Array:
+        """x (B, P, KVH, D) new K or V: every position into its page, then the tail copies."""
+        pages = attention.write(pages, x, write_pages, offsets)
+        return attention.write(pages, x[self.src[:, None], self.pos], self.pages, self.offsets)
 
 
 def prefill(
@@ -66,20 +91,12 @@ def prefill(
     mask = model_forward.causal_padding_mask(real)
     positions = jnp.broadcast_to(jnp.arange(p)[None, :], (b, p))
     offsets = jnp.broadcast_to(jnp.arange(p)[None, :] % page_size, (b, p))
-    # Tail copies: (J, S) source positions, clipped into the bucket, dropped past the length.
-    tail_pos = tail_start[:, None] + jnp.arange(page_size)[None, :]
-    tail_pages = jnp.where(tail_pos < lengths[tail_src][:, None], tail_page[:, None], num_pages)
-    tail_off = jnp.broadcast_to(jnp.arange(page_size)[None, :], tail_pos.shape)
-    tail_pos = jnp.minimum(tail_pos, p - 1)
+    tails = _TailCopies.of(tail_src, tail_start, tail_page, lengths, page_size, num_pages, p)
     new_pool = list(pool)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
         kp, vp = new_pool[i]
-        kp = attention.write(kp, k, write_pages, offsets)
-        vp = attention.write(vp, v, write_pages, offsets)
-        kp = attention.write(kp, k[tail_src[:, None], tail_pos], tail_pages, tail_off)
-        vp = attention.write(vp, v[tail_src[:, None], tail_pos], tail_pages, tail_off)
-        new_pool[i] = (kp, vp)
+        new_pool[i] = (tails.write(kp, k, write_pages, offsets), tails.write(vp, v, write_pages, offsets))
         return model_forward.attention(q, model_forward.head_major(k), model_forward.head_major(v), mask)
 
     h = model.hidden(tokens, positions, attend, route)
@@ -119,20 +136,13 @@ def prefill_cached(
     offsets = jnp.broadcast_to(rel % page_size, (b, p))  # starts are whole pages
     keys = jnp.arange(page_table.shape[1] * page_size)[None, None, :]  # (1, 1, span x S)
     mask = (keys <= positions[:, :, None]) & (keys < (starts + lengths)[:, None, None])  # (B, P, span x S)
-    tail_pos = tail_start[:, None] + jnp.arange(page_size)[None, :]
-    tail_pages = jnp.where(tail_pos < lengths[tail_src][:, None], tail_page[:, None], num_pages)
-    tail_off = jnp.broadcast_to(jnp.arange(page_size)[None, :], tail_pos.shape)
-    tail_pos = jnp.minimum(tail_pos, p - 1)
+    tails = _TailCopies.of(tail_src, tail_start, tail_page, lengths, page_size, num_pages, p)
     table = jnp.minimum(page_table, num_pages - 1)
     new_pool = list(pool)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
         kp, vp = new_pool[i]
-        kp = attention.write(kp, k, write_pages, offsets)
-        vp = attention.write(vp, v, write_pages, offsets)
-        kp = attention.write(kp, k[tail_src[:, None], tail_pos], tail_pages, tail_off)
-        vp = attention.write(vp, v[tail_src[:, None], tail_pos], tail_pages, tail_off)
-        new_pool[i] = (kp, vp)
+        kp, vp = new_pool[i] = (tails.write(kp, k, write_pages, offsets), tails.write(vp, v, write_pages, offsets))
         return model_forward.attention(q, attention.gather(kp, table), attention.gather(vp, table), mask)
 
     h = model.hidden(tokens, positions, attend, route)
