@@ -75,7 +75,7 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str | None = No
     if impl in ("megablox", "megablox_interpret"):
         return _megablox(x, w, group_sizes, interpret=impl == "megablox_interpret")
     if impl == "looped":
-        return _looped_grouped_matmul(x, w, group_sizes)
+        return _looped_differentiable(x, w, group_sizes)
     if impl == "tiled":
         return _tiled_grouped_matmul(x, w, group_sizes)
     raise ValueError(f"grouped matmul impl={impl!r}; expected one of {GROUPED_MATMULS} or None")
@@ -148,6 +148,28 @@ def _looped_grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
 
     y = jax.lax.fori_loop(0, num_tiles, one_tile, loop_zeros((m + tile, w.shape[2]), jnp.result_type(x, w), x, w))
     return jnp.where((jnp.arange(m) < jnp.sum(sizes))[:, None], y[:m], 0)
+
+
+@jax.custom_vjp
+def _looped_differentiable(x: Array, w: Array, group_sizes: Array) -> Array:
+    """The looped grouped matmul, differentiable: its loop runs a traced number of tiles, which
+    reverse-mode autodiff cannot go through, so gradients (a trainer's `jax.grad` through the
+    MoE forward) come from the "tiled" formulation of the same product."""
+    return _looped_grouped_matmul(x, w, group_sizes)
+
+
+def _looped_fwd(x: Array, w: Array, group_sizes: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    return _looped_grouped_matmul(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _looped_bwd(res: tuple[Array, Array, Array], dy: Array) -> tuple[Array, Array, None]:
+    x, w, group_sizes = res
+    _, vjp = jax.vjp(lambda x_, w_: _tiled_grouped_matmul(x_, w_, group_sizes), x, w)
+    dx, dw = vjp(dy)
+    return dx, dw, None
+
+
+_looped_differentiable.defvjp(_looped_fwd, _looped_bwd)
 
 
 def _tiled_grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
