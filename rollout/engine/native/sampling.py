@@ -92,6 +92,15 @@ def sample_keys(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -
 
 def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logits (S, V) float32, position (S,) of the token being sampled -> (tokens, logprobs) (S,)."""
+    tokens, logprobs, _, _ = _sample(logits, params, position)
+    return tokens, logprobs
+
+
+def _sample(
+    logits: jax.Array, params: SlotSampling, position: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`sample`, and the shifted, temperature-scaled logits (S, V) and their log-sum-exp (S,)
+    it took the logprobs from (what `sample_top` reads its alternatives off)."""
     greedy = params.temperature <= 0.0
     temp = jnp.where(greedy, 1.0, params.temperature)[:, None]
     scaled = shifted_logits(logits, temp)
@@ -112,7 +121,8 @@ def sample(logits: jax.Array, params: SlotSampling, position: jax.Array) -> tupl
     tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
     # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return tokens, picked - jnp.log(invariant.row_sum(weights))  # per row in batch-invariant mode
+    log_total = jnp.log(invariant.row_sum(weights))  # per row in batch-invariant mode
+    return tokens, picked - log_total, scaled, log_total
 
 
 def sample_top(
@@ -122,15 +132,12 @@ def sample_top(
     ((S, top_n) int32, (S, top_n) float32), most likely first: log_softmax(shifted_logits) as
     `sample` computes it for the sampled token (in one jitted step XLA computes it once).
     With top_n == 0 they are empty arrays and nothing more is computed."""
-    tokens, logprobs = sample(logits, params, position)
+    tokens, logprobs, scaled, log_total = _sample(logits, params, position)
     rows = logits.shape[0]
     if params.top_n == 0:
         return tokens, logprobs, (jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32))
-    greedy = params.temperature <= 0.0
-    scaled = shifted_logits(logits, jnp.where(greedy, 1.0, params.temperature)[:, None])
     top_values, top_ids = jax.lax.top_k(scaled, min(params.top_n, logits.shape[-1]))
-    log_total = jnp.log(invariant.row_sum(jnp.exp(scaled)))[:, None]  # as `sample`'s, per row in batch-invariant mode
-    return tokens, logprobs, (top_ids.astype(jnp.int32), top_values - log_total)
+    return tokens, logprobs, (top_ids.astype(jnp.int32), top_values - log_total[:, None])
 
 
 def shifted_logits(logits: jax.Array, temp: jax.Array) -> jax.Array:
