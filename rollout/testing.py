@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pathlib
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,9 +50,14 @@ __all__ = [
     "TINY_QWEN3",
     "TINY_QWEN3_MOE",
     "TOKENIZER_SIZE",
+    "TensorDraw",
+    "checkpoint_config",
+    "checkpoint_tensors",
+    "init_mean_std",
     "make_bench_checkpoint",
     "make_tiny_checkpoint",
     "tiny_tokenizer_json",
+    "write_random_checkpoint",
 ]
 
 # HF architecture name -> config.json `model_type`.
@@ -378,6 +385,30 @@ _ROUTER_GAIN = 4.0  # router logits of std ~4: each token's top-k experts are we
 _NORM_JITTER = 0.1
 _BIAS_STD = 0.1
 
+# A tensor source other than numpy (e.g. drawn on an accelerator): (HF name, shape, init kind,
+# seed) -> the array in the checkpoint's dtype, with the init_mean_std of its kind.
+TensorDraw = Callable[[str, tuple[int, ...], str, int], np.ndarray]
+
+
+def init_mean_std(kind: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """The normal distribution (mean, std) a tensor of init `kind` and `shape` is drawn from.
+
+    >>> init_mean_std("linear", (3072, 1024)), init_mean_std("norm", (1024,))
+    ((0.0, 0.03125), (1.0, 0.1))
+    """
+    fan_in = math.sqrt(shape[-1])
+    table = {
+        _EMBED: (0.0, 1.0),
+        _LINEAR: (0.0, 1.0 / fan_in),
+        _RESIDUAL_OUT: (0.0, _RESIDUAL_OUT_GAIN / fan_in),
+        _ROUTER: (0.0, _ROUTER_GAIN / fan_in),
+        _BIAS: (0.0, _BIAS_STD),
+        _NORM: (1.0, _NORM_JITTER),
+    }
+    if kind not in table:
+        raise ValueError(f"init kind {kind!r}: expected one of {sorted(table)}")
+    return table[kind]
+
 
 def _random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int) -> np.ndarray:
     # One generator per (seed, tensor name): a tensor does not depend on which others exist.
@@ -397,13 +428,13 @@ def _random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int) -> n
 
 
 def _shards(
-    specs: list[tuple[str, tuple[int, ...], str]], shard_max_bytes: int
+    specs: list[tuple[str, tuple[int, ...], str]], shard_max_bytes: int, itemsize: int = 4
 ) -> list[list[tuple[str, tuple[int, ...], str]]]:
     """Greedy split in HF order; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
     size = 0
     for spec in specs:
-        nbytes = 4 * int(np.prod(spec[1]))
+        nbytes = itemsize * int(np.prod(spec[1]))
         if shards[-1] and size + nbytes > shard_max_bytes:
             shards.append([])
             size = 0
@@ -412,25 +443,45 @@ def _shards(
     return shards
 
 
+def _numpy_draw(dtype: np.dtype) -> TensorDraw:
+    """_random_tensor (float32, the tests' weights) cast to `dtype`."""
+
+    def draw(name: str, shape: tuple[int, ...], kind: str, seed: int) -> np.ndarray:
+        x = _random_tensor(name, shape, kind, seed)
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    return draw
+
+
 def _write_weights(
-    path: pathlib.Path, config: dict[str, Any], seed: int, shard_max_bytes: int | None
+    path: pathlib.Path, config: dict[str, Any], seed: int, shard_max_bytes: int | None,
+    dtype: np.dtype = np.dtype(np.float32), draw: TensorDraw | None = None,
 ) -> None:
     specs = _tensor_specs(config)
     metadata = {"format": "pt"}  # transformers reads safetensors files marked as PyTorch
+    draw = draw or _numpy_draw(dtype)
+
+    def drawn(name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
+        x = draw(name, shape, kind, seed)
+        if x.dtype != dtype or tuple(x.shape) != shape:
+            raise ValueError(f"the tensor draw gave {name} as {x.dtype} {tuple(x.shape)}, expected {dtype} {shape}")
+        return x
+
     if shard_max_bytes is None:
-        tensors = {n: _random_tensor(n, s, k, seed) for n, s, k in specs}
+        tensors = {n: drawn(n, s, k) for n, s, k in specs}
         save_file(tensors, str(path / "model.safetensors"), metadata=metadata)
         return
-    shards = _shards(specs, shard_max_bytes)
+    shards = _shards(specs, shard_max_bytes, dtype.itemsize)
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _random_tensor(n, s, k, seed) for n, s, k in shard}
+        tensors = {n: drawn(n, s, k) for n, s, k in shard}
         save_file(tensors, str(path / filename), metadata=metadata)
         for name, array in tensors.items():
             weight_map[name] = filename
             total += array.nbytes
+        del tensors  # one shard in host memory at a time
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_json(path / "model.safetensors.index.json", index)
 
@@ -494,22 +545,43 @@ def make_tiny_checkpoint(
     The tokenizer has min(TOKENIZER_SIZE, vocab_size) tokens, so every id it makes is a valid
     row of the embedding; a vocab_size below MIN_VOCAB_SIZE raises ValueError.
     """
+    return write_random_checkpoint(path, architecture, seed, overrides, shard_max_bytes=shard_max_bytes)
+
+
+def write_random_checkpoint(
+    path: str | os.PathLike[str],
+    architecture: str,
+    seed: int,
+    overrides: dict[str, Any],
+    *,
+    shard_max_bytes: int | None = None,
+    dtype: str = "float32",
+    draw: TensorDraw | None = None,
+) -> pathlib.Path:
+    """make_tiny_checkpoint(path, architecture, seed, shard_max_bytes=..., **overrides), and:
+
+    dtype: "float32" or "bfloat16": the tensors' dtype and the config's torch_dtype.
+    draw: where tensors come from (TensorDraw; default: numpy, float32 cast to `dtype`), called
+        one tensor at a time, so that a model larger than host memory can be written (sharded).
+    """
     if shard_max_bytes is not None and shard_max_bytes <= 0:
         raise ValueError(
             f"shard_max_bytes must be a positive byte count, got {shard_max_bytes}; pass None "
             f"for a single model.safetensors."
         )
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: the test checkpoints are written in 'float32' or 'bfloat16'")
     vocab_size = overrides.get("vocab_size", TINY_QWEN3["vocab_size"])
     tokenizer_json = tiny_tokenizer_json(vocab_size)
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    config = _build_config(architecture, overrides, tokenizer)
+    config = _build_config(architecture, {"torch_dtype": dtype, **overrides}, tokenizer)
 
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a rewrite must not leave a previous layout's files
     _write_json(out / "config.json", config)
-    _write_weights(out, config, seed, shard_max_bytes)
+    _write_weights(out, config, seed, shard_max_bytes, _numpy_dtype(dtype), draw)
 
     ids = _special_token_ids(tokenizer)
     (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -522,6 +594,26 @@ def make_tiny_checkpoint(
     }
     _write_json(out / "generation_config.json", generation_config)
     return out
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def checkpoint_config(architecture: str = "Qwen3ForCausalLM", **overrides: Any) -> dict[str, Any]:
+    """The config.json make_tiny_checkpoint(architecture, **overrides) writes (nothing is written)."""
+    vocab_size = overrides.get("vocab_size", TINY_QWEN3["vocab_size"])
+    return _build_config(architecture, overrides, Tokenizer.from_str(tiny_tokenizer_json(vocab_size)))
+
+
+def checkpoint_tensors(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name, shape, init kind) of every tensor a checkpoint of `config` holds, in HF order
+    (a tied output head is not a tensor of its own)."""
+    return _tensor_specs(config)
 
 
 def make_bench_checkpoint(

@@ -1,10 +1,17 @@
 """Engine throughput against transformers' `generate` on the same checkpoint and prompts.
 
 Both run greedy decoding of the same number of new tokens (EOS ignored) from the same prompts,
-on the CPU, measured in one run after one warm-up each (so compilation is not timed). The model
-is a Qwen3-shaped ~75M-parameter checkpoint made on the spot (rollout.testing; `--shape
+on the CPU, measured in one run after one warm-up each (so compilation is not timed; the
+warm-up's time, compilation included, is printed as it happens and kept in the JSON). The model
+is a Qwen3-shaped ~75M-parameter checkpoint made on the spot (rollout.bench.checkpoints; `--shape
 qwen3-128` for the head_dim-128 one of ~96M). The reference needs torch and transformers
 (`pip install "rollout[bench]"`).
+
+On an accelerator, `--platform gpu` runs JAX on the GPU and transformers on the same GPU
+(rollout.bench.devices), in bfloat16 unless `--dtype` says otherwise, on Qwen3-0.6B- and
+Qwen3-8B-shaped random checkpoints (`--shape qwen3-0.6b`, `qwen3-8b`; drawn on the device,
+written in bfloat16): see rollout/bench/accelerator.sh and docs/benchmarks.md. Both sides load
+the checkpoint in the benchmark's dtype (the engine's EngineConfig.dtype, transformers' dtype=).
 
 In the same run it measures the host (rollout.bench.host: CPU model, memory bandwidth, float32
 matmul rate at the decode shape in JAX and torch) and prints each row's fraction of the
@@ -17,6 +24,7 @@ largest batch) beside the ratio to transformers (rollout.bench.roofline); `--no-
     rollout bench engine --moe --batches 1 4 16 64    # Qwen3-MoE (see MOE_SHAPE) instead
     rollout bench engine --batch-invariant --batches 1 4 16 64   # + the batch-invariant mode's cost
     rollout bench engine --quantization int8 --batches 1 4 16 64   # float32 vs bfloat16 vs int8
+    python -m rollout.bench engine --platform gpu --shape qwen3-8b --batches 1 16 64 --json out.json
 
 `--moe` measures a Qwen3-MoE model (`MOE_SHAPE`: 32 experts, top-4, ~205M parameters of which
 ~73M are used per token) that transformers itself writes (save_pretrained), with its weights
@@ -40,16 +48,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rollout.bench.checkpoints import SHAPES
+from rollout.bench.devices import PLATFORMS, describe, synchronize, use_platform
 from rollout.worker.cpu_malloc import keep_freed_memory
 
-# Benchmark checkpoints: overrides of rollout.testing.BENCH_QWEN3 (tied embeddings, float32).
-SHAPES: dict[str, dict[str, int]] = {
-    "qwen3-75m": {},  # hidden 768, 12 q / 4 KV heads, head_dim 64, inter 2048, 8 layers, vocab 32000
-    "qwen3-128": dict(  # ~96M: Qwen3's head_dim 128 on a small body
-        hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-        intermediate_size=3072, num_hidden_layers=4, vocab_size=32768,
-    ),
-}
+# Prompt token ids are drawn below this: within the bench tokenizer's few hundred tokens.
+PROMPT_IDS = 400
 # The issue's MoE shape: hidden 1024, 16 q / 4 kv heads of 128, 32 experts top-4 of width 384,
 # 4 layers (all sparse), vocab 32k, tied embeddings, float32.
 MOE_SHAPE: dict[str, Any] = dict(
@@ -71,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=8, help="engine decode steps per host round trip")
     p.add_argument("--checkpoint", type=Path, default=None, help="reuse this HF directory instead of making one")
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-75m", help="the checkpoint made (not with --checkpoint)")
+    p.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu",
+                   help="where JAX runs (gpu: transformers on the same GPU; see rollout.bench.devices)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and KV cache of both sides, and of the checkpoint made "
+                   "(default: float32 on cpu, bfloat16 on gpu and tpu)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="make the checkpoint here (reused by a later run of the same shape and dtype) "
+                   "instead of in a fresh temporary directory")
     p.add_argument("--no-host", dest="host", action="store_false",
                    help="skip measuring the host (bandwidth, matmul peak) and the roofline fractions")
     p.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (MOE_SHAPE) instead of a dense --shape")
@@ -82,7 +94,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     p.add_argument("--quantization", choices=["int8", "fp8"], default=None,
                    help="instead: float32, bfloat16 and this quantized engine side by side (rollout.bench.quantized)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = PLATFORMS[args.platform].default_dtype
+    return args
+
+
+def distinct_prompts(count: int, length: int, high: int = PROMPT_IDS, seed: int = 0) -> list[list[int]]:
+    """`count` different prompts of `length` token ids in [0, high), drawn as the benchmark
+    always drew them (one (count, length) draw of seed 0); repeated rows are drawn again.
+
+    >>> distinct_prompts(3, 4) == distinct_prompts(3, 4)
+    True
+    >>> sorted(p[0] for p in distinct_prompts(5, 1, high=5))
+    [0, 1, 2, 3, 4]
+    """
+    import numpy as np
+
+    if count > high**length:
+        raise ValueError(f"{count} distinct prompts of {length} ids below {high} do not exist; "
+                         "pass a longer --prompt-len")
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, high, (count, length)).tolist()
+    seen: set[tuple[int, ...]] = set()
+    for i, prompt in enumerate(prompts):
+        while tuple(prompt) in seen:
+            prompt = rng.integers(0, high, length).tolist()
+        prompts[i] = prompt
+        seen.add(tuple(prompt))
+    return prompts
+
+
+def progress(message: str) -> None:
+    """A line on stderr, at once: where the run's time goes (checkpoint, loading, compilation)."""
+    print(f"[bench engine {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def cpu_times() -> tuple[int, int] | None:
@@ -123,8 +168,9 @@ def host_roofline(args: argparse.Namespace, model_config, params: int, rows: lis
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    platform = use_platform(args.platform)  # before jax starts
+    if args.platform == "cpu":
+        keep_freed_memory()  # as the fleet's CPU workers run: see rollout.worker.cpu_malloc (before jax starts)
     if args.quantization:
         from rollout.bench.quantized import run
 
@@ -143,37 +189,48 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from rollout.bench.checkpoints import timed_checkpoint
     from rollout.engine import EngineConfig, SamplingParams
     from rollout.engine.native.engine import Engine
-    from rollout.testing import make_bench_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
-    root = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
+    device = platform.torch_device
+    progress(f"JAX on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), transformers on {device}, "
+             f"{args.dtype}")
+    root = Path(tempfile.mkdtemp(prefix="rollout-bench-")) if args.workdir is None else args.workdir
     if args.checkpoint:
         ckpt = args.checkpoint
     elif args.moe:
         ckpt = make_moe_bench_checkpoint(root / "qwen3-moe", torch, transformers)
     else:
-        ckpt = make_bench_checkpoint(root / args.shape, **SHAPES[args.shape])
+        ckpt, seconds = timed_checkpoint(root / f"{args.shape}-{args.dtype}", args.shape, args.dtype)
+        progress(f"checkpoint {args.shape} ({args.dtype}) at {ckpt}: {seconds:.1f} s")
     max_batch = max(args.batches)
     max_seq = args.prompt_len + args.new_tokens
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, 400, (max_batch, args.prompt_len)).tolist()
+    prompts = distinct_prompts(max_batch, args.prompt_len)
     sampling = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
+    start = time.perf_counter()
     engine = Engine(
         ckpt,
-        EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps),
+        EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps, dtype=args.dtype),
         devices=jax.devices()[:1],
     )
+    progress(f"rollout engine loaded: {time.perf_counter() - start:.1f} s")
     invariant = None
     if args.batch_invariant:
         invariant = Engine(
             ckpt,
-            EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps, batch_invariant=True),
+            EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps, batch_invariant=True,
+                         dtype=args.dtype),
             devices=jax.devices()[:1],
         )
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    torch_dtype = getattr(torch, args.dtype)
+    hf: Any = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype)
+    hf = hf.to(device=device, dtype=torch_dtype).eval()  # loaded on the CPU: onto the device, in the dtype for sure
+    synchronize(torch, device)
+    progress(f"transformers loaded on {device}: {time.perf_counter() - start:.1f} s")
     params = sum(int(np.prod(leaf.shape)) for leaf in engine.spec.leaves)
     dense = None
     if args.moe and args.dense_reference and not args.checkpoint:
@@ -185,18 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         return [list(c.token_ids) for c in engine.generate(prompts[:batch], sampling)]
 
     def run_hf(batch: int) -> list[list[int]]:
-        ids = torch.tensor(prompts[:batch])
+        ids = torch.tensor(prompts[:batch], device=device)
         with torch.no_grad():
             out = hf.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0,
             )
+        synchronize(torch, device)
         return out[:, args.prompt_len :].tolist()
 
     rows = []
     for batch in tqdm(args.batches, desc="batch sizes", unit="batch"):
+        start = time.perf_counter()
         ours_tokens = run_engine(batch)  # warm-up: compiles this batch's shapes
+        first_ours = time.perf_counter() - start
         ref_tokens = run_hf(batch)
+        first_ref = time.perf_counter() - start - first_ours
+        progress(f"batch {batch}: first call (compiles) rollout {first_ours:.1f} s, transformers {first_ref:.1f} s")
         same = sum(a == b for a, b in zip(ours_tokens, ref_tokens))
         before = cpu_times()
         t_ours, t_ref = interleaved_best(lambda b=batch: run_engine(b), lambda b=batch: run_hf(b), args.repeats)
@@ -204,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         n = batch * args.new_tokens
         rows.append(
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
-                 ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal)
+                 ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal,
+                 rollout_first_call_s=first_ours, transformers_first_call_s=first_ref)
         )
+        progress(f"batch {batch}: rollout {n / t_ours:.1f} tok/s, transformers {n / t_ref:.1f} tok/s, "
+                 f"same tokens {same}/{batch}")
         if invariant is not None:
             inv_tokens = [list(c.token_ids) for c in invariant.generate(prompts[:batch], sampling)]  # warm-up
             t_off, t_on = interleaved_best(
@@ -224,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kind = f"Qwen3-MoE ({engine.model_config.num_experts} experts, top-{engine.model_config.num_experts_per_tok})" \
         if engine.model_config.is_moe else f"Qwen3-shaped ({args.checkpoint or args.shape})"
-    print(f"\nmodel: {kind}, {params / 1e6:.1f}M params, float32, CPU ({os.cpu_count()} cores), "
+    print(f"\nmodel: {kind}, {params / 1e6:.1f}M params, {args.dtype}, {describe(platform, os.cpu_count() or 1)}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; rollout on 1 device")
     print("best of --repeats timed runs each, rollout and transformers alternating; 'cpu steal' is the CPU "
           "time the hypervisor gave to other guests meanwhile (high steal makes the figures unreliable)")

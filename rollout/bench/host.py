@@ -1,6 +1,6 @@
 """What the host the benchmark runs on can do at most, measured in the benchmark's own run.
 
-Three probes, each a few seconds at most:
+Three probes, each a few seconds at most (and a fourth on an accelerator):
 
 - `cpu_model()`: the CPU's name, cores and the vector/matrix extensions XLA and torch can use
   (AVX-512, AMX), read from /proc/cpuinfo.
@@ -8,6 +8,9 @@ Three probes, each a few seconds at most:
   the last-level cache (best of a few): the rate a decode step at batch 1 streams its weights at.
 - `matmul_peak(shapes)`: float32 FLOP/s of `[m x k] @ [k x n]` in JAX and, where installed,
   torch (what transformers runs on), at the model's decode shapes (best of a few timed loops).
+- on an accelerator (`--platform gpu|tpu`): `accelerator_name()` (JAX's device_kind, torch's
+  CUDA device name), the bandwidth of its memory (HBM: a sum over several GiB on the device)
+  and the matmul rates on the device, both in the benchmark's dtype (`dtype=`, `torch_device=`).
 
 The host is shared and its load drifts, so these are figures of this run, taken beside the
 engine's: rollout.bench.roofline turns them into the fractions the benchmarks print. torch is
@@ -16,6 +19,7 @@ imported only inside matmul_peak and only when installed (the product never need
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import time
@@ -100,21 +104,23 @@ def best_seconds(fn: Callable[[], object], repeats: int, calls: int = 1) -> floa
     return best
 
 
-def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Bytes/s a jitted float32 sum over `nbytes` of memory reads, best of `repeats` (after one
-    warm-up run that compiles it). Keep `nbytes` many times the last-level cache (the default,
-    512 MiB, is 16x a 32 MiB L3), or this measures the cache."""
+def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5, dtype: str = "float32") -> float:
+    """Bytes/s a jitted sum over `nbytes` of `dtype` values on JAX's default device reads, best
+    of `repeats` (after one warm-up run that compiles it). Keep `nbytes` many times the
+    last-level cache (the default, 512 MiB, is 16x a 32 MiB L3; an H100's L2 is 50 MB), or
+    this measures the cache."""
     import jax
     import jax.numpy as jnp
 
-    if nbytes < 4:
-        raise ValueError(f"nbytes must hold at least one float32 (4 bytes), got {nbytes}")
+    itemsize = jnp.dtype(dtype).itemsize
+    if nbytes < itemsize:
+        raise ValueError(f"nbytes must hold at least one {dtype} ({itemsize} bytes), got {nbytes}")
     time.sleep(SETTLE_SECONDS)
-    x = jnp.ones((nbytes // 4,), jnp.float32)  # (nbytes / 4,)
-    total = jax.jit(jnp.sum)
+    x = jnp.ones((nbytes // itemsize,), dtype)  # (nbytes / itemsize,)
+    total = jax.jit(functools.partial(jnp.sum, dtype=jnp.float32))  # accumulates in float32 (as XLA does)
     total(x).block_until_ready()  # compile
     seconds = best_seconds(lambda: total(x).block_until_ready(), repeats)
-    return (nbytes // 4) * 4 / seconds
+    return (nbytes // itemsize) * itemsize / seconds
 
 
 def calls_for(seconds_per_call: float, target_seconds: float) -> int:
@@ -129,15 +135,17 @@ def calls_for(seconds_per_call: float, target_seconds: float) -> int:
     return max(1, round(target_seconds / max(seconds_per_call, 1e-9)))
 
 
-def jax_matmul_rate(m: int, k: int, n: int, repeats: int, target_seconds: float) -> MatmulRate:
-    """float32 `[m x k] @ [k x n]` in jitted JAX on the default device; the calls are dispatched
-    back to back (as a decode step's are queued) and the last one is waited for."""
+def jax_matmul_rate(
+    m: int, k: int, n: int, repeats: int, target_seconds: float, dtype: str = "float32", torch_device: str = "cpu"
+) -> MatmulRate:
+    """`[m x k] @ [k x n]` of `dtype` in jitted JAX on the default device; the calls are
+    dispatched back to back (as a decode step's are queued) and the last one is waited for."""
     import jax
     import jax.numpy as jnp
 
     ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (m, k), jnp.float32)  # (batch, hidden)
-    b = jax.random.normal(kb, (k, n), jnp.float32)  # (hidden, inter)
+    a = jax.random.normal(ka, (m, k), dtype)  # (batch, hidden)
+    b = jax.random.normal(kb, (k, n), dtype)  # (hidden, inter)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()  # compile
 
@@ -155,15 +163,20 @@ def jax_matmul_rate(m: int, k: int, n: int, repeats: int, target_seconds: float)
     return MatmulRate("jax", m, k, n, 2.0 * m * k * n / seconds)
 
 
-def torch_matmul_rate(m: int, k: int, n: int, repeats: int, target_seconds: float) -> MatmulRate:
-    """float32 `[m x k] @ [k x n]` in torch on the CPU with all cores (as the benchmarks set it)."""
+def torch_matmul_rate(
+    m: int, k: int, n: int, repeats: int, target_seconds: float, dtype: str = "float32", torch_device: str = "cpu"
+) -> MatmulRate:
+    """`[m x k] @ [k x n]` of `dtype` in torch on `torch_device`: the CPU with all cores (as the
+    benchmarks set it), or "cuda" (each timed loop ends in torch.cuda.synchronize())."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen, dtype=torch.float32)  # (batch, hidden)
-    b = torch.randn(k, n, generator=gen, dtype=torch.float32)  # (hidden, inter)
-    out = torch.empty(m, n, dtype=torch.float32)
+    kind = getattr(torch, dtype)
+    a = torch.randn(m, k, generator=gen, dtype=torch.float32).to(torch_device, kind)  # (batch, hidden)
+    b = torch.randn(k, n, generator=gen, dtype=torch.float32).to(torch_device, kind)  # (hidden, inter)
+    out = torch.empty(m, n, dtype=kind, device=torch_device)
+    sync = torch.cuda.synchronize if torch_device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         torch.mm(a, b, out=out)  # warm-up
 
@@ -171,6 +184,7 @@ def torch_matmul_rate(m: int, k: int, n: int, repeats: int, target_seconds: floa
             def run() -> object:
                 for _ in range(calls):
                     torch.mm(a, b, out=out)
+                sync()
                 return out
 
             return run
@@ -185,9 +199,11 @@ def torch_installed() -> bool:
 
 
 def matmul_peak(
-    shapes: Sequence[tuple[int, int, int]], repeats: int = 5, target_seconds: float = 0.1
+    shapes: Sequence[tuple[int, int, int]], repeats: int = 5, target_seconds: float = 0.1,
+    dtype: str = "float32", torch_device: str = "cpu",
 ) -> list[MatmulRate]:
-    """float32 FLOP/s of each `(m, k, n)` matmul in JAX, and in torch where it is installed.
+    """FLOP/s of each `(m, k, n)` matmul of `dtype` in JAX (default device), and in torch (on
+    `torch_device`) where it is installed.
 
     Each rate is the best of `repeats` timed loops of about `target_seconds`; the loop length
     comes from two single calls timed first, so tiny shapes are timed over many calls.
@@ -202,5 +218,19 @@ def matmul_peak(
     for m, k, n in shapes:
         for rate in libraries:
             time.sleep(SETTLE_SECONDS)
-            rates.append(rate(m, k, n, repeats, target_seconds))
+            rates.append(rate(m, k, n, repeats, target_seconds, dtype, torch_device))
     return rates
+
+
+def accelerator_name(torch_device: str = "cpu") -> str:
+    """The accelerator JAX runs on, by its device_kind, and torch's CUDA device where torch runs
+    on one, e.g. 'NVIDIA H100 80GB HBM3 x1 (torch: NVIDIA H100 80GB HBM3)'."""
+    import jax
+
+    devices = jax.devices()
+    name = f"{devices[0].device_kind} x{len(devices)}"
+    if torch_device.startswith("cuda"):
+        import torch
+
+        name += f" (torch: {torch.cuda.get_device_name(torch.device(torch_device))})"
+    return name

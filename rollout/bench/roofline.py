@@ -6,9 +6,12 @@ tok/s tokens per second:
 
 - bandwidth fraction = tok/s x bytes read per token / the measured memory bandwidth. At batch 1
   the step is memory-bound: this is how close the engine runs to the host's memory limit.
-- matmul fraction = tok/s x FLOPs per token / the best library's measured float32 matmul rate
-  at the decode shape. At a large batch the step is compute-bound: this is how close it runs to
-  what the host's fastest matmul (JAX's or torch's) does at that shape.
+- matmul fraction = tok/s x FLOPs per token / the best library's measured matmul rate at the
+  decode shape, in the benchmark's dtype. At a large batch the step is compute-bound: this is
+  how close it runs to what the host's fastest matmul (JAX's or torch's) does at that shape.
+
+On an accelerator (the benchmark's `--platform gpu|tpu`) both are the device's: its memory
+(HBM) bandwidth and its matmul rate, and the bytes per parameter are the dtype's (2 in bfloat16).
 
 The arithmetic is pure (the functions below, with worked examples); `measure_host` takes the
 host's figures with rollout.bench.host, and `roofline_lines` prints them with the rows.
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rollout.bench.host import CpuInfo, MatmulRate, cpu_model, matmul_peak, memory_bandwidth
+from rollout.bench.host import CpuInfo, MatmulRate, accelerator_name, cpu_model, matmul_peak, memory_bandwidth
 
 if TYPE_CHECKING:
     from rollout.models.config import ModelConfig
@@ -149,13 +152,27 @@ def fraction(tok_s: float, per_token: float, capacity: float) -> float:
     return tok_s * per_token / capacity
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one parameter (and KV value) of `dtype`.
+
+    >>> dtype_bytes("float32"), dtype_bytes("bfloat16")
+    (4, 2)
+    """
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    if dtype not in sizes:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(sizes)}")
+    return sizes[dtype]
+
+
 @dataclass(frozen=True)
 class HostLimits:
-    """The host's figures of this run."""
+    """The host's figures of this run (an accelerator's where `device` names one)."""
 
     cpu: CpuInfo
-    bandwidth: float  # bytes/s, jitted float32 sum far beyond the last-level cache
+    bandwidth: float  # bytes/s, jitted sum far beyond the last-level cache (the device's memory on an accelerator)
     matmul: tuple[MatmulRate, ...]  # per library and decode shape
+    dtype: str = "float32"  # of the bandwidth and matmul probes (the benchmark's)
+    device: str | None = None  # the accelerator (host.accelerator_name), None on the CPU
 
     @property
     def peak(self) -> MatmulRate:
@@ -165,21 +182,39 @@ class HostLimits:
     def to_json(self) -> dict[str, Any]:
         return dict(cpu_model=self.cpu.model, cpu_cores=self.cpu.cores, cpu_flags=list(self.cpu.flags),
                     memory_bandwidth_bytes_s=self.bandwidth, matmul=[r.to_json() for r in self.matmul],
-                    matmul_peak_flops_s=self.peak.flops_per_s, matmul_peak_library=self.peak.library)
+                    matmul_peak_flops_s=self.peak.flops_per_s, matmul_peak_library=self.peak.library,
+                    dtype=self.dtype, device=self.device)
 
     def describe(self) -> list[str]:
         rates = ", ".join(f"{r.library} {r.flops_per_s / 1e9:.1f}" for r in self.matmul)
         shapes = sorted({f"[{r.m}x{r.k}]@[{r.k}x{r.n}]" for r in self.matmul})
+        memory = "memory bandwidth" if self.device is None else "device memory bandwidth"
         return [
             f"host: {self.cpu.describe()}",
-            f"memory bandwidth {self.bandwidth / 1e9:.1f} GB/s (jitted float32 sum, far beyond the cache, best of 5); "
-            f"float32 matmul {' '.join(shapes)}: {rates} GFLOP/s (peak: {self.peak.library})",
+            *([] if self.device is None else [f"device: {self.device}"]),
+            f"{memory} {self.bandwidth / 1e9:.1f} GB/s (jitted {self.dtype} sum, far beyond the cache, best of 5); "
+            f"{self.dtype} matmul {' '.join(shapes)}: {rates} GFLOP/s (peak: {self.peak.library})",
         ]
 
 
-def measure_host(matmul_shapes: Sequence[tuple[int, int, int]]) -> HostLimits:
-    """The CPU, memory bandwidth and matmul rates at `matmul_shapes` ((batch, hidden, inter))."""
-    return HostLimits(cpu_model(), memory_bandwidth(), tuple(matmul_peak(matmul_shapes)))
+# Bytes the bandwidth probe sums on an accelerator: ~100x an H100's 50 MB L2, ~1.4 ms at 3 TB/s.
+ACCELERATOR_PROBE_BYTES = 4 << 30
+
+
+def measure_host(
+    matmul_shapes: Sequence[tuple[int, int, int]], dtype: str = "float32", platform: str = "cpu"
+) -> HostLimits:
+    """The CPU, memory bandwidth and matmul rates at `matmul_shapes` ((batch, hidden, inter)), in
+    `dtype`; on an accelerator (`platform` gpu or tpu) the device's, torch's on CUDA for gpu."""
+    if platform == "cpu":
+        return HostLimits(cpu_model(), memory_bandwidth(dtype=dtype),
+                          tuple(matmul_peak(matmul_shapes, dtype=dtype)), dtype)
+    torch_device = "cuda" if platform == "gpu" else "cpu"
+    return HostLimits(
+        cpu_model(), memory_bandwidth(ACCELERATOR_PROBE_BYTES, repeats=5, dtype=dtype),
+        tuple(matmul_peak(matmul_shapes, dtype=dtype, torch_device=torch_device)), dtype,
+        accelerator_name(torch_device),
+    )
 
 
 def roofline_fields(cost: DecodeCost, limits: HostLimits, batch: int, tok_s: float, context: float) -> dict[str, float]:
@@ -217,12 +252,14 @@ def roofline_table(
     """Measure the host at the largest batch's decode shape, add each row's roofline fields per
     side, and return (the host's JSON, the lines to print).
 
-    `args` has `batches`, `prompt_len`, `new_tokens`; each side is (label, the row's tok/s key,
+    `args` has `batches`, `prompt_len`, `new_tokens` (and may have `dtype`, default float32, and
+    `platform`, default cpu); each side is (label, the row's tok/s key,
     the row's ratio key or None for the reference, 1.0); a side's fields go under
     "<label>_roofline", except "rollout", whose go under "roofline".
     """
-    limits = measure_host([decode_matmul_shape(cfg, max(args.batches))])
-    cost = DecodeCost.of(cfg, params)
+    dtype = getattr(args, "dtype", None) or "float32"
+    limits = measure_host([decode_matmul_shape(cfg, max(args.batches))], dtype, getattr(args, "platform", "cpu"))
+    cost = DecodeCost.of(cfg, params, dtype_bytes(dtype))
     context = mean_context(args.prompt_len, args.new_tokens)
     table = []
     for r in rows:
