@@ -18,7 +18,7 @@ import ml_dtypes  # noqa: F401 - numpy reads the checkpoint's bfloat16 tensors t
 import numpy as np
 import pytest
 
-from rollout.bench import checkpoints, host, roofline
+from rollout.bench import checkpoints, devices, host, roofline
 from rollout.bench.engine import distinct_prompts
 from rollout.bench.host import CpuInfo, MatmulRate
 from rollout.bench.roofline import DecodeCost, HostLimits
@@ -73,7 +73,10 @@ def test_the_engine_benchmark_runs_as_a_module_in_bfloat16_without_ray(bf16_run)
     # they import while running) even tried to import Ray
     assert proc.stdout.strip().splitlines()[-1] == "RAY_IMPORTS=[]"
     assert "params, bfloat16, CPU (" in proc.stdout and "rollout tok/s" in proc.stdout
-    rows = json.loads((tmp / "engine.json").read_text())["rows"]
+    result = json.loads((tmp / "engine.json").read_text())
+    assert result["run"]["dtype"] == "bfloat16" and result["run"]["platform"] == "cpu"
+    assert set(result["run"]["seconds"]) == {"checkpoint", "rollout_load", "transformers_load"}
+    rows = result["rows"]
     assert [r["batch"] for r in rows] == [3]
     # both sides load the bfloat16 weights: the tiny model's greedy tokens agree
     assert [r["identical_outputs"] for r in rows] == ["3/3"]
@@ -159,6 +162,28 @@ def test_a_batch_of_256_gets_distinct_prompts_drawn_as_before():
     assert len({tuple(p) for p in distinct_prompts(300, 1)}) == 300  # repeats drawn again
     with pytest.raises(ValueError, match="do not exist"):
         distinct_prompts(401, 1)
+
+
+def test_the_gpu_platform_puts_jax_on_cuda_without_preallocation_and_torch_on_cuda(monkeypatch):
+    for name in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    platform = devices.use_platform("gpu")
+    assert (platform.torch_device, platform.default_dtype) == ("cuda", "bfloat16")
+    assert os.environ["JAX_PLATFORMS"] == "cuda" and os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    devices.use_platform("gpu")
+    assert os.environ["JAX_PLATFORMS"] == "cpu"  # a variable already set is left as it is
+
+
+def test_an_unknown_platform_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="expected one of"):
+        devices.use_platform("npu")
+
+
+def test_the_accelerator_name_is_jaxs_device_kind_and_count():
+    import jax
+
+    assert host.accelerator_name("cpu") == f"{jax.devices()[0].device_kind} x{len(jax.devices())}"
 
 
 def test_the_accelerator_script_is_valid_bash():

@@ -198,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"JAX on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), transformers on {device}, "
              f"{args.dtype}")
     root = Path(tempfile.mkdtemp(prefix="rollout-bench-")) if args.workdir is None else args.workdir
+    seconds: dict[str, float] = {}  # where the run's time went, besides the timed runs
     if args.checkpoint:
         ckpt = args.checkpoint
     elif args.moe:
         ckpt = make_moe_bench_checkpoint(root / "qwen3-moe", torch, transformers)
     else:
-        ckpt, seconds = timed_checkpoint(root / f"{args.shape}-{args.dtype}", args.shape, args.dtype)
-        progress(f"checkpoint {args.shape} ({args.dtype}) at {ckpt}: {seconds:.1f} s")
+        ckpt, seconds["checkpoint"] = timed_checkpoint(root / f"{args.shape}-{args.dtype}", args.shape, args.dtype)
+        progress(f"checkpoint {args.shape} ({args.dtype}) at {ckpt}: {seconds['checkpoint']:.1f} s")
     max_batch = max(args.batches)
     max_seq = args.prompt_len + args.new_tokens
     prompts = distinct_prompts(max_batch, args.prompt_len)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         EngineConfig(max_batch=max_batch, max_seq_len=max_seq, decode_steps=args.decode_steps, dtype=args.dtype),
         devices=jax.devices()[:1],
     )
-    progress(f"rollout engine loaded: {time.perf_counter() - start:.1f} s")
+    seconds["rollout_load"] = time.perf_counter() - start
+    progress(f"rollout engine loaded: {seconds['rollout_load']:.1f} s")
     invariant = None
     if args.batch_invariant:
         invariant = Engine(
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     hf: Any = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype)
     hf = hf.to(device=device, dtype=torch_dtype).eval()  # loaded on the CPU: onto the device, in the dtype for sure
     synchronize(torch, device)
-    progress(f"transformers loaded on {device}: {time.perf_counter() - start:.1f} s")
+    seconds["transformers_load"] = time.perf_counter() - start
+    progress(f"transformers loaded on {device}: {seconds['transformers_load']:.1f} s")
     params = sum(int(np.prod(leaf.shape)) for leaf in engine.spec.leaves)
     dense = None
     if args.moe and args.dense_reference and not args.checkpoint:
@@ -313,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(dense.lines(rows, params, active_params(engine.model_config, params))))
         dense.shutdown()
     if args.json:
-        args.json.write_text(json.dumps({"host": host[0] if host else None, "rows": rows}, indent=2))
+        meta = dict(shape=None if args.checkpoint or args.moe else args.shape, checkpoint=str(ckpt), params=params,
+                    dtype=args.dtype, platform=args.platform, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                    repeats=args.repeats, decode_steps=args.decode_steps, seconds=seconds)
+        args.json.write_text(json.dumps({"run": meta, "host": host[0] if host else None, "rows": rows}, indent=2))
     return 0
 
 

@@ -104,11 +104,12 @@ def best_seconds(fn: Callable[[], object], repeats: int, calls: int = 1) -> floa
     return best
 
 
-def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5, dtype: str = "float32") -> float:
+def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5, dtype: str = "float32", calls: int = 1) -> float:
     """Bytes/s a jitted sum over `nbytes` of `dtype` values on JAX's default device reads, best
-    of `repeats` (after one warm-up run that compiles it). Keep `nbytes` many times the
-    last-level cache (the default, 512 MiB, is 16x a 32 MiB L3; an H100's L2 is 50 MB), or
-    this measures the cache."""
+    of `repeats` timings of `calls` sums dispatched back to back (after one warm-up run that
+    compiles it; several calls hide an accelerator's dispatch latency). Keep `nbytes` many
+    times the last-level cache (the default, 512 MiB, is 16x a 32 MiB L3; an H100's L2 is
+    50 MB), or this measures the cache."""
     import jax
     import jax.numpy as jnp
 
@@ -119,7 +120,14 @@ def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5, dtype: str = "fl
     x = jnp.ones((nbytes // itemsize,), dtype)  # (nbytes / itemsize,)
     total = jax.jit(functools.partial(jnp.sum, dtype=jnp.float32))  # accumulates in float32 (as XLA does)
     total(x).block_until_ready()  # compile
-    seconds = best_seconds(lambda: total(x).block_until_ready(), repeats)
+
+    def run() -> object:
+        out = total(x)
+        for _ in range(calls - 1):
+            out = total(x)
+        return out.block_until_ready()
+
+    seconds = best_seconds(run, repeats) / calls
     return (nbytes // itemsize) * itemsize / seconds
 
 
