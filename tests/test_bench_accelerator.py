@@ -76,6 +76,7 @@ def test_the_engine_benchmark_runs_as_a_module_in_bfloat16_without_ray(bf16_run)
     result = json.loads((tmp / "engine.json").read_text())
     assert result["run"]["dtype"] == "bfloat16" and result["run"]["platform"] == "cpu"
     assert set(result["run"]["seconds"]) == {"checkpoint", "rollout_load", "transformers_load"}
+    assert result["run"]["complete"] is True
     rows = result["rows"]
     assert [r["batch"] for r in rows] == [3]
     # both sides load the bfloat16 weights: the tiny model's greedy tokens agree

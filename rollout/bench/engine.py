@@ -254,7 +254,17 @@ def main(argv: list[str] | None = None) -> int:
         synchronize(torch, device)
         return out[:, args.prompt_len :].tolist()
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def write_json(host_json: dict | None, complete: bool = True) -> None:
+        """The results so far (after each batch, so a run stopped by a timeout leaves its rows)."""
+        if args.json:
+            meta = dict(shape=None if args.checkpoint or args.moe else args.shape, checkpoint=str(ckpt), params=params,
+                        dtype=args.dtype, platform=args.platform, prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens, repeats=args.repeats, decode_steps=args.decode_steps,
+                        seconds=seconds, complete=complete)
+            args.json.write_text(json.dumps({"run": meta, "host": host_json, "rows": rows}, indent=2))
+
     for batch in tqdm(args.batches, desc="batch sizes", unit="batch"):
         start = time.perf_counter()
         ours_tokens = run_engine(batch)  # warm-up: compiles this batch's shapes
@@ -286,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if dense is not None:
             rows[-1].update(dense.measure(batch, functools.partial(run_engine, batch), args.repeats,
                                           interleaved_best, args.new_tokens))
+        write_json(None, complete=False)
     model_config = engine.model_config
     engine.shutdown()
     host = host_roofline(args, model_config, params, rows) if args.host else None
@@ -315,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(dense.lines(rows, params, active_params(engine.model_config, params))))
         dense.shutdown()
-    if args.json:
-        meta = dict(shape=None if args.checkpoint or args.moe else args.shape, checkpoint=str(ckpt), params=params,
-                    dtype=args.dtype, platform=args.platform, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                    repeats=args.repeats, decode_steps=args.decode_steps, seconds=seconds)
-        args.json.write_text(json.dumps({"run": meta, "host": host[0] if host else None, "rows": rows}, indent=2))
+    write_json(host[0] if host else None)
     return 0
 
 
