@@ -176,6 +176,13 @@ def test_the_gpu_platform_puts_jax_on_cuda_without_preallocation_and_torch_on_cu
     assert os.environ["JAX_PLATFORMS"] == "cpu"  # a variable already set is left as it is
 
 
+def test_importing_the_benchmark_leaves_jax_unstarted_so_that_platform_takes_effect(tmp_path):
+    code = "import json, sys, rollout.bench.__main__, rollout.bench.engine; print(json.dumps('jax' in sys.modules))"
+    proc = run_python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "false"
+
+
 def test_an_unknown_platform_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="expected one of"):
         devices.use_platform("npu")

@@ -1,6 +1,7 @@
 """Benchmarks that ship with the package: `rollout bench NAME [options]`.
 
 Each is a module with `main(argv) -> exit code`; the figures in the README come from them.
+`python -m rollout.bench NAME [options]` runs one from a copy of the repository (no install).
 """
 
 BENCHMARKS = {
