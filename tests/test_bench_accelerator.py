@@ -6,6 +6,7 @@ CUDA, torch on "cuda", the device probes) runs only in rollout/bench/accelerator
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import ml_dtypes  # noqa: F401 - numpy reads the checkpoint's bfloat16 tensors t
 import numpy as np
 import pytest
 
-from rollout.bench import checkpoints, devices, host, roofline
+from rollout.bench import checkpoints, devices, engine, host, roofline
 from rollout.bench.engine import distinct_prompts
 from rollout.bench.host import CpuInfo, MatmulRate
 from rollout.bench.roofline import DecodeCost, HostLimits
@@ -128,6 +129,12 @@ def test_the_bfloat16_checkpoint_is_written_in_bfloat16_and_reused(bf16_run):
     stamp = (ckpt / "model-00001-of-00001.safetensors").stat().st_mtime_ns
     checkpoints.make_checkpoint(ckpt, "tiny", "bfloat16")  # complete: reused, not rewritten
     assert (ckpt / "model-00001-of-00001.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("module", [checkpoints, devices, engine])
+def test_docstring_examples_hold(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_the_accelerator_shapes_have_the_real_models_parameter_counts():
