@@ -104,7 +104,7 @@ def test_the_roofline_of_a_bfloat16_run_counts_two_bytes_per_parameter_and_probe
     assert probed == [([(3, 64, 128)], "bfloat16", "cpu")]
     cost = DecodeCost(params, cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
                       cfg["head_dim"], dtype_bytes=2)
-    assert rows[0]["roofline"]["bytes_per_token"] == pytest.approx(cost.bytes_per_token(3, roofline.mean_context(8, 4)))
+    assert rows[0]["roofline"]["bytes_per_token"] == pytest.approx(cost.run_per_token(3, 8, 4)[0])
     assert host_json["dtype"] == "bfloat16" and "(jitted bfloat16 sum" in lines[1]
 
 

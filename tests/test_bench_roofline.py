@@ -89,11 +89,43 @@ def test_flops_per_token_are_two_per_parameter_plus_attention_over_the_context()
 
 def test_roofline_fields_measure_the_rate_against_the_bandwidth_and_the_best_librarys_peak():
     host_limits = limits()
-    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=50.0, context=63.5)
-    assert fields["bytes_s"] == pytest.approx(50.0 * COST.bytes_per_token(1, 63.5))
+    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=50.0, prompt_len=32, new_tokens=64)
+    per_byte, per_flop = COST.run_per_token(1, 32, 64)
+    assert fields["bytes_s"] == pytest.approx(50.0 * per_byte)
     assert fields["bandwidth_fraction"] == pytest.approx(fields["bytes_s"] / 20e9)
     assert host_limits.peak.library == "torch"
-    assert fields["matmul_fraction"] == pytest.approx(50.0 * COST.flops_per_token(63.5) / 150e9)
+    assert fields["matmul_fraction"] == pytest.approx(50.0 * per_flop / 150e9)
+
+
+def test_a_runs_cost_per_token_adds_the_prompts_prefill_to_the_decode_steps():
+    batch, prompt, new = 64, 32, 64
+    per_byte, per_flop = COST.run_per_token(batch, prompt, new)
+    decode_context = prompt + new / 2  # the decode steps attend to prompt + 1 ... prompt + new - 1 positions
+    prefill_flops = batch * prompt * COST.flops_per_token(prompt / 2)
+    decode_flops = (new - 1) * batch * COST.flops_per_token(decode_context)
+    assert per_flop * batch * new == pytest.approx(prefill_flops + decode_flops)
+    assert per_flop > 1.25 * COST.flops_per_token(decode_context)  # decode-only accounting would miss the prefill
+    prefill_bytes = COST.params * 4  # one pass over the weights for the whole prompt batch
+    decode_bytes = (new - 1) * batch * COST.bytes_per_token(batch, decode_context)
+    assert per_byte * batch * new == pytest.approx(prefill_bytes + decode_bytes)
+
+
+def test_bandwidth_probes_between_runs_set_the_host_bandwidth_to_their_best_and_print_the_spread(monkeypatch):
+    monkeypatch.setattr(roofline, "measure_host", lambda shapes, dtype, platform: limits(bandwidth=25e9))
+    from types import SimpleNamespace
+
+    from rollout.bench import checkpoints
+    from rollout.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(checkpoints.shape_config("tiny"))
+    args = SimpleNamespace(batches=[1], prompt_len=8, new_tokens=4)
+    rows = [dict(batch=1, rollout_tok_s=10.0, ratio=1.0)]
+    host_json, lines = roofline.roofline_table(cfg, 10_000, args, rows, [("rollout", "rollout_tok_s", "ratio")],
+                                               bandwidth_samples=[30e9, 20e9])
+    assert host_json["memory_bandwidth_bytes_s"] == 30e9
+    assert host_json["memory_bandwidth_spread_bytes_s"] == [20e9, 30e9]
+    assert "ranged 20.0-30.0" in lines[1]
+    assert rows[0]["roofline"]["bandwidth_fraction"] == pytest.approx(rows[0]["roofline"]["bytes_s"] / 30e9)
 
 
 def test_fraction_rejects_a_capacity_that_is_not_a_positive_rate():
@@ -110,7 +142,7 @@ def test_host_limits_json_names_the_cpu_bandwidth_and_peak_library():
 
 def test_roofline_lines_print_the_host_and_one_row_per_entry_with_its_percentages():
     host_limits = limits()
-    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=2000.0, context=0)  # 8 GB/s: 40%
+    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=2000.0, prompt_len=1, new_tokens=1)  # 8 GB/s: 40%
     lines = roofline.roofline_lines(host_limits, [dict(label="rollout", batch=1, tok_s=2000.0, ratio=1.25, **fields)])
     assert lines[0] == "host: test cpu, 2 cores, avx2"
     assert "20.0 GB/s" in lines[1] and "torch 150.0 GFLOP/s" in lines[1]

@@ -158,12 +158,15 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
     return min(times["ours"]), min(times["reference"])
 
 
-def host_roofline(args: argparse.Namespace, model_config, params: int, rows: list[dict]) -> tuple[dict, list[str]]:
+def host_roofline(
+    args: argparse.Namespace, model_config, params: int, rows: list[dict], bandwidth_samples: list[float]
+) -> tuple[dict, list[str]]:
     """Measures the host, adds each row's roofline fields (under "roofline"); returns the host's
     JSON and the lines to print (transformers' rows too: the same arithmetic on its rate)."""
     from rollout.bench.roofline import roofline_table
 
-    return roofline_table(model_config, params, args, rows, [("rollout", "rollout_tok_s", "ratio"), ("transformers", "transformers_tok_s", None)])
+    return roofline_table(model_config, params, args, rows, [("rollout", "rollout_tok_s", "ratio"), ("transformers", "transformers_tok_s", None)],
+                          bandwidth_samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from rollout.bench.checkpoints import timed_checkpoint
+    from rollout.bench.host import BandwidthProbe
     from rollout.engine import EngineConfig, SamplingParams
     from rollout.engine.native.engine import Engine
 
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         return out[:, args.prompt_len :].tolist()
 
     rows: list[dict[str, Any]] = []
+    # On the CPU, the memory bandwidth is probed after each batch's timed runs too (see roofline_table).
+    probe = BandwidthProbe() if args.host and args.platform == "cpu" else None
+    bandwidth_samples: list[float] = []
 
     def write_json(host_json: dict | None, complete: bool = True) -> None:
         """The results so far (after each batch, so a run stopped by a timeout leaves its rows)."""
@@ -276,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         before = cpu_times()
         t_ours, t_ref = interleaved_best(lambda b=batch: run_engine(b), lambda b=batch: run_hf(b), args.repeats)
         steal = steal_percent(before, cpu_times())
+        if probe is not None:
+            bandwidth_samples.append(probe(repeats=3))
         n = batch * args.new_tokens
         rows.append(
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(None, complete=False)
     model_config = engine.model_config
     engine.shutdown()
-    host = host_roofline(args, model_config, params, rows) if args.host else None
+    host = host_roofline(args, model_config, params, rows, bandwidth_samples) if args.host else None
 
     kind = f"Qwen3-MoE ({engine.model_config.num_experts} experts, top-{engine.model_config.num_experts_per_tok})" \
         if engine.model_config.is_moe else f"Qwen3-shaped ({args.checkpoint or args.shape})"

@@ -104,31 +104,44 @@ def best_seconds(fn: Callable[[], object], repeats: int, calls: int = 1) -> floa
     return best
 
 
+class BandwidthProbe:
+    """A jitted sum over `nbytes` of `dtype` values on JAX's default device, compiled once and
+    kept, so a benchmark can probe the memory bandwidth between its timed runs (a shared host's
+    bandwidth drifts by tens of percent within minutes). Keep `nbytes` many times the last-level
+    cache (the default, 512 MiB, is 16x a 32 MiB L3; an H100's L2 is 50 MB), or this measures
+    the cache."""
+
+    def __init__(self, nbytes: int = 512 << 20, dtype: str = "float32", calls: int = 1):
+        import jax
+        import jax.numpy as jnp
+
+        itemsize = jnp.dtype(dtype).itemsize
+        if nbytes < itemsize:
+            raise ValueError(f"nbytes must hold at least one {dtype} ({itemsize} bytes), got {nbytes}")
+        self.nbytes = (nbytes // itemsize) * itemsize
+        self.calls = calls
+        self._x = jnp.ones((nbytes // itemsize,), dtype)  # (nbytes / itemsize,)
+        self._total = jax.jit(functools.partial(jnp.sum, dtype=jnp.float32))  # accumulates in float32 (as XLA does)
+        self._total(self._x).block_until_ready()  # compile
+
+    def __call__(self, repeats: int = 5) -> float:
+        """Bytes/s: the best of `repeats` timings of `calls` sums dispatched back to back
+        (several calls hide an accelerator's dispatch latency)."""
+        time.sleep(SETTLE_SECONDS)
+
+        def run() -> object:
+            out = self._total(self._x)
+            for _ in range(self.calls - 1):
+                out = self._total(self._x)
+            return out.block_until_ready()
+
+        return self.nbytes / (best_seconds(run, repeats) / self.calls)
+
+
 def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5, dtype: str = "float32", calls: int = 1) -> float:
     """Bytes/s a jitted sum over `nbytes` of `dtype` values on JAX's default device reads, best
-    of `repeats` timings of `calls` sums dispatched back to back (after one warm-up run that
-    compiles it; several calls hide an accelerator's dispatch latency). Keep `nbytes` many
-    times the last-level cache (the default, 512 MiB, is 16x a 32 MiB L3; an H100's L2 is
-    50 MB), or this measures the cache."""
-    import jax
-    import jax.numpy as jnp
-
-    itemsize = jnp.dtype(dtype).itemsize
-    if nbytes < itemsize:
-        raise ValueError(f"nbytes must hold at least one {dtype} ({itemsize} bytes), got {nbytes}")
-    time.sleep(SETTLE_SECONDS)
-    x = jnp.ones((nbytes // itemsize,), dtype)  # (nbytes / itemsize,)
-    total = jax.jit(functools.partial(jnp.sum, dtype=jnp.float32))  # accumulates in float32 (as XLA does)
-    total(x).block_until_ready()  # compile
-
-    def run() -> object:
-        out = total(x)
-        for _ in range(calls - 1):
-            out = total(x)
-        return out.block_until_ready()
-
-    seconds = best_seconds(run, repeats) / calls
-    return (nbytes // itemsize) * itemsize / seconds
+    of `repeats` timings of `calls` sums (see BandwidthProbe), its memory freed afterwards."""
+    return BandwidthProbe(nbytes, dtype, calls)(repeats)
 
 
 def calls_for(seconds_per_call: float, target_seconds: float) -> int:

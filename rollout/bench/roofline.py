@@ -1,8 +1,10 @@
 """Decode throughput as a fraction of what the host allows: the roofline of a benchmark's rows.
 
 A decode step of batch B reads every weight once for B tokens and each sequence's KV so far,
-and does about 2 FLOPs per weight per token plus the attention's. So at a measured rate of
-tok/s tokens per second:
+and does about 2 FLOPs per weight per token plus the attention's; the prompt's prefill reads
+the weights once and does the same FLOPs for every prompt token. The benchmarks time whole
+runs (prefill and decode), so the bytes and FLOPs per generated token below are those of the
+whole run (`DecodeCost.run_per_token`). So at a measured rate of tok/s tokens per second:
 
 - bandwidth fraction = tok/s x bytes read per token / the measured memory bandwidth. At batch 1
   the step is memory-bound: this is how close the engine runs to the host's memory limit.
@@ -17,12 +19,13 @@ The arithmetic is pure (the functions below, with worked examples); `measure_hos
 host's figures with rollout.bench.host, and `roofline_lines` prints them with the rows.
 Approximations, the same for every engine measured: the whole parameter set counts as read per
 step (the LM head reads the tied embedding whole; an untied input embedding is over-counted by
-its table), a mixture of experts' tokens are routed uniformly, the context is the mean over the generated tokens, and the timed runs include the
-prompt's prefill (so the fractions are slight underestimates, more so for short generations).
+its table), a mixture of experts' tokens are routed uniformly, attention reads the mean
+context, and host-side work (scheduling, detokenizing) counts as time, not as bytes or FLOPs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,6 +135,33 @@ class DecodeCost:
             raise ValueError(f"batch must be >= 1, got {batch}")
         return self.params_read(batch) * self.dtype_bytes / batch + self.kv_bytes_per_token(context)
 
+    def run_per_token(self, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+        """(bytes read, FLOPs) of a whole timed generation run per generated token: the
+        prompt's prefill (one pass: the weights read once, every prompt token computed, each
+        attending to half its prompt on average) and the `new_tokens - 1` decode steps after it
+        (the prefill yields the first token). The benchmarks time whole runs, so this is the
+        work their tokens/s stands for; at batch 64 with 32-token prompts and 64 new tokens the
+        prefill is a third of the FLOPs, which the decode-only `flops_per_token` leaves out.
+
+        >>> cost = DecodeCost(1000, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+        >>> cost.run_per_token(1, 1, 1)  # a 1-token prompt, one token: one pass over the weights
+        (4000.0, 2128.0)
+        >>> b, f = cost.run_per_token(2, 4, 3)
+        >>> round(b), round(f)
+        (2939, 5621)
+        """
+        if batch < 1 or new_tokens < 1 or prompt_len < 0:
+            raise ValueError(f"batch and new_tokens must be >= 1, prompt_len >= 0; got {batch}, {new_tokens}, {prompt_len}")
+        prefill_tokens = batch * prompt_len
+        prefill_bytes = self.params_read(max(1, prefill_tokens)) * self.dtype_bytes
+        prefill_flops = prefill_tokens * self.flops_per_token(prompt_len / 2)
+        steps = new_tokens - 1
+        context = mean_context(prompt_len, new_tokens) + 0.5  # the decode steps' mean (the prefill made the first token)
+        decode_bytes = steps * batch * self.bytes_per_token(batch, context)
+        decode_flops = steps * batch * self.flops_per_token(context)
+        generated = batch * new_tokens
+        return (prefill_bytes + decode_bytes) / generated, (prefill_flops + decode_flops) / generated
+
     def flops_per_token(self, context: float) -> float:
         """2 FLOPs per parameter used (one multiply-add) plus the attention's q.k and p.v products.
 
@@ -173,6 +203,7 @@ class HostLimits:
     matmul: tuple[MatmulRate, ...]  # per library and decode shape
     dtype: str = "float32"  # of the bandwidth and matmul probes (the benchmark's)
     device: str | None = None  # the accelerator (host.accelerator_name), None on the CPU
+    bandwidth_spread: tuple[float, float] | None = None  # (lowest, highest) probe, where several were taken
 
     @property
     def peak(self) -> MatmulRate:
@@ -183,16 +214,21 @@ class HostLimits:
         return dict(cpu_model=self.cpu.model, cpu_cores=self.cpu.cores, cpu_flags=list(self.cpu.flags),
                     memory_bandwidth_bytes_s=self.bandwidth, matmul=[r.to_json() for r in self.matmul],
                     matmul_peak_flops_s=self.peak.flops_per_s, matmul_peak_library=self.peak.library,
-                    dtype=self.dtype, device=self.device)
+                    dtype=self.dtype, device=self.device,
+                    memory_bandwidth_spread_bytes_s=list(self.bandwidth_spread) if self.bandwidth_spread else None)
 
     def describe(self) -> list[str]:
         rates = ", ".join(f"{r.library} {r.flops_per_s / 1e9:.1f}" for r in self.matmul)
         shapes = sorted({f"[{r.m}x{r.k}]@[{r.k}x{r.n}]" for r in self.matmul})
         memory = "memory bandwidth" if self.device is None else "device memory bandwidth"
+        probes = "best of 5" if self.bandwidth_spread is None else (
+            f"best of the probes between the timed runs, which ranged {self.bandwidth_spread[0] / 1e9:.1f}-"
+            f"{self.bandwidth_spread[1] / 1e9:.1f}")
         return [
             f"host: {self.cpu.describe()}",
             *([] if self.device is None else [f"device: {self.device}"]),
-            f"{memory} {self.bandwidth / 1e9:.1f} GB/s (jitted {self.dtype} sum, far beyond the cache, best of 5); "
+            f"{memory} {self.bandwidth / 1e9:.1f} GB/s (jitted {self.dtype} sum, far beyond the cache, "
+            f"{probes}); "
             f"{self.dtype} matmul {' '.join(shapes)}: {rates} GFLOP/s (peak: {self.peak.library})",
         ]
 
@@ -218,9 +254,12 @@ def measure_host(
     )
 
 
-def roofline_fields(cost: DecodeCost, limits: HostLimits, batch: int, tok_s: float, context: float) -> dict[str, float]:
-    """The roofline figures of one measured row, JSON-ready."""
-    per_byte, per_flop = cost.bytes_per_token(batch, context), cost.flops_per_token(context)
+def roofline_fields(
+    cost: DecodeCost, limits: HostLimits, batch: int, tok_s: float, prompt_len: int, new_tokens: int
+) -> dict[str, float]:
+    """The roofline figures of one measured row (a whole run: prefill and decode, see
+    `DecodeCost.run_per_token`), JSON-ready."""
+    per_byte, per_flop = cost.run_per_token(batch, prompt_len, new_tokens)
     return dict(
         bytes_per_token=per_byte, flops_per_token=per_flop,
         bytes_s=tok_s * per_byte, flops_s=tok_s * per_flop,
@@ -233,9 +272,9 @@ def roofline_lines(limits: HostLimits, rows: Sequence[dict[str, Any]]) -> list[s
     """The host's figures and a table of rows, each with keys label, batch, tok_s, ratio (to
     transformers) and the roofline_fields."""
     lines = [*limits.describe(),
-             "roofline: bytes/token = weights read per step / batch + KV read; FLOPs/token = 2 x params used + "
-             "attention (MoE: the experts routed to); % of bandwidth matters at batch 1, % of matmul peak at the "
-             "largest batch"]
+             "roofline: the whole timed run (prompt prefill + decode) per generated token: bytes = weights read "
+             "per pass / batch + KV read; FLOPs = 2 x params used + attention (MoE: the experts routed to); "
+             "% of bandwidth matters at batch 1, % of matmul peak at the largest batch"]
     lines.append(f"{'engine':>12} {'batch':>5} {'tok/s':>8} {'GB/s read':>10} {'% bandwidth':>12} "
                  f"{'GFLOP/s':>8} {'% matmul peak':>14} {'vs transformers':>16}")
     lines.extend(
@@ -248,11 +287,15 @@ def roofline_lines(limits: HostLimits, rows: Sequence[dict[str, Any]]) -> list[s
 
 
 def roofline_table(
-    cfg: ModelConfig, params: int, args: Any, rows: list[dict[str, Any]], sides: Sequence[tuple[str, str, str | None]]
+    cfg: ModelConfig, params: int, args: Any, rows: list[dict[str, Any]], sides: Sequence[tuple[str, str, str | None]],
+    bandwidth_samples: Sequence[float] = (),
 ) -> tuple[dict[str, Any], list[str]]:
     """Measure the host at the largest batch's decode shape, add each row's roofline fields per
     side, and return (the host's JSON, the lines to print).
 
+    `bandwidth_samples`: bandwidth probes taken between the benchmark's timed runs (a shared
+    host's memory bandwidth drifts by tens of percent within minutes): the best of them and of
+    the probe taken here is the host's bandwidth, their spread is printed.
     `args` has `batches`, `prompt_len`, `new_tokens` (and may have `dtype`, default float32, and
     `platform`, default cpu); each side is (label, the row's tok/s key,
     the row's ratio key or None for the reference, 1.0); a side's fields go under
@@ -260,13 +303,16 @@ def roofline_table(
     """
     dtype = getattr(args, "dtype", None) or "float32"
     limits = measure_host([decode_matmul_shape(cfg, max(args.batches))], dtype, getattr(args, "platform", "cpu"))
+    if bandwidth_samples:  # probes taken between the timed runs: the host at its best over the run
+        limits = dataclasses.replace(limits, bandwidth=max(limits.bandwidth, *bandwidth_samples),
+                                     bandwidth_spread=(min(limits.bandwidth, *bandwidth_samples),
+                                                       max(limits.bandwidth, *bandwidth_samples)))
     cost = DecodeCost.of(cfg, params, dtype_bytes(dtype))
-    context = mean_context(args.prompt_len, args.new_tokens)
     table = []
     for r in rows:
         for label, tok_key, ratio_key in sides:
             key = "roofline" if label == "rollout" else f"{label}_roofline"
-            r[key] = roofline_fields(cost, limits, r["batch"], r[tok_key], context)
+            r[key] = roofline_fields(cost, limits, r["batch"], r[tok_key], args.prompt_len, args.new_tokens)
             ratio = r[ratio_key] if ratio_key else 1.0
             table.append(dict(label=label, batch=r["batch"], tok_s=r[tok_key], ratio=ratio, **r[key]))
     return limits.to_json(), roofline_lines(limits, table)
