@@ -2,7 +2,7 @@
 
     rollout demo                      GRPO on a toy task against a local Ray fleet (the main job)
     rollout generate MODEL PROMPT...  load a checkpoint, generate, print one JSON line per sample
-    rollout bench NAME [...]          run a benchmark of rollout.bench (engine, sync, serve, fanout, paged, backends, agent)
+    rollout bench NAME [...]          run a benchmark of rollout.bench (engine, sync, serve, fanout, paged, backends, agent, levers)
     rollout serve MODEL [...]         OpenAI-compatible HTTP server on a fleet (rollout/server/)
 
 JAX reads XLA_FLAGS once, at import, so this module imports nothing heavy at the top: each
@@ -189,7 +189,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (engine, sync, serve, fanout, paged, backends, agent)",
+        help="run a benchmark (engine, sync, serve, fanout, paged, backends, agent, levers)",
         description=(
             "Run the benchmark NAME (a module of rollout.bench) with the remaining arguments, e.g. "
             "`rollout bench engine --batches 1 16`. `rollout bench NAME --help` shows its own options."
