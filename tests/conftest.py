@@ -40,6 +40,15 @@ def tiny_qwen3_perturbed(ckpt_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe(ckpt_root: Path) -> Path:
+    """The tiny Qwen3-MoE that transformers wrote (tests/moe_reference.py's TINY_MOE, seed 5): the
+    model of the MoE fleets (tests/test_moe_fleet.py, tests/reliability/test_moe_bad_updates.py)."""
+    from moe_reference import make_moe_checkpoint
+
+    return make_moe_checkpoint(ckpt_root / "qwen3_moe", seed=5)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the whole session (started on first use, shut down at the end)."""
     import ray

@@ -15,8 +15,6 @@ import pytest
 
 import rollout
 
-from moe_reference import make_moe_checkpoint
-
 pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
@@ -30,9 +28,8 @@ MOE_LAYERS, TOP_K, EXPERTS = 3, 2, 8  # tests/moe_reference.py's TINY_MOE
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, tmp_path_factory):
-    path = make_moe_checkpoint(tmp_path_factory.mktemp("moe_fleet") / "tiny-moe", seed=5)
-    svc = rollout.init(path, **CONFIG)  # the module-level API drives this service
+def service(ray_local, tiny_moe):
+    svc = rollout.init(tiny_moe, **CONFIG)  # the module-level API drives this service
     try:
         yield svc
     finally:

@@ -64,12 +64,20 @@ def paged_engine(tiny_qwen3, ratio: float | None, kv_pages: int = 40) -> Engine:
     return Engine(tiny_qwen3, config)
 
 
-def test_admission_at_ratio_one_never_preempts_and_matches_the_contiguous_layout(contiguous, tiny_qwen3):
+@pytest.fixture(scope="module")
+def planned(tiny_qwen3):
+    """The pool of `tight` (40 pages of 4) at kv_admission_ratio=1: admission plans every
+    sample at its max_tokens. Each test reads the preemptions of its own requests."""
     with paged_engine(tiny_qwen3, 1.0) as engine:
-        got = engine.generate(PROMPTS, LONG)
-        kv = engine.status()["kv"]
+        yield engine
+
+
+def test_admission_at_ratio_one_never_preempts_and_matches_the_contiguous_layout(contiguous, planned):
+    before = planned.status()["kv"]["preemptions"]
+    got = planned.generate(PROMPTS, LONG)
+    kv = planned.status()["kv"]
     assert tokens(got) == tokens(contiguous.generate(PROMPTS, LONG))
-    assert kv["preemptions"] == 0 and kv["pages_used"] == 0
+    assert kv["preemptions"] == before and kv["pages_used"] == 0
 
 
 def test_learned_admission_stops_preempting_once_samples_ran_to_max_tokens(tiny_qwen3):
@@ -101,14 +109,14 @@ def test_short_samples_fill_the_pool_beside_a_long_one_without_preemption(tiny_q
     assert kv["peak_active"] == BASE["max_batch"] and kv["preemptions"] == 0
 
 
-def test_a_group_that_outgrows_the_pool_alone_is_admitted_and_preempts_its_own_samples(tiny_qwen3):
+def test_a_group_that_outgrows_the_pool_alone_is_admitted_and_preempts_its_own_samples(planned):
     """At ratio 1 the plan is bypassed for a request that comes to an idle engine: 4 samples of
     50 tokens need 54 pages of the 40; the youngest samples are preempted and recomputed."""
-    with paged_engine(tiny_qwen3, 1.0) as engine:
-        outs = engine.generate([list(range(3, 13))], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, n=4))
-        kv = engine.status()["kv"]
+    before = planned.status()["kv"]["preemptions"]
+    outs = planned.generate([list(range(3, 13))], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, n=4))
+    kv = planned.status()["kv"]
     assert [len(o.token_ids) for o in outs] == [50] * 4
-    assert kv["preemptions"] > 0 and kv["pages_used"] == 0
+    assert kv["preemptions"] > before and kv["pages_used"] == 0
 
 
 def test_every_request_is_returned_once_when_many_compete_for_pages(tight):

@@ -104,6 +104,34 @@ def test_every_sample_comes_from_the_version_synced_last(on_policy_run):
     assert [r.weight_version for r in on_policy_run[1:]] == versions[:-1]
 
 
+def test_the_jitted_train_step_compiles_on_the_first_step_only(demo_client, demo_model, demo_task):
+    """The loop commits the optimizer state to the trainer's device (grpo.on_trainer_device): an
+    uncommitted leaf (optax's step count) is another jit cache key than the step's committed
+    outputs, and the second step would compile the whole step again."""
+    import threading
+
+    import jax
+
+    model_def, params = model_io.load_params(demo_model)
+    steps_done: list[train.StepRecord] = []
+    compiled_after: list[int] = []  # steps done when the trainer's step compiled
+    here = threading.current_thread()
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == "jit(step)" \
+                and threading.current_thread() is here:  # not the engine's thread
+            compiled_after.append(len(steps_done))
+
+    # a learning rate of its own: a jitted step no other loop of this process compiled (train_step_for caches per rate)
+    config = train.LoopConfig(steps=3, seed=0, learning_rate=1e-3)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train.run_loop(demo_client, model_def, params, demo_task, config, on_step=steps_done.append)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled_after == [0]
+
+
 def test_a_skipped_sync_shows_as_a_large_logprob_difference(demo_client, demo_model, demo_task):
     model_def, params = model_io.load_params(demo_model)
     config = train.LoopConfig(steps=4, seed=0, skip_sync_at=(1,))

@@ -146,7 +146,7 @@ def run_agent_loop(
     initial_sync_ms = (time.perf_counter() - start) * 1e3
     optimizer, train_step = grpo.train_step_for(model_def, config.learning_rate, config.temperature,
                                                 tis_cap=config.tis_cap)
-    opt_state = optimizer.init(params)
+    opt_state = grpo.on_trainer_device(optimizer.init(params))
     full_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(params))
     pad_to = 0
     records: list[StepRecord] = []

@@ -206,6 +206,16 @@ def make_train_step(
     return jax.jit(step)
 
 
+def on_trainer_device(state: Any) -> Any:
+    """`state` (params, optimizer state, LoRA factors) committed to the trainer's device.
+
+    The jitted step's outputs are committed arrays; an input that is not (optax's step count,
+    arrays made by jnp.zeros) is another jit cache key, so without this the second step would
+    compile the whole step again (seconds on CPU).
+    """
+    return jax.device_put(state, jax.local_devices()[0])
+
+
 def train_step_for(
     model_def: ModelDef, learning_rate: float, temperature: float = 1.0, max_grad_norm: float = 1.0,
     batch_invariant: bool = False,

@@ -92,11 +92,11 @@ def run_loop(
         from trainer_stub.lora import LoraTraining
 
         lora = LoraTraining.create(model_def, params, config.lora_rank)
-        factors = lora.init(config.seed)
+        factors = grpo.on_trainer_device(lora.init(config.seed))
         lora_step = lora.train_step(optimizer, config.temperature)
-        opt_state = optimizer.init(factors)
+        opt_state = grpo.on_trainer_device(optimizer.init(factors))
     else:
-        opt_state = optimizer.init(params)
+        opt_state = grpo.on_trainer_device(optimizer.init(params))
     full_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(params))
     pad_to = 0
     records: list[StepRecord] = []

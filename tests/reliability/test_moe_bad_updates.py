@@ -17,7 +17,6 @@ from rollout.weights.spec import SpecMismatchError
 
 from .bad_updates import BadUpdate, try_bad_update
 from .harness import FLEET, engine_params, fingerprint
-from moe_reference import make_moe_checkpoint
 
 pytest.importorskip("torch")
 
@@ -61,8 +60,8 @@ CASES = ("nan_in_one_expert", "one_expert_too_few", "expert_beyond_the_count", "
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_moe_checkpoint(tmp_path_factory.mktemp("moe_reliability") / "tiny-moe", seed=5)
+def checkpoint(tiny_moe: Path) -> Path:
+    return tiny_moe
 
 
 @pytest.fixture(scope="module")
