@@ -15,6 +15,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine's routable one), for every Ray the tests start and every process those start.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+
+def _session_compilation_cache() -> None:
+    """One persistent JAX compilation cache for the session (removed at exit), every compile
+    kept: most of the suite's time is XLA compiling, and many engines and fleets (and their Ray
+    workers, which the fleet passes these variables to) compile identical programs. A compile
+    served from the cache still emits JAX's backend-compile event, so the tests that count
+    compiles (a swap compiles nothing) see every one. A cache dir set by the caller is kept."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="rollout-tests-jax-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+_session_compilation_cache()
+
 from pathlib import Path
 
 import pytest
