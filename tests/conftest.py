@@ -15,6 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine's routable one), for every Ray the tests start and every process those start.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from pathlib import Path
+
+import pytest
+
+from rollout.testing import make_tiny_checkpoint  # imports no jax: the cache below is set before jax starts
+
 
 def _session_compilation_cache() -> None:
     """One persistent JAX compilation cache for the session (removed at exit), every compile
@@ -34,12 +40,6 @@ def _session_compilation_cache() -> None:
 
 
 _session_compilation_cache()
-
-from pathlib import Path
-
-import pytest
-
-from rollout.testing import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

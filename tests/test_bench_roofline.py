@@ -87,14 +87,22 @@ def test_flops_per_token_are_two_per_parameter_plus_attention_over_the_context()
     assert COST.flops_per_token(10) == 2_000_000 + 4 * 4 * 16 * 128 * 10
 
 
-def test_roofline_fields_measure_the_rate_against_the_bandwidth_and_the_best_librarys_peak():
+def test_roofline_fields_measure_the_decode_rate_against_the_bandwidth_and_the_best_librarys_peak():
     host_limits = limits()
-    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=50.0, prompt_len=32, new_tokens=64)
-    per_byte, per_flop = COST.run_per_token(1, 32, 64)
-    assert fields["bytes_s"] == pytest.approx(50.0 * per_byte)
+    fields = roofline.roofline_fields(COST, host_limits, batch=1, tok_s=40.0, prompt_len=32, new_tokens=64,
+                                      decode_tok_s=50.0)
+    assert fields["basis"] == "decode" and fields["rate_tok_s"] == 50.0
+    assert fields["bytes_s"] == pytest.approx(50.0 * COST.bytes_per_token(1, 64.0))
     assert fields["bandwidth_fraction"] == pytest.approx(fields["bytes_s"] / 20e9)
     assert host_limits.peak.library == "torch"
-    assert fields["matmul_fraction"] == pytest.approx(50.0 * per_flop / 150e9)
+    assert fields["matmul_fraction"] == pytest.approx(50.0 * COST.flops_per_token(64.0) / 150e9)
+
+
+def test_without_a_decode_rate_the_fields_are_those_of_the_whole_run():
+    fields = roofline.roofline_fields(COST, limits(), batch=4, tok_s=40.0, prompt_len=32, new_tokens=64)
+    per_byte, per_flop = COST.run_per_token(4, 32, 64)
+    assert fields["basis"] == "run" and fields["rate_tok_s"] == 40.0
+    assert fields["bytes_s"] == pytest.approx(40.0 * per_byte) and fields["flops_s"] == pytest.approx(40.0 * per_flop)
 
 
 def test_a_runs_cost_per_token_adds_the_prompts_prefill_to_the_decode_steps():
@@ -119,9 +127,10 @@ def test_bandwidth_probes_between_runs_set_the_host_bandwidth_to_their_best_and_
 
     cfg = ModelConfig.from_hf(checkpoints.shape_config("tiny"))
     args = SimpleNamespace(batches=[1], prompt_len=8, new_tokens=4)
-    rows = [dict(batch=1, rollout_tok_s=10.0, ratio=1.0)]
+    rows = [dict(batch=1, rollout_tok_s=10.0, rollout_decode_tok_s=12.0, ratio=1.0)]
     host_json, lines = roofline.roofline_table(cfg, 10_000, args, rows, [("rollout", "rollout_tok_s", "ratio")],
                                                bandwidth_samples=[30e9, 20e9])
+    assert rows[0]["roofline"]["basis"] == "decode" and rows[0]["roofline"]["rate_tok_s"] == 12.0
     assert host_json["memory_bandwidth_bytes_s"] == 30e9
     assert host_json["memory_bandwidth_spread_bytes_s"] == [20e9, 30e9]
     assert "ranged 20.0-30.0" in lines[1]
@@ -146,7 +155,7 @@ def test_roofline_lines_print_the_host_and_one_row_per_entry_with_its_percentage
     lines = roofline.roofline_lines(host_limits, [dict(label="rollout", batch=1, tok_s=2000.0, ratio=1.25, **fields)])
     assert lines[0] == "host: test cpu, 2 cores, avx2"
     assert "20.0 GB/s" in lines[1] and "torch 150.0 GFLOP/s" in lines[1]
-    assert lines[-1].split() == ["rollout", "1", "2000.0", "8.0", "40%", "4.0", "3%", "1.25x"]
+    assert lines[-1].split() == ["rollout", "1", "2000.0", "run", "2000.0", "8.0", "40%", "4.0", "3%", "1.25x"]
 
 
 MOE = DecodeCost(params=1_000_000, num_layers=4, num_heads=16, num_kv_heads=4, head_dim=128,

@@ -39,6 +39,7 @@ MB; the CPU grouped matmul reads each routed expert's matrices in place (no gath
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -158,6 +159,22 @@ def interleaved_best(ours, reference, repeats: int) -> tuple[float, float]:
     return min(times["ours"]), min(times["reference"])
 
 
+def decode_rate(batch: int, new_tokens: int, run_seconds: float, prefill_seconds: float) -> float | None:
+    """Tokens/s of the decode steps alone: the tokens after the first (which the prefill samples)
+    over the run's time less the prefill's (both best-of times); None where they leave no time
+    (a run of one token, or timing noise).
+
+    >>> decode_rate(4, 65, 2.0, 0.4)
+    160.0
+    >>> decode_rate(1, 1, 0.5, 0.5) is None
+    True
+    """
+    decode_seconds = run_seconds - prefill_seconds
+    if new_tokens < 2 or decode_seconds <= 0:
+        return None
+    return batch * (new_tokens - 1) / decode_seconds
+
+
 def host_roofline(
     args: argparse.Namespace, model_config, params: int, rows: list[dict], bandwidth_samples: list[float]
 ) -> tuple[dict, list[str]]:
@@ -245,15 +262,17 @@ def main(argv: list[str] | None = None) -> int:
 
         dense = DenseActiveReference.start(root / "qwen3-dense-active", MOE_SHAPE, engine.config, prompts, sampling)
 
-    def run_engine(batch: int) -> list[list[int]]:
-        return [list(c.token_ids) for c in engine.generate(prompts[:batch], sampling)]
+    first_token = dataclasses.replace(sampling, max_tokens=1)  # the prefill alone (it samples the first token)
 
-    def run_hf(batch: int) -> list[list[int]]:
+    def run_engine(batch: int, params: SamplingParams = sampling) -> list[list[int]]:
+        return [list(c.token_ids) for c in engine.generate(prompts[:batch], params)]
+
+    def run_hf(batch: int, new_tokens: int = args.new_tokens) -> list[list[int]]:
         ids = torch.tensor(prompts[:batch], device=device)
         with torch.no_grad():
             out = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0,
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
             )
         synchronize(torch, device)
         return out[:, args.prompt_len :].tolist()
@@ -283,13 +302,20 @@ def main(argv: list[str] | None = None) -> int:
         before = cpu_times()
         t_ours, t_ref = interleaved_best(lambda b=batch: run_engine(b), lambda b=batch: run_hf(b), args.repeats)
         steal = steal_percent(before, cpu_times())
+        # The prefill alone (one token), so the roofline can take the decode steps by themselves.
+        run_engine(batch, first_token)  # compiles nothing new: the prefill's shapes ran above
+        p_ours, p_ref = interleaved_best(lambda b=batch: run_engine(b, first_token), lambda b=batch: run_hf(b, 1),
+                                         args.repeats)
         if probe is not None:
             bandwidth_samples.append(probe(repeats=3))
         n = batch * args.new_tokens
         rows.append(
             dict(batch=batch, new_tokens=args.new_tokens, rollout_tok_s=n / t_ours, transformers_tok_s=n / t_ref,
                  ratio=t_ref / t_ours, identical_outputs=f"{same}/{batch}", cpu_steal_percent=steal,
-                 rollout_first_call_s=first_ours, transformers_first_call_s=first_ref)
+                 rollout_first_call_s=first_ours, transformers_first_call_s=first_ref,
+                 rollout_prefill_s=p_ours, transformers_prefill_s=p_ref,
+                 rollout_decode_tok_s=decode_rate(batch, args.new_tokens, t_ours, p_ours),
+                 transformers_decode_tok_s=decode_rate(batch, args.new_tokens, t_ref, p_ref))
         )
         progress(f"batch {batch}: rollout {n / t_ours:.1f} tok/s, transformers {n / t_ref:.1f} tok/s, "
                  f"same tokens {same}/{batch}")

@@ -2,9 +2,10 @@
 
 A decode step of batch B reads every weight once for B tokens and each sequence's KV so far,
 and does about 2 FLOPs per weight per token plus the attention's; the prompt's prefill reads
-the weights once and does the same FLOPs for every prompt token. The benchmarks time whole
-runs (prefill and decode), so the bytes and FLOPs per generated token below are those of the
-whole run (`DecodeCost.run_per_token`). So at a measured rate of tok/s tokens per second:
+the weights once and does the same FLOPs for every prompt token. The engine benchmark times
+the prefill apart, so its fractions are those of the decode steps alone (the run's time less
+the prefill's); a benchmark that times whole runs only gets those of the whole run, prefill
+included (`DecodeCost.run_per_token`). So at a measured rate of tok/s tokens per second:
 
 - bandwidth fraction = tok/s x bytes read per token / the measured memory bandwidth. At batch 1
   the step is memory-bound: this is how close the engine runs to the host's memory limit.
@@ -255,16 +256,23 @@ def measure_host(
 
 
 def roofline_fields(
-    cost: DecodeCost, limits: HostLimits, batch: int, tok_s: float, prompt_len: int, new_tokens: int
-) -> dict[str, float]:
-    """The roofline figures of one measured row (a whole run: prefill and decode, see
-    `DecodeCost.run_per_token`), JSON-ready."""
-    per_byte, per_flop = cost.run_per_token(batch, prompt_len, new_tokens)
+    cost: DecodeCost, limits: HostLimits, batch: int, tok_s: float, prompt_len: int, new_tokens: int,
+    decode_tok_s: float | None = None,
+) -> dict[str, Any]:
+    """The roofline figures of one measured row, JSON-ready. With `decode_tok_s` (the decode
+    steps' own rate: the run's time less its prefill's), those of a decode step at the steps'
+    mean context (basis "decode"); without it, those of the whole run at `tok_s` (basis "run":
+    the prefill's bytes and FLOPs counted too, see `DecodeCost.run_per_token`)."""
+    if decode_tok_s is not None:
+        context = prompt_len + new_tokens / 2  # the decode steps attend to prompt + 1 ... prompt + new - 1 positions
+        per_byte, per_flop, rate, basis = cost.bytes_per_token(batch, context), cost.flops_per_token(context), decode_tok_s, "decode"
+    else:
+        (per_byte, per_flop), rate, basis = cost.run_per_token(batch, prompt_len, new_tokens), tok_s, "run"
     return dict(
-        bytes_per_token=per_byte, flops_per_token=per_flop,
-        bytes_s=tok_s * per_byte, flops_s=tok_s * per_flop,
-        bandwidth_fraction=fraction(tok_s, per_byte, limits.bandwidth),
-        matmul_fraction=fraction(tok_s, per_flop, limits.peak.flops_per_s),
+        basis=basis, rate_tok_s=rate, bytes_per_token=per_byte, flops_per_token=per_flop,
+        bytes_s=rate * per_byte, flops_s=rate * per_flop,
+        bandwidth_fraction=fraction(rate, per_byte, limits.bandwidth),
+        matmul_fraction=fraction(rate, per_flop, limits.peak.flops_per_s),
     )
 
 
@@ -272,14 +280,15 @@ def roofline_lines(limits: HostLimits, rows: Sequence[dict[str, Any]]) -> list[s
     """The host's figures and a table of rows, each with keys label, batch, tok_s, ratio (to
     transformers) and the roofline_fields."""
     lines = [*limits.describe(),
-             "roofline: the whole timed run (prompt prefill + decode) per generated token: bytes = weights read "
-             "per pass / batch + KV read; FLOPs = 2 x params used + attention (MoE: the experts routed to); "
-             "% of bandwidth matters at batch 1, % of matmul peak at the largest batch"]
-    lines.append(f"{'engine':>12} {'batch':>5} {'tok/s':>8} {'GB/s read':>10} {'% bandwidth':>12} "
-                 f"{'GFLOP/s':>8} {'% matmul peak':>14} {'vs transformers':>16}")
+             "roofline: per generated token, bytes = weights read per step / batch + KV read; FLOPs = 2 x params "
+             "used + attention (MoE: the experts routed to); 'decode': the decode steps alone (the run's time less "
+             "its prefill's, timed apart), 'run': the whole run, prefill included; % of bandwidth matters at batch "
+             "1, % of matmul peak at the largest batch; 'vs transformers' compares whole runs"]
+    lines.append(f"{'engine':>12} {'batch':>5} {'tok/s':>8} {'basis':>6} {'at tok/s':>9} {'GB/s read':>10} "
+                 f"{'% bandwidth':>12} {'GFLOP/s':>8} {'% matmul peak':>14} {'vs transformers':>16}")
     lines.extend(
-        f"{r['label']:>12} {r['batch']:>5} {r['tok_s']:>8.1f} {r['bytes_s'] / 1e9:>10.1f} "
-        f"{100 * r['bandwidth_fraction']:>11.0f}% {r['flops_s'] / 1e9:>8.1f} "
+        f"{r['label']:>12} {r['batch']:>5} {r['tok_s']:>8.1f} {r['basis']:>6} {r['rate_tok_s']:>9.1f} "
+        f"{r['bytes_s'] / 1e9:>10.1f} {100 * r['bandwidth_fraction']:>11.0f}% {r['flops_s'] / 1e9:>8.1f} "
         f"{100 * r['matmul_fraction']:>13.0f}% {r['ratio']:>15.2f}x"
         for r in rows
     )
@@ -291,7 +300,8 @@ def roofline_table(
     bandwidth_samples: Sequence[float] = (),
 ) -> tuple[dict[str, Any], list[str]]:
     """Measure the host at the largest batch's decode shape, add each row's roofline fields per
-    side, and return (the host's JSON, the lines to print).
+    side (from its decode steps' rate, "<tok key less _tok_s>_decode_tok_s", where the row has
+    one), and return (the host's JSON, the lines to print).
 
     `bandwidth_samples`: bandwidth probes taken between the benchmark's timed runs (a shared
     host's memory bandwidth drifts by tens of percent within minutes): the best of them and of
@@ -312,7 +322,8 @@ def roofline_table(
     for r in rows:
         for label, tok_key, ratio_key in sides:
             key = "roofline" if label == "rollout" else f"{label}_roofline"
-            r[key] = roofline_fields(cost, limits, r["batch"], r[tok_key], args.prompt_len, args.new_tokens)
+            decode = r.get(tok_key.removesuffix("_tok_s") + "_decode_tok_s")  # measured by the engine bench
+            r[key] = roofline_fields(cost, limits, r["batch"], r[tok_key], args.prompt_len, args.new_tokens, decode)
             ratio = r[ratio_key] if ratio_key else 1.0
             table.append(dict(label=label, batch=r["batch"], tok_s=r[tok_key], ratio=ratio, **r[key]))
     return limits.to_json(), roofline_lines(limits, table)
