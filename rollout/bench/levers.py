@@ -14,8 +14,9 @@ engine's do) in each form:
 - `out_in`: kernels stored (out, in) (HF's layout) and multiplied as the dot's left operand,
   W (out, in) . x (B, in) -> (out, B), transposed back: another kernel choice in XLA:CPU;
 - `fused_out_in`: both;
-- `bfloat16`: the baseline with weights and activations in bfloat16 (XLA:CPU computes bfloat16
-  dots natively only with AVX-512 BF16 / AMX; elsewhere it converts).
+- `bfloat16`: the baseline with weights and activations in bfloat16 (half the bytes to read;
+  how fast the dots run depends on XLA:CPU's kernels for the host: on an AVX-512 BF16 AMD EPYC
+  they ran at 0.4-0.8x float32, while torch's bfloat16 matmuls ran 2.4x JAX's).
 
 and `--xla-flags` runs the baseline again in a subprocess per flag set (XLA reads its flags
 once per process). Every form computes the same step: `step` returns the same logits (the
