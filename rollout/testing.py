@@ -411,19 +411,15 @@ def init_mean_std(kind: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int) -> np.ndarray:
+    """float32 N(init_mean_std(kind, shape)), drawn as std x N(0, 1) + mean in float32."""
     # One generator per (seed, tensor name): a tensor does not depend on which others exist.
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    if kind == _NORM:
-        return (1.0 + _NORM_JITTER * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-    if kind == _BIAS:
-        return np.float32(_BIAS_STD) * rng.standard_normal(shape, dtype=np.float32)
+    mean, std = init_mean_std(kind, shape)
     x = rng.standard_normal(shape, dtype=np.float32)  # (out, in) for linear layers
-    if kind == _LINEAR:
-        x *= np.float32(1.0 / np.sqrt(shape[1]))
-    elif kind == _ROUTER:
-        x *= np.float32(_ROUTER_GAIN / np.sqrt(shape[1]))
-    elif kind == _RESIDUAL_OUT:
-        x *= np.float32(_RESIDUAL_OUT_GAIN / np.sqrt(shape[1]))
+    if std != 1.0:
+        x *= np.float32(std)
+    if mean != 0.0:
+        x += np.float32(mean)
     return x
 
 
