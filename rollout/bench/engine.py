@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         t_ours, t_ref = interleaved_best(lambda b=batch: run_engine(b), lambda b=batch: run_hf(b), args.repeats)
         steal = steal_percent(before, cpu_times())
         # The prefill alone (one token), so the roofline can take the decode steps by themselves.
-        run_engine(batch, first_token)  # compiles nothing new: the prefill's shapes ran above
+        run_engine(batch, first_token)  # warm-up of the one-token path (its prefill shapes ran above)
         p_ours, p_ref = interleaved_best(lambda b=batch: run_engine(b, first_token), lambda b=batch: run_hf(b, 1),
                                          args.repeats)
         if probe is not None:

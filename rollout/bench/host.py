@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rollout.bench.devices import synchronize
+
 # Extensions that decide a CPU's float32/bfloat16 matmul rate, in the order they are printed.
 NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -197,7 +199,6 @@ def torch_matmul_rate(
     a = torch.randn(m, k, generator=gen, dtype=torch.float32).to(torch_device, kind)  # (batch, hidden)
     b = torch.randn(k, n, generator=gen, dtype=torch.float32).to(torch_device, kind)  # (hidden, inter)
     out = torch.empty(m, n, dtype=kind, device=torch_device)
-    sync = torch.cuda.synchronize if torch_device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         torch.mm(a, b, out=out)  # warm-up
 
@@ -205,7 +206,7 @@ def torch_matmul_rate(
             def run() -> object:
                 for _ in range(calls):
                     torch.mm(a, b, out=out)
-                sync()
+                synchronize(torch, torch_device)
                 return out
 
             return run

@@ -37,13 +37,15 @@ if TYPE_CHECKING:
     from rollout.models.config import ModelConfig
 
 
-def mean_context(prompt_len: int, new_tokens: int) -> float:
-    """Mean number of positions attended to over the decode of `new_tokens` after a prompt.
+def decode_context(prompt_len: int, new_tokens: int) -> float:
+    """Mean number of positions the decode steps after a prompt attend to: the prefill samples
+    the first token, then steps feed it and the rest, attending to prompt + 1 ... prompt +
+    new_tokens - 1 positions.
 
-    >>> mean_context(32, 64)
-    63.5
+    >>> decode_context(32, 64)
+    64.0
     """
-    return prompt_len + (new_tokens - 1) / 2
+    return prompt_len + new_tokens / 2
 
 
 def experts_touched(batch: int, num_experts: int, experts_per_token: int) -> float:
@@ -140,8 +142,8 @@ class DecodeCost:
         """(bytes read, FLOPs) of a whole timed generation run per generated token: the
         prompt's prefill (one pass: the weights read once, every prompt token computed, each
         attending to half its prompt on average) and the `new_tokens - 1` decode steps after it
-        (the prefill yields the first token). The benchmarks time whole runs, so this is the
-        work their tokens/s stands for; at batch 64 with 32-token prompts and 64 new tokens the
+        (the prefill yields the first token): the work a whole run's tokens/s stands for, where
+        a benchmark does not time the prefill apart; at batch 64 with 32-token prompts and 64 new tokens the
         prefill is a third of the FLOPs, which the decode-only `flops_per_token` leaves out.
 
         >>> cost = DecodeCost(1000, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -157,7 +159,7 @@ class DecodeCost:
         prefill_bytes = self.params_read(max(1, prefill_tokens)) * self.dtype_bytes
         prefill_flops = prefill_tokens * self.flops_per_token(prompt_len / 2)
         steps = new_tokens - 1
-        context = mean_context(prompt_len, new_tokens) + 0.5  # the decode steps' mean (the prefill made the first token)
+        context = decode_context(prompt_len, new_tokens)
         decode_bytes = steps * batch * self.bytes_per_token(batch, context)
         decode_flops = steps * batch * self.flops_per_token(context)
         generated = batch * new_tokens
@@ -264,7 +266,7 @@ def roofline_fields(
     mean context (basis "decode"); without it, those of the whole run at `tok_s` (basis "run":
     the prefill's bytes and FLOPs counted too, see `DecodeCost.run_per_token`)."""
     if decode_tok_s is not None:
-        context = prompt_len + new_tokens / 2  # the decode steps attend to prompt + 1 ... prompt + new - 1 positions
+        context = decode_context(prompt_len, new_tokens)
         per_byte, per_flop, rate, basis = cost.bytes_per_token(batch, context), cost.flops_per_token(context), decode_tok_s, "decode"
     else:
         (per_byte, per_flop), rate, basis = cost.run_per_token(batch, prompt_len, new_tokens), tok_s, "run"
@@ -314,9 +316,8 @@ def roofline_table(
     dtype = getattr(args, "dtype", None) or "float32"
     limits = measure_host([decode_matmul_shape(cfg, max(args.batches))], dtype, getattr(args, "platform", "cpu"))
     if bandwidth_samples:  # probes taken between the timed runs: the host at its best over the run
-        limits = dataclasses.replace(limits, bandwidth=max(limits.bandwidth, *bandwidth_samples),
-                                     bandwidth_spread=(min(limits.bandwidth, *bandwidth_samples),
-                                                       max(limits.bandwidth, *bandwidth_samples)))
+        probes = [limits.bandwidth, *bandwidth_samples]
+        limits = dataclasses.replace(limits, bandwidth=max(probes), bandwidth_spread=(min(probes), max(probes)))
     cost = DecodeCost.of(cfg, params, dtype_bytes(dtype))
     table = []
     for r in rows:
