@@ -198,7 +198,7 @@ def test_an_unknown_platform_is_refused_with_the_choices():
 def test_the_accelerator_name_is_jaxs_device_kind_and_count():
     import jax
 
-    assert host.accelerator_name("cpu") == f"{jax.devices()[0].device_kind} x{len(jax.devices())}"
+    assert devices.accelerator_name("cpu") == f"{jax.devices()[0].device_kind} x{len(jax.devices())}"
 
 
 def test_the_accelerator_script_is_valid_bash():

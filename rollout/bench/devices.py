@@ -60,6 +60,18 @@ def describe(platform: Platform, cores: int) -> str:
     """
     if platform.name == "cpu":
         return f"CPU ({cores} cores)"
-    from rollout.bench.host import accelerator_name
-
     return f"{platform.name.upper()} {accelerator_name(platform.torch_device)}"
+
+
+def accelerator_name(torch_device: str = "cpu") -> str:
+    """The accelerator JAX runs on, by its device_kind, and torch's CUDA device where torch runs
+    on one, e.g. 'NVIDIA H100 80GB HBM3 x1 (torch: NVIDIA H100 80GB HBM3)'."""
+    import jax
+
+    devices = jax.devices()
+    name = f"{devices[0].device_kind} x{len(devices)}"
+    if torch_device.startswith("cuda"):
+        import torch
+
+        name += f" (torch: {torch.cuda.get_device_name(torch.device(torch_device))})"
+    return name

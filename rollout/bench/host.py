@@ -8,9 +8,9 @@ Three probes, each a few seconds at most (and a fourth on an accelerator):
   the last-level cache (best of a few): the rate a decode step at batch 1 streams its weights at.
 - `matmul_peak(shapes)`: float32 FLOP/s of `[m x k] @ [k x n]` in JAX and, where installed,
   torch (what transformers runs on), at the model's decode shapes (best of a few timed loops).
-- on an accelerator (`--platform gpu|tpu`): `accelerator_name()` (JAX's device_kind, torch's
-  CUDA device name), the bandwidth of its memory (HBM: a sum over several GiB on the device)
-  and the matmul rates on the device, both in the benchmark's dtype (`dtype=`, `torch_device=`).
+- on an accelerator (`--platform gpu|tpu`, named by `devices.accelerator_name()`): the bandwidth
+  of its memory (HBM: a sum over several GiB on the device) and the matmul rates on the device,
+  both in the benchmark's dtype (`dtype=`, `torch_device=`).
 
 The host is shared and its load drifts, so these are figures of this run, taken beside the
 engine's: rollout.bench.roofline turns them into the fractions the benchmarks print. torch is
@@ -243,16 +243,3 @@ def matmul_peak(
             rates.append(rate(m, k, n, repeats, target_seconds, dtype, torch_device))
     return rates
 
-
-def accelerator_name(torch_device: str = "cpu") -> str:
-    """The accelerator JAX runs on, by its device_kind, and torch's CUDA device where torch runs
-    on one, e.g. 'NVIDIA H100 80GB HBM3 x1 (torch: NVIDIA H100 80GB HBM3)'."""
-    import jax
-
-    devices = jax.devices()
-    name = f"{devices[0].device_kind} x{len(devices)}"
-    if torch_device.startswith("cuda"):
-        import torch
-
-        name += f" (torch: {torch.cuda.get_device_name(torch.device(torch_device))})"
-    return name

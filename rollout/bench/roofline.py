@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rollout.bench.host import CpuInfo, MatmulRate, accelerator_name, cpu_model, matmul_peak, memory_bandwidth
+from rollout.bench.devices import accelerator_name
+from rollout.bench.host import CpuInfo, MatmulRate, cpu_model, matmul_peak, memory_bandwidth
 
 if TYPE_CHECKING:
     from rollout.models.config import ModelConfig
@@ -205,7 +206,7 @@ class HostLimits:
     bandwidth: float  # bytes/s, jitted sum far beyond the last-level cache (the device's memory on an accelerator)
     matmul: tuple[MatmulRate, ...]  # per library and decode shape
     dtype: str = "float32"  # of the bandwidth and matmul probes (the benchmark's)
-    device: str | None = None  # the accelerator (host.accelerator_name), None on the CPU
+    device: str | None = None  # the accelerator (devices.accelerator_name), None on the CPU
     bandwidth_spread: tuple[float, float] | None = None  # (lowest, highest) probe, where several were taken
 
     @property
