@@ -47,9 +47,7 @@ def start_local_ray(*, preallocate: bool = False, **init_kwargs: Any) -> int:
     preallocate = preallocate or (env_preallocate or "").lower() in ("1", "true")
     if system_config:
         init_kwargs["_system_config"] = system_config
-    joining = init_kwargs.get("address") not in (None, "local") or (
-        "address" not in init_kwargs and os.environ.get("RAY_ADDRESS")
-    )
+    joining = joins_existing_cluster(init_kwargs.get("address"), os.environ.get("RAY_ADDRESS"))
     try:
         if joining or "_node_ip_address" in init_kwargs:
             ray.init(**init_kwargs)
@@ -66,6 +64,22 @@ def start_local_ray(*, preallocate: bool = False, **init_kwargs: Any) -> int:
         if env_preallocate is not None:
             os.environ[_PREALLOCATE_ENV] = env_preallocate
     return populate_object_store() if preallocate and not joining else 0
+
+
+def joins_existing_cluster(address: str | None, env_address: str | None) -> bool:
+    """Whether `ray.init(address=address)` joins a running cluster rather than starting a new
+    local one; `env_address` is RAY_ADDRESS, which Ray reads when `address` is not given. Ray
+    starts a new cluster for no address and for "local".
+
+    >>> joins_existing_cluster(None, None), joins_existing_cluster(None, "local")
+    (False, False)
+    >>> joins_existing_cluster("auto", None), joins_existing_cluster(None, "10.0.0.2:6379")
+    (True, True)
+    >>> joins_existing_cluster("local", "auto")
+    False
+    """
+    chosen = address if address is not None else env_address
+    return chosen not in (None, "", "local")
 
 
 def populate_object_store(fraction: float = _POPULATE_FRACTION) -> int:

@@ -54,3 +54,12 @@ def test_a_local_ray_with_a_preallocated_store_populates_it_after_the_node_is_up
         assert "MAP_POPULATE" not in raylet_log.read_text()
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_address_local_starts_a_new_cluster_so_its_store_is_populated():
+    from rollout.local_ray import joins_existing_cluster
+
+    assert not joins_existing_cluster(None, "local")  # RAY_ADDRESS=local: a new local cluster
+    assert not joins_existing_cluster("local", "10.0.0.2:6379")  # the argument wins over RAY_ADDRESS
+    assert joins_existing_cluster(None, "auto")
+    assert joins_existing_cluster("10.0.0.2:6379", None)
