@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -207,9 +208,11 @@ def flag_run(args: argparse.Namespace, flags: str) -> list[dict]:
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "rollout.bench", "levers", "--shape", args.shape, "--forms", "baseline",
            "--repeats", str(args.repeats), "--steps", str(args.steps), "--batches", *map(str, args.batches),
-           "--json", "/dev/stdout"]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out[out.index("{"):])["rows"]
+           "--json"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "levers.json")
+        subprocess.run([*cmd, str(path)], env=env, check=True, capture_output=True, text=True)
+        return json.loads(path.read_text())["rows"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,11 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = time_forms(args.shape, args.batches, args.forms, args.repeats, args.steps)
     flag_rows = {flags: flag_run(args, flags) for flags in args.xla_flags}
     if args.json:
-        text = json.dumps(dict(shape=args.shape, cpu=cpu_model().describe(), rows=rows, xla_flags=flag_rows), indent=2)
-        if str(args.json) == "/dev/stdout":
-            print(text)
-            return 0
-        args.json.write_text(text)
+        args.json.write_text(
+            json.dumps(dict(shape=args.shape, cpu=cpu_model().describe(), rows=rows, xla_flags=flag_rows), indent=2)
+        )
     sizes = shape_sizes(args.shape)
     print(f"host: {cpu_model().describe()}")
     print(f"one decode step of {args.shape} ({sizes}), float32 unless named, best of {args.repeats} rounds, "
