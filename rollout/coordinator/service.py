@@ -50,6 +50,7 @@ from rollout.coordinator.streaming import FleetRequest, TokenStream
 from rollout.coordinator.sync import SyncRecord, WeightSync, update_source
 from rollout.engine.backend import EngineCapabilities
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.structured import ConstraintCompiler
 from rollout.engine.types import Completion
 from rollout.errors import PlacementError, ServiceClosedError, WorkerStartError, describe_error
 from rollout.local_ray import start_local_ray
@@ -107,6 +108,11 @@ class RolloutService:
         self.model_config = ModelConfig.from_pretrained(self.checkpoint)
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint)
         self._validator = PromptValidator(self.model_config, self.tokenizer, self.engine_config)
+        # structured output is compiled here too, so a bad schema or regex is refused before any send
+        self._constraints = ConstraintCompiler(
+            self.tokenizer, self.model_config.vocab_size,
+            frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids),
+        )
         # Workers resolve repo ids on their own nodes; a local directory is passed as a path.
         self._model_ref = str(self.checkpoint) if os.path.isdir(os.path.expanduser(str(model))) else str(model)
 
@@ -325,6 +331,7 @@ class RolloutService:
             self.capabilities.require("routed_experts")
         if sampling.top_logprobs:
             self.capabilities.require("top_logprobs")
+        self._check_constraint(sampling)
         dispatch = Dispatch(
             self._fleet, prompts=encoded, sampling=sampling, return_logprobs=return_logprobs, worker=worker,
             timeout=timeout,
@@ -346,6 +353,12 @@ class RolloutService:
         """One prompt's n completions, awaited on the caller's event loop (no thread per call)."""
         return await self._fleet_request(prompt, sampling, return_logprobs).completions()
 
+    def _check_constraint(self, sampling: SamplingParams) -> None:
+        """Refuse a structured-output constraint the backend cannot follow or llguidance cannot compile."""
+        if sampling.constraint is not None:
+            self.capabilities.require("structured_output")
+            self._constraints.compile(sampling)
+
     def _fleet_request(self, prompt: Prompt, sampling: SamplingParams, return_logprobs: bool) -> FleetRequest:
         self._check_open()
         if return_logprobs:
@@ -355,6 +368,7 @@ class RolloutService:
             self.capabilities.require("routed_experts")
         if sampling.top_logprobs:
             self.capabilities.require("top_logprobs")
+        self._check_constraint(sampling)
         return FleetRequest(
             self._fleet, prompt_ids=ids, sampling=sampling, return_logprobs=return_logprobs, tokenizer=self.tokenizer
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from typing import Any
 
 from rollout.engine.alternatives import MAX_TOP_LOGPROBS
 
@@ -25,6 +27,13 @@ class SamplingParams:
     # the N most likely alternatives of every generated token, with logprobs (Completion.top_logprobs;
     # rollout.engine.alternatives); 0 = off, and then nothing is computed for them
     top_logprobs: int = 0
+    # structured output (at most one; rollout.engine.structured): the text must match a
+    # JSON schema (a dict or its JSON text; {"type": "object"} for any JSON object), a regular
+    # expression (Rust regex syntax), or a Lark grammar (llguidance's dialect). Each token is
+    # drawn from the tokens the constraint allows there; its logprob stays the model's (unmasked)
+    json_schema: Any = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; store tuples so the params stay hashable.
@@ -32,7 +41,18 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.json_schema, dict):  # held as canonical JSON text: hashable, and sent as is
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
         self.validate()
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the structured-output constraint: kind "json_schema", "regex" or
+        "grammar"; None when the output is free."""
+        for kind in ("json_schema", "regex", "grammar"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
     def validate(self) -> None:
         def bad(field: str, value: object, want: str) -> ValueError:
@@ -58,6 +78,20 @@ class SamplingParams:
             raise bad("return_routed_experts", self.return_routed_experts, "a bool")
         if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] (0 = off)")
+        given = [k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams: {' and '.join(given)} are both set; a sample follows at most one constraint")
+        for kind in given:
+            if not isinstance(getattr(self, kind), str) or not getattr(self, kind):
+                want = "a JSON schema as a dict or its JSON text" if kind == "json_schema" else "a non-empty string"
+                raise bad(kind, getattr(self, kind), want)
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise bad("json_schema", self.json_schema, f"a JSON schema as a dict or valid JSON text ({e})") from None
+            if not isinstance(schema, (dict, bool)):
+                raise bad("json_schema", self.json_schema, "a JSON object (a schema), e.g. {'type': 'object'}")
 
 
 def _is_number(x: object) -> bool:

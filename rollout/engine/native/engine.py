@@ -60,6 +60,7 @@ from rollout.engine.native.scoring import Scorer
 from rollout.engine.quantized import Quantizer, check_quantization
 from rollout.engine.sampling_params import SamplingParams
 from rollout.engine.staging import StagedWeights, dummy_params, load_params, place_params
+from rollout.engine.structured import ConstraintCompiler
 from rollout.engine.types import Completion, WeightSyncError
 from rollout.engine.weight_state import WeightState, WeightVersions
 from rollout.models import invariant
@@ -109,7 +110,8 @@ class Engine(WeightVersions):
             initial = self._load(self.checkpoint, progress=progress)
         self.runner.set_params(initial, self._derive(initial) if self._quantizer else None)
         self._intake = RequestIntake(
-            PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed
+            PromptValidator(self.model_config, self.tokenizer, config), self.tokenizer, self.eos_ids, config.seed,
+            ConstraintCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids),
         )
         self._lock = threading.Condition()  # the engine's one lock: see the module docstring
         self._base = ResidentBase(self.current_params(), self.runner.derived)  # what adapters merge onto (lora.py)

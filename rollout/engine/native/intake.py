@@ -18,13 +18,18 @@ from rollout.engine.native.sampling import SamplingRow
 from rollout.engine.native.sequence import Request, Sequence
 from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.structured import ConstraintCompiler
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
 
 
 class RequestIntake:
-    def __init__(self, prompts: PromptValidator, tokenizer: Tokenizer, eos_ids: frozenset[int], seed: int):
+    def __init__(
+        self, prompts: PromptValidator, tokenizer: Tokenizer, eos_ids: frozenset[int], seed: int,
+        constraints: ConstraintCompiler,
+    ):
         self._prompts = prompts
+        self._constraints = constraints
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._rng = np.random.default_rng(seed)
@@ -33,7 +38,8 @@ class RequestIntake:
     def request(
         self, prompt: Prompt, sampling: SamplingParams, *, prompt_index: int, return_logprobs: bool, sink: Any = None
     ) -> Request:
-        """One prompt as a request. A bad prompt or sampling value raises ValueError/TypeError."""
+        """One prompt as a request. A bad prompt or sampling value (a constraint that does not
+        compile included) raises ValueError/TypeError."""
         ids = self._prompts.encode(prompt)
         self._prompts.validate(ids, sampling)
         request = self._build(ids, sampling, prompt_index, return_logprobs)
@@ -48,6 +54,7 @@ class RequestIntake:
         """Every prompt as a request (prompt_index = position); all are validated before any is
         built, and the first bad one raises naming its index."""
         encoded = self._prompts.encode_all(prompts, sampling)
+        self._constraints.compile(sampling)  # a bad constraint raises before any request is built
         return [self._build(ids, sampling, i, return_logprobs) for i, ids in enumerate(encoded)]
 
     def _build(self, ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool) -> Request:
@@ -59,7 +66,8 @@ class RequestIntake:
         request = Request(prompt_index, ids, sampling, return_logprobs, frozenset(sampling.stop_token_ids) | eos)
         request.return_routed_experts = sampling.return_routed_experts
         request.sequences = [
-            Sequence(request, i, SamplingRow.of(sampling, seed, i), TextOutput(self._tokenizer.incremental_detokenizer(), sampling.stop))
+            Sequence(request, i, SamplingRow.of(sampling, seed, i), TextOutput(self._tokenizer.incremental_detokenizer(), sampling.stop),
+                     constraint=self._constraints.compile(sampling))
             for i in range(sampling.n)
         ]
         return request

@@ -1,7 +1,8 @@
 """Per-slot sampling values and the on-device sampler.
 
 Logprobs are those of the distribution actually sampled from: log_softmax(logits / temperature),
-before top-k/top-p truncation; at temperature 0 (greedy), the raw log_softmax. Sampling works
+before top-k/top-p truncation and before a structured-output mask (`SlotSampling.allowed`, which
+only restricts the draw); at temperature 0 (greedy), the raw log_softmax. Sampling works
 on the logits shifted by their maximum *before* the division by the temperature
 (`shifted_logits`), so tokens and logprobs stay right, and logprobs finite and <= 0, at any
 temperature > 0: as the temperature goes to 0 the tokens become the greedy ones and the logprob
@@ -18,7 +19,8 @@ Top-k alternatives (SamplingParams.top_logprobs): `sample_top` also returns the 
 tokens of every row and their logprobs, `jax.lax.top_k` over the same log-softmax the sampled
 token's logprob is read from. How many is `SlotSampling.top_n`, a static (meta) field: 0 when no
 row asks (the step compiles without them, at no cost), else MAX_TOP_LOGPROBS for every row (one
-more compiled variant, not one per N); each sample keeps the N it asked for.
+more compiled variant, not one per N); each sample keeps the N it asked for. Likewise a batch
+with a structured-output row carries `allowed` (one more variant) and a batch without does not.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 from rollout.engine.alternatives import MAX_TOP_LOGPROBS
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.structured import TokenConstraint, bitmask_rows
 from rollout.models import invariant
 
 # The smallest normal float32: positive temperatures below it are served as it (see above).
@@ -74,10 +77,15 @@ class SlotSampling:
     seed: jax.Array  # int32
     sample_index: jax.Array  # int32
     top_n: int = 0  # static: alternatives per row that `sample_top` computes (0 or MAX_TOP_LOGPROBS)
+    # structured output: (slots, ceil(vocab / 32)) int32, token t allowed where bit t % 32 of word
+    # t // 32 is set (rollout.engine.structured); None (no leaf): every token allowed
+    allowed: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    SlotSampling, data_fields=["temperature", "top_k", "top_p", "seed", "sample_index"], meta_fields=["top_n"]
+    SlotSampling,
+    data_fields=["temperature", "top_k", "top_p", "seed", "sample_index", "allowed"],
+    meta_fields=["top_n"],
 )
 
 
@@ -105,21 +113,27 @@ def _sample(
     temp = jnp.where(greedy, 1.0, params.temperature)[:, None]
     scaled = shifted_logits(logits, temp)
     weights = jnp.exp(scaled)  # the draw's weights before truncation, and the softmax's terms
+    # the draw (or argmax) sees only the allowed tokens; logprobs stay those of the full softmax
+    choice, choice_weights = scaled, weights
+    if params.allowed is not None:
+        choice = shifted_logits(jnp.where(unpack_bitmask(params.allowed, logits.shape[-1]), logits, -jnp.inf), temp)
+        choice_weights = jnp.exp(choice)
 
-    def draw(scaled: jax.Array) -> jax.Array:
+    def draw(choice: jax.Array) -> jax.Array:
         needs_truncation = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
-        truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, scaled, params.top_k, params.top_p)
+        truncated = jax.lax.cond(needs_truncation, _truncate, lambda s, *_: s, choice, params.top_k, params.top_p)
         keys = sample_keys(params.seed, params.sample_index, position)
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys)  # (S, 2)
-        # A greedy row draws from a point mass on its maxima (exactly 0 in `scaled`) with u = 0:
+        # A greedy row draws from a point mass on its maxima (exactly 0 in `choice`) with u = 0:
         # the first of them, as first_argmax takes.
-        kept = jnp.where(truncated == -jnp.inf, 0.0, weights)  # exp(truncated): truncation only masks
-        point_mass = (scaled == 0.0).astype(jnp.float32)
+        kept = jnp.where(truncated == -jnp.inf, 0.0, choice_weights)  # exp(truncated): truncation only masks
+        point_mass = (choice == 0.0).astype(jnp.float32)
         return inverse_cdf(jnp.where(greedy[:, None], point_mass, kept), jnp.where(greedy[:, None], 0.0, uniform))
 
     # An all-greedy batch skips the draw and the sort entirely.
-    tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, scaled)
-    # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated.
+    tokens = jax.lax.cond(jnp.any(~greedy), draw, first_argmax, choice)
+    # log_softmax(scaled) at the chosen token: the distribution sampled from, untruncated and
+    # unmasked (a constrained sample's logprob is the model's, as a trainer's forward gives it).
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     log_total = jnp.log(invariant.row_sum(weights))  # per row in batch-invariant mode
     return tokens, picked - log_total, scaled, log_total
@@ -138,6 +152,16 @@ def sample_top(
         return tokens, logprobs, (jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32))
     top_values, top_ids = jax.lax.top_k(scaled, min(params.top_n, logits.shape[-1]))
     return tokens, logprobs, (top_ids.astype(jnp.int32), top_values - log_total[:, None])
+
+
+def unpack_bitmask(words: jax.Array, vocab: int) -> jax.Array:
+    """(S, W) int32 bit words -> (S, vocab) bool: token t is bit t % 32 of word t // 32.
+
+    >>> unpack_bitmask(jnp.array([[0b101]], jnp.int32), 4).tolist()
+    [[True, False, True, False]]
+    """
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # (S, W, 32), arithmetic shift: bit 31 too
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
 
 
 def shifted_logits(logits: jax.Array, temp: jax.Array) -> jax.Array:
@@ -252,3 +276,10 @@ def stack_sampling(rows: Sequence[SamplingRow], slots: int) -> SlotSampling:
         sample_index=jnp.asarray([r.sample_index for r in rows], jnp.int32),
         top_n=top_n,
     )
+
+
+def with_masks(sampling: SlotSampling, constraints: Sequence[TokenConstraint | None]) -> SlotSampling:
+    """`sampling` with the structured-output masks of the constrained rows (row i:
+    constraints[i]), or as it is when none is (no `allowed` leaf: the unconstrained executable)."""
+    mask = bitmask_rows(constraints, int(sampling.temperature.shape[0]))
+    return sampling if mask is None else dataclasses.replace(sampling, allowed=jnp.asarray(mask))

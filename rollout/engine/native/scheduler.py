@@ -34,7 +34,7 @@ import numpy as np
 from rollout.engine.config import EngineConfig
 from rollout.engine.native.runner import ModelRunner, Params
 from rollout.engine.native.runner_api import Runner
-from rollout.engine.native.sampling import stack_sampling
+from rollout.engine.native.sampling import stack_sampling, with_masks
 from rollout.engine.native.sequence import Request, RequestFuture, Sequence
 from rollout.engine.native.slots import SlotTable
 from rollout.engine.types import Completion, EngineClosedError
@@ -269,7 +269,8 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             seq = sequences[slot] if slot < self.slots.max_batch else None
             if seq is None:
                 continue
-            for k in range(len(tokens)):
+            # a constrained sample takes the call's first token only: its mask held for that one
+            for k in range(1 if seq.constraint is not None else len(tokens)):
                 top = None if alternatives is None else (alternatives[0][k, row], alternatives[1][k, row])
                 if self._accept(seq, tokens[k][row], logprobs[k][row], None if host is None else host[k, row][None], top):
                     break
@@ -343,7 +344,8 @@ class Scheduler(BaseScheduler[ModelRunner]):
                 dst.append(seq.slot)
                 src.append(row)
                 rows.append(seq.sampling)
-        tokens, logprobs, routes = self._runner.prefill(contexts, dst, src, stack_sampling(rows, self._config.max_batch))
+        sampling = with_masks(stack_sampling(rows, self._config.max_batch), [s.constraint for g in groups for s in g])
+        tokens, logprobs, routes = self._runner.prefill(contexts, dst, src, sampling)
         self._accept_prefilled(groups, tokens, logprobs, routes, self._runner.alternatives)
 
     def _decode(self) -> None:

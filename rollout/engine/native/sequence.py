@@ -23,6 +23,7 @@ from rollout.engine.alternatives import TopLogprobs
 from rollout.engine.native.sampling import SamplingRow
 from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
+from rollout.engine.structured import TokenConstraint
 from rollout.engine.types import Completion
 
 
@@ -82,6 +83,8 @@ class Sequence:
     routes: list[np.ndarray] = dataclasses.field(default_factory=list)
     # per token, its top-k alternatives (ids, logprobs), (top_logprobs,) each, when asked for
     top: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    # structured output: what it may take next (rollout.engine.structured); None = free
+    constraint: TokenConstraint | None = None
 
     def context(self) -> list[int]:
         """Prompt + generated tokens: what a re-prefill of this sequence reads."""
@@ -117,7 +120,8 @@ class Sequence:
             fed = len(self.request.prompt_ids) + len(self.tokens) - 1
             del self.routes[fed - len(routes) :]
             self.routes.extend(routes)
-        if self.text.push(token) or token in self.request.stop_ids:
+        complete = self.constraint is not None and self.constraint.accept(token)  # its grammar admits no more
+        if self.text.push(token) or token in self.request.stop_ids or complete:
             reason = "stop"
         elif len(self.tokens) >= self.request.sampling.max_tokens:
             reason = "length"

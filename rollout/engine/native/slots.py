@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from rollout.engine.native.sampling import IDLE_ROW, SlotSampling, stack_sampling
+from rollout.engine.native.sampling import IDLE_ROW, SlotSampling, stack_sampling, with_masks
 from rollout.engine.native.sequence import Sequence
 
 
@@ -103,12 +103,14 @@ class SlotTable:
         else:
             active = [slot for slot, s in enumerate(self.sequences) if s is not None] if only is None else only
             order = tuple(active + [max_batch] * (rows - len(active)))
+        seqs = [self.sequences[s] if s < max_batch else None for s in order]
         if order not in self._sampling:
             if len(self._sampling) >= 4:  # a moving split point makes new orders: keep a few
                 self._sampling.clear()
-            seqs = [self.sequences[s] if s < max_batch else None for s in order]
             self._sampling[order] = stack_sampling([s.sampling if s else IDLE_ROW for s in seqs], rows)
         slots = np.asarray(order, np.int32)
         positions = np.append(self.positions, self.max_seq_len)[slots]  # index max_batch: padding
         tokens = np.append(self.tokens, 0)[slots]
-        return DecodeBatch(order, slots, tokens, positions, self._sampling[order])
+        # structured output: this step's masks, made anew each call (the cached rows stay free)
+        constraints = [s.constraint if s else None for s in seqs]
+        return DecodeBatch(order, slots, tokens, positions, with_masks(self._sampling[order], constraints))

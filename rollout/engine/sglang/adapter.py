@@ -427,6 +427,8 @@ class SglangEngine(WeightVersions):
             raise logprobs_unavailable(self.sglang_version, self.devices[0].platform)
         if sampling.top_logprobs:
             raise FeatureUnavailableError(requirements.top_logprobs_message(self.sglang_version, self.devices[0].platform))
+        if sampling.constraint is not None:
+            raise FeatureUnavailableError(requirements.structured_output_message())
         ids = self.encode_prompt(prompt)
         self.prompts.validate(ids, sampling)
         if sampling.ignore_eos and sampling.stop_token_ids:

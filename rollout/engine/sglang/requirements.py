@@ -76,6 +76,13 @@ def top_logprobs_message(version: str = "0.0.2", platform: str = "cpu") -> str:
     )
 
 
+def structured_output_message() -> str:
+    return (
+        "structured output (SamplingParams json_schema / regex / grammar) is not available with "
+        "engine='sglang-jax': this adapter passes no constraints to it; use engine='native'"
+    )
+
+
 def capabilities(version: str, platform: str) -> EngineCapabilities:
     """What this backend cannot do, and why (the coordinator refuses those requests up front)."""
     return EngineCapabilities(
@@ -85,6 +92,7 @@ def capabilities(version: str, platform: str) -> EngineCapabilities:
             "routed_experts": routed_experts_message(version),
             "hidden_states": hidden_states_message(version),
             "top_logprobs": top_logprobs_message(version, platform),
+            "structured_output": structured_output_message(),
         }
     )
 

@@ -46,7 +46,7 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.native.kv.paged.admission import LengthEstimate, PlanRow, PoolPlan
 from rollout.engine.native.kv.paged.pool import PagePool, pages_for
 from rollout.engine.native.kv.paged.runner import PagedRunner
-from rollout.engine.native.sampling import stack_sampling
+from rollout.engine.native.sampling import stack_sampling, with_masks
 from rollout.engine.native.scheduler import BaseScheduler
 from rollout.engine.native.sequence import Request, Sequence
 from rollout.engine.weight_state import PendingSwap, WeightState
@@ -228,9 +228,8 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
         rows = [seq.sampling for group in groups for seq in group]
         tables = [[self.pool.table(seq) for seq in group] for group in groups]
         starts = [self._starts.pop(group[0], 0) for group in groups]
-        tokens, logprobs, routes = self._runner.prefill(
-            contexts, tables, stack_sampling(rows, self._config.max_batch), starts
-        )
+        sampling = with_masks(stack_sampling(rows, self._config.max_batch), [s.constraint for g in groups for s in g])
+        tokens, logprobs, routes = self._runner.prefill(contexts, tables, sampling, starts)
         self.prefill_tokens += sum(len(c) - start for c, start in zip(contexts, starts))
         for context, group in zip(contexts, groups):  # before any of them can finish and free its pages
             self.pool.register(group[0], context, self._weights.serving)

@@ -1,0 +1,138 @@
+"""Structured output: the tokens a sample may take next under its JSON schema, regex or grammar.
+
+The constraint of `SamplingParams` (json_schema / regex / grammar) is compiled by llguidance
+(guidance-ai/llguidance: a Rust matcher over the checkpoint's own tokenizer, which computes the
+allowed-token mask of a state in well under a millisecond; a library rather than our own code,
+since mask computation over a 150k-token byte-level vocabulary is the whole difficulty). Each
+sample of a constrained request holds its own `TokenConstraint`:
+
+- before a forward samples its next token, the scheduler asks every constrained row for its
+  mask (`bitmask_rows`): (rows, ceil(vocab / 32)) int32 bits, token t allowed where bit
+  t % 32 of word t // 32 is set; unconstrained rows allow every token;
+- the native sampler (rollout.engine.native.sampling, `with_masks`) draws only among allowed tokens (greedy takes
+  the best allowed one), and reports the token's logprob under the model's unmasked
+  distribution: what a trainer's forward computes for it;
+- the accepted token advances the matcher (`accept`); a sample whose grammar is complete and
+  admits nothing more finishes "stop".
+
+A decode call runs `decode_steps` steps on the device, but a mask holds for one token only: a
+constrained sample takes the first token of a call and drops the rest (they were drawn under
+the same, by then stale, mask), so it advances one token per call while free samples in the
+same batch advance `decode_steps`. The dropped steps' KV entries lie past the sample's
+position, where the next call writes its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rollout.engine.sampling_params import SamplingParams
+    from rollout.tokenizer import Tokenizer
+
+log = logging.getLogger("rollout.engine")
+
+# JSON as json.dumps writes it (", " and ": ", no other whitespace) unless the schema's own
+# "x-guidance" options say otherwise: with any whitespace allowed, a sampled policy can spend
+# its whole budget on newlines inside braces (seen on random weights), and trainers see one
+# canonical layout.
+JSON_DEFAULTS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # JsonCompileOptions
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row's mask: one bit per token id.
+
+    >>> bitmask_words(32), bitmask_words(33), bitmask_words(151936)
+    (1, 2, 4748)
+    """
+    return -(-vocab_size // 32)
+
+
+class TokenConstraint:
+    """One sample's matcher: which tokens it may take next, advanced by each accepted token."""
+
+    def __init__(self, matcher: Any, words: int):
+        self._matcher = matcher
+        self.words = words  # int32 words of its mask rows (`bitmask_words` of the model's vocab)
+
+    def fill(self, row: np.ndarray) -> None:
+        """Write the allowed-token bits of the next position into `row` (words,) int32."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, row[None], 0)
+
+    def accept(self, token: int) -> bool:
+        """Advance past `token`; True when the sample must stop: the grammar is complete and
+        admits no more tokens (or the token broke it, which the mask rules out: logged)."""
+        if not self._matcher.consume_token(token):
+            log.warning("structured output: token %d was refused by its constraint: %s", token, self._matcher.get_error())
+            return True
+        return bool(self._matcher.is_stopped())
+
+    def copy(self) -> TokenConstraint:
+        return TokenConstraint(self._matcher.deep_copy(), self.words)
+
+
+class ConstraintCompiler:
+    """Compiles `SamplingParams` constraints for one checkpoint's tokenizer and vocabulary.
+
+    `vocab_size` is the model's (its logits' width), which may exceed the tokenizer's: ids with
+    no token are never allowed. The llguidance tokenizer is built once, on first use (~1 s for
+    a 150k vocabulary).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: frozenset[int]):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos_ids = sorted(eos_ids)
+
+    @functools.cached_property
+    def _ll_tokenizer(self) -> Any:
+        try:
+            import llguidance
+        except ImportError as e:  # a dependency of rollout: only a broken install lacks it
+            raise RuntimeError(f"structured output needs llguidance (pip install llguidance): {e}") from e
+        return llguidance.LLTokenizer(
+            self._tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos_ids or None
+        )
+
+    def compile(self, sampling: SamplingParams) -> TokenConstraint | None:
+        """The constraint of `sampling` at its start, or None when it has none. A schema,
+        regex or grammar llguidance cannot compile raises ValueError naming it."""
+        constraint = sampling.constraint
+        if constraint is None:
+            return None
+        import llguidance
+
+        kind, text = constraint
+        if kind == "json_schema":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_DEFAULTS)
+        elif kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(text)
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._ll_tokenizer)
+        if is_error:
+            raise ValueError(f"SamplingParams.{kind} could not be compiled: {messages[0]}; fix the {kind.replace('_', ' ')}")
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"SamplingParams.{kind} could not be compiled: {matcher.get_error()}")
+        return TokenConstraint(matcher, bitmask_words(self.vocab_size))
+
+
+def bitmask_rows(constraints: Sequence[TokenConstraint | None], rows: int) -> np.ndarray | None:
+    """(rows, words) int32 masks, row i from constraints[i] and every token allowed in the
+    other rows (padding included); None when no row is constrained."""
+    present = [c for c in constraints if c is not None]
+    if not present:
+        return None
+    mask = np.full((rows, present[0].words), -1, np.int32)
+    for i, constraint in enumerate(constraints):
+        if constraint is not None:
+            constraint.fill(mask[i])
+    return mask
