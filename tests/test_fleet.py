@@ -194,6 +194,7 @@ def test_near_zero_temperatures_give_the_greedy_tokens_and_finite_logprobs(servi
         ([], {"max_tokens": 3}, "sampling must be a rollout.SamplingParams"),
         ([[1, 2]], rollout.SamplingParams(n=9, max_tokens=4), "n=9 samples cannot run together in max_batch=8"),
         ("just a string", GREEDY, "prompts must be a list"),
+        ([[1, 2]], rollout.SamplingParams(max_tokens=4, regex="(unclosed"), "regex could not be compiled"),
     ],
 )
 def test_bad_requests_are_refused_on_the_driver_before_anything_is_queued(service, prompts, sampling, error):
@@ -201,6 +202,16 @@ def test_bad_requests_are_refused_on_the_driver_before_anything_is_queued(servic
     with pytest.raises((ValueError, TypeError), match=error):
         service.generate(prompts, sampling)
     assert routed(service) == before
+
+
+def test_structured_output_runs_on_the_workers_and_each_sample_matches_its_regex(service):
+    import re
+
+    sampling = rollout.SamplingParams(max_tokens=12, temperature=1.0, seed=7, n=2, regex="(red|green|blue)-[0-9]{2}")
+    completions = service.generate(PROMPTS, sampling)
+    assert len(completions) == 2 * len(PROMPTS)
+    for c in completions:
+        assert re.fullmatch("(red|green|blue)-[0-9]{2}", c.text) and c.finish_reason == "stop", c.text
 
 
 def test_generate_async_yields_every_completion_once_as_prompts_finish(service):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import threading
 import time
@@ -346,6 +347,28 @@ def test_stop_token_ids_end_the_sample(client, server):
     assert out.finish_reason == "stop"
 
 
+def test_chat_response_format_json_schema_gives_json_that_validates(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "rain": {"type": "boolean"}},
+              "required": ["city", "rain"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather?"}], max_tokens=40, n=2, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}},
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_completion_regex_extra_is_followed_in_stream_and_not(client):
+    pattern = "(up|down)-[0-9]"
+    request = dict(model=MODEL, prompt="Go", max_tokens=8, seed=1, extra_body={"regex": pattern})
+    whole = client.completions.create(**request).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**request, stream=True) if c.choices)
+    assert re.fullmatch(pattern, whole) and streamed == whole
+
+
 # -- errors and auth -----------------------------------------------------------------------------
 
 
@@ -357,6 +380,8 @@ def test_stop_token_ids_end_the_sample(client, server):
     (dict(logprobs=21), "logprobs"),  # more alternatives than OpenAI's limit of 20
     (dict(extra_body={"top_k": -5}), "top_k"),
     (dict(prompt=[10**7]), "prompt"),  # out of the vocabulary
+    (dict(extra_body={"response_format": {"type": "yaml"}}), "response_format"),
+    (dict(extra_body={"regex": "a+", "grammar": 'start: "a"'}), "response_format"),  # two constraints
 ])
 def test_invalid_values_get_400_and_queue_nothing(client, server, kwargs, param):
     before = routed(server)
@@ -373,6 +398,11 @@ def test_chat_top_logprobs_over_the_limit_refused_with_400_naming_it(client):
     with pytest.raises(openai.BadRequestError, match=r"top_logprobs=21 .*\[0, 20\]"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                        logprobs=True, top_logprobs=21)
+
+
+def test_a_regex_that_does_not_compile_gets_400_saying_why(client):
+    with pytest.raises(openai.BadRequestError, match="regex could not be compiled"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"regex": "(unclosed"})
 
 
 def test_unknown_model_gets_404(client):

@@ -63,6 +63,14 @@ def test_its_capabilities_refuse_top_logprobs_saying_why_and_what_to_use():
         caps.require("top_logprobs")
 
 
+def test_its_capabilities_refuse_structured_output_saying_to_use_the_native_engine():
+    from rollout.engine.backend import FeatureUnavailableError
+
+    caps = requirements.capabilities("0.0.2", "cpu")
+    with pytest.raises(FeatureUnavailableError, match=r"structured output .*engine='sglang-jax'.*engine='native'"):
+        caps.require("structured_output")
+
+
 def test_a_backend_that_declares_no_capabilities_can_do_everything():
     from rollout.engine.backend import FULL_CAPABILITIES, capabilities_of
 

@@ -8,7 +8,9 @@ layers][top_k], on a stream in the sample's last chunk), and for chat
 `chat_template_kwargs` / `enable_thinking` (passed to the chat template, like transformers'
 `apply_chat_template(**kwargs)`), and `prompt_token_ids` (the conversation so far as token ids,
 exactly as returned; `messages` then holds only the messages after it, so nothing sampled
-is re-tokenized). With `tools`, calls the model writes come back as OpenAI `tool_calls`
+is re-tokenized). Structured output: OpenAI's `response_format` (json_object, json_schema) on
+both endpoints, and the extras `regex` and `grammar` (a Lark grammar); see
+rollout.engine.structured. With `tools`, calls the model writes come back as OpenAI `tool_calls`
 (rollout.server.tool_calls; `tool_choice` in rollout.server.translate). Unknown fields are
 ignored, as OpenAI-compatible servers do;
 known OpenAI features this server does not implement are refused with a 400 rather than
@@ -48,6 +50,11 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     return_token_ids: bool = False
     return_routed_experts: bool = False  # MoE models: each choice's routed_experts (routing replay)
+    # structured output: OpenAI's {"type": "json_object"} / {"type": "json_schema", "json_schema":
+    # {"schema": ...}} ("text": free), or the extras `regex` / `grammar` (Lark); at most one
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def unsupported(self) -> list[str]:
         out = []
@@ -88,7 +95,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool | None = None  # every call the model writes is returned either way
-    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
     add_generation_prompt: bool = True
@@ -96,11 +102,6 @@ class ChatCompletionRequest(_Sampling):
     # `messages` then holds only the messages after it (rollout.server.translate.continued_prompt)
     prompt_token_ids: list[int] | None = None
 
-    def unsupported(self) -> list[str]:
-        out = super().unsupported()
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            out.append("response_format")
-        return out
 
 
 class WeightsRequest(BaseModel):

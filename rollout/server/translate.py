@@ -188,6 +188,35 @@ def _template_call(call: Any, index: int) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
+def constraint(req: _Sampling) -> dict[str, Any]:
+    """The SamplingParams structured-output field of the request (json_schema / regex /
+    grammar), {} when its output is free; a 400 for an unknown or malformed response_format or
+    more than one constraint."""
+    fields: dict[str, Any] = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        kind = fmt.get("type")
+        if kind == "json_object":
+            fields["json_schema"] = {"type": "object"}
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise bad_request("response_format json_schema needs {'type': 'json_schema', 'json_schema': "
+                                  "{'name': ..., 'schema': {a JSON schema object}}}", "response_format")
+            fields["json_schema"] = schema
+        else:
+            raise bad_request(f"response_format type {kind!r} is not supported: expected 'text', 'json_object' or "
+                              "'json_schema'", "response_format")
+    for name in ("regex", "grammar"):
+        if getattr(req, name) is not None:
+            fields[name] = getattr(req, name)
+    if len(fields) > 1:
+        raise bad_request(f"{' and '.join(fields)} are both set (response_format gives json_schema); a request "
+                          "follows at most one constraint", "response_format")
+    return fields
+
+
 def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequence[int], max_seq_len: int,
                     top_logprobs: int = 0) -> SamplingParams:
     """SamplingParams for the request; ValueError (a 400) for values out of range.
@@ -216,6 +245,7 @@ def sampling_params(req: _Sampling, max_tokens: int | None, prompt_lens: Sequenc
             ignore_eos=req.ignore_eos,
             return_routed_experts=req.return_routed_experts,
             top_logprobs=top_logprobs,
+            **constraint(req),
         )
     except ValueError as err:
         field = str(err).split("=")[0].removeprefix("SamplingParams.")

@@ -55,7 +55,7 @@ def test_fleet_refuses_score_on_the_caller_from_the_backends_capabilities(fleet,
     from rollout.engine.backend import FeatureUnavailableError
 
     assert set(fleet.capabilities.unavailable) == {
-        "logprobs", "score", "routed_experts", "lora", "top_logprobs", "hidden_states"
+        "logprobs", "score", "routed_experts", "lora", "top_logprobs", "hidden_states", "structured_output"
     }
     with pytest.raises(FeatureUnavailableError, match=r"score\(\) is not available with engine='sglang-jax'"):
         fleet.score(refs["prompts"][:1], [[1, 2, 3]])
