@@ -1,25 +1,23 @@
 """Structured output: the tokens a sample may take next under its JSON schema, regex or grammar.
 
 The constraint of `SamplingParams` (json_schema / regex / grammar) is compiled by llguidance
-(guidance-ai/llguidance: a Rust matcher over the checkpoint's own tokenizer, which computes the
-allowed-token mask of a state in well under a millisecond; a library rather than our own code,
-since mask computation over a 150k-token byte-level vocabulary is the whole difficulty). Each
-sample of a constrained request holds its own `TokenConstraint`:
+(guidance-ai/llguidance: a Rust matcher over the checkpoint's own tokenizer that computes the
+allowed-token mask of a state on the host; a library rather than our own code, since mask
+computation over a 150k-token byte-level vocabulary is the whole difficulty). Each sample of a
+constrained request holds its own `TokenConstraint`:
 
 - before a forward samples its next token, the scheduler asks every constrained row for its
   mask (`bitmask_rows`): (rows, ceil(vocab / 32)) int32 bits, token t allowed where bit
   t % 32 of word t // 32 is set; unconstrained rows allow every token;
-- the native sampler (rollout.engine.native.sampling, `with_masks`) draws only among allowed tokens (greedy takes
-  the best allowed one), and reports the token's logprob under the model's unmasked
-  distribution: what a trainer's forward computes for it;
+- the native sampler (rollout.engine.native.sampling, `with_masks`) draws only among allowed
+  tokens (greedy takes the best allowed one), and reports the token's logprob under the
+  model's unmasked distribution: what a trainer's forward computes for it;
 - the accepted token advances the matcher (`accept`); a sample whose grammar is complete and
   admits nothing more finishes "stop".
 
-A decode call runs `decode_steps` steps on the device, but a mask holds for one token only: a
-constrained sample takes the first token of a call and drops the rest (they were drawn under
-the same, by then stale, mask), so it advances one token per call while free samples in the
-same batch advance `decode_steps`. The dropped steps' KV entries lie past the sample's
-position, where the next call writes its own.
+A mask holds for one token, so a decode call with a constrained row runs one step instead of
+`decode_steps` (`constrained_steps`): free samples in the same call advance one token per call
+too, at the cost of more host round trips (~15% of tokens/s at batch 1 on a CPU host).
 """
 
 from __future__ import annotations

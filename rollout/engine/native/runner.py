@@ -80,7 +80,7 @@ class ModelRunner:
         # batch_invariant: the model traced in rollout.models.invariant's mode
         self._prefill = jax.jit(invariant.traced(self._prefill_impl, batch_invariant), donate_argnums=(2,))
         self._decode = jax.jit(
-            invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("kv_len",)
+            invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("kv_len", "steps")
         )
 
     # -- compiled functions -------------------------------------------------------------------
@@ -96,7 +96,7 @@ class ModelRunner:
         return new_tokens, logprobs, cache, recorder.routes(tokens.shape), top  # routes (B, P, moe layers, k)
 
     def _decode_impl(
-        self, params, derived, cache, slot_ids, tokens, positions, sampling: SlotSampling, *, kv_len: int
+        self, params, derived, cache, slot_ids, tokens, positions, sampling: SlotSampling, *, kv_len: int, steps: int
     ):
         model = self.model_def.bind(params)
         in_place = slot_ids.shape[0] == self.max_batch  # decode() checked that row i is slot i
@@ -111,7 +111,7 @@ class ModelRunner:
             return (cache, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0], top)
 
         (cache, _, _), (toks, lps, routes, top) = jax.lax.scan(
-            step, (cache, tokens, positions), None, length=self.decode_steps
+            step, (cache, tokens, positions), None, length=steps
         )
         # (K, B) each; routes (K, B, moe layers, k) of the fed tokens; top: ids, logprobs (K, B, top_n)
         return toks, lps, cache, routes, top
@@ -166,9 +166,10 @@ class ModelRunner:
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
-        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
+        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling,
+        steps: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-        """Run `decode_steps` steps for the given slots only.
+        """Run `steps` (default `decode_steps`) steps for the given slots only.
 
         slots, tokens, positions (B,) with B from `decode_batch`; padding rows carry slot id
         max_batch. With B == max_batch, row i must be slot i and idle slots are the padding
@@ -182,7 +183,8 @@ class ModelRunner:
             raise ValueError(f"a full decode batch must list slots in order 0..{self.max_batch - 1}, got {slots}")
         real = (slots < self.max_batch) & (positions < self.max_seq_len)
         top = int(positions[real].max()) if real.any() else 0
-        kv_len = min(pow2_at_least(top + self.decode_steps + 1, 64), self.max_seq_len)
+        steps = steps or self.decode_steps
+        kv_len = min(pow2_at_least(top + steps + 1, 64), self.max_seq_len)
         toks, lps, self.cache, routes, top = self._decode(
             self.params,
             self.derived,
@@ -192,6 +194,7 @@ class ModelRunner:
             positions.astype(np.int32),
             sampling,
             kv_len=kv_len,
+            steps=steps,
         )
         self.alternatives = alternatives_to_host(top, sampling)
         return np.asarray(toks), np.asarray(lps), routes

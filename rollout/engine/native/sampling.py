@@ -283,3 +283,10 @@ def with_masks(sampling: SlotSampling, constraints: Sequence[TokenConstraint | N
     constraints[i]), or as it is when none is (no `allowed` leaf: the unconstrained executable)."""
     mask = bitmask_rows(constraints, int(sampling.temperature.shape[0]))
     return sampling if mask is None else dataclasses.replace(sampling, allowed=jnp.asarray(mask))
+
+
+def constrained_steps(sampling: SlotSampling) -> int | None:
+    """Decode steps for a call with these rows: 1 when a row carries a structured-output mask
+    (it holds for one token; the matcher on the host makes the next), else None (the runner's
+    `decode_steps`)."""
+    return 1 if sampling.allowed is not None else None

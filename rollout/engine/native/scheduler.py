@@ -34,7 +34,7 @@ import numpy as np
 from rollout.engine.config import EngineConfig
 from rollout.engine.native.runner import ModelRunner, Params
 from rollout.engine.native.runner_api import Runner
-from rollout.engine.native.sampling import stack_sampling, with_masks
+from rollout.engine.native.sampling import constrained_steps, stack_sampling, with_masks
 from rollout.engine.native.sequence import Request, RequestFuture, Sequence
 from rollout.engine.native.slots import SlotTable
 from rollout.engine.types import Completion, EngineClosedError
@@ -269,8 +269,7 @@ class BaseScheduler(abc.ABC, Generic[RunnerT]):
             seq = sequences[slot] if slot < self.slots.max_batch else None
             if seq is None:
                 continue
-            # a constrained sample takes the call's first token only: its mask held for that one
-            for k in range(1 if seq.constraint is not None else len(tokens)):
+            for k in range(len(tokens)):
                 top = None if alternatives is None else (alternatives[0][k, row], alternatives[1][k, row])
                 if self._accept(seq, tokens[k][row], logprobs[k][row], None if host is None else host[k, row][None], top):
                     break
@@ -350,5 +349,7 @@ class Scheduler(BaseScheduler[ModelRunner]):
 
     def _decode(self) -> None:
         batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
-        tokens, logprobs, routes = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
+        tokens, logprobs, routes = self._runner.decode(
+            batch.slots, batch.tokens, batch.positions, batch.sampling, constrained_steps(batch.sampling)
+        )
         self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes, self._runner.alternatives)  # (K, B)

@@ -171,7 +171,7 @@ class PagedRunner:
         self._prefill = jax.jit(invariant.traced(self._prefill_impl, batch_invariant), donate_argnums=(2,))
         self._prefill_cached = jax.jit(invariant.traced(self._prefill_cached_impl, batch_invariant), donate_argnums=(2,))
         self._decode = jax.jit(
-            invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("span",)
+            invariant.traced(self._decode_impl, batch_invariant), donate_argnums=(2,), static_argnames=("span", "steps")
         )
         # the last call's top-k alternatives on the host, or None (see ModelRunner.alternatives)
         self.alternatives: tuple[np.ndarray, np.ndarray] | None = None
@@ -202,10 +202,12 @@ class PagedRunner:
         new_tokens, logprobs, top = sample_top(logits[src_rows], sampling, (starts + lengths)[src_rows])
         return new_tokens, logprobs, pool, recorder.routes(tokens.shape), top  # routes of the rows run only
 
-    def _decode_impl(self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int):
+    def _decode_impl(
+        self, params, derived, pool, page_table, tokens, positions, sampling: SlotSampling, *, span: int, steps: int
+    ):
         model = self.model_def.bind(params)
         if self.gathers_once(page_table.shape[0], span):
-            return self._decode_block(model, derived, pool, page_table, tokens, positions, sampling, span)
+            return self._decode_block(model, derived, pool, page_table, tokens, positions, sampling, span, steps)
 
         def step(carry, _):
             pool, tok, pos = carry
@@ -217,7 +219,7 @@ class PagedRunner:
             nxt, lp, top = sample_top(logits, sampling, pos + 1)
             return (pool, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0], top)
 
-        (pool, _, _), (toks, lps, routes, top) = jax.lax.scan(step, (pool, tokens, positions), None, length=self.decode_steps)
+        (pool, _, _), (toks, lps, routes, top) = jax.lax.scan(step, (pool, tokens, positions), None, length=steps)
         # (K, B) each; routes (K, B, moe layers, k) of the fed tokens; top: ids, logprobs (K, B, top_n)
         return toks, lps, pool, routes, top
 
@@ -231,7 +233,9 @@ class PagedRunner:
         per_position = cfg.num_kv_heads * cfg.head_dim * np.dtype(self.model_def.dtype).itemsize
         return 2 * cfg.num_layers * rows * span * self.page_size * per_position
 
-    def _decode_block(self, model, derived, pool, page_table, tokens, positions, sampling: SlotSampling, span: int):
+    def _decode_block(
+        self, model, derived, pool, page_table, tokens, positions, sampling: SlotSampling, span: int, steps: int
+    ):
         """The XLA path: gather the rows' pages once, run the call's steps on the dense block as
         the contiguous decode does (row i is slot i, in place), write the new positions back."""
         block = forward.gather_rows(pool, page_table, span)
@@ -250,9 +254,9 @@ class PagedRunner:
             return (block, nxt, pos + 1), (nxt, lp, recorder.routes(tok[:, None].shape)[:, 0], top)
 
         (block, _, _), (toks, lps, routes, top) = jax.lax.scan(
-            step, (block, tokens, positions), None, length=self.decode_steps
+            step, (block, tokens, positions), None, length=steps
         )
-        return toks, lps, forward.write_rows(pool, block, page_table, positions, self.decode_steps), routes, top
+        return toks, lps, forward.write_rows(pool, block, page_table, positions, steps), routes, top
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -315,10 +319,11 @@ class PagedRunner:
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
-        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
+        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling,
+        steps: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-        """Run `decode_steps` steps for the rows of `tables` (None: a padding row), padded to
-        `decode_batch(len(tables))` rows.
+        """Run `steps` (default `decode_steps`) steps for the rows of `tables` (None: a padding
+        row), padded to `decode_batch(len(tables))` rows.
 
         tables[i] should cover positions [0, positions[i] + decode_steps) (`PagePool.grow`):
         writes past a row's pages are dropped, so steps there give meaningless tokens (fine
@@ -327,15 +332,16 @@ class PagedRunner:
         the experts of each step's fed token (K, rows, moe layers, k), left on the devices.
         """
         assert self.params is not None, "set_params() before generating"
-        table, tok, pos, span = self.decode_inputs(tables, tokens, positions)
+        steps = steps or self.decode_steps
+        table, tok, pos, span = self.decode_inputs(tables, tokens, positions, steps)
         toks, lps, self.pool, routes, top = self._decode(
-            self.params, self.derived, self.pool, table, tok, pos, sampling, span=span
+            self.params, self.derived, self.pool, table, tok, pos, sampling, span=span, steps=steps
         )
         self.alternatives = alternatives_to_host(top, sampling)
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode_inputs(
-        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray
+        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, steps: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """The padded arrays and span bucket `decode` runs: page table (rows, width), tokens and
         positions (rows,), with rows = decode_batch(len(tables)), and the span in pages."""
@@ -352,7 +358,7 @@ class PagedRunner:
             table[i, : len(pages)] = pages
             tok[i] = tokens[i]
             pos[i] = positions[i]
-            top = max(top, int(positions[i]) + self.decode_steps)
+            top = max(top, int(positions[i]) + (steps or self.decode_steps))
         return table, tok, pos, self.span_pages(top)
 
     def span_pages(self, top: int) -> int:
