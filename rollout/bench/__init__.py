@@ -12,5 +12,6 @@ BENCHMARKS = {
     "serve": "rollout.bench.serve",  # the HTTP server against the Python API (needs the serve extra)
     "backends": "rollout.bench.backends",  # native vs sglang-jax vs transformers, same checkpoint (head_dim 128)
     "levers": "rollout.bench.levers",  # one decode step's matmuls in each form (fused, (out, in), bfloat16, XLA flags)
+    "structured": "rollout.bench.structured",  # JSON-schema-constrained sampling against free sampling
     "fanout": "rollout.bench.fanout",  # bytes the coordinator's node sends per sync to 1/2/4 worker nodes, relay off/on
 }

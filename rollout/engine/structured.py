@@ -55,25 +55,25 @@ class TokenConstraint:
     """One sample's matcher: which tokens it may take next, advanced by each accepted token."""
 
     def __init__(self, matcher: Any, words: int):
-        self._matcher = matcher
+        self.matcher = matcher
         self.words = words  # int32 words of its mask rows (`bitmask_words` of the model's vocab)
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed-token bits of the next position into `row` (words,) int32."""
         from llguidance.numpy import fill_next_token_bitmask
 
-        fill_next_token_bitmask(self._matcher, row[None], 0)
+        fill_next_token_bitmask(self.matcher, row[None], 0)
 
     def accept(self, token: int) -> bool:
         """Advance past `token`; True when the sample must stop: the grammar is complete and
         admits no more tokens (or the token broke it, which the mask rules out: logged)."""
-        if not self._matcher.consume_token(token):
-            log.warning("structured output: token %d was refused by its constraint: %s", token, self._matcher.get_error())
+        if not self.matcher.consume_token(token):
+            log.warning("structured output: token %d was refused by its constraint: %s", token, self.matcher.get_error())
             return True
-        return bool(self._matcher.is_stopped())
+        return bool(self.matcher.is_stopped())
 
     def copy(self) -> TokenConstraint:
-        return TokenConstraint(self._matcher.deep_copy(), self.words)
+        return TokenConstraint(self.matcher.deep_copy(), self.words)
 
 
 class ConstraintCompiler:
@@ -130,7 +130,18 @@ def bitmask_rows(constraints: Sequence[TokenConstraint | None], rows: int) -> np
     if not present:
         return None
     mask = np.full((rows, present[0].words), -1, np.int32)
-    for i, constraint in enumerate(constraints):
-        if constraint is not None:
-            constraint.fill(mask[i])
+    if len(present) == 1:
+        present[0].fill(mask[constraints.index(present[0])])
+    else:  # rows in parallel, on llguidance's threads (without the GIL)
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        fill_next_token_bitmask_par(_executor(), [(c.matcher, i) for i, c in enumerate(constraints) if c], mask)
     return mask
+
+
+@functools.cache
+def _executor() -> Any:
+    """llguidance's thread pool for masks of many rows (one per process)."""
+    import llguidance
+
+    return llguidance.LLExecutor()
