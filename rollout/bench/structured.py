@@ -32,9 +32,8 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from rollout.bench.agent import SHAPE  # imports no jax
+from rollout.bench.agent import SHAPE, TINY_SHAPE  # imports no jax
 
-VOCAB = SHAPE["vocab_size"]
 WORDS = "[a-z ]+"  # the throughput side's constraint: never complete, most tokens of a BPE allowed
 SCHEMA = {
     "type": "object",
@@ -56,11 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per sample at most")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch and side (best kept)")
     p.add_argument("--decode-steps", type=int, default=4, help="the engine's decode_steps (its default)")
+    p.add_argument("--tiny", action="store_true", help="the agent bench's tiny model (512 tokens), batches 1 and 2")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batches, args.max_tokens, args.repeats = [1, 2], 8, 1
+    return args
 
 
-def train_tokenizer(size: int = VOCAB) -> str:
+def train_tokenizer(size: int) -> str:
     """tokenizer.json text of a byte-level BPE of `size` tokens (<|endoftext|> = id 0) trained on
     the standard library's top-level sources."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -83,12 +86,12 @@ def train_tokenizer(size: int = VOCAB) -> str:
     return tokenizer.to_str()
 
 
-def make_checkpoint(directory: Path) -> Path:
+def make_checkpoint(directory: Path, shape: dict[str, Any] = SHAPE) -> Path:
     """The agent bench's random Qwen3 with the trained tokenizer (EOS <|endoftext|>, id 0)."""
     from rollout.testing import make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(directory, **SHAPE)
-    (ckpt / "tokenizer.json").write_text(train_tokenizer())
+    ckpt = make_tiny_checkpoint(directory, **shape)
+    (ckpt / "tokenizer.json").write_text(train_tokenizer(shape["vocab_size"]))
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     (ckpt / "chat_template.jinja").unlink(missing_ok=True)
     config = json.loads((ckpt / "config.json").read_text())
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.engine.native.engine import Engine
 
     root = Path(tempfile.mkdtemp(prefix="rollout-bench-structured-"))
-    ckpt = make_checkpoint(root / "qwen3-structured")
+    shape = TINY_SHAPE if args.tiny else SHAPE
+    ckpt = make_checkpoint(root / "qwen3-structured", shape)
     prompts = [f"Describe person number {i} as JSON:" for i in range(max(args.batches))]
     config = EngineConfig(max_batch=max(args.batches), max_seq_len=256, decode_steps=args.decode_steps)
     rows = []
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({rate['regex'] / rate['free']:.2f}x; {extra_ms:+.2f} ms per token); json_schema: "
                   f"{parsed}/{len(finished)} completed samples parse ({batch - len(finished)} hit max_tokens)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(dict(vocab=VOCAB, decode_steps=args.decode_steps, rows=rows), indent=2))
+        args.json.write_text(json.dumps(dict(vocab=shape["vocab_size"], decode_steps=args.decode_steps, rows=rows), indent=2))
     return 0
 
 
