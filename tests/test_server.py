@@ -381,7 +381,7 @@ def test_completion_regex_extra_is_followed_in_stream_and_not(client):
     (dict(extra_body={"top_k": -5}), "top_k"),
     (dict(prompt=[10**7]), "prompt"),  # out of the vocabulary
     (dict(extra_body={"response_format": {"type": "yaml"}}), "response_format"),
-    (dict(extra_body={"regex": "a+", "grammar": 'start: "a"'}), "response_format"),  # two constraints
+    (dict(extra_body={"regex": "a+", "grammar": 'start: "a"'}), "regex"),  # two constraints
 ])
 def test_invalid_values_get_400_and_queue_nothing(client, server, kwargs, param):
     before = routed(server)
@@ -564,11 +564,12 @@ def test_worker_death_before_the_first_token_resends_the_request(server):
     assert svc.wait_for_workers(180)
 
 
-def test_worker_death_mid_stream_continues_each_sample_elsewhere(server):
+@pytest.mark.parametrize("regex", [None, "x[a-z ]+"])  # constrained: the continuation resumes the regex, not restarts it
+def test_worker_death_mid_stream_continues_each_sample_elsewhere(server, regex):
     svc = server.service
     assert svc.wait_for_workers(180)
     body = {"model": MODEL, "prompt": [4, 5, 6], "max_tokens": 300, "temperature": 0, "n": 2, "stream": True,
-            "ignore_eos": True, "return_token_ids": True, "stop": ["zzzz"]}
+            "ignore_eos": True, "return_token_ids": True, "stop": ["zzzz"], "regex": regex}
     before = routed(server)
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
         events = (line[len("data: "):] for line in r.iter_lines() if line.startswith("data: "))
@@ -579,7 +580,7 @@ def test_worker_death_mid_stream_continues_each_sample_elsewhere(server):
     assert rest[-1] == "[DONE]" and not any("error" in json.loads(e) for e in rest[:-1])
     assert routed(server) - before == 1 + 2  # the request, then one continuation per sample
     chunks += [json.loads(e) for e in rest[:-1]]
-    ref = svc.generate([[4, 5, 6]], rollout.SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))[0]
+    ref = svc.generate([[4, 5, 6]], rollout.SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True, regex=regex))[0]
     for index in (0, 1):  # every token once, text as if one worker had made it all
         choices = [c for chunk in chunks for c in chunk["choices"] if c["index"] == index]
         assert [t for c in choices for t in c["token_ids"]] == list(ref.token_ids)

@@ -46,7 +46,7 @@ def pack(allowed: np.ndarray) -> np.ndarray:
 def test_a_sample_can_follow_at_most_one_constraint_and_a_schema_dict_is_held_as_json_text():
     assert SamplingParams(json_schema={"type": "object"}).json_schema == '{"type": "object"}'
     assert SamplingParams(regex="a+").constraint == ("regex", "a+")
-    with pytest.raises(ValueError, match="regex and grammar are both set"):
+    with pytest.raises(ValueError, match="regex, grammar are set"):
         SamplingParams(regex="a", grammar='start: "a"')
     with pytest.raises(ValueError, match="json_schema"):
         SamplingParams(json_schema="{not json")
@@ -78,9 +78,22 @@ def test_the_sampler_draws_only_allowed_tokens_and_reports_the_unmasked_logprob(
 def test_json_schema_samples_are_json_that_validates_and_stop_when_complete(engine):
     sp = SamplingParams(max_tokens=60, temperature=1.0, seed=3, n=3, json_schema=SCHEMA)
     for c in engine.generate(["Is it raining?", [5, 6, 7]], sp):
-        assert c.finish_reason == "stop", c.text
+        assert c.finish_reason == "stop" and c.token_ids[-1] in engine.eos_ids, c.text  # ends on its EOS
         jsonschema.validate(json.loads(c.text), SCHEMA)
-        assert c.text == json.dumps(json.loads(c.text))  # json.dumps' layout: no stray whitespace
+        assert c.text == json.dumps(json.loads(c.text))  # json.dumps' separators: no stray whitespace
+
+
+def test_json_keys_come_out_in_the_schemas_order():
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    assert list(json.loads(SamplingParams(json_schema=schema).json_schema)["properties"]) == ["zeta", "alpha"]
+
+
+def test_under_ignore_eos_a_constrained_sample_goes_on_while_its_grammar_can(engine):
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=4, regex="[a-z]+", ignore_eos=True)
+    for c in engine.generate([[8, 9], [10, 11]], sp):
+        assert c.finish_reason == "length" and len(c.token_ids) == 12
+        assert re.fullmatch("[a-z]+", c.text) and not set(c.token_ids) & engine.eos_ids
 
 
 def test_a_constrained_tokens_logprob_is_the_models_own(engine):
@@ -118,3 +131,25 @@ def test_a_constraint_that_does_not_compile_is_refused_before_anything_is_queued
     with pytest.raises(ValueError, match="json_schema could not be compiled"):
         engine.submit("a", SamplingParams(max_tokens=4, json_schema={"type": "no-such-type"}))
     assert engine.tokens_generated == before
+
+
+def test_a_sample_continued_after_its_first_tokens_keeps_its_constraint(engine):
+    # what the fleet sends when a worker dies mid-sample: prompt + delivered tokens, constraint_prefix
+    prompt, sp = [5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0, json_schema=SCHEMA)
+    whole = engine.generate([prompt], sp)[0]
+    k = 5
+    rest = engine.generate(
+        [prompt + list(whole.token_ids[:k])], dataclasses.replace(sp, max_tokens=40 - k, constraint_prefix=k)
+    )[0]
+    assert whole.token_ids[:k] + rest.token_ids == whole.token_ids
+    assert rest.finish_reason == whole.finish_reason == "stop"
+
+
+def test_a_constraint_prefix_the_constraint_does_not_accept_is_refused(engine):
+    not_json = engine.tokenizer.encode("hello")
+    with pytest.raises(ValueError, match="do not follow its constraint"):
+        engine.generate([not_json], SamplingParams(max_tokens=4, json_schema=SCHEMA, constraint_prefix=len(not_json)))
+    with pytest.raises(ValueError, match="longer than the prompt"):
+        engine.generate([[1, 2]], SamplingParams(max_tokens=4, regex="a+", constraint_prefix=3))
+    with pytest.raises(ValueError, match="constraint_prefix"):
+        SamplingParams(constraint_prefix=2)  # without a constraint

@@ -106,7 +106,11 @@ class FleetRequest:
         return FleetRequest(
             self._fleet,
             prompt_ids=self.prompt_ids + token_ids,
-            sampling=dataclasses.replace(self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids)),
+            sampling=dataclasses.replace(
+                self.sampling, n=1, max_tokens=self.sampling.max_tokens - len(token_ids),
+                # a constrained sample's delivered tokens are part of its constraint, not before it
+                constraint_prefix=self.sampling.constraint_prefix + len(token_ids) if self.sampling.constraint else 0,
+            ),
             return_logprobs=self.return_logprobs, prompt_index=self.prompt_index, tokenizer=self.tokenizer,
             max_retries=self.route.resends.retries_left,
         )

@@ -34,6 +34,9 @@ class SamplingParams:
     json_schema: Any = None
     regex: str | None = None
     grammar: str | None = None
+    # the prompt's last N tokens were sampled under this constraint already (a sample continued
+    # on another worker): the constraint starts before them, not at the prompt's end
+    constraint_prefix: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; store tuples so the params stay hashable.
@@ -42,7 +45,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.json_schema, dict):  # held as canonical JSON text: hashable, and sent as is
-            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))  # key order kept: it is the output's
         self.validate()
 
     @property
@@ -80,11 +83,15 @@ class SamplingParams:
             raise bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] (0 = off)")
         given = [k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"SamplingParams: {' and '.join(given)} are both set; a sample follows at most one constraint")
+            raise ValueError(f"SamplingParams: {', '.join(given)} are set; a sample follows at most one constraint")
         for kind in given:
             if not isinstance(getattr(self, kind), str) or not getattr(self, kind):
                 want = "a JSON schema as a dict or its JSON text" if kind == "json_schema" else "a non-empty string"
                 raise bad(kind, getattr(self, kind), want)
+        if not isinstance(self.constraint_prefix, int) or isinstance(self.constraint_prefix, bool) or self.constraint_prefix < 0:
+            raise bad("constraint_prefix", self.constraint_prefix, "an integer >= 0")
+        if self.constraint_prefix and not given:
+            raise bad("constraint_prefix", self.constraint_prefix, "0 without json_schema, regex or grammar")
         if self.json_schema is not None:
             try:
                 schema = json.loads(self.json_schema)

@@ -212,8 +212,8 @@ def constraint(req: _Sampling) -> dict[str, Any]:
         if getattr(req, name) is not None:
             fields[name] = getattr(req, name)
     if len(fields) > 1:
-        raise bad_request(f"{' and '.join(fields)} are both set (response_format gives json_schema); a request "
-                          "follows at most one constraint", "response_format")
+        given = ["response_format" if f == "json_schema" else f for f in fields]
+        raise bad_request(f"{', '.join(given)} are set; a request follows at most one constraint", given[0])
     return fields
 
 

@@ -18,7 +18,7 @@ from rollout.engine.native.sampling import SamplingRow
 from rollout.engine.native.sequence import Request, Sequence
 from rollout.engine.native.text import TextOutput
 from rollout.engine.sampling_params import SamplingParams
-from rollout.engine.structured import ConstraintCompiler
+from rollout.engine.structured import ConstraintCompiler, TokenConstraint
 from rollout.prompts import Prompt, PromptValidator
 from rollout.tokenizer import Tokenizer
 
@@ -42,7 +42,9 @@ class RequestIntake:
         compile included) raises ValueError/TypeError."""
         ids = self._prompts.encode(prompt)
         self._prompts.validate(ids, sampling)
-        request = self._build(ids, sampling, prompt_index, return_logprobs)
+        base = self._constraints.compile(sampling)
+        constraint = None if base is None else base.start(ids, sampling.constraint_prefix)
+        request = self._build(ids, sampling, prompt_index, return_logprobs, constraint)
         request.sink = sink
         return request
 
@@ -54,10 +56,15 @@ class RequestIntake:
         """Every prompt as a request (prompt_index = position); all are validated before any is
         built, and the first bad one raises naming its index."""
         encoded = self._prompts.encode_all(prompts, sampling)
-        self._constraints.compile(sampling)  # a bad constraint raises before any request is built
-        return [self._build(ids, sampling, i, return_logprobs) for i, ids in enumerate(encoded)]
+        base = self._constraints.compile(sampling)  # once per call; each prompt starts a copy
+        starts = [None if base is None else base.start(ids, sampling.constraint_prefix) for ids in encoded]
+        return [self._build(ids, sampling, i, return_logprobs, c) for i, (ids, c) in enumerate(zip(encoded, starts))]
 
-    def _build(self, ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool) -> Request:
+    def _build(
+        self, ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool,
+        constraint: TokenConstraint | None,
+    ) -> Request:
+        """The request with one Sequence per sample; each sample gets its own copy of `constraint`."""
         seed = sampling.seed
         if seed is None:
             with self._rng_lock:
@@ -67,7 +74,7 @@ class RequestIntake:
         request.return_routed_experts = sampling.return_routed_experts
         request.sequences = [
             Sequence(request, i, SamplingRow.of(sampling, seed, i), TextOutput(self._tokenizer.incremental_detokenizer(), sampling.stop),
-                     constraint=self._constraints.compile(sampling))
+                     constraint=None if constraint is None else constraint.copy())
             for i in range(sampling.n)
         ]
         return request

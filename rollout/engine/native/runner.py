@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from rollout.engine import placement
 from rollout.engine.native.jit_cache import compiled_executables
-from rollout.engine.native.sampling import SlotSampling, sample_top
+from rollout.engine.native.sampling import SlotSampling, call_steps, sample_top
 from rollout.models import forward, invariant
 from rollout.models.bind import ModelDef
 from rollout.models.moe import RouteRecorder
@@ -166,10 +166,10 @@ class ModelRunner:
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
-        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling,
-        steps: int | None = None,
+        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
     ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-        """Run `steps` (default `decode_steps`) steps for the given slots only.
+        """Run `decode_steps` steps (one with a structured-output row: `call_steps`) for the
+        given slots only.
 
         slots, tokens, positions (B,) with B from `decode_batch`; padding rows carry slot id
         max_batch. With B == max_batch, row i must be slot i and idle slots are the padding
@@ -183,7 +183,7 @@ class ModelRunner:
             raise ValueError(f"a full decode batch must list slots in order 0..{self.max_batch - 1}, got {slots}")
         real = (slots < self.max_batch) & (positions < self.max_seq_len)
         top = int(positions[real].max()) if real.any() else 0
-        steps = steps or self.decode_steps
+        steps = call_steps(sampling, self.decode_steps)
         kv_len = min(pow2_at_least(top + steps + 1, 64), self.max_seq_len)
         toks, lps, self.cache, routes, top = self._decode(
             self.params,

@@ -285,8 +285,7 @@ def with_masks(sampling: SlotSampling, constraints: Sequence[TokenConstraint | N
     return sampling if mask is None else dataclasses.replace(sampling, allowed=jnp.asarray(mask))
 
 
-def constrained_steps(sampling: SlotSampling) -> int | None:
+def call_steps(sampling: SlotSampling, decode_steps: int) -> int:
     """Decode steps for a call with these rows: 1 when a row carries a structured-output mask
-    (it holds for one token; the matcher on the host makes the next), else None (the runner's
-    `decode_steps`)."""
-    return 1 if sampling.allowed is not None else None
+    (it holds for one token; the matcher on the host makes the next), else `decode_steps`."""
+    return 1 if sampling.allowed is not None else decode_steps

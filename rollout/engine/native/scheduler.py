@@ -34,7 +34,7 @@ import numpy as np
 from rollout.engine.config import EngineConfig
 from rollout.engine.native.runner import ModelRunner, Params
 from rollout.engine.native.runner_api import Runner
-from rollout.engine.native.sampling import constrained_steps, stack_sampling, with_masks
+from rollout.engine.native.sampling import stack_sampling, with_masks
 from rollout.engine.native.sequence import Request, RequestFuture, Sequence
 from rollout.engine.native.slots import SlotTable
 from rollout.engine.types import Completion, EngineClosedError
@@ -349,7 +349,5 @@ class Scheduler(BaseScheduler[ModelRunner]):
 
     def _decode(self) -> None:
         batch = self.slots.decode_batch(self._runner.decode_batch(self.slots.active()))
-        tokens, logprobs, routes = self._runner.decode(
-            batch.slots, batch.tokens, batch.positions, batch.sampling, constrained_steps(batch.sampling)
-        )
+        tokens, logprobs, routes = self._runner.decode(batch.slots, batch.tokens, batch.positions, batch.sampling)
         self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes, self._runner.alternatives)  # (K, B)

@@ -120,8 +120,10 @@ class Sequence:
             fed = len(self.request.prompt_ids) + len(self.tokens) - 1
             del self.routes[fed - len(routes) :]
             self.routes.extend(routes)
-        complete = self.constraint is not None and self.constraint.accept(token)  # its grammar admits no more
-        if self.text.push(token) or token in self.request.stop_ids or complete:
+        verdict = None if self.constraint is None else self.constraint.accept(token)  # "stop" | "abort" | None
+        if verdict == "abort":
+            reason = "abort"
+        elif self.text.push(token) or token in self.request.stop_ids or verdict == "stop":
             reason = "stop"
         elif len(self.tokens) >= self.request.sampling.max_tokens:
             reason = "length"

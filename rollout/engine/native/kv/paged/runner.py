@@ -33,7 +33,7 @@ from rollout.engine.native.jit_cache import compiled_executables
 from rollout.engine.native.kv.paged import attention, forward
 from rollout.engine.native.kv.paged.pool import pages_for
 from rollout.engine.native.runner import alternatives_to_host, pow2_at_least
-from rollout.engine.native.sampling import SlotSampling, sample_top
+from rollout.engine.native.sampling import SlotSampling, call_steps, sample_top
 from rollout.models import forward as model_forward
 from rollout.models import invariant
 from rollout.models.bind import ModelDef
@@ -319,11 +319,10 @@ class PagedRunner:
         return np.asarray(toks), np.asarray(lps), routes
 
     def decode(
-        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling,
-        steps: int | None = None,
+        self, tables: list[list[int] | None], tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling
     ) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-        """Run `steps` (default `decode_steps`) steps for the rows of `tables` (None: a padding
-        row), padded to `decode_batch(len(tables))` rows.
+        """Run `decode_steps` steps (one with a structured-output row: `call_steps`) for the
+        rows of `tables` (None: a padding row), padded to `decode_batch(len(tables))` rows.
 
         tables[i] should cover positions [0, positions[i] + decode_steps) (`PagePool.grow`):
         writes past a row's pages are dropped, so steps there give meaningless tokens (fine
@@ -332,7 +331,7 @@ class PagedRunner:
         the experts of each step's fed token (K, rows, moe layers, k), left on the devices.
         """
         assert self.params is not None, "set_params() before generating"
-        steps = steps or self.decode_steps
+        steps = call_steps(sampling, self.decode_steps)
         table, tok, pos, span = self.decode_inputs(tables, tokens, positions, steps)
         toks, lps, self.pool, routes, top = self._decode(
             self.params, self.derived, self.pool, table, tok, pos, sampling, span=span, steps=steps

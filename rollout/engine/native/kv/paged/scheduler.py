@@ -46,7 +46,7 @@ from rollout.engine.config import EngineConfig
 from rollout.engine.native.kv.paged.admission import LengthEstimate, PlanRow, PoolPlan
 from rollout.engine.native.kv.paged.pool import PagePool, pages_for
 from rollout.engine.native.kv.paged.runner import PagedRunner
-from rollout.engine.native.sampling import constrained_steps, stack_sampling, with_masks
+from rollout.engine.native.sampling import stack_sampling, with_masks
 from rollout.engine.native.scheduler import BaseScheduler
 from rollout.engine.native.sequence import Request, Sequence
 from rollout.engine.weight_state import PendingSwap, WeightState
@@ -282,9 +282,7 @@ class PagedScheduler(BaseScheduler[PagedRunner]):
                 self.pool.table(sequences[slot]) if slot < self.slots.max_batch and sequences[slot] is not None else None
                 for slot in batch.order
             ]
-            tokens, logprobs, routes = self._runner.decode(
-                tables, batch.tokens, batch.positions, batch.sampling, constrained_steps(batch.sampling)
-            )
+            tokens, logprobs, routes = self._runner.decode(tables, batch.tokens, batch.positions, batch.sampling)
             self._accept_decoded(batch.order, tokens.tolist(), logprobs.tolist(), routes, self._runner.alternatives)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
