@@ -27,6 +27,7 @@ class SoakResult:
     clients: int
     seconds: float = 0.0
     syncs: list[int] = dataclasses.field(default_factory=list)
+    sync_seconds: float = 0.0  # of `seconds`, the time spent inside sync calls (the rest: waits between them)
     sync_errors: list[str] = dataclasses.field(default_factory=list)
     client_errors: list[str] = dataclasses.field(default_factory=list)
     answered: int = 0
@@ -85,11 +86,13 @@ def soak(svc: rollout.RolloutService, params: Sequence[Any], *, requests: int = 
     syncs = iter(range(1 << 30))
 
     def sync() -> None:
+        start = time.perf_counter()
         try:
             version = svc.sync_weights(params[next(syncs) % len(params)])
             result.syncs.append(version)
         except Exception as err:  # noqa: BLE001 - counted
             result.sync_errors.append(f"{type(err).__name__}: {err}")
+        result.sync_seconds += time.perf_counter() - start
 
     for round_ in range(warmup_rounds):
         compiled = worker_compiled(svc)
@@ -98,6 +101,7 @@ def soak(svc: rollout.RolloutService, params: Sequence[Any], *, requests: int = 
         if round_ > 0 and worker_compiled(svc) == compiled:
             break
     result.syncs.clear()
+    result.sync_seconds = 0.0
     result.compiled_before = worker_compiled(svc)
     gc.collect()
     result.rss_before = worker_rss(svc)
