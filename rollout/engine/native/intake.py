@@ -42,9 +42,7 @@ class RequestIntake:
         compile included) raises ValueError/TypeError."""
         ids = self._prompts.encode(prompt)
         self._prompts.validate(ids, sampling)
-        base = self._constraints.compile(sampling)
-        constraint = None if base is None else base.start(ids, sampling.constraint_prefix)
-        request = self._build(ids, sampling, prompt_index, return_logprobs, constraint)
+        request = self._build(ids, sampling, prompt_index, return_logprobs, self._starts(sampling, [ids])[0])
         request.sink = sink
         return request
 
@@ -56,15 +54,20 @@ class RequestIntake:
         """Every prompt as a request (prompt_index = position); all are validated before any is
         built, and the first bad one raises naming its index."""
         encoded = self._prompts.encode_all(prompts, sampling)
-        base = self._constraints.compile(sampling)  # once per call; each prompt starts a copy
-        starts = [None if base is None else base.start(ids, sampling.constraint_prefix) for ids in encoded]
+        starts = self._starts(sampling, encoded)  # a bad constraint raises before any request is built
         return [self._build(ids, sampling, i, return_logprobs, c) for i, (ids, c) in enumerate(zip(encoded, starts))]
+
+    def _starts(self, sampling: SamplingParams, encoded: Seq[list[int]]) -> list[TokenConstraint | None]:
+        """Each prompt's constraint where its samples start (None without one), compiled once."""
+        base = self._constraints.compile(sampling)
+        return [None if base is None else base.start(ids, sampling.constraint_prefix) for ids in encoded]
 
     def _build(
         self, ids: list[int], sampling: SamplingParams, prompt_index: int, return_logprobs: bool,
         constraint: TokenConstraint | None,
     ) -> Request:
-        """The request with one Sequence per sample; each sample gets its own copy of `constraint`."""
+        """The request with one Sequence per sample; the first sample takes `constraint`, the
+        others copies of it."""
         seed = sampling.seed
         if seed is None:
             with self._rng_lock:
@@ -74,7 +77,7 @@ class RequestIntake:
         request.return_routed_experts = sampling.return_routed_experts
         request.sequences = [
             Sequence(request, i, SamplingRow.of(sampling, seed, i), TextOutput(self._tokenizer.incremental_detokenizer(), sampling.stop),
-                     constraint=None if constraint is None else constraint.copy())
+                     constraint=constraint if i == 0 or constraint is None else constraint.copy())
             for i in range(sampling.n)
         ]
         return request
